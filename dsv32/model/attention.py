@@ -148,11 +148,14 @@ class MLA(nn.Module):
             if index_mask is not None:
                 mask = mask & index_mask
             mask = mask.unsqueeze(1)
+        dk = q.shape[-1]
+        if v.device.type == "cpu" and self.v_dim < dk:
+            v = F.pad(v, (0, dk - self.v_dim))    # CPU flash kernel needs dv == dk (2x the math path)
         # [B, H, T, dk] x [B, H, S, dk] -> [B, H, T, dv]
         o = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
             attn_mask=mask, is_causal=fresh, scale=self.scale)
-        return o.transpose(1, 2)                                         # [B, T, H, v]
+        return o.transpose(1, 2)[..., : self.v_dim]                      # [B, T, H, v]
 
     def mqa_sparse(self, q_nope, q_pe, kv, idx: torch.Tensor) -> torch.Tensor:
         """Absorbed MQA over gathered latent rows only: idx [B, T, K] (-1 = empty) -> [B, T, H, v]."""

@@ -248,7 +248,6 @@ def grpo_update(model, ref_model, opt, groups: list[list[Rollout]], gc: GRPOConf
         if adv.abs().max() == 0:
             continue                              # no signal in this group
         logp, mask, st = group_logprobs(model, group)
-        Tc = logp.shape[1]
         old = torch.zeros_like(logp)
         for b, r in enumerate(group):
             old[b, : len(r.logp_old)] = torch.tensor(r.logp_old)

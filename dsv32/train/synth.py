@@ -425,3 +425,50 @@ def reference_completions(task: Task) -> list[tuple[str, str]]:
             pairs.append((encode_messages(prompt_messages, thinking_mode=task.thinking_mode),
                           completion_text(prompt_messages, message, task.thinking_mode)))
     return pairs
+
+
+# -- skills: short pretraining turns that drill what tool arguments need -----------------------------
+
+SKILL_FRAMES = {
+    "echo": ("Repeat after me: {x}", "Say this back exactly: {x}", "Echo: {x}", "Copy this text: {x}",
+             "{x} - repeat that", "Write {x} again"),
+    "date": ("Write {x} as YYYY-MM-DD", "{x} in ISO format?", "ISO date for {x}", "Date {x} as YYYY-MM-DD"),
+    "number": ("{x} in digits", "Write {x} as a number", "What number is {x}?"),
+    "expression": ("Write {x} as an arithmetic expression", "Expression for {x}?", "{x} in symbols"),
+    "unit": ("Unit code for {x}?", "Short code of the unit {x}", "{x} as a unit code"),
+}
+
+
+def skill_conversations(n: int, seed: int = 0, words: tuple[str, ...] = ()) -> list[dict]:
+    """`n` short tool-less chat-mode turns (no system prompt) that drill the skills tool arguments
+    need: copying text (`words`, e.g. place names, mixed with numbers and codes), writing dates as
+    YYYY-MM-DD, numbers in digits, worded arithmetic as expressions, unit names as codes. Values
+    come from the train split only; the held-out phrasings never appear here."""
+    rng = random.Random(f"dsv32-skills|{seed}")
+    pool = tuple(words) + P.CITIES["train"]
+    out = []
+    for i in range(n):
+        kind = rng.choice(("echo", "echo", "date", "number", "expression", "unit"))
+        if kind == "echo":
+            items = [rng.choice(pool) if rng.random() < 0.7 else _say_number(rng, _operand(rng), 0.0)
+                     for _ in range(rng.randint(1, 3))]
+            x = answer = " ".join(items)
+        elif kind == "date":
+            day = _date_in_split(rng, "train")
+            x, answer = write_date(day, rng.choice(DATE_STYLES)), day.isoformat()
+        elif kind == "number":
+            value = rng.randint(-100, 100) if rng.random() < 0.7 else rng.randint(100, 5000)
+            x, answer = _say_number(rng, value, words=0.8), format_number(value)
+        elif kind == "expression":
+            _, _, x, answer, _ = _verbal(rng, "train")
+        else:
+            unit = rng.choice(tuple(P.UNIT_WORDS))
+            x, answer = rng.choice(P.UNIT_WORDS[unit][rng.randint(0, 1)]), unit
+        frame = rng.choice(SKILL_FRAMES[kind])
+        if rng.random() < 0.3:                                  # lower-case wording (echo keeps x)
+            frame, x = frame.lower(), x if kind == "echo" else x.lower()
+        user = frame.format(x=x)
+        out.append({"id": f"skill-{seed}-{i}", "category": "skill", "thinking_mode": "chat", "tools": None,
+                    "messages": [{"role": "user", "content": user},
+                                 {"role": "assistant", "content": answer}]})
+    return out

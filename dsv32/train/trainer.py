@@ -51,10 +51,15 @@ def tie_mtp(model: Transformer) -> Transformer:
     return model
 
 
-def new_model(cfg: ModelConfig, seed: int = 0, std: float = 0.006) -> Transformer:
-    """A freshly initialised fp32 model (init std 0.006) with the MTP embedding/head tied."""
+def new_model(cfg: ModelConfig, seed: int = 0, std: float = 0.006,
+              tie_embeddings: bool = False) -> Transformer:
+    """A freshly initialised fp32 model (init std 0.006) with the MTP embedding/head tied.
+    `tie_embeddings` also makes the LM head share the input embedding while training (a small
+    model learns to copy tokens much sooner); checkpoints still store both, equal, as published."""
     model = Transformer(cfg, dtype=torch.float32)
     model.init_weights(std=std, generator=torch.Generator().manual_seed(seed))
+    if tie_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
     return tie_mtp(model)
 
 
@@ -73,7 +78,8 @@ def make_optimizer(params, sc: StageConfig) -> torch.optim.AdamW:
     decay = [p for p in params if p.dim() >= 2]
     other = [p for p in params if p.dim() < 2]
     return torch.optim.AdamW([{"params": decay, "weight_decay": sc.weight_decay},
-                              {"params": other, "weight_decay": 0.0}], lr=sc.lr, betas=sc.betas)
+                              {"params": other, "weight_decay": 0.0}], lr=sc.lr, betas=sc.betas,
+                             fused=True)
 
 
 def lr_at(step: int, sc: StageConfig) -> float:

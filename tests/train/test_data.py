@@ -1,5 +1,4 @@
 """Loss masks from the chat encoding, batching, packing and resumable shuffling."""
-import torch
 
 from dsv32.chat import Tokenizer, encode_messages
 from dsv32.train.data import Example, Loader, collate, encode_all, encode_conversation, pack

@@ -304,3 +304,54 @@ def test_llm_generate_batch_strips_eos():
     assert generate(["a", "b"], ["chat", "thinking"]) == ["answer 0", "answer 1"]
     assert llm.params.temperature == 0.0 and llm.params.max_tokens == 64
     assert not llm.params.skip_special_tokens
+
+
+# -- skill drills and the weather-city augmentation --------------------------------------------------
+
+def test_skill_conversations_are_correct_drills():
+    from dsv32.train.envs.registry import execute_tool_call
+    from dsv32.train.synth import SKILL_FRAMES, skill_conversations
+
+    words = ("Montreal", "Ulaanbaatar", "Port Moresby")
+    conversations = skill_conversations(600, seed=4, words=words)
+    assert conversations == skill_conversations(600, seed=4, words=words)
+    kinds = set()
+    for conv in conversations:
+        assert conv["category"] == "skill" and conv["thinking_mode"] == "chat" and conv["tools"] is None
+        user, answer = conv["messages"][0]["content"], conv["messages"][1]["content"]
+        encode_messages(conv["messages"], thinking_mode="chat")
+        for kind, frames in SKILL_FRAMES.items():
+            for frame in frames:
+                head, _, tail = frame.lower().partition("{x}")
+                low = user.lower()
+                if low.startswith(head) and low.endswith(tail) and len(low) > len(head) + len(tail):
+                    x = user[len(head): len(user) - len(tail)]
+                    break
+            else:
+                continue
+            break
+        else:
+            raise AssertionError(f"no frame matches {user!r}")
+        kinds.add(kind)
+        if kind == "echo":
+            assert answer == x
+        elif kind == "date":
+            assert normalize_date(x) == answer and P.date_split(answer) == "train"
+        elif kind == "number":
+            assert re.fullmatch(r"-?\d+", answer)
+        elif kind == "expression":
+            assert not execute_tool_call("calculator", {"expression": answer}).startswith("Error")
+        else:
+            assert x.lower() in {w.lower() for w in P.UNIT_WORDS[answer][0] + P.UNIT_WORDS[answer][1]}
+    assert kinds == set(SKILL_FRAMES)
+    echoed = " ".join(c["messages"][1]["content"] for c in conversations)
+    assert all(w in echoed for w in words)
+
+
+def test_city_augmentation_leaves_heldout_cities_out():
+    from dsv32.train.recipe import _weather_city, city_conversations
+
+    convs = sft_conversations(300, seed=5)
+    extra = city_conversations(convs, 400, seed=5)
+    cities = {_weather_city(c) for c in extra}
+    assert len(cities) > 100 and not cities & set(P.CITIES["heldout"])

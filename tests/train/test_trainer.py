@@ -84,3 +84,19 @@ def test_fp8_bundle_loads_as_its_round_trip(tmp_path):
     x = torch.randint(0, 300, (1, 20))
     with torch.no_grad():
         assert (loaded(x) - model(x)).abs().max() < 1e-5
+
+
+def test_tied_embeddings_train_as_one_and_save_as_two(tmp_path):
+    model = new_model(CFG, seed=5, std=0.02, tie_embeddings=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert model.mtp.shared_head.head.weight is model.lm_head.weight
+    sc = StageConfig(steps=3, lr=1e-2, warmup=1, log_every=1)
+    train_stage(model, Loader(examples(), 4, seed=0), sc, JsonLog(tmp_path / "log.jsonl"), progress=False)
+    save(model, tmp_path / "ck")
+    from safetensors.torch import load_file
+    state = load_file(next((tmp_path / "ck").glob("*.safetensors")))
+    assert torch.equal(state["lm_head.weight"], state["model.embed_tokens.weight"])
+    fresh = new_model(CFG, seed=6, tie_embeddings=True)
+    load_into(fresh, tmp_path / "ck")
+    assert fresh.lm_head.weight is fresh.model.embed_tokens.weight
+    assert torch.equal(fresh.lm_head.weight, model.lm_head.weight)
