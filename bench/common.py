@@ -45,6 +45,16 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+def read_section(heading: str, readme: Path = README) -> str:
+    """The body of the `heading` section of bench/README.md ("" when there is none)."""
+    text = readme.read_text() if readme.exists() else ""
+    if heading not in text:
+        return ""
+    start = text.index(heading) + len(heading)
+    nxt = text.find("\n## ", start)
+    return text[start: nxt if nxt >= 0 else len(text)].strip("\n")
+
+
 def write_section(heading: str, body: str, readme: Path = README) -> None:
     """Replace (or append) the `heading` section of bench/README.md."""
     text = readme.read_text() if readme.exists() else "# Benchmarks\n"

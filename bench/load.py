@@ -96,21 +96,15 @@ def intro(ckpt_bytes: int) -> str:
 
 def write_readme(readme: Path, label: str, ckpt_bytes: int, body: str) -> None:
     """Rewrite this script's section, replacing only this machine's table (other sections stay)."""
-    text = readme.read_text() if readme.exists() else "# Benchmarks\n"
-    before, section, after = text, "", ""
-    if HEADING in text:
-        i = text.index(HEADING)
-        j = text.find("\n## ", i)
-        j = len(text) if j < 0 else j + 1
-        before, section, after = text[:i], text[i:j], text[j:]
+    from common import read_section, write_section
+
     tables = {}                                          # "### label" sub-sections already there
-    for part in section.split("\n### ")[1:]:
+    for part in read_section(HEADING, readme).split("\n### ")[1:]:
         name, _, table_ = part.partition("\n")
         tables[name.strip()] = table_.strip("\n")
     tables[label] = body
-    new = f"{HEADING}\n\n{intro(ckpt_bytes)}\n\n" + "\n\n".join(
-        f"### {k}\n\n{v}" for k, v in tables.items()) + "\n"
-    readme.write_text(before.rstrip("\n") + "\n\n" + new + ("\n" + after if after else ""))
+    write_section(HEADING, f"{intro(ckpt_bytes)}\n\n" + "\n\n".join(
+        f"### {k}\n\n{v}" for k, v in tables.items()), readme)
 
 
 def main() -> None:

@@ -1,6 +1,5 @@
 """Block manager: allocation, prefix caching (chained hashes, LRU eviction), fork, invariants."""
 import hashlib
-import importlib.util
 import random
 import struct
 import subprocess

@@ -218,7 +218,6 @@ def test_mtp_equals_independent_computation(model):
     hcfg._attn_implementation = "eager"
     ref = DeepseekV32ForCausalLM(hcfg).eval()
     sd = {}
-    I = cfg.moe_intermediate_size
     for k, v in mtp.state_dict().items():
         if k.startswith("mlp.experts."):
             continue
