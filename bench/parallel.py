@@ -1,11 +1,15 @@
 """Per-rank resident memory and generation tokens/s: one process vs tensor parallel (and expert
-parallel) with 2 processes on the common benchmark model, CPU + gloo, run back to back.
+parallel) with 2 processes on the common benchmark model, CPU + gloo, run back to back, each setup
+in a fresh process (so rank 0's peak RSS is its own).
 
     python bench/parallel.py [--prompts 8] [--tokens 32] [--write-readme]
 """
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
+import sys
 import time
 
 from common import bench_model_dir, machine, markdown_table, write_section
@@ -47,11 +51,18 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--write-readme", action="store_true")
+    ap.add_argument("--child", nargs=2, type=int, help=argparse.SUPPRESS)   # TP EP
     args = ap.parse_args()
     path = bench_model_dir()
+    if args.child:
+        print(json.dumps(run(path, args.child[0], bool(args.child[1]), args.prompts, args.tokens)))
+        return
     rows, base = [], None
     for name, tp, ep in [("1 process", 1, False), ("TP=2", 2, False), ("TP=2 + EP", 2, True)]:
-        r = run(path, tp, ep, args.prompts, args.tokens)
+        out = subprocess.run([sys.executable, __file__, "--prompts", str(args.prompts), "--tokens",
+                              str(args.tokens), "--child", str(tp), str(int(ep))],
+                             check=True, capture_output=True, text=True).stdout
+        r = json.loads(out.strip().splitlines()[-1])
         base = base or r
         same = "yes" if r["tokens"] == base["tokens"] else "no"
         gib = 1 << 30
