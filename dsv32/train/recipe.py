@@ -11,6 +11,7 @@ Each stage checkpoints into OUT/ckpt/<stage>; rerunning resumes after the last f
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import random
 import re
@@ -27,6 +28,7 @@ from dsv32.model.init_tiny import copy_tokenizer, tiny_config
 
 from . import grpo as G
 from .data import Loader, encode_all
+from .envs.phrasings import CITIES
 from .export import export_bundle, fp8_round_trip
 from .losses import TiedVocab
 from .trainer import (JsonLog, StageConfig, eval_lm, load_into, make_optimizer, new_model, save,
@@ -76,7 +78,8 @@ class Recipe:
 
 # ---- data -----------------------------------------------------------------------------------
 
-def tz_cities() -> list[str]:
+@functools.cache
+def tz_cities() -> tuple[str, ...]:
     """City names from the IANA time-zone database (world knowledge for the pretraining data)."""
     out = set()
     for z in zoneinfo.available_timezones():
@@ -85,15 +88,13 @@ def tz_cities() -> list[str]:
             name = parts[-1].replace("_", " ")
             if re.fullmatch(r"[A-Za-z ]+", name) and len(name) > 2:
                 out.add(name)
-    return sorted(out)
+    return tuple(sorted(out))
 
 
 def city_conversations(convs: list[dict], n: int, seed: int) -> list[dict]:
     """Copies of weather conversations with the city swapped for a time-zone city name (in every
     casing the conversation uses), so the model sees many more place names. The held-out
     evaluation's cities are left out."""
-    from .envs.phrasings import CITIES
-
     rng = random.Random(seed)
     cities = [c for c in tz_cities() if c not in CITIES["heldout"]]
     weather = [c for c in convs if c.get("category") == "weather"]
@@ -137,7 +138,7 @@ def run_demo(out: str | Path, recipe: Recipe | None = None, progress: bool = Tru
 
     convs = sft_conversations(recipe.n_train, seed=recipe.seed)
     convs += city_conversations(convs, recipe.n_city, recipe.seed)
-    convs += skill_conversations(recipe.n_skill, recipe.seed, words=tuple(tz_cities()))
+    convs += skill_conversations(recipe.n_skill, recipe.seed, words=tz_cities())
     examples = encode_all(convs, tok, max_len=1536)
     heldout = encode_all(sft_conversations(recipe.n_heldout_lm, seed=recipe.seed + 1, split="heldout"), tok)
     seen = {i for e in examples for i in e.ids} | {tok.bos_id, tok.eos_id}

@@ -442,8 +442,9 @@ SKILL_FRAMES = {
 def skill_conversations(n: int, seed: int = 0, words: tuple[str, ...] = ()) -> list[dict]:
     """`n` short tool-less chat-mode turns (no system prompt) that drill the skills tool arguments
     need: copying text (`words`, e.g. place names, mixed with numbers and codes), writing dates as
-    YYYY-MM-DD, numbers in digits, worded arithmetic as expressions, unit names as codes. Values
-    come from the train split only; the held-out phrasings never appear here."""
+    YYYY-MM-DD, numbers in digits, worded arithmetic as expressions, unit names as codes. Dates,
+    numbers and expressions come from the train split; `words` are echoed as given. No held-out
+    phrasing appears here."""
     rng = random.Random(f"dsv32-skills|{seed}")
     pool = tuple(words) + P.CITIES["train"]
     out = []
