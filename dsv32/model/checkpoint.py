@@ -120,6 +120,18 @@ def checkpoint_layout(cfg: ModelConfig) -> dict[str, TensorSpec]:
     return out
 
 
+def mtp_vocab_sources(cfg: ModelConfig) -> dict[str, str]:
+    """The MTP layers' embedding and output head -> the main model's tensor they equal. The paper
+    shares them; the published checkpoint stores copies, which a checkpoint may leave out (the
+    loader then reads the main tensor)."""
+    out = {}
+    for k in range(cfg.num_nextn_predict_layers):
+        p = f"model.layers.{cfg.num_hidden_layers + k}."
+        out[p + "embed_tokens.weight"] = "model.embed_tokens.weight"
+        out[p + "shared_head.head.weight"] = "lm_head.weight"
+    return out
+
+
 def _block(cfg: ModelConfig) -> tuple[int, int]:
     q = cfg.quantization_config
     return tuple(q.weight_block_size) if q else (128, 128)
@@ -145,21 +157,28 @@ def _plan_shards(names: list[str], sizes: dict[str, int], shards: int) -> list[l
 
 def save_checkpoint(state: Mapping[str, torch.Tensor], cfg: ModelConfig, path: str | Path,
                     shards: int = 1, fp8: bool = False, ue8m0: bool = False,
-                    progress: bool = False, desc: str = "saving") -> Path:
+                    progress: bool = False, desc: str = "saving", share_mtp_vocab: bool = False) -> Path:
     """Write config.json, the index and `shards` safetensors files in the published layout.
 
     `state` maps every layout name to a tensor (it may be a lazy Mapping: tensors are fetched one
     shard at a time). With `fp8`, quantised tensors are block-quantised to e4m3 (ue8m0: power-of-two
     scales) and get a `weight_scale_inv` sibling; tensors that are already FP8 must come with theirs.
+    `share_mtp_vocab` leaves out the MTP layers' copies of the embedding and head (they must equal
+    the main ones; the loader reads those instead).
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     quant = QuantConfig(scale_fmt="ue8m0" if ue8m0 else None) if fp8 else None
     cfg = dataclasses.replace(cfg, quantization_config=quant)
     layout, block = checkpoint_layout(cfg), _block(cfg)
+    if share_mtp_vocab:
+        for n, main in mtp_vocab_sources(cfg).items():
+            if n in state and not torch.equal(state[n], state[main]):
+                raise CheckpointError(f"save_checkpoint: share_mtp_vocab, but {n} differs from {main}")
+            layout.pop(n)
     missing = [n for n in layout if n not in state]
-    extra = [n for n in state if n not in layout and not (
-        n.endswith(SCALE_SUFFIX) and n[: -len(SCALE_SUFFIX)] in layout)]
+    extra = [n for n in state if n not in layout and not (share_mtp_vocab and n in mtp_vocab_sources(cfg))
+             and not (n.endswith(SCALE_SUFFIX) and n[: -len(SCALE_SUFFIX)] in layout)]
     if missing or extra:
         raise CheckpointError(f"save_checkpoint({path}): state does not match the layout: "
                               f"missing {missing[:5]}, unexpected {extra[:5]}")
@@ -364,9 +383,14 @@ def load_checkpoint(model: nn.Module, path: str | Path, dtype: torch.dtype | Non
     where = _weight_map(path)
     src_desc = path / INDEX_FILE if (path / INDEX_FILE).exists() else path / SINGLE_FILE
 
-    # names: every layout tensor present, nothing else (scales only beside quantised weights)
-    for n in layout:
+    # names: every layout tensor present, nothing else (scales only beside quantised weights);
+    # absent MTP embedding/head copies are read from the main model's tensors
+    source = {n: n for n in layout}
+    for n, main in mtp_vocab_sources(cfg).items():
         if n not in where:
+            source[n] = main
+    for n in layout:
+        if source[n] not in where:
             raise CheckpointError(f"missing tensor {n}: not found in {src_desc}")
     for n, f in where.items():
         base = n[: -len(SCALE_SUFFIX)] if n.endswith(SCALE_SUFFIX) else None
@@ -378,7 +402,7 @@ def load_checkpoint(model: nn.Module, path: str | Path, dtype: torch.dtype | Non
 
     by_file: dict[Path, list[str]] = defaultdict(list)
     for n in held:
-        by_file[where[n]].append(n)
+        by_file[where[source[n]]].append(n)
     bar = tqdm(total=len(held), desc=f"loading {path.name}", unit="tensor", disable=not progress)
     for file in sorted(by_file):
         todo = deque(by_file[file])
@@ -387,10 +411,11 @@ def load_checkpoint(model: nn.Module, path: str | Path, dtype: torch.dtype | Non
                 keys, mapped = set(f.keys()), 0
                 while todo and mapped < MAP_WINDOW:
                     n = todo.popleft()
-                    if n not in keys:
-                        raise CheckpointError(f"tensor {n}: the index lists it in {file}, which does not contain it")
+                    if source[n] not in keys:
+                        raise CheckpointError(f"tensor {source[n]}: the index lists it in {file}, "
+                                              f"which does not contain it")
                     shard = _shard(model, n)
-                    w, scale = _read(f, file, n, layout[n], where, block, keys, shard)
+                    w, scale = _read(f, file, source[n], layout[n], where, block, keys, shard)
                     _copy(state[n], state.get(scale_name(n)), w, scale, block, cfg, n, file, shard)
                     mapped += w.numel() * w.element_size()
                     bar.update()

@@ -15,11 +15,12 @@ from dsv32.model.fp8 import block_dequant, block_quant
 VOCAB_TENSORS = ("embed_tokens.weight", "lm_head.weight", "shared_head.head.weight")
 
 
-def export_bundle(model, path: str | Path, fp8_vocab: bool = True) -> Path:
-    """Write `model` to `path` (FP8 linears; FP8 embeddings/heads too with `fp8_vocab`)."""
+def export_bundle(model, path: str | Path, fp8_vocab: bool = True, share_mtp_vocab: bool = True) -> Path:
+    """Write `model` to `path` (FP8 linears; FP8 embeddings/heads too with `fp8_vocab`; without the
+    MTP layer's copies of the embedding and head with `share_mtp_vocab`, as training ties them)."""
     path = Path(path)
     state = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
-    save_checkpoint(state, model.config, path, shards=1, fp8=True)
+    save_checkpoint(state, model.config, path, shards=1, fp8=True, share_mtp_vocab=share_mtp_vocab)
     if not fp8_vocab:
         return path
     index = json.loads((path / INDEX_FILE).read_text())

@@ -22,7 +22,7 @@ def plot_log(log_path: str | Path, out_dir: str | Path) -> list[Path]:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     offset = 0
-    for stage in ("sft", "dsa_sparse"):
+    for stage in ("sft_short", "sft", "dsa_sparse"):
         for key, style in (("lm", "-"), ("mtp", "--")):
             x, y = series(stage, key)
             if x:
@@ -30,7 +30,7 @@ def plot_log(log_path: str | Path, out_dir: str | Path) -> list[Path]:
         x, _ = series(stage, "lm")
         offset += max(x, default=0)
     ax.set_xlabel("step"), ax.set_ylabel("cross-entropy"), ax.set_yscale("log"), ax.legend()
-    ax.set_title("LM and MTP loss (assistant tokens)")
+    ax.set_title("LM and MTP loss (assistant tokens; short prompts, then full)")
     written.append(_save(fig, out_dir / "loss.png"))
 
     fig, ax = plt.subplots(figsize=(7, 4))

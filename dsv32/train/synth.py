@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import random
+import re
 import string
 from dataclasses import asdict, dataclass, field
 
@@ -241,6 +242,8 @@ def _draft_weather(rng: random.Random, split: str) -> _Draft:
     written = write_date(day, rng.choice(DATE_STYLES))
     frame = rng.choice(P.WEATHER_FRAMES[split])
     user = _dress(rng, frame.format(city=city, date=written))
+    found = re.search(re.escape(city), user, re.IGNORECASE)
+    city = found.group(0) if found else city         # as the user cased it: the tool folds case
     return _Draft("weather", frame, user, ("get_weather", {"city": city, "date": day.isoformat()}),
                   {"city": city, "date": day.isoformat()})
 

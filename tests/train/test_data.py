@@ -1,7 +1,8 @@
 """Loss masks from the chat encoding, batching, packing and resumable shuffling."""
 
 from dsv32.chat import Tokenizer, encode_messages
-from dsv32.train.data import Example, Loader, collate, encode_all, encode_conversation, pack
+from dsv32.train.data import (Example, Loader, collate, encode_all, encode_conversation, pack,
+                              without_tools)
 
 TOK = Tokenizer.load()
 TOOLS = [{"type": "function", "function": {"name": "calculator", "description": "math",
@@ -52,6 +53,18 @@ def test_earlier_turn_with_dropped_reasoning_is_not_trained():
                                      {"role": "assistant", "content": "ok", "reasoning_content": "r"}]
     ids, mask = encode_conversation(c, TOK)
     assert TOK.decode([i for i, m in zip(ids, mask) if m]) == "r</think>ok<｜end▁of▁sentence｜>"
+
+
+def test_without_tools_keeps_the_turns_and_drops_the_tools_section():
+    c = conv("thinking")
+    ids, mask = encode_conversation(c, TOK)
+    short = without_tools(c)
+    sids, smask = encode_conversation(short, TOK)
+    assert "## Tools" in TOK.decode(ids) and "## Tools" not in TOK.decode(sids)
+    assert len(sids) < len(ids) and "tools" in c["messages"][0]          # the original is untouched
+    trained = lambda i, m: TOK.decode([t for t, k in zip(i, m) if k])    # noqa: E731
+    assert trained(sids, smask) == trained(ids, mask)                    # same assistant tokens
+    assert TOK.decode(sids).endswith(TOK.decode(ids)[TOK.decode(ids).index("<｜User｜>"):])
 
 
 def test_collate_shared_prefix_and_packing():

@@ -107,7 +107,9 @@ def test_generated_splits_are_disjoint(train_tasks, heldout_tasks):
             assert task.split == split
             for call in task.reference_calls:
                 if call["name"] == "get_weather":
-                    assert call["arguments"]["city"] in P.CITIES[split]
+                    city = call["arguments"]["city"]
+                    assert city.casefold() in {c.casefold() for c in P.CITIES[split]}
+                    assert city in _user(task)                        # spelled as the user wrote it
                     assert P.date_split(call["arguments"]["date"]) == split
 
 
@@ -353,5 +355,8 @@ def test_city_augmentation_leaves_heldout_cities_out():
 
     convs = sft_conversations(300, seed=5)
     extra = city_conversations(convs, 400, seed=5)
-    cities = {_weather_city(c) for c in extra}
-    assert len(cities) > 100 and not cities & set(P.CITIES["heldout"])
+    cities = {_weather_city(c).casefold() for c in extra}
+    assert len(cities) > 100 and not cities & {c.casefold() for c in P.CITIES["heldout"]}
+    for c in extra:                                  # the swap keeps the user's casing in the call
+        users = " ".join(m["content"] for m in c["messages"] if m["role"] == "user")
+        assert _weather_city(c) in users

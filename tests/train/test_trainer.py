@@ -1,11 +1,13 @@
 """A tiny run whose loss decreases, checkpoint save / resume, and the saved checkpoint in
 transformers' DeepseekV32ForCausalLM."""
 import dataclasses
+import json
 
 import pytest
 import torch
 
 import dsv32
+from dsv32.model.checkpoint import CheckpointError, save_checkpoint
 from dsv32.model.init_tiny import tiny_config
 from dsv32.train.data import Example, Loader
 from dsv32.train.export import export_bundle, fp8_round_trip
@@ -79,11 +81,27 @@ def test_saved_checkpoint_matches_transformers(tmp_path):
 def test_fp8_bundle_loads_as_its_round_trip(tmp_path):
     model = new_model(CFG, seed=4, std=0.1)
     export_bundle(model, tmp_path / "b")
+    index = json.loads((tmp_path / "b" / "model.safetensors.index.json").read_text())["weight_map"]
+    mtp = f"model.layers.{CFG.num_hidden_layers}."
+    assert mtp + "eh_proj.weight" in index                       # the MTP layer is there,
+    assert mtp + "embed_tokens.weight" not in index              # without its vocabulary copies
+    assert mtp + "shared_head.head.weight" not in index
     loaded = dsv32.load_model(tmp_path / "b", progress=False)
     fp8_round_trip(model)
     x = torch.randint(0, 300, (1, 20))
     with torch.no_grad():
         assert (loaded(x) - model(x)).abs().max() < 1e-5
+        h = torch.randn(1, 20, CFG.hidden_size)                  # the MTP head reads the main ones
+        assert torch.equal(loaded.mtp.embed_tokens(x), loaded.model.embed_tokens(x))
+        assert torch.equal(loaded.mtp.shared_head.head(h), loaded.lm_head(h))
+
+
+def test_share_mtp_vocab_refuses_unequal_copies(tmp_path):
+    model = new_model(CFG, seed=4, std=0.1)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    state[f"model.layers.{CFG.num_hidden_layers}.shared_head.head.weight"] += 1
+    with pytest.raises(CheckpointError, match="differs from lm_head.weight"):
+        save_checkpoint(state, CFG, tmp_path / "c", share_mtp_vocab=True)
 
 
 def test_tied_embeddings_train_as_one_and_save_as_two(tmp_path):
