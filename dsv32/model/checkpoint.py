@@ -171,13 +171,13 @@ def save_checkpoint(state: Mapping[str, torch.Tensor], cfg: ModelConfig, path: s
     quant = QuantConfig(scale_fmt="ue8m0" if ue8m0 else None) if fp8 else None
     cfg = dataclasses.replace(cfg, quantization_config=quant)
     layout, block = checkpoint_layout(cfg), _block(cfg)
-    if share_mtp_vocab:
-        for n, main in mtp_vocab_sources(cfg).items():
-            if n in state and not torch.equal(state[n], state[main]):
-                raise CheckpointError(f"save_checkpoint: share_mtp_vocab, but {n} differs from {main}")
-            layout.pop(n)
+    shared = mtp_vocab_sources(cfg) if share_mtp_vocab else {}
+    for n, main in shared.items():
+        if n in state and not torch.equal(state[n], state[main]):
+            raise CheckpointError(f"save_checkpoint: share_mtp_vocab, but {n} differs from {main}")
+        layout.pop(n)
     missing = [n for n in layout if n not in state]
-    extra = [n for n in state if n not in layout and not (share_mtp_vocab and n in mtp_vocab_sources(cfg))
+    extra = [n for n in state if n not in layout and n not in shared
              and not (n.endswith(SCALE_SUFFIX) and n[: -len(SCALE_SUFFIX)] in layout)]
     if missing or extra:
         raise CheckpointError(f"save_checkpoint({path}): state does not match the layout: "

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import TensorSpec, checkpoint_layout, save_checkpoint
+from .checkpoint import TensorSpec, checkpoint_layout, mtp_vocab_sources, save_checkpoint
 from .config import ModelConfig, RopeScaling
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -37,15 +37,6 @@ def tiny_config(*, layers: int = 3, hidden: int = 128, heads: int = 4, q_lora: i
     return cfg
 
 
-def _alias(name: str, cfg: ModelConfig) -> str:
-    """The MTP layer's embedding and head equal the main model's (as in the published weights)."""
-    if name.endswith(".embed_tokens.weight") and name.startswith("model.layers."):
-        return "model.embed_tokens.weight"
-    if name.endswith(".shared_head.head.weight"):
-        return "lm_head.weight"
-    return name
-
-
 def random_tensor(name: str, spec: TensorSpec, seed: int) -> torch.Tensor:
     """A deterministic random value for one tensor, scaled so activations and logits stay O(1)."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
@@ -69,9 +60,10 @@ class RandomState(Mapping):
 
     def __init__(self, cfg: ModelConfig, seed: int):
         self.cfg, self.seed, self.layout = cfg, seed, checkpoint_layout(cfg)
+        self.aliases = mtp_vocab_sources(cfg)   # the MTP embedding/head equal the main ones
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        src = _alias(name, self.cfg)
+        src = self.aliases.get(name, name)
         return random_tensor(src, self.layout[src], self.seed)
 
     def __contains__(self, name) -> bool:

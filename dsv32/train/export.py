@@ -9,11 +9,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from dsv32.model.checkpoint import INDEX_FILE, checkpoint_layout, save_checkpoint, scale_name
+from dsv32.model.checkpoint import INDEX_FILE, checkpoint_layout, is_fp8_vocab, save_checkpoint, scale_name
 from dsv32.model.fp8 import block_dequant, block_quant
-
-VOCAB_TENSORS = ("embed_tokens.weight", "lm_head.weight", "shared_head.head.weight")
-
 
 def export_bundle(model, path: str | Path, fp8_vocab: bool = True, share_mtp_vocab: bool = True) -> Path:
     """Write `model` to `path` (FP8 linears; FP8 embeddings/heads too with `fp8_vocab`; without the
@@ -27,7 +24,7 @@ def export_bundle(model, path: str | Path, fp8_vocab: bool = True, share_mtp_voc
     for fname in sorted(set(index["weight_map"].values())):
         tensors = load_file(str(path / fname))
         for name in list(tensors):
-            if name.endswith(VOCAB_TENSORS) and tensors[name].dim() == 2:
+            if is_fp8_vocab(name) and tensors[name].dim() == 2:
                 q, s = block_quant(tensors[name].float())
                 tensors[name], tensors[scale_name(name)] = q, s
                 index["weight_map"][scale_name(name)] = fname
@@ -44,6 +41,6 @@ def fp8_round_trip(model) -> None:
     layout = checkpoint_layout(model.config)
     for name, p in model.named_parameters():
         spec = layout.get(name)
-        if (spec is not None and spec.quantised) or (p.dim() == 2 and name.endswith(VOCAB_TENSORS)):
+        if (spec is not None and spec.quantised) or (p.dim() == 2 and is_fp8_vocab(name)):
             q, s = block_quant(p.float())
             p.copy_(block_dequant(q, s))

@@ -3,8 +3,9 @@
   1. SFT from scratch on synthesised tool-use conversations (both modes) and skill drills, first
      with the tools section left out of the prompt (a short-context curriculum: without 650 tokens
      of tool schemas before the user's turn the model learns to copy arguments far sooner; only
-     part of that carries over to full prompts, see README), then on the full prompts; loss on assistant tokens, dense attention, next-token + MTP loss, aux-loss-free
-     balancing + sequence-wise balance loss;
+     part of that carries over to full prompts, see README), then on the full prompts; loss on
+     assistant tokens, dense attention, next-token + MTP loss, aux-loss-free balancing +
+     sequence-wise balance loss;
   2. DSA warm-up: only the indexers train, KL to the head-summed main attention;
   3. DSA sparse stage: top-k attention on, indexer KL over the selected set, LM loss for the rest;
   4. GRPO on verifier rewards with rollouts from dsv32's engine;
