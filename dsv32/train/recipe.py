@@ -50,15 +50,16 @@ class Recipe:
     seed: int = 0
     model: dict = field(default_factory=lambda: dict(DEMO_MODEL))
     n_train: int = 20000
-    n_city: int = 3000              # extra weather conversations over IANA time-zone city names
+    n_city: int = 6000              # extra weather conversations: IANA city names, half made up
     n_skill: int = 20000            # short drills: copying, dates, numbers, expressions, unit codes
     tie_embeddings: bool = True     # LM head shares the input embedding while training
     init_std: float = 0.02          # (0.006 learned to copy ~4x slower in a 800-step echo drill)
     batch: int = 16
+    sort_window: int = 16           # length-sorted batches: ~40% less padding, ~1.5x faster steps
     short: StageConfig = field(default_factory=lambda: StageConfig(
         name="sft_short", stage="dense", steps=5000, lr=5e-3, warmup=100, mtp_weight=0.3))
     sft: StageConfig = field(default_factory=lambda: StageConfig(
-        name="sft", stage="dense", steps=3500, lr=3e-3, warmup=50, mtp_weight=0.3))
+        name="sft", stage="dense", steps=5000, lr=3e-3, warmup=50, mtp_weight=0.3))
     warmup: StageConfig = field(default_factory=lambda: StageConfig(
         name="dsa_warmup", stage="warmup", steps=80, lr=1e-3, warmup=5, mtp_weight=0.0))
     sparse: StageConfig = field(default_factory=lambda: StageConfig(
@@ -97,12 +98,37 @@ def tz_cities() -> tuple[str, ...]:
     return tuple(sorted(out))
 
 
-def city_conversations(convs: list[dict], n: int, seed: int) -> list[dict]:
-    """Copies of weather conversations with the city swapped for a time-zone city name (in every
-    casing the conversation uses), so the model sees many more place names. The held-out
-    evaluation's cities are left out."""
+_ONSETS = ("b", "br", "c", "ch", "d", "dr", "f", "g", "gr", "h", "j", "k", "kr", "l", "m", "n", "p",
+           "pr", "r", "s", "sh", "st", "t", "tr", "v", "w", "z")
+_VOWELS = ("a", "e", "i", "o", "u", "ai", "ea", "ou", "y")
+_CODAS = ("", "", "", "n", "r", "l", "s", "m", "th", "rk", "nd", "x")
+
+
+def made_up_places(n: int, seed: int) -> tuple[str, ...]:
+    """`n` distinct invented place names ("Drovanel", "Kesh Tarim"): the model cannot know them, so
+    a weather call that names one must copy it from the user's words."""
+    rng = random.Random(f"dsv32-places|{seed}")
+    real = {c.casefold() for c in tz_cities() + CITIES["train"] + CITIES["heldout"]}
+    out: dict[str, None] = {}
+    while len(out) < n:
+        words = []
+        for _ in range(1 if rng.random() < 0.8 else 2):
+            w = "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) for _ in range(rng.randint(1, 3)))
+            words.append((w + rng.choice(_CODAS)).capitalize())
+        name = " ".join(words)
+        if len(name) > 3 and name.casefold() not in real:
+            out[name] = None
+    return tuple(out)
+
+
+def city_conversations(convs: list[dict], n: int, seed: int, invented: float = 0.5) -> list[dict]:
+    """Copies of weather conversations with the city swapped (in every casing the conversation
+    uses) for a time-zone city name or, with probability `invented`, a made-up place name, so the
+    model learns to copy the place rather than recall it. The held-out evaluation's cities are
+    left out."""
     rng = random.Random(seed)
     cities = [c for c in tz_cities() if c not in CITIES["heldout"]]
+    places = made_up_places(max(1, n), seed)
     weather = [c for c in convs if c.get("category") == "weather"]
     out = []
     for i in range(n if weather else 0):
@@ -110,7 +136,7 @@ def city_conversations(convs: list[dict], n: int, seed: int) -> list[dict]:
         old = _weather_city(c)
         if old is None:
             continue
-        new = rng.choice(cities)
+        new = rng.choice(places) if rng.random() < invented else rng.choice(cities)
         text = json.dumps(c, ensure_ascii=False)
         for a, b in ((old, new), (old.lower(), new.lower()), (old.title(), new.title()),
                      (old.upper(), new.upper())):
@@ -145,7 +171,8 @@ def run_demo(out: str | Path, recipe: Recipe | None = None, progress: bool = Tru
 
     convs = sft_conversations(recipe.n_train, seed=recipe.seed)
     convs += city_conversations(convs, recipe.n_city, recipe.seed)
-    convs += skill_conversations(recipe.n_skill, recipe.seed, words=tz_cities())
+    convs += skill_conversations(recipe.n_skill, recipe.seed,
+                                 words=tz_cities() + made_up_places(2000, recipe.seed + 7))
     examples = encode_all(convs, tok, max_len=1536)
     heldout = encode_all(sft_conversations(recipe.n_heldout_lm, seed=recipe.seed + 1, split="heldout"), tok)
     seen = {i for e in examples for i in e.ids} | {tok.bos_id, tok.eos_id}
@@ -158,7 +185,8 @@ def run_demo(out: str | Path, recipe: Recipe | None = None, progress: bool = Tru
 
     model = new_model(cfg, seed=recipe.seed, std=recipe.init_std, tie_embeddings=recipe.tie_embeddings)
     vocab.sync(model.lm_head.weight.data)
-    loader = Loader(examples, recipe.batch, seed=recipe.seed, bucket_id=tok.user_id)
+    sw = recipe.sort_window
+    loader = Loader(examples, recipe.batch, seed=recipe.seed, bucket_id=tok.user_id, sort_window=sw)
 
     def stage(sc: StageConfig, loader: Loader) -> None:
         done = out / "ckpt" / sc.name
@@ -179,13 +207,15 @@ def run_demo(out: str | Path, recipe: Recipe | None = None, progress: bool = Tru
               f"{row['sparse_lm_loss']:.4f}, indexer recall {row['indexer_recall']}")
 
     short = encode_all([without_tools(c) for c in convs], tok, max_len=1536)
-    stage(recipe.short, Loader(short, recipe.batch, seed=recipe.seed + 3, bucket_id=tok.user_id))
+    stage(recipe.short, Loader(short, recipe.batch, seed=recipe.seed + 3, bucket_id=tok.user_id,
+                              sort_window=sw))
     stage(recipe.sft, loader)
     lm_eval("after_sft")
     stage(recipe.warmup, Loader(examples, max(4, recipe.batch // 2), seed=recipe.seed + 1,
-                                bucket_id=tok.user_id))
+                                bucket_id=tok.user_id, sort_window=sw))
     lm_eval("after_dsa_warmup")
-    stage(recipe.sparse, Loader(examples, recipe.batch, seed=recipe.seed + 2, bucket_id=tok.user_id))
+    stage(recipe.sparse, Loader(examples, recipe.batch, seed=recipe.seed + 2, bucket_id=tok.user_id,
+                               sort_window=sw))
     lm_eval("after_dsa_sparse")
 
     # ---- GRPO

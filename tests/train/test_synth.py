@@ -360,3 +360,18 @@ def test_city_augmentation_leaves_heldout_cities_out():
     for c in extra:                                  # the swap keeps the user's casing in the call
         users = " ".join(m["content"] for m in c["messages"] if m["role"] == "user")
         assert _weather_city(c) in users
+
+
+def test_made_up_places_are_new_and_copied_from_the_user():
+    from dsv32.train.recipe import _weather_city, city_conversations, made_up_places, tz_cities
+
+    names = made_up_places(300, seed=1)
+    real = {c.casefold() for c in tz_cities() + P.CITIES["train"] + P.CITIES["heldout"]}
+    assert len(set(names)) == 300 and not {n.casefold() for n in names} & real
+    assert made_up_places(300, seed=1) == names != made_up_places(300, seed=2)
+    extra = city_conversations(sft_conversations(300, seed=5), 200, seed=5, invented=1.0)
+    invented = {n.casefold() for n in made_up_places(200, seed=5)}
+    assert extra and all(_weather_city(c).casefold() in invented for c in extra)
+    for c in extra:
+        users = " ".join(m["content"] for m in c["messages"] if m["role"] == "user")
+        assert _weather_city(c) in users
