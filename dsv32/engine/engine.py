@@ -271,9 +271,11 @@ class LLMEngine:
                 index=seq.index, token_ids=seq.output_token_ids, text=text,
                 logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
                 finish_reason=seq.finish_reason, stop_reason=seq.stop_reason))
+        first = state.seqs[0]
         return RequestOutput(
             request_id=state.request_id, prompt_token_ids=state.prompt_ids, outputs=outs,
             finished=state.finished, num_cached_tokens=state.num_cached_tokens, prompt=state.prompt,
+            prompt_logprobs=list(first.prompt_logprobs) if first.params.prompt_logprobs is not None else None,
             metrics={"arrival": state.arrival, "first_token": state.first_token_time})
 
     def shutdown(self) -> None:

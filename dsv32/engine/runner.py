@@ -9,6 +9,7 @@ import torch
 from dsv32.model.transformer import Transformer
 
 from .cache import PagedCache, PagedKV
+from .sampler import token_logprobs
 from .sequence import Sequence
 
 
@@ -21,6 +22,7 @@ class StepInput(NamedTuple):
     ctx: torch.Tensor       # [B] keys per row after this forward
     tables: torch.Tensor    # [B, nb] block tables
     last: torch.Tensor      # [B] index of each row's last new token
+    every: bool = False     # logits of every new token [B, T, V], not only the last (prompt logprobs)
 
 
 class ModelRunner:
@@ -36,9 +38,10 @@ class ModelRunner:
     def run(self, batch: list[tuple[Sequence, int]]) -> dict[int, torch.Tensor]:
         """Compute `n` new tokens for each (seq, n); returns {seq_id: logits [V] fp32} for the
         sequences whose tokens are now all computed (they sample a next token)."""
-        decodes = [(s, n) for s, n in batch if n == 1]
+        alone = [s.wants_prompt_logprobs or n > 1 for s, n in batch]
+        decodes = [sn for sn, a in zip(batch, alone) if not a]
         groups = [decodes] if decodes else []
-        groups += [[(s, n)] for s, n in batch if n > 1]
+        groups += [[sn] for sn, a in zip(batch, alone) if a]
         out: dict[int, torch.Tensor] = {}
         for group in groups:
             logits = self._forward(group)
@@ -51,9 +54,26 @@ class ModelRunner:
     def _forward(self, group: list[tuple[Sequence, int]]) -> list[torch.Tensor | None]:
         if self.recorder is not None:   # e.g. GRPO Keep Routing: which tokens this forward's rows are
             self.recorder.begin_forward([(seq, seq.num_computed_tokens, n) for seq, n in group])
-        logits = self.compute(self.prepare(group))
+        x = self.prepare(group)
+        logits = self.compute(x)
+        if x.every:                                   # one prefilling sequence: [1, n, V]
+            seq, n = group[0]
+            self._prompt_logprobs(seq, logits[0, :n])
+            logits = logits[:, n - 1]
         return [logits[b] if seq.num_computed_tokens + n >= len(seq) else None
                 for b, (seq, n) in enumerate(group)]
+
+    @staticmethod
+    def _prompt_logprobs(seq: Sequence, logits: torch.Tensor) -> None:
+        """Record the logprobs of the prompt tokens that the chunk's logits [n, V] predict (a
+        recomputation after preemption finds them recorded already)."""
+        start, have = seq.num_computed_tokens, len(seq.prompt_logprobs)
+        assert have > start, "prompt logprobs need every earlier prompt token computed"
+        targets = range(max(start + 1, have), min(start + logits.shape[0] + 1, seq.num_prompt_tokens))
+        if targets:
+            rows = logits[targets.start - 1 - start: targets.stop - 1 - start].float().log_softmax(-1)
+            k = seq.params.prompt_logprobs
+            seq.prompt_logprobs += token_logprobs(rows, [seq.token_ids[t] for t in targets], [k] * len(targets))
 
     def prepare(self, group: list[tuple[Sequence, int]]) -> StepInput:
         """Pad a group to [B, T]: token ids, positions, cache slots, block tables, lengths."""
@@ -77,13 +97,17 @@ class ModelRunner:
             slots[b, :n] = table[p // self.bs] * self.bs + p % self.bs
             ctx[b] = start + n
             last[b] = n - 1
-        return StepInput(ids, pos, slots, ctx, tables, last)
+        every = B == 1 and group[0][0].wants_prompt_logprobs
+        return StepInput(ids, pos, slots, ctx, tables, last, every)
 
     def compute(self, x: StepInput) -> torch.Tensor:
-        """One forward over the paged cache -> logits [B, V] of each row's last new token."""
+        """One forward over the paged cache -> logits [B, V] of each row's last new token
+        ([B, T, V] of every new token when `x.every`)."""
         dev = self.device
         kv = PagedKV(self.cache, x.tables.to(dev), x.ctx.to(dev), x.slots.to(dev))
         h = self.model.hidden(x.ids.to(dev), x.pos.to(dev), kv)                       # [B, T, D]
+        if x.every:
+            return self.model.logits(h)
         h_last = h[torch.arange(h.shape[0], device=dev), x.last.to(dev)]              # [B, D]
         return self.model.logits(h_last)
 

@@ -48,6 +48,16 @@ def _padded(rows: list[list[int]], device) -> tuple[Tensor, Tensor]:
     return ids.to(device), real.to(device)
 
 
+def token_logprobs(logprobs: Tensor, token_ids: list[int], ks: list[int]) -> list[TokenLogprob]:
+    """Rows of log-probabilities [N, V] -> each row's logprob of token_ids[i] and its ks[i] most
+    likely alternatives."""
+    chosen = logprobs.gather(1, torch.tensor(token_ids, device=logprobs.device)[:, None])[:, 0].tolist()
+    k = max(ks)
+    top_v, top_i = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], logprobs[:, :0].long())
+    return [TokenLogprob(t, c, list(zip(i[:n], v[:n])))
+            for t, c, i, v, n in zip(token_ids, chosen, top_i.tolist(), top_v.tolist(), ks)]
+
+
 def _take(x: Tensor, rows: list[int]) -> Tensor:
     """Rows of x (x itself, not a copy, when that is all of them in order)."""
     if rows == list(range(x.shape[0])):
@@ -255,11 +265,7 @@ class Sampler:
         token_ids = tokens.tolist()
         out_lp: list[TokenLogprob | None] = [None] * B
         if lp_rows:
-            k = max(seqs[i].params.logprobs for i in lp_rows)
-            chosen = logprobs.gather(1, tokens[torch.tensor(lp_rows, device=dev)][:, None])[:, 0].tolist()
-            top_v, top_i = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], logprobs[:, :0].long())
-            top_v, top_i = top_v.tolist(), top_i.tolist()
-            for j, i in enumerate(lp_rows):
-                n = seqs[i].params.logprobs
-                out_lp[i] = TokenLogprob(token_ids[i], chosen[j], list(zip(top_i[j][:n], top_v[j][:n])))
+            rows = token_logprobs(logprobs, [token_ids[i] for i in lp_rows], [seqs[i].params.logprobs for i in lp_rows])
+            for i, row in zip(lp_rows, rows):
+                out_lp[i] = row
         return SamplerOutput(token_ids, out_lp, [kept[i] if want_kept[i] else None for i in range(B)])

@@ -64,8 +64,8 @@ class Scheduler:
         # 2. waiting sequences in arrival order; stop at the first that does not fit (FIFO)
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if seq.num_computed_tokens == 0 and not seq.block_table:
-                self.bm.match_prefix(seq)
+            if seq.num_computed_tokens == 0 and not seq.block_table and not seq.wants_prompt_logprobs:
+                self.bm.match_prefix(seq)          # prompt logprobs need every prompt token computed
             n = min(len(seq) - seq.num_computed_tokens, budget)
             if not self.bm.can_allocate(seq, n):
                 if not self.running and not batch:

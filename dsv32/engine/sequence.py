@@ -35,6 +35,7 @@ class SamplingParams:
     max_tokens: int | None = 16
     min_tokens: int = 0
     logprobs: int | None = None     # None: no logprobs; k >= 0: sampled token + top-k alternatives
+    prompt_logprobs: int | None = None  # k >= 0: every prompt token's logprob + top-k (no prefix cache)
     skip_special_tokens: bool = True
     logits_processors: list[LogitsProcessor] = field(default_factory=list)
 
@@ -71,6 +72,8 @@ class SamplingParams:
             bad("min_tokens", "must be >= 0")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             bad("logprobs", "must be between 0 and 20")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= 20:
+            bad("prompt_logprobs", "must be between 0 and 20")
         if self.logit_bias:
             for k, v in self.logit_bias.items():
                 if not -100.0 <= float(v) <= 100.0:
@@ -119,6 +122,7 @@ class Sequence:
         self.num_computed_tokens = 0     # tokens whose keys are in the cache
         self.num_cached_tokens = 0       # prompt tokens served from the prefix cache (first schedule)
         self.logprobs: list[TokenLogprob] = []
+        self.prompt_logprobs: list[TokenLogprob | None] = [None]   # the first token has no context
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
         self.logits_processors = [p.clone() if hasattr(p, "clone") else p for p in params.logits_processors]
@@ -128,6 +132,11 @@ class Sequence:
 
     def __len__(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Prompt logprobs were asked for and some prompt token's logprob is still missing."""
+        return self.params.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens
 
     @property
     def output_token_ids(self) -> list[int]:
@@ -171,4 +180,5 @@ class RequestOutput:
     finished: bool = False
     num_cached_tokens: int = 0
     prompt: str | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None   # per prompt token, when asked for
     metrics: dict = field(default_factory=dict)

@@ -84,13 +84,14 @@ class TokenText:
         return entries
 
     def text_logprobs(self, lps: list[TokenLogprob], top: int, offset: int,
-                      prompt_ids: list[int] | None = None) -> TextLogprobs:
-        """Legacy completions logprobs from char `offset`; echoed prompt tokens have no logprob."""
+                      prompt: list[tuple[int, TokenLogprob | None]] | None = None) -> TextLogprobs:
+        """Legacy completions logprobs from char `offset`, after the echoed `prompt` tokens (token
+        id, logprob or None for the first token of a prompt)."""
         result = TextLogprobs(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
-        for t in prompt_ids or []:
+        for t, lp in prompt or []:
             result.tokens.append(self.text(t))
-            result.token_logprobs.append(None)
-            result.top_logprobs.append(None)
+            result.token_logprobs.append(None if lp is None else _finite(lp.logprob))
+            result.top_logprobs.append(None if lp is None else {self.text(a): _finite(v) for a, v in lp.top[:top]})
             result.text_offset.append(offset)
             offset += len(result.tokens[-1])
         for lp in lps:

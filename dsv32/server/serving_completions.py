@@ -1,6 +1,7 @@
 """`/v1/completions` and `/beta/completions`: raw text (or token ids) in, text out; with `suffix`
 the prompt is the fill-in-the-middle one. Text prompts get the BOS token, token-id prompts are used
-as given. Echoed prompt tokens carry no logprobs (the engine computes none for prompts)."""
+as given. With echo and logprobs, the engine computes the prompt's logprobs too (the first prompt
+token has none; such requests skip the prefix cache)."""
 from __future__ import annotations
 
 import asyncio
@@ -72,6 +73,8 @@ class CompletionServing:
             raise APIError(422, "best_of: only best_of == n is supported", param="best_of", code="invalid_value")
         prompts = split_prompts(req, llm.tokenizer)
         params = sampling_params(req, max_tokens=req.max_tokens, logprobs=req.logprobs, skip_special_tokens=True)
+        if req.echo and req.logprobs is not None:
+            params.prompt_logprobs = req.logprobs
         base = "cmpl-" + request.state.request_id
         gens: list[Generation] = []
         try:
@@ -190,17 +193,20 @@ class _Ctx:
         self.created = int(time.time())
         self.req, self.prompts, self.n, self.holdback = req, prompts, req.n, holdback
 
-    def _echo(self, i: int, out: RequestOutput) -> tuple[str, list[int] | None]:
-        """Echo text and the prompt tokens it covers (for logprobs)."""
+    def _echo(self, i: int, out: RequestOutput) -> tuple[str, list | None]:
+        """Echo text and the (token id, logprob or None) of each prompt token it covers."""
         if not self.req.echo:
             return "", None
         p = self.prompts[i]
-        return p.echo, None if p.echo_from is None else out.prompt_token_ids[p.echo_from:]
+        if p.echo_from is None:
+            return p.echo, None
+        lps = out.prompt_logprobs or [None] * len(out.prompt_token_ids)
+        return p.echo, list(zip(out.prompt_token_ids, lps))[p.echo_from:]
 
-    def _logprobs(self, o, start: int, offset: int, prompt_ids=None):
+    def _logprobs(self, o, start: int, offset: int, prompt=None):
         if self.req.logprobs is None or o.logprobs is None:
             return None
-        return self.text.text_logprobs(o.logprobs[start:], self.req.logprobs, offset, prompt_ids)
+        return self.text.text_logprobs(o.logprobs[start:], self.req.logprobs, offset, prompt)
 
     def final_choices(self, i: int, out: RequestOutput) -> list[CompletionChoice]:
         echo, echo_ids = self._echo(i, out)

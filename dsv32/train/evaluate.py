@@ -7,11 +7,17 @@ Tasks run in lockstep, so a batched generator sees every open episode at once.
 """
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from typing import Callable
 
-from dsv32.chat import ChatFormatError, encode_messages, parse_completion
+import torch
 
+from dsv32.chat import ChatFormatError, Tokenizer, encode_messages, parse_completion
+from dsv32.chat.dsml import PARAM_OPEN
+from dsv32.chat.tokens import PARAM_CLOSE
+
+from .data import encode_conversation
 from .envs.registry import tool_messages
 from .envs.verify import score_answer, score_call, score_plain
 from .synth import CATEGORIES, MODES, Task, generate_tasks
@@ -153,3 +159,54 @@ def main_eval(model_dir: str, n: int = 160, seed: int = 0, split: str = "heldout
     llm = LLM(model=model_dir, **llm_kwargs)
     return evaluate(n_tasks=n, seed=seed, split=split,
                     generate_batch=llm_generate_batch(llm, max_tokens))
+
+
+# ---- teacher-forced diagnostic ------------------------------------------------------------------
+
+_VALUE = re.compile(PARAM_OPEN.pattern.encode() + rb"(.*?)" + re.escape(PARAM_CLOSE.encode()), re.S)
+
+
+def argument_tokens(ids: list[int], mask: list[int], tok: Tokenizer) -> list[list[int]]:
+    """Positions of the tokens that overlap a DSML parameter value, one list per assistant turn
+    that calls tools (the tokens a call's arguments are made of)."""
+    pieces = [tok.token_bytes(i) for i in ids]
+    spans = [m.span(3) for m in _VALUE.finditer(b"".join(pieces))]
+    turns: list[list[int]] = []
+    start, prev_masked = 0, False
+    for i, piece in enumerate(pieces):
+        end = start + len(piece)
+        if mask[i] and not prev_masked:
+            turns.append([])                                  # a new assistant span begins
+        prev_masked = bool(mask[i])
+        if mask[i] and any(a < end and start < b for a, b in spans):   # overlaps a value
+            turns[-1].append(i)
+        start = end
+    return [t for t in turns if t]
+
+
+@torch.no_grad()
+def argument_accuracy(model, conversations: list[dict], tok: Tokenizer, attention: str = "served") -> dict:
+    """Teacher-forced top-1 accuracy on tool-call argument tokens. `attention` "served" runs the
+    model as the engine does (DSA top-k when the prompt is longer than index_topk), "dense" runs
+    full causal attention (what the SFT stage trains, before the indexer has learnt anything).
+    Returns {"tokens", "top1", "calls", "first_call_exact"}."""
+    from .dsa import forward as dense_forward
+
+    if attention not in ("served", "dense"):
+        raise ValueError(f"attention must be 'served' or 'dense', not {attention!r}")
+    model.eval()
+    n = ok = calls = exact = 0
+    for conv in conversations:
+        ids, mask = encode_conversation(conv, tok)
+        turns = argument_tokens(ids, mask, tok)
+        if not turns:
+            continue
+        x = torch.tensor([ids])
+        h = dense_forward(model, x, stage="dense", mtp=False)[0] if attention == "dense" else model.hidden(x)
+        pred = iter(model.logits(h[0, [i - 1 for t in turns for i in t]]).argmax(-1).tolist())
+        hits = [[next(pred) == ids[i] for i in turn] for turn in turns]
+        n += sum(map(len, hits))
+        ok += sum(map(sum, hits))
+        calls += 1
+        exact += all(hits[0])
+    return {"tokens": n, "top1": ok / max(n, 1), "calls": calls, "first_call_exact": exact / max(calls, 1)}

@@ -32,6 +32,7 @@ from dsv32.model.init_tiny import copy_tokenizer, tiny_config
 
 from . import grpo as G
 from .data import Loader, encode_all, without_tools
+from .evaluate import argument_accuracy
 from .envs.phrasings import CITIES
 from .export import export_bundle, fp8_round_trip
 from .losses import TiedVocab
@@ -174,7 +175,8 @@ def run_demo(out: str | Path, recipe: Recipe | None = None, progress: bool = Tru
     convs += skill_conversations(recipe.n_skill, recipe.seed,
                                  words=tz_cities() + made_up_places(2000, recipe.seed + 7))
     examples = encode_all(convs, tok, max_len=1536)
-    heldout = encode_all(sft_conversations(recipe.n_heldout_lm, seed=recipe.seed + 1, split="heldout"), tok)
+    heldout_convs = sft_conversations(recipe.n_heldout_lm, seed=recipe.seed + 1, split="heldout")
+    heldout = encode_all(heldout_convs, tok)
     seen = {i for e in examples for i in e.ids} | {tok.bos_id, tok.eos_id}
     cfg = tiny_config(**recipe.model)
     vocab = TiedVocab(sorted(seen), cfg.vocab_size)
@@ -201,14 +203,20 @@ def run_demo(out: str | Path, recipe: Recipe | None = None, progress: bool = Tru
         dense, sparse = eval_lm(model, ho_batches, "dense"), eval_lm(model, ho_batches, "sparse")
         row = {"dense_lm_loss": dense["lm_loss"], "sparse_lm_loss": sparse["lm_loss"],
                "indexer_recall": dense["recall"]}
+        for attention in ("served", "dense"):    # teacher-forced tool-call argument tokens
+            acc = argument_accuracy(model, heldout_convs, tok, attention)
+            row[f"arg_top1_{attention}"] = acc["top1"]
+            row[f"arg_exact_{attention}"] = acc["first_call_exact"]
         summary[tag] = row
         log.write(event="lm_eval", tag=tag, **row)
         print(f"[{tag}] held-out LM loss dense {row['dense_lm_loss']:.4f} sparse "
-              f"{row['sparse_lm_loss']:.4f}, indexer recall {row['indexer_recall']}")
+              f"{row['sparse_lm_loss']:.4f}, indexer recall {row['indexer_recall']}, argument top-1 "
+              f"{row['arg_top1_served']:.3f} served / {row['arg_top1_dense']:.3f} dense")
 
     short = encode_all([without_tools(c) for c in convs], tok, max_len=1536)
     stage(recipe.short, Loader(short, recipe.batch, seed=recipe.seed + 3, bucket_id=tok.user_id,
                               sort_window=sw))
+    lm_eval("after_sft_short")
     stage(recipe.sft, loader)
     lm_eval("after_sft")
     stage(recipe.warmup, Loader(examples, max(4, recipe.batch // 2), seed=recipe.seed + 1,

@@ -107,6 +107,26 @@ def test_prefix_hits_equal_cold_runs(ckpt, model):
     assert m["prefix_cache_hits"] == 192 and m["kv_cache_usage_perc"] == 0.0
 
 
+def test_prompt_logprobs_equal_full_forward_chunked_and_after_a_prefix_hit(ckpt, model):
+    """Every prompt token's logprob (token 0: None) and its top-k equal log_softmax of a full
+    forward, in one-shot and chunked prefill, and when another request cached the prefix."""
+    prompt = prompts_of([150], seed=9)[0]
+    with torch.no_grad():
+        lp = model(torch.tensor([prompt])).log_softmax(-1)[0]
+    for batched_tokens in (1024, 37):
+        eng = make_engine(ckpt, model, max_num_batched_tokens=batched_tokens)
+        run(eng, [prompt], [greedy(2)])                        # caches the prompt's blocks
+        out = run(eng, [prompt], [greedy(2, prompt_logprobs=3)])[0]
+        assert out.num_cached_tokens == 0                      # computed again, not served from cache
+        got = out.prompt_logprobs
+        assert len(got) == len(prompt) and got[0] is None
+        for j in range(1, len(prompt)):
+            row = lp[j - 1]
+            assert got[j].token_id == prompt[j] and abs(got[j].logprob - row[prompt[j]].item()) < 1e-3
+            assert [t for t, _ in got[j].top] == row.topk(3).indices.tolist()
+    assert run(make_engine(ckpt, model), [prompt], [greedy(2)])[0].prompt_logprobs is None
+
+
 def test_abort_frees_every_block(ckpt, model):
     eng = make_engine(ckpt, model)
     total = eng.block_manager.num_free_blocks

@@ -31,11 +31,25 @@ def test_echo_and_logprobs(client):
     assert c.text.startswith("Hello world")
     lp = c.logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset)
-    assert lp.token_logprobs[0] is None                # echoed prompt tokens carry none
-    assert all(v is not None for v in lp.token_logprobs[-3:])
+    assert all(v is not None for v in lp.token_logprobs)   # "Hello" follows BOS: it has one too
+    assert all(len(t) <= 2 for t in lp.top_logprobs)
     assert all(len(t) <= 2 for t in lp.top_logprobs[-3:])
     assert "".join(lp.tokens) == c.text
     assert lp.text_offset == sorted(lp.text_offset)
+
+
+def test_echoed_prompt_logprobs_match_generation(client, tokenizer):
+    """The logprob of an echoed prompt token equals the one the model gave it when it generated it."""
+    ids = tokenizer.encode("Hello world")
+    gen = client.completions.create(model="tiny", prompt=ids, max_tokens=1, logprobs=1, temperature=0)
+    token, logprob = gen.choices[0].logprobs.tokens[0], gen.choices[0].logprobs.token_logprobs[0]
+    new_id = tokenizer.encode(gen.choices[0].text)
+    r = client.completions.create(model="tiny", prompt=ids + new_id, max_tokens=1, echo=True, logprobs=1,
+                                  temperature=0)
+    lp = r.choices[0].logprobs
+    assert lp.token_logprobs[0] is None                # the first token of a token-id prompt has no context
+    assert all(v is not None for v in lp.token_logprobs[1:])
+    assert lp.tokens[len(ids)] == token and abs(lp.token_logprobs[len(ids)] - logprob) < 1e-3
 
 
 def test_batch_and_token_ids(client, tokenizer):
