@@ -23,6 +23,8 @@ def _engine_args(p) -> None:
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="processes sharing the model")
     p.add_argument("--enable-expert-parallel", action="store_true",
                    help="partition routed experts across the tensor-parallel ranks")
+    p.add_argument("--num-speculative-tokens", type=int, default=0, choices=[0, 1],
+                   help="1: MTP speculative decoding (same tokens, fewer steps when drafts are accepted)")
 
 
 def _engine(args):
@@ -34,7 +36,8 @@ def _engine_kwargs(args) -> dict:
     return dict(dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
                 max_num_seqs=args.max_num_seqs, kv_cache_dtype=args.kv_cache_dtype,
                 tensor_parallel_size=args.tensor_parallel_size,
-                enable_expert_parallel=args.enable_expert_parallel)
+                enable_expert_parallel=args.enable_expert_parallel,
+                num_speculative_tokens=args.num_speculative_tokens)
 
 
 def _params(args, **kw) -> SamplingParams:

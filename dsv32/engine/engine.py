@@ -40,6 +40,7 @@ class EngineConfig:
     fp8_storage: bool = False               # keep FP8 weights, dequantise per block on the fly
     tensor_parallel_size: int = 1           # ranks sharing every layer (heads, inner dims, vocab)
     enable_expert_parallel: bool = False    # partition routed experts across the ranks instead
+    num_speculative_tokens: int = 0         # 1: MTP speculative decoding (the model's MTP layer drafts)
 
 
 def load_engine_model(cfg: EngineConfig, pc: ParallelContext = SINGLE):
@@ -101,6 +102,7 @@ class LLMEngine:
             raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's "
                              f"max_position_embeddings {mc.max_position_embeddings}")
         num_blocks = cache_blocks(cfg, mc, self.max_model_len)
+        speculate = self._check_speculation(cfg, mc)      # before any worker process starts
         pc, workers = SINGLE, []
         if cfg.tensor_parallel_size > 1:
             if model is not None:
@@ -125,7 +127,21 @@ class LLMEngine:
         self.sampler = Sampler()
         self.recorder = None   # optional: gets every sampling step's logits and kept-token masks
         self.requests: dict[str, RequestState] = {}
-        self.stats = {"prompt_tokens": 0, "generation_tokens": 0}
+        self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "spec_draft_tokens": 0,
+                      "spec_accepted_tokens": 0}
+        self.runner.speculate = speculate
+
+    @staticmethod
+    def _check_speculation(cfg: EngineConfig, mc: ModelConfig) -> bool:
+        if cfg.num_speculative_tokens not in (0, 1):
+            raise ValueError(f"num_speculative_tokens must be 0 or 1 (one MTP layer drafts one token), "
+                             f"not {cfg.num_speculative_tokens}")
+        if cfg.num_speculative_tokens and mc.num_nextn_predict_layers < 1:
+            raise ValueError("num_speculative_tokens 1 needs a model with an MTP layer "
+                             "(num_nextn_predict_layers >= 1)")
+        if cfg.num_speculative_tokens and cfg.tensor_parallel_size > 1:
+            raise ValueError("MTP speculative decoding runs in one process: use tensor_parallel_size 1")
+        return cfg.num_speculative_tokens == 1
 
     # ---- requests ------------------------------------------------------------------------------
     def prepare(self, prompt: str | list[int], params: SamplingParams) -> tuple[str | None, list[int]]:
@@ -183,6 +199,8 @@ class LLMEngine:
     # ---- the step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Schedule, run one forward (per group), sample, and report every request that changed."""
+        if self.recorder is not None and self.runner.speculate:
+            raise RuntimeError("a sampling recorder (GRPO rollouts) needs num_speculative_tokens 0")
         batch = self.scheduler.schedule()
         if not batch:
             return []
@@ -198,29 +216,48 @@ class LLMEngine:
                     and state.seqs[1].status == Status.WAITING and not state.seqs[1].block_table:
                 self._fork(state)
                 for child in state.seqs[1:]:
-                    rows.append(logits[seq.seq_id])
+                    rows.append(logits[seq.seq_id][0])
                     seqs.append(child)
-            rows.append(logits[seq.seq_id])
+            rows.append(logits[seq.seq_id][0])
             seqs.append(seq)
         changed: dict[str, RequestState] = {}
-        if seqs:
-            stacked = torch.stack(rows)
-            out = self.sampler(stacked, seqs, self.eos_token_id, return_kept=self.recorder is not None)
-            if self.recorder is not None:
-                self.recorder.sampled(seqs, stacked, out)
-            for seq, tok, lp in zip(seqs, out.token_ids, out.logprobs):
-                state = self.requests[seq.request_id]
-                if state.first_token_time is None:
-                    state.first_token_time = time.monotonic()
-                    state.num_cached_tokens = state.seqs[0].num_cached_tokens
-                self._append(state, seq, tok, lp)
-                changed[seq.request_id] = state
+        accepted = []
+        for seq, tok in self._sample(rows, seqs, changed):
+            draft, seq.draft = seq.draft, None
+            if draft is None or seq.is_finished:
+                continue
+            self.stats["spec_draft_tokens"] += 1
+            if tok == draft:              # the draft was this token: its logits are already computed
+                accepted.append(seq)
+            else:                         # its key in the cache belongs to another token
+                seq.num_computed_tokens -= 1
+        self.stats["spec_accepted_tokens"] += len(accepted)
+        self._sample([logits[seq.seq_id][1] for seq in accepted], accepted, changed)
+        if self.runner.speculate:
+            self.runner.draft()
         outputs = []
         for rid, state in changed.items():
             outputs.append(self._output(state))
             if state.finished:
                 del self.requests[rid]
         return outputs
+
+    def _sample(self, rows: list[torch.Tensor], seqs: list[Sequence], changed: dict) -> list[tuple[Sequence, int]]:
+        """Sample one token per row and append it to its sequence; returns (seq, token) pairs."""
+        if not seqs:
+            return []
+        stacked = torch.stack(rows)
+        out = self.sampler(stacked, seqs, self.eos_token_id, return_kept=self.recorder is not None)
+        if self.recorder is not None:
+            self.recorder.sampled(seqs, stacked, out)
+        for seq, tok, lp in zip(seqs, out.token_ids, out.logprobs):
+            state = self.requests[seq.request_id]
+            if state.first_token_time is None:
+                state.first_token_time = time.monotonic()
+                state.num_cached_tokens = state.seqs[0].num_cached_tokens
+            self._append(state, seq, tok, lp)
+            changed[seq.request_id] = state
+        return list(zip(seqs, out.token_ids))
 
     def _fork(self, state: RequestState) -> None:
         parent = state.seqs[0]

@@ -1,5 +1,11 @@
 """Model runner: turns scheduled (sequence, new tokens) pairs into padded forwards over the paged
-cache and returns the next-token logits of every sequence that reached its end."""
+cache and returns the next-token logits of every sequence that reached its end.
+
+MTP speculation: a decoding sequence may carry a `draft` for the token after its last one. The
+forward then computes both tokens and returns two rows of logits (for the last token's successor
+and for the draft's); the engine samples the first and, only when it equals the draft, the
+second. `draft()` afterwards runs the MTP layer over the positions just computed (filling its
+cache) and proposes the next drafts."""
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -22,7 +28,8 @@ class StepInput(NamedTuple):
     ctx: torch.Tensor       # [B] keys per row after this forward
     tables: torch.Tensor    # [B, nb] block tables
     last: torch.Tensor      # [B] index of each row's last new token
-    every: bool = False     # logits of every new token [B, T, V], not only the last (prompt logprobs)
+    every: bool = False     # logits of every new token [B, T, V], not only the last (prompt
+                            # logprobs, MTP drafts being verified)
 
 
 class ModelRunner:
@@ -33,12 +40,16 @@ class ModelRunner:
         self.device = next(model.parameters()).device
         self.bs = cache.block_size
         self.recorder = None   # optional: told which (seq, start, n) tokens each forward computes
+        self.speculate = False  # keep each forward's hidden states for the MTP drafts
+        self._computed: list[tuple[list[tuple[Sequence, int]], StepInput, torch.Tensor]] = []
 
     @torch.inference_mode()
     def run(self, batch: list[tuple[Sequence, int]]) -> dict[int, torch.Tensor]:
-        """Compute `n` new tokens for each (seq, n); returns {seq_id: logits [V] fp32} for the
-        sequences whose tokens are now all computed (they sample a next token)."""
-        alone = [s.wants_prompt_logprobs or n > 1 for s, n in batch]
+        """Compute `n` new tokens for each (seq, n) (a draft counts as one); returns {seq_id:
+        logits [m, V] fp32} for the sequences whose tokens are now all computed: m = 2 for a
+        sequence with a draft (successor of its last token, successor of the draft), else 1."""
+        self._computed = []
+        alone = [s.wants_prompt_logprobs or len(s) - s.num_computed_tokens > 1 for s, _ in batch]
         decodes = [sn for sn, a in zip(batch, alone) if not a]
         groups = [decodes] if decodes else []
         groups += [[sn] for sn, a in zip(batch, alone) if a]
@@ -56,12 +67,20 @@ class ModelRunner:
             self.recorder.begin_forward([(seq, seq.num_computed_tokens, n) for seq, n in group])
         x = self.prepare(group)
         logits = self.compute(x)
-        if x.every:                                   # one prefilling sequence: [1, n, V]
-            seq, n = group[0]
-            self._prompt_logprobs(seq, logits[0, :n])
-            logits = logits[:, n - 1]
-        return [logits[b] if seq.num_computed_tokens + n >= len(seq) else None
-                for b, (seq, n) in enumerate(group)]
+        if self.speculate:
+            self._computed.append((group, x, self.hidden))
+        if not x.every:
+            logits = logits[:, None]                                      # [B, 1, V]
+        elif group[0][0].wants_prompt_logprobs:                           # one prefilling sequence
+            self._prompt_logprobs(group[0][0], logits[0, : group[0][1]])
+        out = []
+        for b, (seq, n) in enumerate(group):
+            d = int(seq.draft is not None)
+            if seq.num_computed_tokens + n < len(seq) + d:
+                out.append(None)                                          # a prefill chunk short of the end
+            else:
+                out.append(logits[b, n - 1 - d: n] if x.every else logits[b])   # [1 + d, V]
+        return out
 
     @staticmethod
     def _prompt_logprobs(seq: Sequence, logits: torch.Tensor) -> None:
@@ -89,7 +108,8 @@ class ModelRunner:
         for b, (seq, n) in enumerate(group):
             start = seq.num_computed_tokens
             p = torch.arange(start, start + n)
-            ids[b, :n] = torch.tensor(seq.token_ids[start:start + n])
+            toks = seq.token_ids[start:start + n]
+            ids[b, :n] = torch.tensor(toks + [seq.draft] * (n - len(toks)))   # a draft rides last
             pos[b, :n] = p
             pos[b, n:] = start + n - 1                 # padding repeats the last position
             table = torch.tensor(seq.block_table, dtype=torch.long)
@@ -97,7 +117,7 @@ class ModelRunner:
             slots[b, :n] = table[p // self.bs] * self.bs + p % self.bs
             ctx[b] = start + n
             last[b] = n - 1
-        every = B == 1 and group[0][0].wants_prompt_logprobs
+        every = (B == 1 and group[0][0].wants_prompt_logprobs) or any(s.draft is not None for s, _ in group)
         return StepInput(ids, pos, slots, ctx, tables, last, every)
 
     def compute(self, x: StepInput) -> torch.Tensor:
@@ -106,10 +126,53 @@ class ModelRunner:
         dev = self.device
         kv = PagedKV(self.cache, x.tables.to(dev), x.ctx.to(dev), x.slots.to(dev))
         h = self.model.hidden(x.ids.to(dev), x.pos.to(dev), kv)                       # [B, T, D]
+        self.hidden = h
         if x.every:
             return self.model.logits(h)
         h_last = h[torch.arange(h.shape[0], device=dev), x.last.to(dev)]              # [B, D]
         return self.model.logits(h_last)
+
+    @torch.inference_mode()
+    def draft(self) -> None:
+        """After the engine has sampled: run the MTP layer over the positions the last `run`
+        computed and kept (t < num_computed_tokens, token t+1 known), writing its cache, and give
+        every decoding sequence a draft: the MTP argmax for the token after its last."""
+        mtp = self.model.mtp
+        for group, x, h in self._computed:
+            rows = []
+            for b, (seq, _) in enumerate(group):
+                start, end = int(x.pos[b, 0]), min(seq.num_computed_tokens, len(seq) - 1)
+                if not seq.is_finished and end > start:
+                    rows.append((b, seq, start, end))
+            if not rows:
+                continue
+            B, T = len(rows), max(e - s for _, _, s, e in rows)
+            hs = h.new_zeros(B, T, h.shape[-1])
+            ids = torch.zeros(B, T, dtype=torch.long)
+            pos = torch.zeros(B, T, dtype=torch.long)
+            slots = torch.full((B, T), -1, dtype=torch.long)
+            ctx = torch.zeros(B, dtype=torch.long)
+            tables = torch.zeros(B, max(len(seq.block_table) for _, seq, _, _ in rows), dtype=torch.long)
+            for i, (b, seq, s, e) in enumerate(rows):
+                k = e - s
+                hs[i, :k] = h[b, :k]
+                ids[i, :k] = torch.tensor(seq.token_ids[s + 1: e + 1])           # token t+1 at t
+                pos[i, :k] = torch.arange(s, e)
+                pos[i, k:] = e - 1
+                table = torch.tensor(seq.block_table, dtype=torch.long)
+                tables[i, : len(table)] = table
+                slots[i, :k] = table[pos[i, :k] // self.bs] * self.bs + pos[i, :k] % self.bs
+                ctx[i] = e
+            dev = self.device
+            kv = PagedKV(self.cache, tables.to(dev), ctx.to(dev), slots.to(dev))
+            cos, sin = self.model.rotary(pos.to(dev))
+            hidden = mtp(hs, ids.to(dev), pos.to(dev), cos, sin, kv, return_hidden=True)  # [B, T, D]
+            for i, (b, seq, s, e) in enumerate(rows):
+                p = seq.params
+                last_one = p.max_tokens is not None and seq.num_output_tokens + 1 >= p.max_tokens
+                if e == len(seq) - 1 and not last_one:                           # decoding
+                    seq.draft = int(mtp.shared_head(hidden[i, e - 1 - s]).argmax())
+        self._computed = []
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         self.cache.copy_blocks(pairs)

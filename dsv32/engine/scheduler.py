@@ -39,6 +39,7 @@ class Scheduler:
         recompute its keys (prompt and generated tokens) when rescheduled."""
         self.running.remove(seq)
         self.bm.free(seq)
+        seq.draft = None
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
@@ -50,7 +51,11 @@ class Scheduler:
         for seq in sorted(self.running, key=lambda s: (s.arrival, s.seq_id)):
             if seq not in self.running or budget == 0:
                 continue
-            n = min(len(seq) - seq.num_computed_tokens, budget)
+            if seq.draft is not None and budget < 2:
+                seq.draft = None                                    # no room to verify it
+            n = min(len(seq) - seq.num_computed_tokens + (seq.draft is not None), budget)
+            if seq.draft is not None and not self.bm.can_allocate(seq, n):
+                seq.draft, n = None, n - 1                          # drop the draft before preempting
             while not self.bm.can_allocate(seq, n):
                 victim = max(self.running, key=lambda s: (s.arrival, s.seq_id))
                 self._preempt(victim)

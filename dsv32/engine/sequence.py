@@ -123,6 +123,7 @@ class Sequence:
         self.num_cached_tokens = 0       # prompt tokens served from the prefix cache (first schedule)
         self.logprobs: list[TokenLogprob] = []
         self.prompt_logprobs: list[TokenLogprob | None] = [None]   # the first token has no context
+        self.draft: int | None = None    # MTP guess at the token after the last, verified next step
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
         self.logits_processors = [p.clone() if hasattr(p, "clone") else p for p in params.logits_processors]

@@ -43,10 +43,12 @@ class MTPLayer(Block):
         self.shared_head = SharedHead(cfg, dtype, pc)
 
     def forward(self, h: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor,
-                cos: torch.Tensor, sin: torch.Tensor, kv, mode: str = "auto") -> torch.Tensor:
-        """h [B, T, D] main hidden at t, next_ids [B, T] token t+1 -> logits [B, T, vocab]."""
+                cos: torch.Tensor, sin: torch.Tensor, kv, mode: str = "auto",
+                return_hidden: bool = False) -> torch.Tensor:
+        """h [B, T, D] main hidden at t, next_ids [B, T] token t+1 -> logits [B, T, vocab] (or,
+        with `return_hidden`, the block's output [B, T, D] before `shared_head`)."""
         e = self.embed_tokens(next_ids)
         e = e.masked_fill((positions == 0).unsqueeze(-1), 0.0)  # as engines serving the real weights do
         x = self.eh_proj(torch.cat((self.enorm(e), self.hnorm(h)), dim=-1))
         x = super().forward(x, positions, cos, sin, kv, mode)
-        return self.shared_head(x)
+        return x if return_hidden else self.shared_head(x)

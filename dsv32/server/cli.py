@@ -51,6 +51,8 @@ def add_parser(subparsers) -> None:
                    help="processes sharing every layer (started by the server, or by torchrun: docs/deploy.md)")
     p.add_argument("--enable-expert-parallel", action="store_true",
                    help="partition routed experts across the tensor-parallel ranks")
+    p.add_argument("--num-speculative-tokens", type=int, default=0, choices=[0, 1],
+                   help="1: MTP speculative decoding (same tokens, fewer steps when drafts are accepted)")
     p.add_argument("--fp8-storage", action="store_true",
                    help="keep FP8 checkpoint weights in FP8 (dequantised per block on the fly)")
     p.add_argument("--reasoning-only", action="store_true",
@@ -84,7 +86,8 @@ def _main(args: argparse.Namespace) -> int:
                           max_num_batched_tokens=args.max_num_batched_tokens,
                           kv_cache_dtype=args.kv_cache_dtype, enable_prefix_caching=not args.no_prefix_caching,
                           tensor_parallel_size=args.tensor_parallel_size,
-                          enable_expert_parallel=args.enable_expert_parallel, fp8_storage=args.fp8_storage)
+                          enable_expert_parallel=args.enable_expert_parallel, fp8_storage=args.fp8_storage,
+                          num_speculative_tokens=args.num_speculative_tokens)
     cfg = ServerConfig(engine=engine, served_model_name=args.served_model_name or Path(model).resolve().name,
                        api_keys=keys, max_queue=args.max_queue,
                        request_timeout=args.request_timeout or None, reasoning_only=args.reasoning_only)

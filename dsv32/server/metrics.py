@@ -25,6 +25,8 @@ _COUNTERS = {
     "prompt_tokens": "Prompt tokens admitted.",
     "generation_tokens": "Tokens generated.",
     "num_preemptions": "Sequences preempted for lack of cache blocks.",
+    "spec_draft_tokens": "MTP draft tokens verified.",
+    "spec_accepted_tokens": "MTP draft tokens accepted (each saves one decode step).",
 }
 
 

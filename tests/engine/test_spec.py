@@ -1,0 +1,102 @@
+"""MTP speculative decoding: the same tokens as plain decoding, drafts from the MTP layer."""
+import pytest
+import torch
+
+from dsv32.engine.engine import EngineConfig, LLMEngine
+from dsv32.engine.runner import ModelRunner
+from dsv32.engine.sequence import SamplingParams
+
+from .test_engine import ckpt, greedy, make_engine, model, prompts_of, run  # noqa: F401
+
+
+class OracleDrafts:
+    """After the MTP layer drafts, replace each draft by the reference run's next token (right) or
+    by another token (wrong), alternating, so both the accept and the reject path run."""
+
+    def __init__(self, reference: dict[tuple[int, ...], list[int]]):
+        self.reference, self.calls = reference, 0
+
+    def __call__(self, runner: ModelRunner, seqs) -> None:
+        for seq in seqs:
+            if seq.draft is None:
+                continue
+            ref = self.reference[tuple(seq.token_ids[: seq.num_prompt_tokens])]
+            at = seq.num_output_tokens
+            if at < len(ref):
+                self.calls += 1
+                seq.draft = ref[at] if self.calls % 3 else (ref[at] + 1) % 1000 + 2
+
+
+def spec_run(ckpt, model, prompts, params, oracle=None, **kw):
+    eng = make_engine(ckpt, model, num_speculative_tokens=1, **kw)
+    if oracle is not None:
+        draft = eng.runner.draft
+
+        def patched():
+            seqs = [s for group, _, _ in eng.runner._computed for s, _ in group]
+            draft()
+            oracle(eng.runner, seqs)
+        eng.runner.draft = patched
+    return run(eng, prompts, params), eng
+
+
+def same(a, b, tol=1e-3):
+    for x, y in zip(a, b):
+        for o, p in zip(x.outputs, y.outputs):
+            assert o.token_ids == p.token_ids and o.text == p.text and o.finish_reason == p.finish_reason
+            for u, v in zip(o.logprobs or [], p.logprobs or []):
+                assert abs(u.logprob - v.logprob) < tol
+
+
+@pytest.mark.parametrize("kw", [{}, {"max_num_batched_tokens": 37, "num_blocks": 8, "max_model_len": 256}])
+def test_speculation_gives_the_same_tokens(ckpt, model, kw):
+    """Greedy and seeded sampling, prompts longer than index_topk; then chunked prefill with
+    preemption: accepted and rejected drafts alike leave tokens, logprobs and texts unchanged."""
+    prompts = prompts_of([3, 100, 100, 100], seed=11)
+    params = [greedy(40), greedy(40), SamplingParams(temperature=1.0, top_p=0.9, seed=7, max_tokens=40,
+                                                     ignore_eos=True, logprobs=1), greedy(40, stop_token_ids=[5])]
+    ref = run(make_engine(ckpt, model, **kw), prompts, params)
+    oracle = OracleDrafts({tuple(p): r.outputs[0].token_ids for p, r in zip(prompts, ref)})
+    got, eng = spec_run(ckpt, model, prompts, params, oracle, **kw)
+    same(ref, got)
+    s = eng.metrics()
+    assert 0 < s["spec_accepted_tokens"] < s["spec_draft_tokens"]
+    assert s["kv_cache_usage_perc"] == 0.0
+    if "num_blocks" in kw:
+        assert eng.scheduler.num_preemptions > 0
+
+
+def test_mtp_drafts_equal_a_full_forward_of_the_mtp_layer(ckpt, model):
+    """The engine's draft after each step is the argmax of the MTP layer over the whole sequence."""
+    prompt = prompts_of([70], seed=4)[0]
+    eng = make_engine(ckpt, model, num_speculative_tokens=1)
+    eng.add_request("r", prompt, greedy(12))
+    seq = eng.requests["r"].seqs[0]
+    checked = 0
+    while eng.has_unfinished():
+        eng.step()
+        if seq.draft is not None:
+            ids = torch.tensor([seq.token_ids])
+            with torch.no_grad():
+                want = model.mtp_logits(model.hidden(ids), ids)[0, -1]
+            assert seq.draft == int(want.argmax()) or want.max() - want[seq.draft] < 1e-4
+            checked += 1
+    assert checked >= 5
+
+
+def test_n_and_stop_strings_with_speculation(ckpt, model):
+    prompt = prompts_of([60], seed=2)[0]
+    plain = run(make_engine(ckpt, model), [prompt], [greedy(20)])[0].outputs[0]
+    stop = plain.text[3:6]
+    params = [greedy(20, stop=[stop]), SamplingParams(n=3, temperature=1.0, seed=3, max_tokens=8, ignore_eos=True)]
+    ref = run(make_engine(ckpt, model), [prompt, prompt], params)
+    got, _ = spec_run(ckpt, model, [prompt, prompt], params,
+                      OracleDrafts({tuple(prompt): plain.token_ids}))
+    same(ref, got)
+
+
+def test_speculation_needs_an_mtp_layer_and_one_process(ckpt, model):
+    with pytest.raises(ValueError, match="0 or 1"):
+        make_engine(ckpt, model, num_speculative_tokens=2)
+    with pytest.raises(ValueError, match="tensor_parallel_size 1"):
+        LLMEngine(EngineConfig(model=str(ckpt), num_speculative_tokens=1, tensor_parallel_size=2))
