@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 from tqdm import tqdm
 
-from common import machine, markdown_table, write_section
+from common import ROOT, machine, markdown_table, write_section
 
 HEADING = "## MTP speculative decoding (bench/spec.py)"
 
@@ -70,7 +71,9 @@ def main() -> None:
                             "tok/s plain", "tok/s MTP", "speed-up"], rows)
     print(table)
     if args.write_readme:
-        write_section(HEADING, f"Model `{path}` ({model.config.num_hidden_layers} layers, hidden "
+        resolved = Path(path).resolve()
+        shown = resolved.relative_to(ROOT) if resolved.is_relative_to(ROOT) else path
+        write_section(HEADING, f"Model `{shown}` ({model.config.num_hidden_layers} layers, hidden "
                                f"{model.config.hidden_size}), {len(prompts)} held-out tool-use prompts, greedy, "
                                f"up to {args.tokens} tokens; {machine()}. Both runs give identical tokens (checked).\n\n"
                                + table)
