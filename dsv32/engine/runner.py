@@ -95,21 +95,30 @@ class ModelRunner:
             seq.prompt_logprobs += token_logprobs(rows, [seq.token_ids[t] for t in targets], [k] * len(targets))
 
     def prepare(self, group: list[tuple[Sequence, int]]) -> StepInput:
-        """Pad a group to [B, T]: token ids, positions, cache slots, block tables, lengths."""
-        B = len(group)
-        T = max(n for _, n in group)
+        """The forward of a group: each sequence's `n` tokens from `num_computed_tokens` on (a
+        draft rides last)."""
+        rows = []
+        for seq, n in group:
+            start = seq.num_computed_tokens
+            toks = seq.token_ids[start:start + n]
+            rows.append((seq, start, toks + [seq.draft] * (n - len(toks))))
+        every = (len(group) == 1 and group[0][0].wants_prompt_logprobs) or any(s.draft is not None for s, _ in group)
+        return self._pack(rows)._replace(every=every)
+
+    def _pack(self, rows: list[tuple[Sequence, int, list[int]]]) -> StepInput:
+        """Pad rows of (sequence, first position, tokens) to [B, T]: token ids, positions, cache
+        slots, block tables, lengths."""
+        B, T = len(rows), max(len(toks) for _, _, toks in rows)
         ids = torch.zeros(B, T, dtype=torch.long)
         pos = torch.zeros(B, T, dtype=torch.long)
         slots = torch.full((B, T), -1, dtype=torch.long)
         ctx = torch.zeros(B, dtype=torch.long)
-        nb = max(len(s.block_table) for s, _ in group)
-        tables = torch.zeros(B, nb, dtype=torch.long)
+        tables = torch.zeros(B, max(len(seq.block_table) for seq, _, _ in rows), dtype=torch.long)
         last = torch.zeros(B, dtype=torch.long)
-        for b, (seq, n) in enumerate(group):
-            start = seq.num_computed_tokens
+        for b, (seq, start, toks) in enumerate(rows):
+            n = len(toks)
             p = torch.arange(start, start + n)
-            toks = seq.token_ids[start:start + n]
-            ids[b, :n] = torch.tensor(toks + [seq.draft] * (n - len(toks)))   # a draft rides last
+            ids[b, :n] = torch.tensor(toks)
             pos[b, :n] = p
             pos[b, n:] = start + n - 1                 # padding repeats the last position
             table = torch.tensor(seq.block_table, dtype=torch.long)
@@ -117,8 +126,7 @@ class ModelRunner:
             slots[b, :n] = table[p // self.bs] * self.bs + p % self.bs
             ctx[b] = start + n
             last[b] = n - 1
-        every = (B == 1 and group[0][0].wants_prompt_logprobs) or any(s.draft is not None for s, _ in group)
-        return StepInput(ids, pos, slots, ctx, tables, last, every)
+        return StepInput(ids, pos, slots, ctx, tables, last)
 
     def compute(self, x: StepInput) -> torch.Tensor:
         """One forward over the paged cache -> logits [B, V] of each row's last new token
@@ -146,27 +154,15 @@ class ModelRunner:
                     rows.append((b, seq, start, end))
             if not rows:
                 continue
-            B, T = len(rows), max(e - s for _, _, s, e in rows)
-            hs = h.new_zeros(B, T, h.shape[-1])
-            ids = torch.zeros(B, T, dtype=torch.long)
-            pos = torch.zeros(B, T, dtype=torch.long)
-            slots = torch.full((B, T), -1, dtype=torch.long)
-            ctx = torch.zeros(B, dtype=torch.long)
-            tables = torch.zeros(B, max(len(seq.block_table) for _, seq, _, _ in rows), dtype=torch.long)
-            for i, (b, seq, s, e) in enumerate(rows):
-                k = e - s
-                hs[i, :k] = h[b, :k]
-                ids[i, :k] = torch.tensor(seq.token_ids[s + 1: e + 1])           # token t+1 at t
-                pos[i, :k] = torch.arange(s, e)
-                pos[i, k:] = e - 1
-                table = torch.tensor(seq.block_table, dtype=torch.long)
-                tables[i, : len(table)] = table
-                slots[i, :k] = table[pos[i, :k] // self.bs] * self.bs + pos[i, :k] % self.bs
-                ctx[i] = e
+            y = self._pack([(seq, s, seq.token_ids[s + 1: e + 1]) for _, seq, s, e in rows])  # token t+1 at t
+            hs = h.new_zeros(*y.ids.shape, h.shape[-1])
+            for i, (b, _, s, e) in enumerate(rows):
+                hs[i, : e - s] = h[b, : e - s]
             dev = self.device
-            kv = PagedKV(self.cache, tables.to(dev), ctx.to(dev), slots.to(dev))
-            cos, sin = self.model.rotary(pos.to(dev))
-            hidden = mtp(hs, ids.to(dev), pos.to(dev), cos, sin, kv, return_hidden=True)  # [B, T, D]
+            kv = PagedKV(self.cache, y.tables.to(dev), y.ctx.to(dev), y.slots.to(dev))
+            pos = y.pos.to(dev)
+            cos, sin = self.model.rotary(pos)
+            hidden = mtp(hs, y.ids.to(dev), pos, cos, sin, kv, return_hidden=True)  # [B, T, D]
             for i, (b, seq, s, e) in enumerate(rows):
                 p = seq.params
                 last_one = p.max_tokens is not None and seq.num_output_tokens + 1 >= p.max_tokens

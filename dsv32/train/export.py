@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 from dsv32.model.checkpoint import INDEX_FILE, checkpoint_layout, is_fp8_vocab, save_checkpoint, scale_name
 from dsv32.model.fp8 import block_dequant, block_quant
 
+
 def export_bundle(model, path: str | Path, fp8_vocab: bool = True, share_mtp_vocab: bool = True) -> Path:
     """Write `model` to `path` (FP8 linears; FP8 embeddings/heads too with `fp8_vocab`; without the
     MTP layer's copies of the embedding and head with `share_mtp_vocab`, as training ties them)."""
