@@ -139,8 +139,6 @@ class LLMEngine:
         if cfg.num_speculative_tokens and mc.num_nextn_predict_layers < 1:
             raise ValueError("num_speculative_tokens 1 needs a model with an MTP layer "
                              "(num_nextn_predict_layers >= 1)")
-        if cfg.num_speculative_tokens and cfg.tensor_parallel_size > 1:
-            raise ValueError("MTP speculative decoding runs in one process: use tensor_parallel_size 1")
         return cfg.num_speculative_tokens == 1
 
     # ---- requests ------------------------------------------------------------------------------

@@ -4,8 +4,9 @@ cache and returns the next-token logits of every sequence that reached its end.
 MTP speculation: a decoding sequence may carry a `draft` for the token after its last one. The
 forward then computes both tokens and returns two rows of logits (for the last token's successor
 and for the draft's); the engine samples the first and, only when it equals the draft, the
-second. `draft()` afterwards runs the MTP layer over the positions just computed (filling its
-cache) and proposes the next drafts."""
+second. `draft()` afterwards plans an MTP forward over the positions just computed (filling its
+cache) and `mtp_draft(plan)` runs it and proposes the next drafts (tensor-parallel workers run the
+same plan)."""
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -41,7 +42,8 @@ class ModelRunner:
         self.bs = cache.block_size
         self.recorder = None   # optional: told which (seq, start, n) tokens each forward computes
         self.speculate = False  # keep each forward's hidden states for the MTP drafts
-        self._computed: list[tuple[list[tuple[Sequence, int]], StepInput, torch.Tensor]] = []
+        self._computed: list[tuple[list[tuple[Sequence, int]], StepInput]] = []
+        self.hiddens: list[torch.Tensor] = []   # [B, T, D] of each forward since the last draft
 
     @torch.inference_mode()
     def run(self, batch: list[tuple[Sequence, int]]) -> dict[int, torch.Tensor]:
@@ -68,7 +70,7 @@ class ModelRunner:
         x = self.prepare(group)
         logits = self.compute(x)
         if self.speculate:
-            self._computed.append((group, x, self.hidden))
+            self._computed.append((group, x))
         if not x.every:
             logits = logits[:, None]                                      # [B, 1, V]
         elif group[0][0].wants_prompt_logprobs:                           # one prefilling sequence
@@ -134,7 +136,8 @@ class ModelRunner:
         dev = self.device
         kv = PagedKV(self.cache, x.tables.to(dev), x.ctx.to(dev), x.slots.to(dev))
         h = self.model.hidden(x.ids.to(dev), x.pos.to(dev), kv)                       # [B, T, D]
-        self.hidden = h
+        if self.speculate:
+            self.hiddens.append(h)
         if x.every:
             return self.model.logits(h)
         h_last = h[torch.arange(h.shape[0], device=dev), x.last.to(dev)]              # [B, D]
@@ -145,8 +148,8 @@ class ModelRunner:
         """After the engine has sampled: run the MTP layer over the positions the last `run`
         computed and kept (t < num_computed_tokens, token t+1 known), writing its cache, and give
         every decoding sequence a draft: the MTP argmax for the token after its last."""
-        mtp = self.model.mtp
-        for group, x, h in self._computed:
+        plan, owners = [], []
+        for g, (group, x) in enumerate(self._computed):
             rows = []
             for b, (seq, _) in enumerate(group):
                 start, end = int(x.pos[b, 0]), min(seq.num_computed_tokens, len(seq) - 1)
@@ -155,20 +158,43 @@ class ModelRunner:
             if not rows:
                 continue
             y = self._pack([(seq, s, seq.token_ids[s + 1: e + 1]) for _, seq, s, e in rows])  # token t+1 at t
-            hs = h.new_zeros(*y.ids.shape, h.shape[-1])
-            for i, (b, _, s, e) in enumerate(rows):
-                hs[i, : e - s] = h[b, : e - s]
-            dev = self.device
-            kv = PagedKV(self.cache, y.tables.to(dev), y.ctx.to(dev), y.slots.to(dev))
-            pos = y.pos.to(dev)
-            cos, sin = self.model.rotary(pos)
-            hidden = mtp(hs, y.ids.to(dev), pos, cos, sin, kv, return_hidden=True)  # [B, T, D]
-            for i, (b, seq, s, e) in enumerate(rows):
+            want, seqs = [], []
+            for i, (_, seq, s, e) in enumerate(rows):
                 p = seq.params
                 last_one = p.max_tokens is not None and seq.num_output_tokens + 1 >= p.max_tokens
                 if e == len(seq) - 1 and not last_one:                           # decoding
-                    seq.draft = int(mtp.shared_head(hidden[i, e - 1 - s]).argmax())
+                    want.append((i, e - 1 - s))
+                    seqs.append(seq)
+            plan.append((g, y, [(b, e - s) for b, _, s, e in rows], want))
+            owners.append(seqs)
+        for seqs, tokens in zip(owners, self.mtp_draft(plan)):
+            for seq, tok in zip(seqs, tokens):
+                seq.draft = tok
         self._computed = []
+
+    def mtp_draft(self, plan: list[tuple[int, StepInput, list[tuple[int, int]], list[tuple[int, int]]]]
+                  ) -> list[list[int]]:
+        """Run the MTP layer for each (forward g, packed rows y, (row of g, length) per row of y,
+        (row, position) to draft at); returns the drafted tokens of each entry. Forgets the
+        hidden states kept since the last call."""
+        out = []
+        dev = self.device
+        for g, y, picks, want in plan:
+            h = self.hiddens[g]
+            hs = h.new_zeros(*y.ids.shape, h.shape[-1])
+            for i, (b, n) in enumerate(picks):
+                hs[i, :n] = h[b, :n]
+            kv = PagedKV(self.cache, y.tables.to(dev), y.ctx.to(dev), y.slots.to(dev))
+            pos = y.pos.to(dev)
+            cos, sin = self.model.rotary(pos)
+            hidden = self.model.mtp(hs, y.ids.to(dev), pos, cos, sin, kv, return_hidden=True)  # [B, T, D]
+            if want:
+                rows, cols = zip(*want)
+                out.append(self.model.mtp.shared_head(hidden[list(rows), list(cols)]).argmax(-1).tolist())
+            else:
+                out.append([])
+        self.hiddens = []
+        return out
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         self.cache.copy_blocks(pairs)

@@ -3,7 +3,8 @@
 Rank 0 runs the whole engine (scheduler, block manager, sampler); every rank holds its slice of
 the model and a full copy of the paged latent cache (MLA's latent is shared by all heads). Each
 step rank 0 broadcasts the padded batch, all ranks run the forward together (the collectives
-live in the model's blocks and heads) and rank 0 samples. The engine starts the workers itself
+live in the model's blocks and heads) and rank 0 samples; with MTP speculation rank 0 then
+broadcasts the draft plan and all ranks run the MTP layer. The engine starts the workers itself
 (`LLM(..., tensor_parallel_size=N)`), or `torchrun` starts them (`python -m dsv32.parallel.launch`).
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ from dsv32.engine.runner import ModelRunner, StepInput
 from .context import ParallelContext
 
 TIMEOUT = datetime.timedelta(seconds=300)
-STOP, FORWARD, COPY = "stop", "forward", "copy"
+STOP, FORWARD, COPY, DRAFT = "stop", "forward", "copy", "draft"
 
 
 def backend_for(device: str) -> str:
@@ -68,6 +69,13 @@ class ParallelRunner(ModelRunner):
         except RuntimeError as e:
             raise self._check(e) from e
 
+    def mtp_draft(self, plan) -> list[list[int]]:
+        try:
+            _broadcast((DRAFT, plan))
+            return super().mtp_draft(plan)
+        except RuntimeError as e:
+            raise self._check(e) from e
+
     def copy_blocks(self, pairs) -> None:
         try:
             _broadcast((COPY, pairs))
@@ -97,6 +105,7 @@ def worker_loop(rank: int, world: int, local_rank: int) -> None:
     pc = ParallelContext(rank, world, cfg.enable_expert_parallel)
     model = load_engine_model(cfg, pc)
     runner = ModelRunner(model, build_cache(cfg, model.config, num_blocks))
+    runner.speculate = cfg.num_speculative_tokens == 1
     with torch.inference_mode():
         while True:
             kind, payload = _broadcast()
@@ -104,6 +113,8 @@ def worker_loop(rank: int, world: int, local_rank: int) -> None:
                 break
             if kind == COPY:
                 runner.copy_blocks(payload)
+            elif kind == DRAFT:
+                runner.mtp_draft(payload)
             else:
                 runner.compute(payload)
 

@@ -52,7 +52,7 @@ class Recipe:
     seed: int = 0
     model: dict = field(default_factory=lambda: dict(DEMO_MODEL))
     n_train: int = 20000
-    n_city: int = 3000              # extra weather conversations over IANA city names
+    n_city: int = 5000              # extra weather conversations over IANA city names
     invented: float = 0.0           # share of them with made-up place names (0.5 did worse, see README)
     n_invented_words: int = 0       # made-up place names added to the echo drills' words
     n_skill: int = 20000            # short drills: copying, dates, numbers, expressions, unit codes

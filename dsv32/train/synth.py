@@ -442,20 +442,27 @@ SKILL_FRAMES = {
 }
 
 
+def _cased(rng: random.Random, word: str) -> str:
+    """A word as users type it: mostly as given, sometimes all lower or upper case (a name typed
+    "budapest" starts with other tokens than "Budapest")."""
+    r = rng.random()
+    return word.lower() if r < 0.25 else word.upper() if r < 0.3 else word
+
+
 def skill_conversations(n: int, seed: int = 0, words: tuple[str, ...] = ()) -> list[dict]:
     """`n` short tool-less chat-mode turns (no system prompt) that drill the skills tool arguments
-    need: copying text (`words`, e.g. place names, mixed with numbers and codes), writing dates as
-    YYYY-MM-DD, numbers in digits, worded arithmetic as expressions, unit names as codes. Dates,
-    numbers and expressions come from the train split; `words` are echoed as given. No held-out
-    phrasing appears here."""
+    need: copying text (`words`, e.g. place names, in any casing, mixed with numbers and codes),
+    writing dates as YYYY-MM-DD, numbers in digits, worded arithmetic as expressions, unit names as
+    codes. Dates, numbers and expressions come from the train split; `words` are echoed as given
+    (sometimes all lower or upper case). No held-out phrasing appears here."""
     rng = random.Random(f"dsv32-skills|{seed}")
     pool = tuple(words) + P.CITIES["train"]
     out = []
     for i in range(n):
         kind = rng.choice(("echo", "echo", "date", "number", "expression", "unit"))
         if kind == "echo":
-            items = [rng.choice(pool) if rng.random() < 0.7 else _say_number(rng, _operand(rng), 0.0)
-                     for _ in range(rng.randint(1, 3))]
+            items = [_cased(rng, rng.choice(pool)) if rng.random() < 0.7
+                     else _say_number(rng, _operand(rng), 0.0) for _ in range(rng.randint(1, 3))]
             x = answer = " ".join(items)
         elif kind == "date":
             day = _date_in_split(rng, "train")

@@ -5,6 +5,7 @@ import torch
 from dsv32.engine.engine import EngineConfig, LLMEngine
 from dsv32.engine.runner import ModelRunner
 from dsv32.engine.sequence import SamplingParams
+from dsv32.model.init_tiny import init_tiny
 
 from .test_engine import ckpt, greedy, make_engine, model, prompts_of, run  # noqa: F401
 
@@ -33,7 +34,7 @@ def spec_run(ckpt, model, prompts, params, oracle=None, **kw):
         draft = eng.runner.draft
 
         def patched():
-            seqs = [s for group, _, _ in eng.runner._computed for s, _ in group]
+            seqs = [s for group, _ in eng.runner._computed for s, _ in group]
             draft()
             oracle(eng.runner, seqs)
         eng.runner.draft = patched
@@ -95,8 +96,9 @@ def test_n_and_stop_strings_with_speculation(ckpt, model):
     same(ref, got)
 
 
-def test_speculation_needs_an_mtp_layer_and_one_process(ckpt, model):
+def test_speculation_needs_an_mtp_layer(ckpt, model, tmp_path):
     with pytest.raises(ValueError, match="0 or 1"):
         make_engine(ckpt, model, num_speculative_tokens=2)
-    with pytest.raises(ValueError, match="tensor_parallel_size 1"):
-        LLMEngine(EngineConfig(model=str(ckpt), num_speculative_tokens=1, tensor_parallel_size=2))
+    path = init_tiny(tmp_path / "no_mtp", seed=0, layers=1, mtp=0)
+    with pytest.raises(ValueError, match="needs a model with an MTP layer"):
+        LLMEngine(EngineConfig(model=str(path), num_speculative_tokens=1))

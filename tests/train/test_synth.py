@@ -315,8 +315,8 @@ def test_skill_conversations_are_correct_drills():
     from dsv32.train.synth import SKILL_FRAMES, skill_conversations
 
     words = ("Montreal", "Ulaanbaatar", "Port Moresby")
-    conversations = skill_conversations(600, seed=4, words=words)
-    assert conversations == skill_conversations(600, seed=4, words=words)
+    conversations = skill_conversations(2000, seed=4, words=words)
+    assert conversations == skill_conversations(2000, seed=4, words=words)
     kinds = set()
     for conv in conversations:
         assert conv["category"] == "skill" and conv["thinking_mode"] == "chat" and conv["tools"] is None
@@ -347,7 +347,7 @@ def test_skill_conversations_are_correct_drills():
             assert x.lower() in {w.lower() for w in P.UNIT_WORDS[answer][0] + P.UNIT_WORDS[answer][1]}
     assert kinds == set(SKILL_FRAMES)
     echoed = " ".join(c["messages"][1]["content"] for c in conversations)
-    assert all(w in echoed for w in words)
+    assert all(w in echoed and w.lower() in echoed for w in words)     # as given and lower-cased
 
 
 def test_city_augmentation_leaves_heldout_cities_out():
