@@ -36,6 +36,12 @@ def fp8_roundtrip(kv_rank: int):
     return f
 
 
+def _rows(pool: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """pool [N, d], slots [...] -> rows [..., d] (index_select copies whole rows: on CPU ~1.5x
+    faster than advanced indexing for the long gathers of decode at long context)."""
+    return pool.index_select(0, slots.reshape(-1)).view(*slots.shape, pool.shape[-1])
+
+
 class PagedCache:
     """Block pools for every layer (main stack + MTP): latent and indexer keys, plain or FP8."""
 
@@ -79,15 +85,15 @@ class PagedCache:
     def read_latent(self, layer: int, slots: torch.Tensor) -> torch.Tensor:
         """slots [...] -> latent rows [..., C+R] in the compute dtype."""
         if self.fp8:
-            c = dequantize_groups(self.c[layer, slots], self.c_scale[layer, slots], self.dtype)
-            return torch.cat((c, self.pe[layer, slots].to(self.dtype)), -1)
-        return self.lat[layer, slots]
+            c = dequantize_groups(_rows(self.c[layer], slots), _rows(self.c_scale[layer], slots), self.dtype)
+            return torch.cat((c, _rows(self.pe[layer], slots).to(self.dtype)), -1)
+        return _rows(self.lat[layer], slots)
 
     def read_index(self, layer: int, slots: torch.Tensor) -> torch.Tensor:
         """slots [...] -> indexer keys [..., Di]."""
         if self.fp8:
-            return dequantize_groups(self.ik[layer, slots], self.ik_scale[layer, slots], self.dtype)
-        return self.ik[layer, slots]
+            return dequantize_groups(_rows(self.ik[layer], slots), _rows(self.ik_scale[layer], slots), self.dtype)
+        return _rows(self.ik[layer], slots)
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy whole blocks src -> dst in every layer (copy-on-write when forking sequences)."""

@@ -50,7 +50,7 @@ class ModelRunner:
         """Compute `n` new tokens for each (seq, n) (a draft counts as one); returns {seq_id:
         logits [m, V] fp32} for the sequences whose tokens are now all computed: m = 2 for a
         sequence with a draft (successor of its last token, successor of the draft), else 1."""
-        self._computed = []
+        self._computed, self.hiddens = [], []
         alone = [s.wants_prompt_logprobs or len(s) - s.num_computed_tokens > 1 for s, _ in batch]
         decodes = [sn for sn, a in zip(batch, alone) if not a]
         groups = [decodes] if decodes else []
@@ -167,20 +167,21 @@ class ModelRunner:
                     seqs.append(seq)
             plan.append((g, y, [(b, e - s) for b, _, s, e in rows], want))
             owners.append(seqs)
-        for seqs, tokens in zip(owners, self.mtp_draft(plan)):
+        for seqs, tokens in zip(owners, self.mtp_draft(plan, len(self._computed))):
             for seq, tok in zip(seqs, tokens):
                 seq.draft = tok
         self._computed = []
 
-    def mtp_draft(self, plan: list[tuple[int, StepInput, list[tuple[int, int]], list[tuple[int, int]]]]
-                  ) -> list[list[int]]:
-        """Run the MTP layer for each (forward g, packed rows y, (row of g, length) per row of y,
-        (row, position) to draft at); returns the drafted tokens of each entry. Forgets the
-        hidden states kept since the last call."""
+    def mtp_draft(self, plan: list[tuple[int, StepInput, list[tuple[int, int]], list[tuple[int, int]]]],
+                  forwards: int) -> list[list[int]]:
+        """Run the MTP layer for each (forward g of the last `forwards`, packed rows y, (row of g,
+        length) per row of y, (row, position) to draft at); returns the drafted tokens of each
+        entry. Forgets the hidden states kept so far."""
         out = []
         dev = self.device
+        first = len(self.hiddens) - forwards
         for g, y, picks, want in plan:
-            h = self.hiddens[g]
+            h = self.hiddens[first + g]
             hs = h.new_zeros(*y.ids.shape, h.shape[-1])
             for i, (b, n) in enumerate(picks):
                 hs[i, :n] = h[b, :n]

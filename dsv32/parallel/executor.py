@@ -69,10 +69,10 @@ class ParallelRunner(ModelRunner):
         except RuntimeError as e:
             raise self._check(e) from e
 
-    def mtp_draft(self, plan) -> list[list[int]]:
+    def mtp_draft(self, plan, forwards: int) -> list[list[int]]:
         try:
-            _broadcast((DRAFT, plan))
-            return super().mtp_draft(plan)
+            _broadcast((DRAFT, (plan, forwards)))
+            return super().mtp_draft(plan, forwards)
         except RuntimeError as e:
             raise self._check(e) from e
 
@@ -114,7 +114,7 @@ def worker_loop(rank: int, world: int, local_rank: int) -> None:
             if kind == COPY:
                 runner.copy_blocks(payload)
             elif kind == DRAFT:
-                runner.mtp_draft(payload)
+                runner.mtp_draft(*payload)
             else:
                 runner.compute(payload)
 
