@@ -17,6 +17,16 @@ class OracleDrafts:
     def __init__(self, reference: dict[tuple[int, ...], list[int]]):
         self.reference, self.calls = reference, 0
 
+    def install(self, runner: ModelRunner) -> None:
+        """Run after every `runner.draft()`, on the sequences of the forwards it drafted for."""
+        draft = runner.draft
+
+        def patched():
+            seqs = [s for group, _ in runner._computed for s, _ in group]
+            draft()
+            self(runner, seqs)
+        runner.draft = patched
+
     def __call__(self, runner: ModelRunner, seqs) -> None:
         for seq in seqs:
             if seq.draft is None:
@@ -31,13 +41,7 @@ class OracleDrafts:
 def spec_run(ckpt, model, prompts, params, oracle=None, **kw):
     eng = make_engine(ckpt, model, num_speculative_tokens=1, **kw)
     if oracle is not None:
-        draft = eng.runner.draft
-
-        def patched():
-            seqs = [s for group, _ in eng.runner._computed for s, _ in group]
-            draft()
-            oracle(eng.runner, seqs)
-        eng.runner.draft = patched
+        oracle.install(eng.runner)
     return run(eng, prompts, params), eng
 
 

@@ -52,18 +52,8 @@ def test_tp2_with_mtp_speculation_equals_single_process(ckpts):
     tokens and logprobs of plain single-process decoding."""
     single, _ = generate(ckpts["fp8"])
     oracle = OracleDrafts({tuple(p): o.token_ids for p, o in zip(PROMPTS, single)})
-
-    def with_oracle(llm):
-        runner = llm.engine.runner
-        draft = runner.draft
-
-        def patched():
-            seqs = [s for group, _ in runner._computed for s, _ in group]
-            draft()
-            oracle(runner, seqs)
-        runner.draft = patched
-
-    tp, m = generate(ckpts["fp8"], with_oracle, tensor_parallel_size=2, num_speculative_tokens=1)
+    tp, m = generate(ckpts["fp8"], lambda llm: oracle.install(llm.engine.runner),
+                     tensor_parallel_size=2, num_speculative_tokens=1)
     same(single, tp)
     assert 0 < m["spec_accepted_tokens"] < m["spec_draft_tokens"]
 
