@@ -4,13 +4,14 @@
      with the tools section left out of the prompt (a short-context curriculum: cheaper steps in
      which the model learns to copy arguments), then on the full prompts; loss on assistant
      tokens, dense attention, next-token + MTP loss, aux-loss-free balancing + sequence-wise
-     balance loss; batches of similar lengths (`sort_window`);
+     balance loss; optionally batches of similar lengths (`sort_window`);
   2. DSA warm-up: only the indexers train, KL to the head-summed main attention;
   3. DSA sparse stage: top-k attention on, indexer KL over the selected set, LM loss for the rest;
   4. GRPO on verifier rewards with rollouts from dsv32's engine;
   5. export (FP8, published layout + tokenizer), held-out evaluation, plots.
-After each stage: held-out LM loss (dense and top-k), indexer recall, and teacher-forced accuracy
-on tool-call argument tokens, with the model as served (DSA) and with full attention.
+Before the DSA stages: held-out dense LM loss and indexer recall; after the last stage also top-k
+LM loss and teacher-forced accuracy on tool-call argument tokens, with the model as served (DSA)
+and with full attention.
 Each stage checkpoints into OUT/ckpt/<stage>; rerunning resumes after the last finished stage.
 """
 from __future__ import annotations
@@ -34,7 +35,7 @@ from dsv32.model.init_tiny import copy_tokenizer, tiny_config
 from . import grpo as G
 from .data import Loader, encode_all, without_tools
 from .evaluate import argument_accuracy
-from .envs.phrasings import CITIES
+from .envs.phrasings import CITIES, vocabulary
 from .export import export_bundle, fp8_round_trip
 from .losses import TiedVocab
 from .trainer import (JsonLog, StageConfig, eval_lm, load_into, make_optimizer, new_model, save,
@@ -53,22 +54,23 @@ class Recipe:
     model: dict = field(default_factory=lambda: dict(DEMO_MODEL))
     n_train: int = 20000
     n_city: int = 5000              # extra weather conversations over IANA city names
-    invented: float = 0.0           # share of them with made-up place names (0.5 did worse, see README)
-    n_invented_words: int = 0       # made-up place names added to the echo drills' words
+    invented: float = 0.5           # share of them with made-up place names (copy, not recall)
+    n_invented_words: int = 500     # made-up place names added to the drills' words
     n_skill: int = 20000            # short drills: copying, dates, numbers, expressions, unit codes
+    n_spell: int = 3000             # conversations of 8 one-word echoes (how a word starts an answer)
     tie_embeddings: bool = True     # LM head shares the input embedding while training
     init_std: float = 0.02          # (0.006 learned to copy ~4x slower in a 800-step echo drill)
     batch: int = 16
     sort_window: int = 1            # >1: length-sorted batches, ~1.6x faster full-prompt steps, but
                                     # with the two changes above the model did much worse (README)
     short: StageConfig = field(default_factory=lambda: StageConfig(
-        name="sft_short", stage="dense", steps=5000, lr=5e-3, warmup=100, mtp_weight=0.3))
+        name="sft_short", stage="dense", steps=4300, lr=5e-3, warmup=100, mtp_weight=0.3))
     sft: StageConfig = field(default_factory=lambda: StageConfig(
-        name="sft", stage="dense", steps=3500, lr=3e-3, warmup=50, mtp_weight=0.3))
+        name="sft", stage="dense", steps=2800, lr=3e-3, warmup=50, mtp_weight=0.3))
     warmup: StageConfig = field(default_factory=lambda: StageConfig(
         name="dsa_warmup", stage="warmup", steps=80, lr=1e-3, warmup=5, mtp_weight=0.0))
     sparse: StageConfig = field(default_factory=lambda: StageConfig(
-        name="dsa_sparse", stage="sparse", steps=100, lr=1e-3, warmup=10, mtp_weight=0.1))
+        name="dsa_sparse", stage="sparse", steps=90, lr=1e-3, warmup=10, mtp_weight=0.1))
     grpo: G.GRPOConfig = field(default_factory=lambda: G.GRPOConfig(
         steps=10, prompts_per_step=8, group_size=8, lr=2e-4))
     n_eval: int = 160
@@ -85,6 +87,7 @@ class Recipe:
         r.n_train = max(64, int(self.n_train * f))
         r.n_city = int(self.n_city * f)
         r.n_skill = int(self.n_skill * f)
+        r.n_spell = int(self.n_spell * f)
         return r
 
 
@@ -163,7 +166,8 @@ def _weather_city(conv: dict) -> str | None:
 def run_demo(out: str | Path, recipe: Recipe | None = None, progress: bool = True,
              evaluate_model: bool = True) -> dict:
     """Run the whole recipe into `out`; returns the summary written to OUT/summary.json."""
-    from .synth import answer_stage, generate_tasks, sft_conversations, skill_conversations
+    from .synth import (answer_stage, generate_tasks, sft_conversations, skill_conversations,
+                        spelling_conversations)
 
     recipe = recipe or Recipe()
     out = Path(out)
@@ -176,8 +180,11 @@ def run_demo(out: str | Path, recipe: Recipe | None = None, progress: bool = Tru
 
     convs = sft_conversations(recipe.n_train, seed=recipe.seed)
     convs += city_conversations(convs, recipe.n_city, recipe.seed, invented=recipe.invented)
-    words = tz_cities() + made_up_places(recipe.n_invented_words, recipe.seed + 7)
+    # the drills' words: place names (twice as likely), the generator's vocabulary, made-up places
+    places = tuple(dict.fromkeys(tz_cities() + CITIES["train"] + CITIES["heldout"]))
+    words = places * 2 + vocabulary() + made_up_places(recipe.n_invented_words, recipe.seed + 7)
     convs += skill_conversations(recipe.n_skill, recipe.seed, words=words)
+    convs += spelling_conversations(recipe.n_spell, recipe.seed, words=words)
     examples = encode_all(convs, tok, max_len=1536)
     heldout_convs = sft_conversations(recipe.n_heldout_lm, seed=recipe.seed + 1, split="heldout")
     heldout = encode_all(heldout_convs, tok)
@@ -203,32 +210,30 @@ def run_demo(out: str | Path, recipe: Recipe | None = None, progress: bool = Tru
         save(model, done, {"stage_name": sc.name, "step": sc.steps})
         (done / "DONE").write_text("ok\n")
 
-    def lm_eval(tag: str) -> None:
-        dense, sparse = eval_lm(model, ho_batches, "dense"), eval_lm(model, ho_batches, "sparse")
-        row = {"dense_lm_loss": dense["lm_loss"], "sparse_lm_loss": sparse["lm_loss"],
-               "indexer_recall": dense["recall"]}
-        for attention in ("served", "dense"):    # teacher-forced tool-call argument tokens
-            acc = argument_accuracy(model, heldout_convs, tok, attention)
-            row[f"arg_top1_{attention}"] = acc["top1"]
-            row[f"arg_exact_{attention}"] = acc["first_call_exact"]
+    def lm_eval(tag: str, full: bool = True) -> None:
+        """Held-out diagnostics; `full=False` measures only dense LM loss and indexer recall (the
+        complete set costs about a minute, so it runs after the last stage only)."""
+        dense = eval_lm(model, ho_batches, "dense")
+        row = {"dense_lm_loss": dense["lm_loss"], "indexer_recall": dense["recall"]}
+        if full:
+            row["sparse_lm_loss"] = eval_lm(model, ho_batches, "sparse")["lm_loss"]
+            for attention in ("served", "dense"):    # teacher-forced tool-call argument tokens
+                acc = argument_accuracy(model, heldout_convs, tok, attention)
+                row[f"arg_top1_{attention}"] = acc["top1"]
+                row[f"arg_exact_{attention}"] = acc["first_call_exact"]
         summary[tag] = row
         log.write(event="lm_eval", tag=tag, **row)
-        print(f"[{tag}] held-out LM loss dense {row['dense_lm_loss']:.4f} sparse "
-              f"{row['sparse_lm_loss']:.4f}, indexer recall {row['indexer_recall']}, argument top-1 "
-              f"{row['arg_top1_served']:.3f} served / {row['arg_top1_dense']:.3f} dense")
+        print(f"[{tag}] " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()))
 
     short = encode_all([without_tools(c) for c in convs], tok, max_len=1536)
     stage(recipe.short, Loader(short, recipe.batch, seed=recipe.seed + 3, bucket_id=tok.user_id,
                               sort_window=sw))
-    lm_eval("after_sft_short")
     stage(recipe.sft, loader)
-    lm_eval("after_sft")
+    lm_eval("after_sft", full=False)          # indexer recall before the DSA stages
     stage(recipe.warmup, Loader(examples, max(4, recipe.batch // 2), seed=recipe.seed + 1,
                                 bucket_id=tok.user_id, sort_window=sw))
-    lm_eval("after_dsa_warmup")
     stage(recipe.sparse, Loader(examples, recipe.batch, seed=recipe.seed + 2, bucket_id=tok.user_id,
                                sort_window=sw))
-    lm_eval("after_dsa_sparse")
 
     # ---- GRPO
     gdir = out / "ckpt" / "grpo"

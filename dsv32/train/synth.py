@@ -34,7 +34,7 @@ FIRST_DAY, LAST_DAY = dt.date(2024, 1, 1), dt.date(2026, 12, 31)
 
 __all__ = ["CATEGORIES", "MODES", "Task", "answer_stage", "completion_text", "generate_tasks",
            "reference_completions", "reward", "score_answer", "score_call", "score_plain",
-           "sft_conversations"]
+           "sft_conversations", "skill_conversations", "spelling_conversations"]
 
 
 @dataclass
@@ -443,10 +443,14 @@ SKILL_FRAMES = {
 
 
 def _cased(rng: random.Random, word: str) -> str:
-    """A word as users type it: mostly as given, sometimes all lower or upper case (a name typed
-    "budapest" starts with other tokens than "Budapest")."""
+    """A word as users type it: mostly as given, sometimes all lower case, capitalised (a sentence's
+    first word) or all upper case ("budapest" starts with other tokens than "Budapest")."""
     r = rng.random()
-    return word.lower() if r < 0.25 else word.upper() if r < 0.3 else word
+    if r < 0.25:
+        return word.lower()
+    if r < 0.3:
+        return word.upper()
+    return word[:1].upper() + word[1:] if r < 0.45 else word
 
 
 def skill_conversations(n: int, seed: int = 0, words: tuple[str, ...] = ()) -> list[dict]:
@@ -482,4 +486,25 @@ def skill_conversations(n: int, seed: int = 0, words: tuple[str, ...] = ()) -> l
         out.append({"id": f"skill-{seed}-{i}", "category": "skill", "thinking_mode": "chat", "tools": None,
                     "messages": [{"role": "user", "content": user},
                                  {"role": "assistant", "content": answer}]})
+    return out
+
+
+def spelling_conversations(n: int, seed: int = 0, words: tuple[str, ...] = (), turns: int = 8) -> list[dict]:
+    """`n` tool-less chat-mode conversations of `turns` one-word echoes each ("Echo: Kyoto" ->
+    "Kyoto"), words in any casing. After a space a word is often one token (" Kyoto"); at the start
+    of an answer, as in a tool argument after `">`, it is spelt with others ("Ky" + "oto"). Only
+    seeing both forms of a word teaches that mapping, so these drills give each word many first-
+    position answers at the cost of a few tokens per turn."""
+    rng = random.Random(f"dsv32-spelling|{seed}")
+    out = []
+    for i in range(n):
+        messages = []
+        for _ in range(turns):
+            word = _cased(rng, rng.choice(words))
+            frame = rng.choice(SKILL_FRAMES["echo"])
+            frame = frame.lower() if rng.random() < 0.3 else frame
+            messages += [{"role": "user", "content": frame.format(x=word)},
+                         {"role": "assistant", "content": word}]
+        out.append({"id": f"spell-{seed}-{i}", "category": "skill", "thinking_mode": "chat", "tools": None,
+                    "messages": messages})
     return out

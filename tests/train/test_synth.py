@@ -314,7 +314,7 @@ def test_skill_conversations_are_correct_drills():
     from dsv32.train.envs.registry import execute_tool_call
     from dsv32.train.synth import SKILL_FRAMES, skill_conversations
 
-    words = ("Montreal", "Ulaanbaatar", "Port Moresby")
+    words = ("Montreal", "Ulaanbaatar", "Port Moresby", "quickly")
     conversations = skill_conversations(2000, seed=4, words=words)
     assert conversations == skill_conversations(2000, seed=4, words=words)
     kinds = set()
@@ -348,6 +348,23 @@ def test_skill_conversations_are_correct_drills():
     assert kinds == set(SKILL_FRAMES)
     echoed = " ".join(c["messages"][1]["content"] for c in conversations)
     assert all(w in echoed and w.lower() in echoed for w in words)     # as given and lower-cased
+    assert "Quickly" in echoed and any(w.upper() in echoed for w in words)   # capitalised, upper
+
+
+def test_vocabulary_covers_every_word_the_generator_writes():
+    from dsv32.train.synth import CATEGORIES, skill_conversations
+
+    vocabulary = set(P.vocabulary())
+    assert set(P.CITIES["heldout"]) <= vocabulary and {"quickly", "howdy", "solve"} <= vocabulary
+    assert not any("{" in w or " " in w for w in vocabulary - set(P.CITIES["train"] + P.CITIES["heldout"]))
+    words = lambda tasks: {w.lower() for t in tasks for m in t.messages + t.reference     # noqa: E731
+                           for w in re.findall(r"[A-Za-z]+(?:'[a-z]+)?", m["content"])}
+    drills = skill_conversations(2000, seed=9)
+    trained = words(generate_tasks(1000, seed=9, categories=CATEGORIES)) | {
+        w.lower() for c in drills for m in c["messages"] for w in re.findall(r"[A-Za-z]+", m["content"])
+    } | {m[:3].lower() for m in P.MONTHS}          # shared date words a small sample may miss
+    new = words(generate_tasks(400, seed=9, split="heldout", categories=CATEGORIES)) - trained
+    assert {"quickly", "kyoto"} <= new and new <= {w.lower() for w in vocabulary}
 
 
 def test_city_augmentation_leaves_heldout_cities_out():

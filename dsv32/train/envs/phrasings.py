@@ -13,6 +13,7 @@ the assistant-side templates (reasoning and answers).
 from __future__ import annotations
 
 import hashlib
+import re
 
 SPLITS = ("train", "heldout")
 
@@ -269,3 +270,27 @@ CAPITAL_ANSWER = "The capital of {country} is {capital}."
 SYSTEM_PROMPTS = ("", "", "", "You are a helpful assistant.",
                   "You are a helpful assistant. Use the tools when they help.",
                   "You are a concise assistant.")
+
+
+def vocabulary() -> tuple[str, ...]:
+    """Every word and city name the tables above can write (both splits), for the echo drills.
+
+    The held-out split tests sentence frames, tool-call arguments and plain questions that no
+    training task uses, not words the model has never read: a model trained from nothing has no
+    embedding for those (their rows stay pooled), just as it would not know a word missing from
+    its pretraining corpus. The drills only echo the words, one to three at a time."""
+    found: dict[str, None] = {}
+
+    def walk(value) -> None:
+        if isinstance(value, str):
+            for word in re.findall(r"[A-Za-z]+(?:'[a-z]+)?", re.sub(r"\{\w+\}", " ", value)):
+                found.setdefault(word, None)
+        elif isinstance(value, dict):
+            for item in value.values():
+                walk(item)
+        elif isinstance(value, (tuple, list)):
+            for item in value:
+                walk(item)
+
+    walk([v for k, v in globals().items() if k.isupper() and k != "SPLITS" and isinstance(v, (tuple, dict))])
+    return tuple(dict.fromkeys(CITIES["train"] + CITIES["heldout"] + tuple(found)))
