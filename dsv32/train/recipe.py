@@ -54,23 +54,24 @@ class Recipe:
     model: dict = field(default_factory=lambda: dict(DEMO_MODEL))
     n_train: int = 20000
     n_city: int = 5000              # extra weather conversations over IANA city names
-    invented: float = 0.5           # share of them with made-up place names (copy, not recall)
-    n_invented_words: int = 500     # made-up place names added to the drills' words
+    invented: float = 0.0           # share of them with made-up place names (0.5 did worse, see README)
+    n_invented_words: int = 0       # made-up place names added to the drills' words
     n_skill: int = 20000            # short drills: copying, dates, numbers, expressions, unit codes
-    n_spell: int = 3000             # conversations of 8 one-word echoes (how a word starts an answer)
+    n_spell: int = 0                # conversations of 8 one-word echoes (3000 did worse, see README)
+    drill_vocabulary: bool = False  # drills also echo every word of the generator (ditto)
     tie_embeddings: bool = True     # LM head shares the input embedding while training
     init_std: float = 0.02          # (0.006 learned to copy ~4x slower in a 800-step echo drill)
     batch: int = 16
     sort_window: int = 1            # >1: length-sorted batches, ~1.6x faster full-prompt steps, but
                                     # with the two changes above the model did much worse (README)
     short: StageConfig = field(default_factory=lambda: StageConfig(
-        name="sft_short", stage="dense", steps=4300, lr=5e-3, warmup=100, mtp_weight=0.3))
+        name="sft_short", stage="dense", steps=5000, lr=5e-3, warmup=100, mtp_weight=0.3))
     sft: StageConfig = field(default_factory=lambda: StageConfig(
-        name="sft", stage="dense", steps=2800, lr=3e-3, warmup=50, mtp_weight=0.3))
+        name="sft", stage="dense", steps=3500, lr=3e-3, warmup=50, mtp_weight=0.3))
     warmup: StageConfig = field(default_factory=lambda: StageConfig(
         name="dsa_warmup", stage="warmup", steps=80, lr=1e-3, warmup=5, mtp_weight=0.0))
     sparse: StageConfig = field(default_factory=lambda: StageConfig(
-        name="dsa_sparse", stage="sparse", steps=90, lr=1e-3, warmup=10, mtp_weight=0.1))
+        name="dsa_sparse", stage="sparse", steps=100, lr=1e-3, warmup=10, mtp_weight=0.1))
     grpo: G.GRPOConfig = field(default_factory=lambda: G.GRPOConfig(
         steps=10, prompts_per_step=8, group_size=8, lr=2e-4))
     n_eval: int = 160
@@ -161,13 +162,26 @@ def _weather_city(conv: dict) -> str | None:
     return None
 
 
+def training_conversations(recipe: Recipe) -> list[dict]:
+    """The SFT data: tool conversations, extra weather conversations, skill and spelling drills."""
+    from .synth import sft_conversations, skill_conversations, spelling_conversations
+
+    convs = sft_conversations(recipe.n_train, seed=recipe.seed)
+    convs += city_conversations(convs, recipe.n_city, recipe.seed, invented=recipe.invented)
+    words = tz_cities()                  # the drills' words: place names, made-up places, vocabulary
+    if recipe.drill_vocabulary:          # (place names then twice as likely as other words)
+        words = tuple(dict.fromkeys(words + CITIES["train"] + CITIES["heldout"])) * 2 + vocabulary()
+    words += made_up_places(recipe.n_invented_words, recipe.seed + 7)
+    convs += skill_conversations(recipe.n_skill, recipe.seed, words=words)
+    return convs + spelling_conversations(recipe.n_spell, recipe.seed, words=words)
+
+
 # ---- the recipe -----------------------------------------------------------------------------
 
 def run_demo(out: str | Path, recipe: Recipe | None = None, progress: bool = True,
              evaluate_model: bool = True) -> dict:
     """Run the whole recipe into `out`; returns the summary written to OUT/summary.json."""
-    from .synth import (answer_stage, generate_tasks, sft_conversations, skill_conversations,
-                        spelling_conversations)
+    from .synth import answer_stage, generate_tasks, sft_conversations
 
     recipe = recipe or Recipe()
     out = Path(out)
@@ -178,13 +192,7 @@ def run_demo(out: str | Path, recipe: Recipe | None = None, progress: bool = Tru
     tok = Tokenizer.load()
     summary: dict = {"recipe": _jsonable(recipe)}
 
-    convs = sft_conversations(recipe.n_train, seed=recipe.seed)
-    convs += city_conversations(convs, recipe.n_city, recipe.seed, invented=recipe.invented)
-    # the drills' words: place names (twice as likely), the generator's vocabulary, made-up places
-    places = tuple(dict.fromkeys(tz_cities() + CITIES["train"] + CITIES["heldout"]))
-    words = places * 2 + vocabulary() + made_up_places(recipe.n_invented_words, recipe.seed + 7)
-    convs += skill_conversations(recipe.n_skill, recipe.seed, words=words)
-    convs += spelling_conversations(recipe.n_spell, recipe.seed, words=words)
+    convs = training_conversations(recipe)
     examples = encode_all(convs, tok, max_len=1536)
     heldout_convs = sft_conversations(recipe.n_heldout_lm, seed=recipe.seed + 1, split="heldout")
     heldout = encode_all(heldout_convs, tok)

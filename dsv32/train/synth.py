@@ -443,14 +443,10 @@ SKILL_FRAMES = {
 
 
 def _cased(rng: random.Random, word: str) -> str:
-    """A word as users type it: mostly as given, sometimes all lower case, capitalised (a sentence's
-    first word) or all upper case ("budapest" starts with other tokens than "Budapest")."""
+    """A word as users type it: mostly as given, sometimes all lower or upper case (a name typed
+    "budapest" starts with other tokens than "Budapest")."""
     r = rng.random()
-    if r < 0.25:
-        return word.lower()
-    if r < 0.3:
-        return word.upper()
-    return word[:1].upper() + word[1:] if r < 0.45 else word
+    return word.lower() if r < 0.25 else word.upper() if r < 0.3 else word
 
 
 def skill_conversations(n: int, seed: int = 0, words: tuple[str, ...] = ()) -> list[dict]:

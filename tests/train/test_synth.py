@@ -348,7 +348,31 @@ def test_skill_conversations_are_correct_drills():
     assert kinds == set(SKILL_FRAMES)
     echoed = " ".join(c["messages"][1]["content"] for c in conversations)
     assert all(w in echoed and w.lower() in echoed for w in words)     # as given and lower-cased
-    assert "Quickly" in echoed and any(w.upper() in echoed for w in words)   # capitalised, upper
+    assert any(w.upper() in echoed for w in words)                      # and upper case
+
+
+def test_spelling_drills_answer_each_word_at_the_start():
+    from dsv32.chat import Tokenizer
+    from dsv32.train.data import encode_conversation
+    from dsv32.train.synth import spelling_conversations
+
+    words = ("Kyoto", "Copenhagen", "quickly")
+    conversations = spelling_conversations(50, seed=3, words=words, turns=4)
+    assert conversations == spelling_conversations(50, seed=3, words=words, turns=4)
+    tok = Tokenizer.load()
+    answers = []
+    for conv in conversations:
+        messages = conv["messages"]
+        assert [m["role"] for m in messages] == ["user", "assistant"] * 4 and conv["tools"] is None
+        for user, answer in zip(messages[::2], messages[1::2]):
+            assert answer["content"].lower() in {w.lower() for w in words}
+            assert answer["content"] in user["content"]
+            answers.append(answer["content"])
+        ids, mask = encode_conversation(conv, tok)       # every answer is in the loss
+        assert tok.decode([i for i, m in zip(ids, mask) if m]).count(tok.decode([tok.eos_id])) == 4
+    assert {"Kyoto", "kyoto", "Copenhagen", "copenhagen"} <= set(answers)
+    # the point of the drill: after a space a word is one token, at the start of an answer others
+    assert tok.encode(" Copenhagen")[-1:] != tok.encode("Copenhagen")[:1]
 
 
 def test_vocabulary_covers_every_word_the_generator_writes():
