@@ -61,7 +61,9 @@ def test_32_streams_with_disconnects(server):
 
 
 def test_non_streaming_disconnect_aborts(server):
-    before = server.metrics().get("dsv32:generation_tokens_total", 0)
+    m = wait_idle(server)           # the server is shared: count no other test's tokens below
+    assert m["dsv32:num_requests_running"] == 0 and m["dsv32:num_requests_waiting"] == 0
+    before = m.get("dsv32:generation_tokens_total", 0)
     t0 = time.monotonic()
     try:
         httpx.post(server.url + "/v1/chat/completions", timeout=0.5,
