@@ -169,7 +169,7 @@ def training_conversations(recipe: Recipe) -> list[dict]:
     convs = sft_conversations(recipe.n_train, seed=recipe.seed)
     convs += city_conversations(convs, recipe.n_city, recipe.seed, invented=recipe.invented)
     words = tz_cities()                  # the drills' words: place names, made-up places, vocabulary
-    if recipe.drill_vocabulary:          # (place names then twice as likely as other words)
+    if recipe.drill_vocabulary:          # (place names then at least twice as likely as other words)
         words = tuple(dict.fromkeys(words + CITIES["train"] + CITIES["heldout"])) * 2 + vocabulary()
     words += made_up_places(recipe.n_invented_words, recipe.seed + 7)
     convs += skill_conversations(recipe.n_skill, recipe.seed, words=words)
@@ -231,7 +231,7 @@ def run_demo(out: str | Path, recipe: Recipe | None = None, progress: bool = Tru
                 row[f"arg_exact_{attention}"] = acc["first_call_exact"]
         summary[tag] = row
         log.write(event="lm_eval", tag=tag, **row)
-        print(f"[{tag}] " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()))
+        print(f"[{tag}] " + ", ".join(f"{k} {'-' if v is None else f'{v:.4f}'}" for k, v in row.items()))
 
     short = encode_all([without_tools(c) for c in convs], tok, max_len=1536)
     stage(recipe.short, Loader(short, recipe.batch, seed=recipe.seed + 3, bucket_id=tok.user_id,

@@ -381,13 +381,17 @@ def test_vocabulary_covers_every_word_the_generator_writes():
     vocabulary = set(P.vocabulary())
     assert set(P.CITIES["heldout"]) <= vocabulary and {"quickly", "howdy", "solve"} <= vocabulary
     assert not any("{" in w or " " in w for w in vocabulary - set(P.CITIES["train"] + P.CITIES["heldout"]))
-    words = lambda tasks: {w.lower() for t in tasks for m in t.messages + t.reference     # noqa: E731
-                           for w in re.findall(r"[A-Za-z]+(?:'[a-z]+)?", m["content"])}
+    def words(messages) -> set[str]:
+        return {w.lower() for m in messages for w in re.findall(r"[A-Za-z]+(?:'[a-z]+)?", m["content"])}
+
+    def task_words(n: int, split: str) -> set[str]:
+        tasks = generate_tasks(n, seed=9, split=split, categories=CATEGORIES)
+        return words(m for t in tasks for m in t.messages + t.reference)
+
     drills = skill_conversations(2000, seed=9)
-    trained = words(generate_tasks(1000, seed=9, categories=CATEGORIES)) | {
-        w.lower() for c in drills for m in c["messages"] for w in re.findall(r"[A-Za-z]+", m["content"])
-    } | {m[:3].lower() for m in P.MONTHS}          # shared date words a small sample may miss
-    new = words(generate_tasks(400, seed=9, split="heldout", categories=CATEGORIES)) - trained
+    trained = task_words(1000, "train") | words(m for c in drills for m in c["messages"]) \
+        | {m[:3].lower() for m in P.MONTHS}          # shared date words a small sample may miss
+    new = task_words(400, "heldout") - trained
     assert {"quickly", "kyoto"} <= new and new <= {w.lower() for w in vocabulary}
 
 
