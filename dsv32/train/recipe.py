@@ -65,9 +65,9 @@ class Recipe:
     sort_window: int = 1            # >1: length-sorted batches, ~1.6x faster full-prompt steps, but
                                     # with the two changes above the model did much worse (README)
     short: StageConfig = field(default_factory=lambda: StageConfig(
-        name="sft_short", stage="dense", steps=5000, lr=5e-3, warmup=100, mtp_weight=0.3))
+        name="sft_short", stage="dense", steps=4600, lr=5e-3, warmup=100, mtp_weight=0.3))
     sft: StageConfig = field(default_factory=lambda: StageConfig(
-        name="sft", stage="dense", steps=3500, lr=3e-3, warmup=50, mtp_weight=0.3))
+        name="sft", stage="dense", steps=3200, lr=3e-3, warmup=50, mtp_weight=0.3))
     warmup: StageConfig = field(default_factory=lambda: StageConfig(
         name="dsa_warmup", stage="warmup", steps=80, lr=1e-3, warmup=5, mtp_weight=0.0))
     sparse: StageConfig = field(default_factory=lambda: StageConfig(
