@@ -54,16 +54,16 @@ class Recipe:
     model: dict = field(default_factory=lambda: dict(DEMO_MODEL))
     n_train: int = 20000
     n_city: int = 5000              # extra weather conversations over IANA city names
-    invented: float = 0.0           # share of them with made-up place names (0.5 did worse, see README)
+    invented: float = 0.0           # share of them with made-up place names (0.5 did worse, docs/training.md)
     n_invented_words: int = 0       # made-up place names added to the drills' words
     n_skill: int = 20000            # short drills: copying, dates, numbers, expressions, unit codes
-    n_spell: int = 0                # conversations of 8 one-word echoes (3000 did worse, see README)
+    n_spell: int = 0                # conversations of 8 one-word echoes (3000 did worse, docs/training.md)
     drill_vocabulary: bool = False  # drills also echo every word of the generator (ditto)
     tie_embeddings: bool = True     # LM head shares the input embedding while training
     init_std: float = 0.02          # (0.006 learned to copy ~4x slower in a 800-step echo drill)
     batch: int = 16
     sort_window: int = 1            # >1: length-sorted batches, ~1.6x faster full-prompt steps, but
-                                    # with the two changes above the model did much worse (README)
+                                    # with the two changes above the model did much worse (docs/training.md)
     short: StageConfig = field(default_factory=lambda: StageConfig(
         name="sft_short", stage="dense", steps=4600, lr=5e-3, warmup=100, mtp_weight=0.3))
     sft: StageConfig = field(default_factory=lambda: StageConfig(
