@@ -23,6 +23,8 @@ def add_parser(subparsers) -> None:
     e.add_argument("model_dir", type=Path)
     e.add_argument("-n", type=int, default=160, help="tasks (balanced over categories and modes)")
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--unseen-cities", action="store_true",
+                   help="only weather tasks, about cities no training conversation names")
     e.add_argument("--json", type=Path, default=None, help="also write the summary here")
     e.set_defaults(func=_eval)
 
@@ -42,7 +44,8 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from .evaluate import main_eval
 
-    res = main_eval(str(args.model_dir), n=args.n, seed=args.seed)
+    probe = {"categories": ("weather",), "unseen_cities": True} if args.unseen_cities else {}
+    res = main_eval(str(args.model_dir), n=args.n, seed=args.seed, **probe)
     if args.json:
         args.json.write_text(json.dumps({k: v for k, v in res.items() if k != "episodes"}, indent=2))
     return 0

@@ -31,9 +31,11 @@ HEADERS = {"right_tool": "right tool", "right_args": "right arguments",
 TOOL_METRICS = ("right_tool", "right_args", "answer")
 
 
-def evaluation_tasks(n_tasks: int, seed: int = 0, split: str = "heldout") -> list[Task]:
+def evaluation_tasks(n_tasks: int, seed: int = 0, split: str = "heldout",
+                     categories: tuple[str, ...] = CATEGORIES, unseen_cities: bool = False) -> list[Task]:
     """The tasks `evaluate` runs: balanced over every (category, mode) cell."""
-    return generate_tasks(n_tasks, seed, split, balanced=True)
+    return generate_tasks(n_tasks, seed, split, balanced=True, categories=categories,
+                          unseen_cities=unseen_cities)
 
 
 def run_episodes(tasks: list[Task], generate_batch: GenerateBatch, max_steps: int = 3) -> list[list[dict]]:
@@ -108,9 +110,12 @@ def markdown_table(cells: dict[str, dict], overall: dict) -> str:
 
 def evaluate(generate_fn: GenerateFn | None = None, n_tasks: int = 160, seed: int = 0,
              split: str = "heldout", *, generate_batch: GenerateBatch | None = None,
-             max_steps: int = 3, verbose: bool = True) -> dict:
+             max_steps: int = 3, verbose: bool = True, categories: tuple[str, ...] = CATEGORIES,
+             unseen_cities: bool = False) -> dict:
     """Run the agent loop on `n_tasks` tasks and score them. Give `generate_fn(prompt,
     thinking_mode) -> completion text` or the batched `generate_batch(prompts, modes)`.
+    `categories` restricts the tasks; `unseen_cities` asks weather questions about cities that no
+    training conversation names (a probe reported apart: see `dsv32.train.envs.phrasings`).
     Returns {"split", "seed", "n", "cells": {"category/mode": summary}, "overall", "table",
     "episodes"}; each summary holds n and the rate of every metric (None where none applies)."""
     if generate_batch is None:
@@ -118,7 +123,7 @@ def evaluate(generate_fn: GenerateFn | None = None, n_tasks: int = 160, seed: in
             raise ValueError("evaluate needs generate_fn or generate_batch")
         def generate_batch(prompts: list[str], modes: list[str]) -> list[str]:
             return [generate_fn(prompt, mode) for prompt, mode in zip(prompts, modes)]
-    tasks = evaluation_tasks(n_tasks, seed, split)
+    tasks = evaluation_tasks(n_tasks, seed, split, categories, unseen_cities)
     transcripts = run_episodes(tasks, generate_batch, max_steps)
     grouped, episodes = defaultdict(list), []
     for task, transcript in zip(tasks, transcripts):
@@ -133,8 +138,8 @@ def evaluate(generate_fn: GenerateFn | None = None, n_tasks: int = 160, seed: in
     table = markdown_table(cells, overall)
     if verbose:
         print(table)
-    return {"split": split, "seed": seed, "n": len(tasks), "cells": cells, "overall": overall,
-            "table": table, "episodes": episodes}
+    return {"split": split, "seed": seed, "n": len(tasks), "unseen_cities": unseen_cities,
+            "cells": cells, "overall": overall, "table": table, "episodes": episodes}
 
 
 def llm_generate_batch(llm, max_tokens: int = 256) -> GenerateBatch:
@@ -152,13 +157,14 @@ def llm_generate_batch(llm, max_tokens: int = 256) -> GenerateBatch:
 
 
 def main_eval(model_dir: str, n: int = 160, seed: int = 0, split: str = "heldout",
-              max_tokens: int = 256, **llm_kwargs) -> dict:
+              max_tokens: int = 256, categories: tuple[str, ...] = CATEGORIES,
+              unseen_cities: bool = False, **llm_kwargs) -> dict:
     """Evaluate the checkpoint in `model_dir` with the offline engine; prints and returns the table."""
     from dsv32.engine.llm import LLM
 
     llm = LLM(model=model_dir, **llm_kwargs)
-    return evaluate(n_tasks=n, seed=seed, split=split,
-                    generate_batch=llm_generate_batch(llm, max_tokens))
+    return evaluate(n_tasks=n, seed=seed, split=split, categories=categories,
+                    unseen_cities=unseen_cities, generate_batch=llm_generate_batch(llm, max_tokens))
 
 
 # ---- teacher-forced diagnostic ------------------------------------------------------------------

@@ -58,6 +58,7 @@ class Recipe:
     n_invented_words: int = 0       # made-up place names added to the drills' words
     n_skill: int = 20000            # short drills: copying, dates, numbers, expressions, unit codes
     n_spell: int = 0                # conversations of 8 one-word echoes (3000 did worse, docs/training.md)
+    n_numbers: int = 8000           # conversations of 6 echoes of uniformly drawn numbers
     drill_vocabulary: bool = False  # drills also echo every word of the generator (ditto)
     tie_embeddings: bool = True     # LM head shares the input embedding while training
     init_std: float = 0.02          # (0.006 learned to copy ~4x slower in a 800-step echo drill)
@@ -75,6 +76,7 @@ class Recipe:
     grpo: G.GRPOConfig = field(default_factory=lambda: G.GRPOConfig(
         steps=10, prompts_per_step=8, group_size=8, lr=2e-4))
     n_eval: int = 160
+    n_unseen: int = 40              # weather tasks about unseen cities, a probe reported apart
     n_heldout_lm: int = 48
 
     def scaled(self, f: float) -> "Recipe":
@@ -89,6 +91,7 @@ class Recipe:
         r.n_city = int(self.n_city * f)
         r.n_skill = int(self.n_skill * f)
         r.n_spell = int(self.n_spell * f)
+        r.n_numbers = int(self.n_numbers * f)
         return r
 
 
@@ -117,7 +120,7 @@ def made_up_places(n: int, seed: int) -> tuple[str, ...]:
     """`n` distinct invented place names ("Drovanel", "Kesh Tarim"): the model cannot know them, so
     a weather call that names one must copy it from the user's words."""
     rng = random.Random(f"dsv32-places|{seed}")
-    real = {c.casefold() for c in tz_cities() + CITIES["train"] + CITIES["heldout"]}
+    real = {c.casefold() for c in tz_cities() + CITIES["train"] + CITIES["unseen"]}
     out: dict[str, None] = {}
     while len(out) < n:
         words = []
@@ -133,10 +136,9 @@ def made_up_places(n: int, seed: int) -> tuple[str, ...]:
 def city_conversations(convs: list[dict], n: int, seed: int, invented: float = 0.5) -> list[dict]:
     """Copies of weather conversations with the city swapped (in every casing the conversation
     uses) for a time-zone city name or, with probability `invented`, a made-up place name, so the
-    model learns to copy the place rather than recall it. The held-out evaluation's cities are
-    left out."""
+    model learns to copy the place rather than recall it. The unseen cities are left out."""
     rng = random.Random(seed)
-    cities = [c for c in tz_cities() if c not in CITIES["heldout"]]
+    cities = [c for c in tz_cities() if c not in CITIES["unseen"]]
     places = made_up_places(n if invented else 0, seed)
     weather = [c for c in convs if c.get("category") == "weather"]
     out = []
@@ -163,16 +165,18 @@ def _weather_city(conv: dict) -> str | None:
 
 
 def training_conversations(recipe: Recipe) -> list[dict]:
-    """The SFT data: tool conversations, extra weather conversations, skill and spelling drills."""
-    from .synth import sft_conversations, skill_conversations, spelling_conversations
+    """The SFT data: tool conversations, extra weather conversations, skill, number and spelling
+    drills."""
+    from .synth import number_conversations, sft_conversations, skill_conversations, spelling_conversations
 
     convs = sft_conversations(recipe.n_train, seed=recipe.seed)
     convs += city_conversations(convs, recipe.n_city, recipe.seed, invented=recipe.invented)
     words = tz_cities()                  # the drills' words: place names, made-up places, vocabulary
     if recipe.drill_vocabulary:          # (place names then at least twice as likely as other words)
-        words = tuple(dict.fromkeys(words + CITIES["train"] + CITIES["heldout"])) * 2 + vocabulary()
+        words = tuple(dict.fromkeys(words + CITIES["train"] + CITIES["unseen"])) * 2 + vocabulary()
     words += made_up_places(recipe.n_invented_words, recipe.seed + 7)
     convs += skill_conversations(recipe.n_skill, recipe.seed, words=words)
+    convs += number_conversations(recipe.n_numbers, recipe.seed)
     return convs + spelling_conversations(recipe.n_spell, recipe.seed, words=words)
 
 
@@ -266,9 +270,14 @@ def run_demo(out: str | Path, recipe: Recipe | None = None, progress: bool = Tru
         fp8_round_trip(model)
         res = evaluate_in_memory(model, tok, recipe.n_eval, seed=recipe.seed)
         summary["eval"] = {"overall": res["overall"], "cells": res["cells"]}
-        (out / "eval.md").write_text(res["table"] + "\n")
+        probe = evaluate_in_memory(model, tok, recipe.n_unseen, seed=recipe.seed,
+                                   categories=("weather",), unseen_cities=True)
+        summary["eval_unseen_cities"] = {"overall": probe["overall"], "cells": probe["cells"]}
+        (out / "eval.md").write_text(res["table"] + "\n\nWeather about cities no training "
+                                     "conversation names (a probe, not in the table above):\n\n"
+                                     + probe["table"] + "\n")
         with (out / "eval_episodes.jsonl").open("w") as f:
-            for e in res["episodes"]:
+            for e in res["episodes"] + probe["episodes"]:
                 f.write(json.dumps(e, ensure_ascii=False) + "\n")
     summary["wall_seconds"] = time.time() - t0
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -314,8 +323,9 @@ def run_grpo(model, tok, recipe: Recipe, log: JsonLog, vocab, generate_tasks, an
     return {"reward_curve": curve}
 
 
-def evaluate_in_memory(model, tok, n: int, seed: int = 0) -> dict:
-    """The held-out evaluation (dsv32.train.evaluate) over an engine on the in-memory model."""
+def evaluate_in_memory(model, tok, n: int, seed: int = 0, **kwargs) -> dict:
+    """The held-out evaluation (dsv32.train.evaluate) over an engine on the in-memory model;
+    `kwargs` go to `evaluate` (categories, unseen_cities)."""
     from dsv32.chat.tokens import EOS
     from dsv32.engine.sequence import SamplingParams
 
@@ -336,7 +346,7 @@ def evaluate_in_memory(model, tok, n: int, seed: int = 0) -> dict:
 
     model.eval()
     with torch.no_grad():
-        return evaluate(n_tasks=n, seed=seed, split="heldout", generate_batch=generate_batch)
+        return evaluate(n_tasks=n, seed=seed, split="heldout", generate_batch=generate_batch, **kwargs)
 
 
 def _heldout_batches(examples, batch: int, tok) -> list:

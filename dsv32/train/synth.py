@@ -236,8 +236,8 @@ def _date_in_split(rng: random.Random, split: str) -> dt.date:
             return day
 
 
-def _draft_weather(rng: random.Random, split: str) -> _Draft:
-    city = rng.choice(P.CITIES[split])
+def _draft_weather(rng: random.Random, split: str, unseen_cities: bool = False) -> _Draft:
+    city = rng.choice(P.CITIES["unseen" if unseen_cities else "train"])
     day = _date_in_split(rng, split)
     written = write_date(day, rng.choice(DATE_STYLES))
     frame = rng.choice(P.WEATHER_FRAMES[split])
@@ -354,41 +354,52 @@ def _trajectory(rng: random.Random, draft: _Draft,
 
 def make_task(seed: int, index: int, split: str = "train", category: str | None = None,
               thinking_mode: str | None = None, thinking_ratio: float = 0.5,
-              multi_turn: float = 0.2, categories: tuple[str, ...] = CATEGORIES) -> Task:
-    """Task `index` of the (seed, split) stream; category and mode drawn unless given."""
+              multi_turn: float = 0.2, categories: tuple[str, ...] = CATEGORIES,
+              unseen_cities: bool = False) -> Task:
+    """Task `index` of the (seed, split) stream; category and mode drawn unless given.
+    `unseen_cities` (held-out split only) asks about cities no tool conversation names."""
     if split not in P.SPLITS:
         raise ValueError(f"split must be one of {P.SPLITS}, not {split!r}")
+    if unseen_cities and split != "heldout":
+        raise ValueError("unseen_cities is a held-out probe: use split='heldout'")
+
+    def draft(category: str) -> _Draft:
+        if category == "weather":
+            return _draft_weather(rng, split, unseen_cities)
+        return DRAFTERS[category](rng, split)
+
     rng = random.Random(f"dsv32-synth|{seed}|{split}|{index}")
     category = category or rng.choice(categories)
     if thinking_mode is None:
         thinking_mode = "thinking" if rng.random() < thinking_ratio else "chat"
     thinking = thinking_mode == "thinking"
-    draft = DRAFTERS[category](rng, split)
-    reference, calls, results = _trajectory(rng, draft, thinking)
+    first = draft(category)
+    reference, calls, results = _trajectory(rng, first, thinking)
     history = []
     if rng.random() < multi_turn:
-        earlier = DRAFTERS[rng.choice(CATEGORIES)](rng, split)
+        earlier = draft(rng.choice(CATEGORIES))
         history = [{"role": "user", "content": earlier.user}] + _trajectory(rng, earlier, thinking)[0]
     uses_tools = category != "chat" or rng.random() < 0.8 or any(m["role"] == "tool" for m in history)
     system = {"role": "system", "content": rng.choice(P.SYSTEM_PROMPTS)}
     if uses_tools:
         system["tools"] = tool_specs()
     head = [system] if uses_tools or system["content"] else []
-    messages = head + history + [{"role": "user", "content": draft.user}]
-    return Task(id=f"{split}-{seed}-{index}", category=category, kind=draft.kind, frame=draft.frame,
+    messages = head + history + [{"role": "user", "content": first.user}]
+    return Task(id=f"{split}{'-unseen' if unseen_cities else ''}-{seed}-{index}", category=category, kind=first.kind, frame=first.frame,
                 thinking_mode=thinking_mode, split=split, messages=messages, reference=reference,
-                reference_calls=calls, results=results, expected=list(draft.expected))
+                reference_calls=calls, results=results, expected=list(first.expected))
 
 
 def generate_tasks(n: int, seed: int = 0, split: str = "train", thinking_ratio: float = 0.5, *,
                    multi_turn: float = 0.2, categories: tuple[str, ...] = CATEGORIES,
-                   balanced: bool = False) -> list[Task]:
+                   balanced: bool = False, unseen_cities: bool = False) -> list[Task]:
     """`n` tasks; `balanced` cycles through every (category, mode) cell instead of drawing them."""
     cells = [(c, m) for c in categories for m in MODES]
     tasks = []
     for index in range(n):
         category, mode = cells[index % len(cells)] if balanced else (None, None)
-        tasks.append(make_task(seed, index, split, category, mode, thinking_ratio, multi_turn, categories))
+        tasks.append(make_task(seed, index, split, category, mode, thinking_ratio, multi_turn, categories,
+                               unseen_cities))
     return tasks
 
 
@@ -482,6 +493,37 @@ def skill_conversations(n: int, seed: int = 0, words: tuple[str, ...] = ()) -> l
         out.append({"id": f"skill-{seed}-{i}", "category": "skill", "thinking_mode": "chat", "tools": None,
                     "messages": [{"role": "user", "content": user},
                                  {"role": "assistant", "content": answer}]})
+    return out
+
+
+def drill_number(rng: random.Random) -> str:
+    """A number as tools print them, with digits drawn uniformly: 1-7 integer digits, sometimes up
+    to 6 decimals (the last one non-zero) or a minus sign, so every 3-digit token comes up."""
+    digits = rng.choice((1, 2, 3, 3, 4, 5, 6, 7))
+    text = str(rng.randint(10 ** (digits - 1) if digits > 1 else 0, 10 ** digits - 1))
+    if rng.random() < 0.4:
+        text += "." + "".join(rng.choice("0123456789") for _ in range(rng.randint(0, 5)))
+        text += rng.choice("123456789")
+    return ("-" if rng.random() < 0.1 else "") + text
+
+
+def number_conversations(n: int, seed: int = 0, turns: int = 6) -> list[dict]:
+    """`n` tool-less chat-mode conversations of `turns` echoes of 1-3 numbers ("Echo: 4905
+    0.145" -> "4905 0.145"). A 3-digit token such as `905` is otherwise written only a few dozen
+    times in the whole SFT data, too rarely for a small model to copy it reliably; tool arguments
+    and answers that quote a result are such copies."""
+    rng = random.Random(f"dsv32-numbers|{seed}")
+    out = []
+    for i in range(n):
+        messages = []
+        for _ in range(turns):
+            x = " ".join(drill_number(rng) for _ in range(rng.randint(1, 3)))
+            frame = rng.choice(SKILL_FRAMES["echo"])
+            frame = frame.lower() if rng.random() < 0.3 else frame
+            messages += [{"role": "user", "content": frame.format(x=x)},
+                         {"role": "assistant", "content": x}]
+        out.append({"id": f"numbers-{seed}-{i}", "category": "skill", "thinking_mode": "chat",
+                    "tools": None, "messages": messages})
     return out
 
 

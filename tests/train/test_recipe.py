@@ -9,7 +9,7 @@ STAGES = ("sft_short", "sft", "dsa_warmup", "dsa_sparse", "grpo")
 
 def test_demo_recipe_runs_every_stage_and_resumes(tmp_path):
     recipe = Recipe().scaled(0.002)
-    recipe.n_eval, recipe.n_heldout_lm = 8, 4
+    recipe.n_eval, recipe.n_heldout_lm, recipe.n_unseen = 8, 4, 4
     recipe.grpo.prompts_per_step, recipe.grpo.group_size = 2, 4
     recipe.n_spell, recipe.drill_vocabulary, recipe.invented = 4, True, 0.5     # the options too
     summary = run_demo(tmp_path, recipe, progress=False)
@@ -18,6 +18,9 @@ def test_demo_recipe_runs_every_stage_and_resumes(tmp_path):
     assert 0 < summary["after_sft"]["indexer_recall"] <= 1
     assert {"sparse_lm_loss", "arg_top1_served", "arg_top1_dense"} <= set(summary["after_grpo"])
     assert summary["eval"]["overall"]["n"] == 8 and len(summary["grpo"]["reward_curve"]) == 1
+    assert summary["eval_unseen_cities"]["overall"]["n"] == 4
+    assert set(summary["eval_unseen_cities"]["cells"]) == {"weather/thinking", "weather/chat"}
+    assert "cities no training conversation names" in (tmp_path / "eval.md").read_text()
     assert summary["bundle_bytes"] < 40e6 and (tmp_path / "loss.png").exists()
     model = load_model(tmp_path / "model", progress=False)
     assert model.config.index_topk == recipe.model["topk"]

@@ -88,7 +88,7 @@ def test_balanced_tasks_cover_every_cell():
 # -- split ------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("table", ["WEATHER_FRAMES", "CALC_FRAMES", "IMPERATIVE_FRAMES", "UNITS_FRAMES",
-                                   "CAPITAL_FRAMES", "DEFINITION_FRAMES", "CITIES"])
+                                   "CAPITAL_FRAMES", "DEFINITION_FRAMES"])
 def test_split_tables_are_disjoint(table):
     parts = getattr(P, table)
     assert parts["train"] and parts["heldout"] and not set(parts["train"]) & set(parts["heldout"])
@@ -102,15 +102,22 @@ def test_fixed_utterances_are_disjoint():
 def test_generated_splits_are_disjoint(train_tasks, heldout_tasks):
     assert not {t.frame for t in train_tasks} & {t.frame for t in heldout_tasks}
     assert not {_user(t).casefold() for t in train_tasks} & {_user(t).casefold() for t in heldout_tasks}
-    for tasks, split in ((train_tasks, "train"), (heldout_tasks, "heldout")):
+    unseen = generate_tasks(80, seed=0, split="heldout", categories=("weather",), unseen_cities=True)
+    for tasks, split, cities in ((train_tasks, "train", "train"), (heldout_tasks, "heldout", "train"),
+                                 (unseen, "heldout", "unseen")):
         for task in tasks:
             assert task.split == split
             for call in task.reference_calls:
                 if call["name"] == "get_weather":
                     city = call["arguments"]["city"]
-                    assert city.casefold() in {c.casefold() for c in P.CITIES[split]}
+                    assert city.casefold() in {c.casefold() for c in P.CITIES[cities]}
                     assert city in _user(task)                        # spelled as the user wrote it
                     assert P.date_split(call["arguments"]["date"]) == split
+    assert not {t.frame for t in train_tasks} & {t.frame for t in unseen}
+    assert {t.id for t in unseen}.isdisjoint(t.id for t in heldout_tasks)
+    assert not set(P.CITIES["train"]) & set(P.CITIES["unseen"])
+    with pytest.raises(ValueError, match="unseen_cities"):
+        generate_tasks(2, split="train", unseen_cities=True)
 
 
 # -- conversations ----------------------------------------------------------------------------------
@@ -264,6 +271,18 @@ def test_evaluate_scripted_reference_reaches_100(capsys):
     assert all(e["success"] for e in result["episodes"])
 
 
+def test_evaluate_unseen_city_probe():
+    tasks = evaluation_tasks(8, 5, categories=("weather",), unseen_cities=True)
+    script = {prompt: text.removesuffix(EOS) for task in tasks for prompt, text in reference_completions(task)}
+    result = evaluate(lambda p, m: script[p], n_tasks=8, seed=5, categories=("weather",),
+                      unseen_cities=True, verbose=False)
+    assert set(result["cells"]) == {"weather/thinking", "weather/chat"} and result["unseen_cities"]
+    assert result["overall"]["success"] == 1.0
+    unseen = {c.casefold() for c in P.CITIES["unseen"]}
+    assert all(json.loads(e["transcript"][0]["tool_calls"][0]["function"]["arguments"])["city"].casefold()
+               in unseen for e in result["episodes"])
+
+
 def test_evaluate_batched_and_train_split():
     script = _scripted(24, 4, "train")
     seen = []
@@ -375,33 +394,50 @@ def test_spelling_drills_answer_each_word_at_the_start():
     assert tok.encode(" Copenhagen")[-1:] != tok.encode("Copenhagen")[:1]
 
 
+def test_number_drills_echo_numbers_whose_tokens_cover_all_three_digit_groups():
+    from dsv32.train.synth import number_conversations
+
+    convs = number_conversations(300, seed=2)
+    assert convs == number_conversations(300, seed=2) != number_conversations(300, seed=3)
+    groups = set()
+    for c in convs:
+        messages = c["messages"]
+        assert len(messages) == 12 and c["tools"] is None and c["thinking_mode"] == "chat"
+        for user, answer in zip(messages[::2], messages[1::2]):
+            assert user["role"] == "user" and answer["role"] == "assistant"
+            assert user["content"].endswith(answer["content"]) or answer["content"] in user["content"]
+            assert re.fullmatch(r"-?\d+(\.\d*[1-9])?( -?\d+(\.\d*[1-9])?){0,2}", answer["content"])
+            groups |= {m for m in re.findall(r"\d{3}", answer["content"])}
+    assert len(groups) > 950            # of the tokenizer's 1000 three-digit tokens
+
+
 def test_vocabulary_covers_every_word_the_generator_writes():
     from dsv32.train.synth import CATEGORIES, skill_conversations
 
     vocabulary = set(P.vocabulary())
-    assert set(P.CITIES["heldout"]) <= vocabulary and {"quickly", "howdy", "solve"} <= vocabulary
-    assert not any("{" in w or " " in w for w in vocabulary - set(P.CITIES["train"] + P.CITIES["heldout"]))
+    assert set(P.CITIES["unseen"]) <= vocabulary and {"quickly", "howdy", "solve"} <= vocabulary
+    assert not any("{" in w or " " in w for w in vocabulary - set(P.CITIES["train"] + P.CITIES["unseen"]))
     def words(messages) -> set[str]:
         return {w.lower() for m in messages for w in re.findall(r"[A-Za-z]+(?:'[a-z]+)?", m["content"])}
 
-    def task_words(n: int, split: str) -> set[str]:
-        tasks = generate_tasks(n, seed=9, split=split, categories=CATEGORIES)
+    def task_words(n: int, split: str, **kw) -> set[str]:
+        tasks = generate_tasks(n, seed=9, split=split, categories=CATEGORIES, **kw)
         return words(m for t in tasks for m in t.messages + t.reference)
 
     drills = skill_conversations(2000, seed=9)
     trained = task_words(1000, "train") | words(m for c in drills for m in c["messages"]) \
         | {m[:3].lower() for m in P.MONTHS}          # shared date words a small sample may miss
-    new = task_words(400, "heldout") - trained
+    new = task_words(400, "heldout", unseen_cities=True) - trained
     assert {"quickly", "kyoto"} <= new and new <= {w.lower() for w in vocabulary}
 
 
-def test_city_augmentation_leaves_heldout_cities_out():
+def test_city_augmentation_leaves_unseen_cities_out():
     from dsv32.train.recipe import _weather_city, city_conversations
 
     convs = sft_conversations(300, seed=5)
     extra = city_conversations(convs, 400, seed=5)
     cities = {_weather_city(c).casefold() for c in extra}
-    assert len(cities) > 100 and not cities & {c.casefold() for c in P.CITIES["heldout"]}
+    assert len(cities) > 100 and not cities & {c.casefold() for c in P.CITIES["unseen"]}
     for c in extra:                                  # the swap keeps the user's casing in the call
         users = " ".join(m["content"] for m in c["messages"] if m["role"] == "user")
         assert _weather_city(c) in users
@@ -411,7 +447,7 @@ def test_made_up_places_are_new_and_copied_from_the_user():
     from dsv32.train.recipe import _weather_city, city_conversations, made_up_places, tz_cities
 
     names = made_up_places(300, seed=1)
-    real = {c.casefold() for c in tz_cities() + P.CITIES["train"] + P.CITIES["heldout"]}
+    real = {c.casefold() for c in tz_cities() + P.CITIES["train"] + P.CITIES["unseen"]}
     assert len(set(names)) == 300 and not {n.casefold() for n in names} & real
     assert made_up_places(300, seed=1) == names != made_up_places(300, seed=2)
     extra = city_conversations(sft_conversations(300, seed=5), 200, seed=5, invented=1.0)

@@ -4,11 +4,14 @@ shared vocabulary, and the short reasoning and answer templates of the reference
 How the split works. Every table keyed by split ("train", "heldout") is partitioned by hand:
 - sentence frames (the wording around the slots) of every task kind, the plain-chat questions and
   the greetings: a held-out prompt always uses a frame that no training prompt uses;
-- entity values: cities (disjoint lists) and dates (`date_split`, a hash of the ISO date).
+- dates (`date_split`, a hash of the ISO date).
 Shared by both splits, because a model trained from nothing cannot know a word it never saw:
 operator words ("times", "divided by"), unit names, number words, month names, date styles,
-openers and closers, casing, the countries, facts and terms that plain questions ask about, and
-the assistant-side templates (reasoning and answers).
+openers and closers, casing, the cities of weather questions (`CITIES["train"]`), the countries,
+facts and terms that plain questions ask about, and the assistant-side templates (reasoning and
+answers). `CITIES["unseen"]` are never written in a tool conversation (only echoed in drills):
+held-out tasks over them (`unseen_cities`) measure whether a place the model has never spelt in a
+call can be copied, reported apart from the evaluation.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ CITIES = {
         "Bangkok", "Singapore", "Mexico City", "Buenos Aires", "Lima", "Nairobi", "Lagos",
         "Cape Town", "Vancouver", "Boston", "Seattle", "Denver", "Zurich", "Munich", "Barcelona",
         "Milan", "Osaka", "Hanoi"),
-    "heldout": (
+    "unseen": (
         "Copenhagen", "Brussels", "Budapest", "Montreal", "Melbourne", "Auckland", "Santiago",
         "Bogota", "Casablanca", "Kyoto", "Manila", "Edinburgh", "San Francisco", "Rio de Janeiro",
         "Reykjavik"),
@@ -293,4 +296,4 @@ def vocabulary() -> tuple[str, ...]:
                 walk(item)
 
     walk([v for k, v in globals().items() if k.isupper() and k != "SPLITS" and isinstance(v, (tuple, dict))])
-    return tuple(dict.fromkeys(CITIES["train"] + CITIES["heldout"] + tuple(found)))
+    return tuple(dict.fromkeys(CITIES["train"] + CITIES["unseen"] + tuple(found)))
