@@ -362,13 +362,13 @@ def make_task(seed: int, index: int, split: str = "train", category: str | None 
         raise ValueError(f"split must be one of {P.SPLITS}, not {split!r}")
     if unseen_cities and split != "heldout":
         raise ValueError("unseen_cities is a held-out probe: use split='heldout'")
+    rng = random.Random(f"dsv32-synth|{seed}|{split}|{index}")
 
     def draft(category: str) -> _Draft:
         if category == "weather":
             return _draft_weather(rng, split, unseen_cities)
         return DRAFTERS[category](rng, split)
 
-    rng = random.Random(f"dsv32-synth|{seed}|{split}|{index}")
     category = category or rng.choice(categories)
     if thinking_mode is None:
         thinking_mode = "thinking" if rng.random() < thinking_ratio else "chat"
@@ -385,7 +385,8 @@ def make_task(seed: int, index: int, split: str = "train", category: str | None 
         system["tools"] = tool_specs()
     head = [system] if uses_tools or system["content"] else []
     messages = head + history + [{"role": "user", "content": first.user}]
-    return Task(id=f"{split}{'-unseen' if unseen_cities else ''}-{seed}-{index}", category=category, kind=first.kind, frame=first.frame,
+    name = f"{split}-unseen" if unseen_cities else split
+    return Task(id=f"{name}-{seed}-{index}", category=category, kind=first.kind, frame=first.frame,
                 thinking_mode=thinking_mode, split=split, messages=messages, reference=reference,
                 reference_calls=calls, results=results, expected=list(first.expected))
 
