@@ -17,6 +17,7 @@ import random
 import re
 import string
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 from dsv32.chat import encode_messages
 
@@ -514,18 +515,8 @@ def number_conversations(n: int, seed: int = 0, turns: int = 6) -> list[dict]:
     times in the whole SFT data, too rarely for a small model to copy it reliably; tool arguments
     and answers that quote a result are such copies."""
     rng = random.Random(f"dsv32-numbers|{seed}")
-    out = []
-    for i in range(n):
-        messages = []
-        for _ in range(turns):
-            x = " ".join(drill_number(rng) for _ in range(rng.randint(1, 3)))
-            frame = rng.choice(SKILL_FRAMES["echo"])
-            frame = frame.lower() if rng.random() < 0.3 else frame
-            messages += [{"role": "user", "content": frame.format(x=x)},
-                         {"role": "assistant", "content": x}]
-        out.append({"id": f"numbers-{seed}-{i}", "category": "skill", "thinking_mode": "chat",
-                    "tools": None, "messages": messages})
-    return out
+    return _echo_conversations(n, rng, f"numbers-{seed}", turns,
+                               lambda: " ".join(drill_number(rng) for _ in range(rng.randint(1, 3))))
 
 
 def spelling_conversations(n: int, seed: int = 0, words: tuple[str, ...] = (), turns: int = 8) -> list[dict]:
@@ -535,15 +526,22 @@ def spelling_conversations(n: int, seed: int = 0, words: tuple[str, ...] = (), t
     seeing both forms of a word teaches that mapping, so these drills give each word many first-
     position answers at the cost of a few tokens per turn."""
     rng = random.Random(f"dsv32-spelling|{seed}")
+    return _echo_conversations(n, rng, f"spell-{seed}", turns, lambda: _cased(rng, rng.choice(words)))
+
+
+def _echo_conversations(n: int, rng: random.Random, prefix: str, turns: int,
+                        item: Callable[[], str]) -> list[dict]:
+    """`n` tool-less chat-mode conversations of `turns` echo turns: `item()` in an echo frame
+    (sometimes lower-cased), answered by `item()` itself."""
     out = []
     for i in range(n):
         messages = []
         for _ in range(turns):
-            word = _cased(rng, rng.choice(words))
+            x = item()
             frame = rng.choice(SKILL_FRAMES["echo"])
             frame = frame.lower() if rng.random() < 0.3 else frame
-            messages += [{"role": "user", "content": frame.format(x=word)},
-                         {"role": "assistant", "content": word}]
-        out.append({"id": f"spell-{seed}-{i}", "category": "skill", "thinking_mode": "chat", "tools": None,
+            messages += [{"role": "user", "content": frame.format(x=x)},
+                         {"role": "assistant", "content": x}]
+        out.append({"id": f"{prefix}-{i}", "category": "skill", "thinking_mode": "chat", "tools": None,
                     "messages": messages})
     return out

@@ -405,7 +405,7 @@ def test_number_drills_echo_numbers_whose_tokens_cover_all_three_digit_groups():
         assert len(messages) == 12 and c["tools"] is None and c["thinking_mode"] == "chat"
         for user, answer in zip(messages[::2], messages[1::2]):
             assert user["role"] == "user" and answer["role"] == "assistant"
-            assert user["content"].endswith(answer["content"]) or answer["content"] in user["content"]
+            assert answer["content"] in user["content"]
             assert re.fullmatch(r"-?\d+(\.\d*[1-9])?( -?\d+(\.\d*[1-9])?){0,2}", answer["content"])
             groups |= {m for m in re.findall(r"\d{3}", answer["content"])}
     assert len(groups) > 950            # of the tokenizer's 1000 three-digit tokens
