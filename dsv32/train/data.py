@@ -11,7 +11,9 @@ Batches come in two shapes:
     common to all rows (the system prompt and tools section), computed once by the trainer;
   * packed rows (`pack`): whole conversations laid end to end in rows of a fixed length, with a
     document id per token so attention never crosses conversations.
-Shuffling is a seeded permutation per epoch; `Loader.state_dict()` resumes mid-epoch.
+Shuffling is a seeded permutation per epoch; `Loader.state_dict()` resumes mid-epoch. With a
+`WordDropout`, the loader swaps some of the user's frame words for an unseen token, so a word the
+model never read (held-out wording) is an input it has learnt to read past.
 """
 from __future__ import annotations
 
@@ -122,6 +124,31 @@ def pack(examples: list[Example], seq_len: int, pad_id: int = 1) -> list[Batch]:
     return out
 
 
+@dataclass(frozen=True)
+class WordDropout:
+    """Replace each droppable token of a user turn, with probability `p`, by `unk_id` (a token that
+    training never writes, whose embedding every unseen token shares). Droppable: a token in `ids`
+    (the frame words) between `<｜User｜>` and the next `<｜Assistant｜>`, whose id the row's
+    assistant tokens never use (a word the answer copies stays)."""
+
+    unk_id: int
+    p: float
+    ids: frozenset[int]
+    user_id: int
+    assistant_id: int
+
+    def __call__(self, e: Example, g: torch.Generator) -> Example:
+        kept = {i for i, m in zip(e.ids, e.mask) if m}
+        out, in_user = list(e.ids), False
+        draws = torch.rand(len(e.ids), generator=g).tolist()
+        for t, i in enumerate(e.ids):
+            if i == self.user_id or i == self.assistant_id:
+                in_user = i == self.user_id
+            elif in_user and i in self.ids and i not in kept and draws[t] < self.p:
+                out[t] = self.unk_id
+        return Example(out, e.mask)
+
+
 class Loader:
     """Deterministic, resumable batches: a seeded permutation per epoch, `batch_size` per step.
 
@@ -129,13 +156,15 @@ class Loader:
     first occurrence (system prompt + tools), so every batch shares that prefix and the trainer
     runs it once. With `sort_window` > 1, each run of `sort_window` batches' worth of shuffled rows
     is sorted by length before it is cut into batches, so rows of a batch have similar lengths and
-    little padding. The batches of an epoch are then shuffled together.
+    little padding. The batches of an epoch are then shuffled together. `dropout` (a `WordDropout`)
+    is drawn afresh for every batch from (seed, epoch, step), so resuming replays it.
     """
 
     def __init__(self, examples: list[Example], batch_size: int, seed: int = 0, pad_id: int = 1,
-                 bucket_id: int | None = None, sort_window: int = 1):
+                 bucket_id: int | None = None, sort_window: int = 1, dropout: WordDropout | None = None):
         self.examples, self.batch_size, self.seed = examples, batch_size, seed
         self.pad_id, self.bucket_id, self.sort_window = pad_id, bucket_id, sort_window
+        self.dropout = dropout
         self.epoch, self.cursor = 0, 0
         self._cache: tuple[int, list[list[int]]] | None = None
 
@@ -178,7 +207,11 @@ class Loader:
             batches = self._batches()
         pick = batches[self.cursor]
         self.cursor += 1
-        return collate([self.examples[i] for i in pick], self.pad_id, self.bucket_id is not None)
+        rows = [self.examples[i] for i in pick]
+        if self.dropout is not None and self.dropout.p > 0:
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_003 + self.cursor)
+            rows = [self.dropout(e, g) for e in rows]
+        return collate(rows, self.pad_id, self.bucket_id is not None)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed}

@@ -33,9 +33,9 @@ from dsv32.chat import Tokenizer
 from dsv32.model.init_tiny import copy_tokenizer, tiny_config
 
 from . import grpo as G
-from .data import Loader, encode_all, without_tools
+from .data import Loader, WordDropout, encode_all, without_tools
 from .evaluate import argument_accuracy
-from .envs.phrasings import CITIES, vocabulary
+from .envs.phrasings import CITIES, frame_words, vocabulary
 from .export import export_bundle, fp8_round_trip
 from .losses import TiedVocab
 from .trainer import (JsonLog, StageConfig, eval_lm, load_into, make_optimizer, new_model, save,
@@ -62,6 +62,7 @@ class Recipe:
     drill_vocabulary: bool = False  # drills also echo every word of the generator (ditto)
     tie_embeddings: bool = True     # LM head shares the input embedding while training
     init_std: float = 0.02          # (0.006 learned to copy ~4x slower in a 800-step echo drill)
+    word_dropout: float = 0.08      # share of the user's frame words swapped for an unseen token
     batch: int = 16
     sort_window: int = 1            # >1: length-sorted batches, ~1.6x faster full-prompt steps, but
                                     # with the two changes above the model did much worse (docs/training.md)
@@ -211,7 +212,10 @@ def run_demo(out: str | Path, recipe: Recipe | None = None, progress: bool = Tru
     model = new_model(cfg, seed=recipe.seed, std=recipe.init_std, tie_embeddings=recipe.tie_embeddings)
     vocab.sync(model.lm_head.weight.data)
     sw = recipe.sort_window
-    loader = Loader(examples, recipe.batch, seed=recipe.seed, bucket_id=tok.user_id, sort_window=sw)
+    drop = word_dropout(tok, vocab, recipe.word_dropout)
+    log.write(event="word_dropout", p=recipe.word_dropout, droppable_tokens=len(drop.ids) if drop else 0)
+    loader = Loader(examples, recipe.batch, seed=recipe.seed, bucket_id=tok.user_id, sort_window=sw,
+                    dropout=drop)
 
     def stage(sc: StageConfig, loader: Loader) -> None:
         done = out / "ckpt" / sc.name
@@ -239,13 +243,13 @@ def run_demo(out: str | Path, recipe: Recipe | None = None, progress: bool = Tru
 
     short = encode_all([without_tools(c) for c in convs], tok, max_len=1536)
     stage(recipe.short, Loader(short, recipe.batch, seed=recipe.seed + 3, bucket_id=tok.user_id,
-                              sort_window=sw))
+                              sort_window=sw, dropout=drop))
     stage(recipe.sft, loader)
     lm_eval("after_sft", full=False)          # indexer recall before the DSA stages
     stage(recipe.warmup, Loader(examples, max(4, recipe.batch // 2), seed=recipe.seed + 1,
                                 bucket_id=tok.user_id, sort_window=sw))
     stage(recipe.sparse, Loader(examples, recipe.batch, seed=recipe.seed + 2, bucket_id=tok.user_id,
-                               sort_window=sw))
+                               sort_window=sw, dropout=drop))
 
     # ---- GRPO
     gdir = out / "ckpt" / "grpo"
@@ -284,6 +288,17 @@ def run_demo(out: str | Path, recipe: Recipe | None = None, progress: bool = Tru
     from .plots import plot_log
     plot_log(out / "log.jsonl", out)
     return summary
+
+
+def word_dropout(tok, vocab: TiedVocab, p: float) -> WordDropout | None:
+    """Word dropout over the seen tokens that spell a frame word, with the pooled unseen row as the
+    stand-in (the embedding every token absent from training shares when served)."""
+    if not p or vocab.rep is None:
+        return None
+    words = frame_words()
+    ids = frozenset(int(i) for i in vocab.seen
+                    if tok.token_bytes(int(i)).decode("utf-8", "ignore").strip().casefold() in words)
+    return WordDropout(vocab.rep, p, ids, tok.user_id, tok.assistant_id)
 
 
 def run_grpo(model, tok, recipe: Recipe, log: JsonLog, vocab, generate_tasks, answer_stage) -> dict:

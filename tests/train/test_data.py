@@ -111,3 +111,51 @@ def test_loader_sort_window_cuts_padding_and_keeps_every_row():
 def test_encode_all_filters():
     ex = encode_all([conv("chat"), {"messages": [{"role": "user", "content": "hi"}]}], TOK)
     assert len(ex) == 1
+
+
+def _dropout(p):
+    from dsv32.train.data import WordDropout
+
+    words = (" what", "what", " is", "is")
+    ids = frozenset(i for w in words for i in TOK.encode(w) if len(TOK.encode(w)) == 1)
+    return WordDropout(unk_id=2, p=p, ids=ids | set(TOK.encode(" 5")), user_id=TOK.user_id,
+                       assistant_id=TOK.assistant_id)
+
+
+def test_word_dropout_swaps_only_frame_words_of_user_turns():
+    import torch
+
+    c = conv("thinking")
+    c["messages"][0]["content"] = "what is brief?"           # frame words outside a user turn stay
+    c["messages"][1]["content"] = "what is 2+3? is it 5"     # " 5": a token the answer copies
+    ids, mask = encode_conversation(c, TOK)
+    e = Example(ids, mask)
+    drop = _dropout(1.0)
+    out = drop(e, torch.Generator().manual_seed(0))
+    changed = [t for t, (a, b) in enumerate(zip(ids, out.ids)) if a != b]
+    text = TOK.decode(ids)
+    user = (text.index("<｜User｜>"), text.index("<｜Assistant｜>"))
+    assert changed and all(out.ids[t] == 2 for t in changed)
+    assert out.mask == mask
+    starts = [len(TOK.decode(ids[:t])) for t in changed]
+    assert all(user[0] < s < user[1] for s in starts)                # inside the user turn only
+    swapped = {ids[t] for t in changed}
+    assert swapped <= drop.ids and not swapped & {i for i, m in zip(ids, mask) if m}
+    assert TOK.encode(" 5")[0] in [ids[t] for t in range(len(ids)) if user[0] < len(TOK.decode(ids[:t])) < user[1]]
+    assert _dropout(0.0)(e, torch.Generator().manual_seed(0)).ids == ids
+    half = [_dropout(0.5)(e, torch.Generator().manual_seed(s)).ids for s in (1, 1, 2, 3, 4)]
+    assert half[0] == half[1] and len({tuple(h) for h in half}) > 1
+
+
+def test_loader_with_word_dropout_is_deterministic_and_resumes():
+    ex = [Example(*encode_conversation(conv(m), TOK)) for m in ("thinking", "chat")] * 8
+    a = Loader(ex, 4, seed=3, bucket_id=TOK.user_id, dropout=_dropout(0.5))
+    first = [a.next().ids for _ in range(3)]
+    state = a.state_dict()
+    rest = [a.next().ids for _ in range(3)]
+    b = Loader(ex, 4, seed=3, bucket_id=TOK.user_id, dropout=_dropout(0.5))
+    assert all((x == y).all() for x, y in zip(first, [b.next().ids for _ in range(3)]))
+    c = Loader(ex, 4, seed=3, bucket_id=TOK.user_id, dropout=_dropout(0.5))
+    c.load_state_dict(state)
+    assert all((x == y).all() for x, y in zip(rest, [c.next().ids for _ in range(3)]))
+    assert any((x == 2).any() for x in first + rest)

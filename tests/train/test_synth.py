@@ -456,3 +456,11 @@ def test_made_up_places_are_new_and_copied_from_the_user():
     for c in extra:
         users = " ".join(m["content"] for m in c["messages"] if m["role"] == "user")
         assert _weather_city(c) in users
+
+
+def test_frame_words_leave_out_slot_words():
+    words = P.frame_words()
+    assert {"forecast", "compute", "convert"} <= words
+    slots = {"plus", "times", "divided", "power", "km", "miles", "celsius", "paris", "january", "france",
+             "noun", "hello", "thanks", "the", "of", "to"}
+    assert not words & slots

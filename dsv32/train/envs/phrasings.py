@@ -51,7 +51,21 @@ WEATHER_FRAMES = {
         "I'm visiting {city} on {date}. what will the weather be like?",
         "on {date}, what weather should I expect in {city}?", "get me the {city} forecast for {date}",
         "check the weather for {date} in {city}", "will it be warm in {city} on {date}?",
-        "{date} weather in {city}?", "what will the weather be in {city} on {date}?"),
+        "{date} weather in {city}?", "what will the weather be in {city} on {date}?",
+        "what's the forecast for {city} on {date}?", "show me the weather in {city} for {date}",
+        "what will it be like in {city} on {date}?", "can you check the weather in {city} on {date}?",
+        "please check the forecast for {city} on {date}", "I want the weather for {city} on {date}",
+        "give me the weather in {city} on {date}", "find the forecast for {city} for {date}",
+        "how hot will {city} be on {date}?", "will it snow in {city} on {date}?",
+        "do I need an umbrella in {city} on {date}?", "what are the conditions in {city} on {date}?",
+        "{city}, {date}: weather?", "weather forecast {city} {date}", "temperature in {city} on {date}?",
+        "planning a trip to {city} on {date}, what's the forecast?",
+        "how cold is it going to be in {city} on {date}?", "what's the weather like in {city} on {date}?",
+        "can you tell me the weather for {city} on {date}?",
+        "I'm flying to {city} on {date}, what's the weather going to be?",
+        "forecast please: {city} on {date}", "would you check the weather in {city} for {date}?",
+        "what does the forecast say for {city} on {date}?", "weather {city} {date}",
+        "what's it going to be like outside in {city} on {date}?", "is {date} going to be sunny in {city}?"),
     "heldout": (
         "could you look up the weather in {city} for {date}?",
         "what kind of weather is {city} getting on {date}?", "I need the forecast: {city}, {date}",
@@ -64,14 +78,24 @@ CALC_FRAMES = {       # {expr}: symbols ("(3 + 4) * 2") or words ("twelve times 
     "train": (
         "what is {expr}?", "calculate {expr}", "compute {expr}", "{expr} = ?", "{expr}",
         "evaluate {expr}", "what's {expr}", "how much is {expr}?", "can you calculate {expr}?",
-        "tell me what {expr} equals", "what do you get for {expr}?"),
+        "tell me what {expr} equals", "what do you get for {expr}?",
+        "what's the result of {expr}?", "find {expr}", "please calculate {expr}",
+        "can you compute {expr}?", "{expr}?", "do the math: {expr}", "help me with {expr}",
+        "calculate this: {expr}", "quick math: {expr}", "what does {expr} equal?",
+        "give me the answer to {expr}", "tell me {expr}", "how much does {expr} make?",
+        "what's the answer to {expr}?", "result of {expr}?", "could you evaluate {expr}?",
+        "determine {expr}", "what would {expr} be?", "can you do {expr}?", "{expr} is what?",
+        "what is {expr} equal to?", "please compute {expr} for me", "hey calculator, {expr}"),
     "heldout": (
         "solve {expr}", "work out {expr} for me", "what does {expr} come to?", "figure out {expr}",
         "I need the value of {expr}"),
 }
 
 IMPERATIVE_FRAMES = {   # {imp}: "multiply 12 by 4"
-    "train": ("{imp}", "please {imp}", "can you {imp}?", "{imp} for me", "{imp} and tell me the result"),
+    "train": ("{imp}", "please {imp}", "can you {imp}?", "{imp} for me", "{imp} and tell me the result",
+        "please {imp} for me", "can you please {imp}?", "go ahead and {imp}",
+        "help me {imp}", "would you {imp}?", "{imp}, please", "{imp} and give me the answer",
+        "try to {imp}", "just {imp}", "kindly {imp}", "{imp}, what do you get?"),
     "heldout": ("could you quickly {imp}?", "I'd like you to {imp}"),
 }
 
@@ -81,7 +105,14 @@ UNITS_FRAMES = {
         "how many {to} are in {value} {from}?", "{value} {from} in {to}", "what is {value} {from} in {to}?",
         "{value} {from} to {to}", "I have {value} {from}. how much is that in {to}?",
         "express {value} {from} in {to}", "what's {value} {from} in {to}?",
-        "convert {value} {from} into {to}"),
+        "convert {value} {from} into {to}",
+        "how much is {value} {from} in {to}?", "please convert {value} {from} to {to}",
+        "I need {value} {from} in {to}", "give me {value} {from} in {to}", "{value} {from} = ? {to}",
+        "what's {value} {from} expressed in {to}?", "tell me {value} {from} in {to}",
+        "how many {to} do {value} {from} make?", "in {to}, how much is {value} {from}?",
+        "what are {value} {from} in {to}?", "translate {value} {from} to {to}",
+        "can you express {value} {from} in {to}?", "{value} {from} converted to {to}?",
+        "what is {value} {from} when converted to {to}?", "convert {value} {from} to {to}, please"),
     "heldout": (
         "change {value} {from} into {to}", "{value} {from} equals how many {to}?",
         "if something is {value} {from}, what is it in {to}?", "turn {value} {from} into {to} for me",
@@ -91,7 +122,11 @@ UNITS_FRAMES = {
 CAPITAL_FRAMES = {
     "train": (
         "what is the capital of {country}?", "capital of {country}?", "what's the capital city of {country}",
-        "which city is the capital of {country}?", "tell me the capital of {country}", "{country} capital?"),
+        "which city is the capital of {country}?", "tell me the capital of {country}", "{country} capital?",
+        "what's the capital of {country}?", "which city is {country}'s capital?",
+        "the capital of {country} is?", "{country}'s capital city?", "capital city of {country}",
+        "can you tell me the capital of {country}?", "where is the capital of {country}?",
+        "I want to know the capital of {country}", "what is {country}'s capital?"),
     "heldout": (
         "do you know the capital of {country}?", "name the capital of {country}",
         "what city serves as the capital of {country}?"),
@@ -99,7 +134,10 @@ CAPITAL_FRAMES = {
 
 DEFINITION_FRAMES = {
     "train": ("what is {a_term}?", "define {term}", "what does {term} mean?", "what's {a_term}",
-              "meaning of {term}?"),
+              "meaning of {term}?",
+        "what's the meaning of {term}?", "can you define {term}?",
+        "{term}: what is it?", "what exactly is {a_term}?", "definition of {term}", "describe {a_term}",
+        "what is meant by {term}?", "how would you define {term}?", "tell me the meaning of {term}"),
     "heldout": ("explain what {a_term} is", "give me a short definition of {term}",
                 "I'd like to know what {a_term} is"),
 }
@@ -107,19 +145,24 @@ DEFINITION_FRAMES = {
 # -- plain chat: fixed utterances -------------------------------------------------------------------
 
 SMALL_TALK = {   # kind: (train utterances, held-out utterances, answers, expected strings)
-    "greeting": (("hi", "hello", "hey", "good morning", "hello there", "hey, how are you?", "hi!"),
+    "greeting": (("hi", "hello", "hey", "good morning", "hello there", "hey, how are you?", "hi!", "hi there",
+                  "hey there", "good afternoon", "yo", "hello!", "morning!", "hi, how's it going?"),
                  ("hiya", "good evening", "greetings!", "howdy"),
                  ("Hello! How can I help you today?", "Hi! What can I do for you?"),
                  ("help", "do for you")),
-    "thanks": (("thanks!", "thank you", "thanks a lot", "thank you so much!", "great, thanks"),
+    "thanks": (("thanks!", "thank you", "thanks a lot", "thank you so much!", "great, thanks", "thx", "ty",
+                "thank you very much", "awesome, thanks", "perfect, thank you", "appreciate it",
+                "thanks, that helps"),
                ("much appreciated", "cheers, thanks!", "many thanks"),
                ("You're welcome!", "You're welcome, happy to help."),
                ("welcome",)),
-    "identity": (("who are you?", "what can you do?", "what are you?"),
+    "identity": (("who are you?", "what can you do?", "what are you?", "what is your name?", "are you a bot?",
+                  "what do you do?", "how can you help me?"),
                  ("tell me about yourself", "what are you able to help with?"),
                  ("I am a helpful assistant. I can do arithmetic, check the weather and convert units.",),
                  ("assistant",)),
-    "goodbye": (("bye", "goodbye", "see you later"),
+    "goodbye": (("bye", "goodbye", "see you later", "see ya", "bye bye", "good night", "see you soon",
+                 "farewell", "gotta go, bye"),
                 ("talk to you later", "bye for now"),
                 ("Goodbye! Have a nice day.",),
                 ("goodbye", "bye")),
@@ -135,29 +178,35 @@ CAPITALS = (
 )
 
 FACTS = (   # (train questions, held-out questions, answer, expected)
-    (("how many days are in a week?", "how many days does a week have?"), ("a week has how many days?",),
+    (("how many days are in a week?", "how many days does a week have?", "days in a week?"), ("a week has how many days?",),
      "A week has 7 days.", "7"),
-    (("how many months are in a year?", "how many months does a year have?"), ("a year is how many months?",),
+    (("how many months are in a year?", "how many months does a year have?",
+      "number of months in a year?"), ("a year is how many months?",),
      "A year has 12 months.", "12"),
-    (("how many hours are in a day?", "how many hours does a day have?"), ("a day lasts how many hours?",),
+    (("how many hours are in a day?", "how many hours does a day have?", "hours in a day?"), ("a day lasts how many hours?",),
      "A day has 24 hours.", "24"),
-    (("how many minutes are in an hour?", "minutes in an hour?"), ("an hour has how many minutes?",),
+    (("how many minutes are in an hour?", "minutes in an hour?",
+      "how many minutes does an hour have?"), ("an hour has how many minutes?",),
      "An hour has 60 minutes.", "60"),
-    (("how many legs does a spider have?", "number of legs on a spider?"), ("spiders have how many legs?",),
+    (("how many legs does a spider have?", "number of legs on a spider?",
+      "how many legs do spiders have?"), ("spiders have how many legs?",),
      "A spider has 8 legs.", "8"),
-    (("what is the largest planet?", "which planet is the biggest?"),
+    (("what is the largest planet?", "which planet is the biggest?", "biggest planet?"),
      ("name the biggest planet in the solar system",), "Jupiter is the largest planet.", "Jupiter"),
-    (("which planet is closest to the sun?", "what planet is nearest the sun?"),
+    (("which planet is closest to the sun?", "what planet is nearest the sun?",
+      "closest planet to the sun?"),
      ("the planet closest to the sun is which one?",), "Mercury is the closest planet to the Sun.",
      "Mercury"),
-    (("what color is the sky?", "what colour is the sky on a clear day?"), ("the sky is what color?",),
+    (("what color is the sky?", "what colour is the sky on a clear day?", "color of the sky?"), ("the sky is what color?",),
      "The sky is blue on a clear day.", "blue"),
-    (("what is the chemical symbol for gold?", "chemical symbol of gold?"),
+    (("what is the chemical symbol for gold?", "chemical symbol of gold?",
+      "what's gold's chemical symbol?"),
      ("gold has which chemical symbol?",), "The chemical symbol for gold is Au.", "Au"),
-    (("who wrote Romeo and Juliet?", "who is the author of Romeo and Juliet?"),
+    (("who wrote Romeo and Juliet?", "who is the author of Romeo and Juliet?",
+      "author of Romeo and Juliet?"),
      ("Romeo and Juliet was written by whom?",), "William Shakespeare wrote Romeo and Juliet.",
      "Shakespeare"),
-    (("what is the largest ocean?", "which ocean is the biggest?"), ("name the largest ocean on Earth",),
+    (("what is the largest ocean?", "which ocean is the biggest?", "biggest ocean?"), ("name the largest ocean on Earth",),
      "The Pacific Ocean is the largest ocean.", "Pacific"),
 )
 
@@ -297,3 +346,22 @@ def vocabulary() -> tuple[str, ...]:
 
     walk([v for k, v in globals().items() if k.isupper() and k != "SPLITS" and isinstance(v, (tuple, dict))])
     return tuple(dict.fromkeys(CITIES["train"] + CITIES["unseen"] + tuple(found)))
+
+
+def frame_words() -> frozenset[str]:
+    """Casefolded words that the training sentence frames, openers and closers write and no slot
+    (operators, units, numbers, dates, places, terms) or small-talk utterance does: words a user
+    can swap for others without changing the task, the pool of word dropout
+    (`dsv32.train.data.WordDropout`)."""
+    def words(value) -> set[str]:
+        if isinstance(value, str):
+            return {w.casefold() for w in re.findall(r"[A-Za-z]+", re.sub(r"\{\w+\}", " ", value))}
+        items = value.values() if isinstance(value, dict) else value
+        return set().union(*(words(v) for v in items)) if items else set()
+
+    frames = [t["train"] for t in (WEATHER_FRAMES, CALC_FRAMES, IMPERATIVE_FRAMES, UNITS_FRAMES,
+                                   CAPITAL_FRAMES, DEFINITION_FRAMES)]
+    slots = (BINARY_WORDS, IMPERATIVE_WORDS, UNARY_WORDS, COMPOUND_WORDS, UNIT_WORDS, MONTHS, CAPITALS,
+             TERMS, CITIES, SYMBOLS, "the of st nd rd th and minus hundred thousand",
+             [talk[0] for talk in SMALL_TALK.values()])     # small talk is all message, no frame
+    return frozenset(words(frames + [OPENERS, CLOSERS, OPENERS_FOR_COMMANDS]) - words(slots))
