@@ -111,7 +111,8 @@ def test_generated_splits_are_disjoint(train_tasks, heldout_tasks):
                 if call["name"] == "get_weather":
                     city = call["arguments"]["city"]
                     assert city.casefold() in {c.casefold() for c in P.CITIES[cities]}
-                    assert city in _user(task)                        # spelled as the user wrote it
+                    assert city.casefold() in _user(task).casefold()   # named by the user,
+                    assert city in P.CITIES[cities]                       # spelled as the forecast does
                     assert P.date_split(call["arguments"]["date"]) == split
     assert not {t.frame for t in train_tasks} & {t.frame for t in unseen}
     assert {t.id for t in unseen}.isdisjoint(t.id for t in heldout_tasks)
@@ -432,18 +433,20 @@ def test_vocabulary_covers_every_word_the_generator_writes():
 
 
 def test_city_augmentation_leaves_unseen_cities_out():
-    from dsv32.train.recipe import _weather_city, city_conversations
+    from dsv32.train.recipe import _weather_city, city_conversations, made_up_places, tz_cities
 
     convs = sft_conversations(300, seed=5)
     extra = city_conversations(convs, 400, seed=5)
     cities = {_weather_city(c).casefold() for c in extra}
     assert len(cities) > 100 and not cities & {c.casefold() for c in P.CITIES["unseen"]}
-    for c in extra:                                  # the swap keeps the user's casing in the call
+    for c in extra:                                  # the user names the swapped city, in any casing
         users = " ".join(m["content"] for m in c["messages"] if m["role"] == "user")
-        assert _weather_city(c) in users
+        assert _weather_city(c).casefold() in users.casefold()
+        assert _weather_city(c) in tz_cities() + made_up_places(400, 5)   # and the call spells it
+                                                                           # as the list does
 
 
-def test_made_up_places_are_new_and_copied_from_the_user():
+def test_made_up_places_are_new_and_named_by_the_user():
     from dsv32.train.recipe import _weather_city, city_conversations, made_up_places, tz_cities
 
     names = made_up_places(300, seed=1)
@@ -455,7 +458,7 @@ def test_made_up_places_are_new_and_copied_from_the_user():
     assert extra and all(_weather_city(c).casefold() in invented for c in extra)
     for c in extra:
         users = " ".join(m["content"] for m in c["messages"] if m["role"] == "user")
-        assert _weather_city(c) in users
+        assert _weather_city(c).casefold() in users.casefold()
 
 
 def test_frame_words_leave_out_slot_words():
