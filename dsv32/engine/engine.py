@@ -264,6 +264,7 @@ class LLMEngine:
             copies += self.block_manager.fork(parent, child)
             child.num_computed_tokens = parent.num_computed_tokens
             child.num_cached_tokens = parent.num_cached_tokens
+            child.prompt_logprobs = list(parent.prompt_logprobs)   # the prompt is computed already
             child.status = Status.RUNNING
             self.scheduler.running.append(child)
         self.runner.copy_blocks(copies)

@@ -127,6 +127,19 @@ def test_prompt_logprobs_equal_full_forward_chunked_and_after_a_prefix_hit(ckpt,
     assert run(make_engine(ckpt, model), [prompt], [greedy(2)])[0].prompt_logprobs is None
 
 
+def test_prompt_logprobs_with_several_samples(ckpt, model):
+    """n > 1 with prompt logprobs: the forked samples start with the prompt's logprobs (a fork used
+    to look as if it still had the prompt to compute and failed the engine step)."""
+    prompt = prompts_of([40], seed=4)[0]
+    eng = make_engine(ckpt, model)
+    one = run(eng, [prompt], [greedy(3, prompt_logprobs=2)])[0]
+    two = run(eng, [prompt], [SamplingParams(temperature=1.0, max_tokens=3, n=2, seed=1, prompt_logprobs=2)])[0]
+    assert len(two.outputs) == 2 and all(len(o.token_ids) == 3 for o in two.outputs)
+    assert [(x.token_id, round(x.logprob, 4)) for x in two.prompt_logprobs[1:]] == \
+        [(x.token_id, round(x.logprob, 4)) for x in one.prompt_logprobs[1:]]
+    assert eng.metrics()["kv_cache_usage_perc"] == 0.0
+
+
 def test_abort_frees_every_block(ckpt, model):
     eng = make_engine(ckpt, model)
     total = eng.block_manager.num_free_blocks

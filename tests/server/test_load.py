@@ -66,7 +66,7 @@ def test_non_streaming_disconnect_aborts(server):
     before = m.get("dsv32:generation_tokens_total", 0)
     t0 = time.monotonic()
     try:
-        httpx.post(server.url + "/v1/chat/completions", timeout=0.5,
+        httpx.post(server.url + "/v1/chat/completions", timeout=0.2,
                    json={"messages": USER, "max_tokens": 900, "ignore_eos": True})
     except httpx.TimeoutException:
         pass
