@@ -331,21 +331,21 @@ def vocabulary() -> tuple[str, ...]:
     training task uses, not words the model has never read: a model trained from nothing has no
     embedding for those (their rows stay pooled), just as it would not know a word missing from
     its pretraining corpus. The drills only echo the words, one to three at a time."""
-    found: dict[str, None] = {}
+    tables = [v for k, v in globals().items() if k.isupper() and k != "SPLITS" and isinstance(v, (tuple, dict))]
+    return tuple(dict.fromkeys(CITIES["train"] + CITIES["unseen"] + tuple(_words(tables))))
 
-    def walk(value) -> None:
-        if isinstance(value, str):
-            for word in re.findall(r"[A-Za-z]+(?:'[a-z]+)?", re.sub(r"\{\w+\}", " ", value)):
-                found.setdefault(word, None)
-        elif isinstance(value, dict):
-            for item in value.values():
-                walk(item)
-        elif isinstance(value, (tuple, list)):
-            for item in value:
-                walk(item)
 
-    walk([v for k, v in globals().items() if k.isupper() and k != "SPLITS" and isinstance(v, (tuple, dict))])
-    return tuple(dict.fromkeys(CITIES["train"] + CITIES["unseen"] + tuple(found)))
+def _words(value, pattern: str = r"[A-Za-z]+(?:'[a-z]+)?"):
+    """The words, in order, of every string in `value` (nested dicts, tuples and lists), with the
+    {slot} placeholders left out."""
+    if isinstance(value, str):
+        yield from re.findall(pattern, re.sub(r"\{\w+\}", " ", value))
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _words(item, pattern)
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            yield from _words(item, pattern)
 
 
 def frame_words() -> frozenset[str]:
@@ -354,10 +354,7 @@ def frame_words() -> frozenset[str]:
     can swap for others without changing the task, the pool of word dropout
     (`dsv32.train.data.WordDropout`)."""
     def words(value) -> set[str]:
-        if isinstance(value, str):
-            return {w.casefold() for w in re.findall(r"[A-Za-z]+", re.sub(r"\{\w+\}", " ", value))}
-        items = value.values() if isinstance(value, dict) else value
-        return set().union(*(words(v) for v in items)) if items else set()
+        return {w.casefold() for w in _words(value, r"[A-Za-z]+")}
 
     frames = [t["train"] for t in (WEATHER_FRAMES, CALC_FRAMES, IMPERATIVE_FRAMES, UNITS_FRAMES,
                                    CAPITAL_FRAMES, DEFINITION_FRAMES)]
