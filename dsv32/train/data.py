@@ -54,6 +54,7 @@ class Example:
 
     ids: list[int]
     mask: list[int]
+    category: str = ""           # the conversation's category ("skill" for drills)
 
 
 @dataclass
@@ -146,7 +147,7 @@ class WordDropout:
                 in_user = i == self.user_id
             elif in_user and i in self.ids and i not in kept and draws[t] < self.p:
                 out[t] = self.unk_id
-        return Example(out, e.mask)
+        return Example(out, e.mask, e.category)
 
 
 class Loader:
@@ -234,5 +235,5 @@ def encode_all(convs: list[dict], tok: Tokenizer, max_len: int | None = None) ->
     for c in convs:
         ids, mask = encode_conversation(c, tok)
         if sum(mask) and (max_len is None or len(ids) <= max_len):
-            out.append(Example(ids, mask))
+            out.append(Example(ids, mask, c.get("category", "")))
     return out

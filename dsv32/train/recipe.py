@@ -54,6 +54,7 @@ class Recipe:
     model: dict = field(default_factory=lambda: dict(DEMO_MODEL))
     n_train: int = 20000
     n_city: int = 5000              # extra weather conversations over IANA city names
+    n_chat: int = 0                 # extra plain-chat conversations (4000 in demo13, docs/training.md)
     invented: float = 0.0           # share of them with made-up place names (0.5 did worse, docs/training.md)
     n_invented_words: int = 0       # made-up place names added to the drills' words
     n_skill: int = 20000            # short drills: copying, dates, numbers, expressions, unit codes
@@ -63,6 +64,8 @@ class Recipe:
     tie_embeddings: bool = True     # LM head shares the input embedding while training
     init_std: float = 0.02          # (0.006 learned to copy ~4x slower in a 800-step echo drill)
     word_dropout: float = 0.08      # share of the user's frame words swapped for an unseen token
+    full_drills: float = 1.0        # share of the drills kept in the full-prompt stage, where they
+                                    # are as in the short one (0.2 and 1200 steps did worse, ditto)
     batch: int = 16
     sort_window: int = 1            # >1: length-sorted batches, ~1.6x faster full-prompt steps, but
                                     # with the two changes above the model did much worse (docs/training.md)
@@ -90,6 +93,7 @@ class Recipe:
         r.grpo = dataclasses.replace(self.grpo, steps=max(1, int(self.grpo.steps * f)))
         r.n_train = max(64, int(self.n_train * f))
         r.n_city = int(self.n_city * f)
+        r.n_chat = int(self.n_chat * f)
         r.n_skill = int(self.n_skill * f)
         r.n_spell = int(self.n_spell * f)
         r.n_numbers = int(self.n_numbers * f)
@@ -166,12 +170,15 @@ def _weather_city(conv: dict) -> str | None:
 
 
 def training_conversations(recipe: Recipe) -> list[dict]:
-    """The SFT data: tool conversations, extra weather conversations, skill, number and spelling
-    drills."""
-    from .synth import number_conversations, sft_conversations, skill_conversations, spelling_conversations
+    """The SFT data: tool conversations, extra weather and plain-chat conversations, skill, number
+    and spelling drills."""
+    from .synth import (generate_tasks, number_conversations, sft_conversations, skill_conversations,
+                        spelling_conversations)
 
     convs = sft_conversations(recipe.n_train, seed=recipe.seed)
     convs += city_conversations(convs, recipe.n_city, recipe.seed, invented=recipe.invented)
+    convs += [t.conversation() for t in generate_tasks(recipe.n_chat, seed=recipe.seed + 13,
+                                                         categories=("chat",), multi_turn=0.2)]
     words = tz_cities()                  # the drills' words: place names, made-up places, vocabulary
     if recipe.drill_vocabulary:          # (place names then at least twice as likely as other words)
         words = tuple(dict.fromkeys(words + CITIES["train"] + CITIES["unseen"])) * 2 + vocabulary()
@@ -214,7 +221,9 @@ def run_demo(out: str | Path, recipe: Recipe | None = None, progress: bool = Tru
     sw = recipe.sort_window
     drop = word_dropout(tok, vocab, recipe.word_dropout)
     log.write(event="word_dropout", p=recipe.word_dropout, droppable_tokens=len(drop.ids) if drop else 0)
-    loader = Loader(examples, recipe.batch, seed=recipe.seed, bucket_id=tok.user_id, sort_window=sw,
+    full = full_stage_examples(examples, recipe.full_drills, recipe.seed)
+    log.write(event="full_stage", rows=len(full), drills=sum(e.category == "skill" for e in full))
+    loader = Loader(full, recipe.batch, seed=recipe.seed, bucket_id=tok.user_id, sort_window=sw,
                     dropout=drop)
 
     def stage(sc: StageConfig, loader: Loader) -> None:
@@ -288,6 +297,13 @@ def run_demo(out: str | Path, recipe: Recipe | None = None, progress: bool = Tru
     from .plots import plot_log
     plot_log(out / "log.jsonl", out)
     return summary
+
+
+def full_stage_examples(examples: list, drills: float, seed: int) -> list:
+    """The full-prompt stage's rows: every conversation but the drills ("skill"), of which a seeded
+    share `drills` stays (the short stage already trained them exactly as they are here)."""
+    rng = random.Random(f"dsv32-full-stage|{seed}")
+    return [e for e in examples if e.category != "skill" or rng.random() < drills]
 
 
 def word_dropout(tok, vocab: TiedVocab, p: float) -> WordDropout | None:

@@ -113,6 +113,11 @@ def test_encode_all_filters():
     assert len(ex) == 1
 
 
+def test_encode_all_keeps_the_category():
+    drill = {**conv("chat"), "category": "skill"}
+    assert [e.category for e in encode_all([drill, conv("thinking")], TOK)] == ["skill", ""]
+
+
 def _dropout(p):
     from dsv32.train.data import WordDropout
 

@@ -32,3 +32,28 @@ def test_demo_recipe_runs_every_stage_and_resumes(tmp_path):
     rows_again = [json.loads(line) for line in (tmp_path / "log.jsonl").open()]
     assert [r for r in rows_again if r.get("stage")] == [r for r in rows if r.get("stage")]
     assert again["eval"]["overall"] == summary["eval"]["overall"]
+
+
+def test_full_stage_keeps_every_conversation_and_a_seeded_share_of_drills():
+    from dsv32.train.data import Example
+    from dsv32.train.recipe import full_stage_examples
+
+    rows = [Example([i], [1], "skill" if i % 2 else "weather") for i in range(2000)]
+    kept = full_stage_examples(rows, 0.2, seed=0)
+    assert [e for e in kept if e.category != "skill"] == rows[::2]          # all, in order
+    drills = [e.ids[0] for e in kept if e.category == "skill"]
+    assert 150 < len(drills) < 250                                          # about 20% of 1000
+    assert drills == [e.ids[0] for e in full_stage_examples(rows, 0.2, seed=0) if e.category == "skill"]
+    assert drills != [e.ids[0] for e in full_stage_examples(rows, 0.2, seed=1) if e.category == "skill"]
+    assert not [e for e in full_stage_examples(rows, 0.0, seed=0) if e.category == "skill"]
+
+
+def test_training_data_adds_plain_chat_conversations():
+    from dsv32.train.recipe import training_conversations
+
+    recipe = Recipe(n_train=40, n_city=0, n_skill=0, n_numbers=0, n_chat=0)
+    base = training_conversations(recipe)
+    more = training_conversations(Recipe(n_train=40, n_city=0, n_skill=0, n_numbers=0, n_chat=30))
+    assert more[:len(base)] == base and len(more) == len(base) + 30
+    assert {c["category"] for c in more[len(base):]} == {"chat"}
+    assert not {c["id"] for c in base} & {c["id"] for c in more[len(base):]}
