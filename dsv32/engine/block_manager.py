@@ -163,7 +163,8 @@ class BlockManager:
 
         If another block already holds the same hash, the sequence switches to that block and
         releases its duplicate: memory is freed and a table's hashed blocks always form a prefix,
-        so each commit only hashes the blocks completed since the last one.
+        so each commit only hashes the blocks completed since the last one. A duplicate that other
+        tables share too (forked after `reset_prefix_cache`) ends publishing instead.
         """
         if not self.enable_prefix_caching:
             return
@@ -181,6 +182,9 @@ class BlockManager:
             if other is None:
                 self.blocks[bid].hash = parent
                 self.cached[parent] = bid
+            elif self.blocks[bid].ref_count > 1:
+                break           # shared (a fork after a cache reset): switching would leave the
+                                # other tables' hashed blocks behind an unhashed one; stay unpublished
             else:
                 self._ref(other)
                 table[i] = other

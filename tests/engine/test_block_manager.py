@@ -292,6 +292,31 @@ def test_reset_prefix_cache():
     check_invariants(bm, [b, s])
 
 
+def test_commit_after_reset_keeps_a_forks_hashed_blocks_a_prefix():
+    """Found by the state machine below: after a reset, `b` and its fork share two unhashed blocks
+    while another sequence holds `b`'s first block's hash; switching `b` to that block and hashing
+    its second left the fork with a hashed block behind an unhashed one."""
+    bm = BlockManager(4, 2)
+    b = make_seq([1, 0, 0, 0])
+    run_prefill(bm, b)
+    bm.reset_prefix_cache()
+    c = make_seq([1, 0])
+    run_prefill(bm, c)                         # c's block now holds the hash of [1, 0]
+    child = make_seq(b.token_ids[:4] + [0])
+    assert bm.fork(b, child) == [] and child.block_table == b.block_table
+    b.token_ids.append(1)
+    bm.allocate(b, 1)
+    b.num_computed_tokens += 1
+    b.token_ids.append(0)
+    bm.commit(b)
+    check_invariants(bm, [b, c, child])
+    assert bm.blocks[child.block_table[1]].hash is None
+    bm.free(child)
+    bm.commit(b)                               # unshared now: b switches to c's block, hashes the rest
+    check_invariants(bm, [b, c])
+    assert b.block_table[0] == c.block_table[0] and bm.blocks[b.block_table[1]].hash is not None
+
+
 def test_prefix_caching_disabled():
     bm = BlockManager(8, enable_prefix_caching=False)
     prompt = toks(200)
