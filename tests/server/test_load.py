@@ -64,13 +64,11 @@ def test_non_streaming_disconnect_aborts(server):
     m = wait_idle(server)           # the server is shared: count no other test's tokens below
     assert m["dsv32:num_requests_running"] == 0 and m["dsv32:num_requests_waiting"] == 0
     before = m.get("dsv32:generation_tokens_total", 0)
-    t0 = time.monotonic()
     try:
         httpx.post(server.url + "/v1/chat/completions", timeout=0.2,
                    json={"messages": USER, "max_tokens": 900, "ignore_eos": True})
     except httpx.TimeoutException:
         pass
-    m = wait_idle(server)
+    m = wait_idle(server, timeout=60.0)   # the token count, not the wall clock, shows the abort
     assert m["dsv32:num_requests_running"] == 0 and m["dsv32:kv_cache_usage_perc"] == 0
-    assert time.monotonic() - t0 < 15
     assert m["dsv32:generation_tokens_total"] - before < 800      # stopped long before max_tokens
