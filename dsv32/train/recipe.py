@@ -172,13 +172,11 @@ def _weather_city(conv: dict) -> str | None:
 def training_conversations(recipe: Recipe) -> list[dict]:
     """The SFT data: tool conversations, extra weather and plain-chat conversations, skill, number
     and spelling drills."""
-    from .synth import (generate_tasks, number_conversations, sft_conversations, skill_conversations,
-                        spelling_conversations)
+    from .synth import number_conversations, sft_conversations, skill_conversations, spelling_conversations
 
     convs = sft_conversations(recipe.n_train, seed=recipe.seed)
     convs += city_conversations(convs, recipe.n_city, recipe.seed, invented=recipe.invented)
-    convs += [t.conversation() for t in generate_tasks(recipe.n_chat, seed=recipe.seed + 13,
-                                                         categories=("chat",), multi_turn=0.2)]
+    convs += sft_conversations(recipe.n_chat, seed=recipe.seed + 13, categories=("chat",))
     words = tz_cities()                  # the drills' words: place names, made-up places, vocabulary
     if recipe.drill_vocabulary:          # (place names then at least twice as likely as other words)
         words = tuple(dict.fromkeys(words + CITIES["train"] + CITIES["unseen"])) * 2 + vocabulary()

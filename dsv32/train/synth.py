@@ -406,11 +406,12 @@ def generate_tasks(n: int, seed: int = 0, split: str = "train", thinking_ratio: 
 
 
 def sft_conversations(n: int, seed: int = 0, split: str = "train", thinking_ratio: float = 0.5,
-                      multi_turn: float = 0.2) -> list[dict]:
+                      multi_turn: float = 0.2, categories: tuple[str, ...] = CATEGORIES) -> list[dict]:
     """`n` reference conversations for SFT: {"id", "category", "thinking_mode", "messages",
     "tools"}. messages[0] already carries the tools, so render with
     `encode_messages(c["messages"], thinking_mode=c["thinking_mode"])` (not tools= again)."""
-    return [t.conversation() for t in generate_tasks(n, seed, split, thinking_ratio, multi_turn=multi_turn)]
+    return [t.conversation() for t in generate_tasks(n, seed, split, thinking_ratio, multi_turn=multi_turn,
+                                                     categories=categories)]
 
 
 def answer_stage(task: Task) -> Task:
