@@ -54,7 +54,7 @@ class Recipe:
     model: dict = field(default_factory=lambda: dict(DEMO_MODEL))
     n_train: int = 20000
     n_city: int = 5000              # extra weather conversations over IANA city names
-    n_chat: int = 0                 # extra plain-chat conversations (4000 in demo13, docs/training.md)
+    n_chat: int = 4000              # extra plain-chat conversations (demo14; docs/training.md)
     invented: float = 0.0           # share of them with made-up place names (0.5 did worse, docs/training.md)
     n_invented_words: int = 0       # made-up place names added to the drills' words
     n_skill: int = 20000            # short drills: copying, dates, numbers, expressions, unit codes

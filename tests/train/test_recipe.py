@@ -57,3 +57,11 @@ def test_training_data_adds_plain_chat_conversations():
     assert more[:len(base)] == base and len(more) == len(base) + 30
     assert {c["category"] for c in more[len(base):]} == {"chat"}
     assert not {c["id"] for c in base} & {c["id"] for c in more[len(base):]}
+
+
+def test_the_default_recipe_is_the_one_that_trained_the_bundled_model():
+    from dsv32.server.cli import BUNDLED_MODEL
+    from dsv32.train.recipe import _jsonable
+
+    trained_with = json.loads((BUNDLED_MODEL / "summary.json").read_text())["recipe"]
+    assert _jsonable(Recipe()) == trained_with
