@@ -64,11 +64,12 @@ class Recipe:
     tie_embeddings: bool = True     # LM head shares the input embedding while training
     init_std: float = 0.02          # (0.006 learned to copy ~4x slower in a 800-step echo drill)
     word_dropout: float = 0.08      # share of the user's frame words swapped for an unseen token
-    full_drills: float = 1.0        # share of the drills kept in the full-prompt stage, where they
-                                    # are as in the short one (0.2 and 1200 steps did worse, ditto)
+    full_drills: float = 1.0        # share of the drills kept in the full-prompt stage, where they are
+                                    # as in the short one (0.2 with 1200 steps did worse, docs/training.md)
     batch: int = 16
     sort_window: int = 1            # >1: length-sorted batches, ~1.6x faster full-prompt steps, but
-                                    # with the two changes above the model did much worse (docs/training.md)
+                                    # with made-up places (`invented`, `n_invented_words`) the model did
+                                    # much worse (docs/training.md)
     short: StageConfig = field(default_factory=lambda: StageConfig(
         name="sft_short", stage="dense", steps=4600, lr=5e-3, warmup=100, mtp_weight=0.3))
     sft: StageConfig = field(default_factory=lambda: StageConfig(
