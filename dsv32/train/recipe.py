@@ -230,7 +230,7 @@ def run_demo(out: str | Path, recipe: Recipe | None = None, progress: bool = Tru
         if (done / "DONE").exists():
             load_into(model, done)
             return
-        train_stage(model, loader, sc, log, ckpt_dir=done, ckpt_every=50, progress=progress, vocab=vocab)
+        train_stage(model, loader, sc, log, ckpt_dir=done, ckpt_every=200, progress=progress, vocab=vocab)
         save(model, done, {"stage_name": sc.name, "step": sc.steps})
         (done / "DONE").write_text("ok\n")
 
