@@ -27,6 +27,7 @@ class Tokenizer:
         self.backend = backend
         added = backend.get_added_tokens_decoder()
         self._added_text = {i: tok.content for i, tok in added.items()}
+        self._bytes: dict[int, bytes] = {}      # token_bytes, memoised
         self.special_ids = frozenset(i for i, tok in added.items() if tok.special)
         self.bos_id = self.token_id(BOS)
         self.eos_id = self.token_id(EOS)
@@ -75,10 +76,15 @@ class Tokenizer:
 
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes a token stands for (b"" for an id outside the vocabulary)."""
-        if token_id in self._added_text:
-            return self._added_text[token_id].encode("utf-8")
-        token = self.backend.id_to_token(token_id)
-        return b"" if token is None else byte_level_bytes(token)
+        out = self._bytes.get(token_id)
+        if out is None:
+            if token_id in self._added_text:
+                out = self._added_text[token_id].encode("utf-8")
+            else:
+                token = self.backend.id_to_token(token_id)
+                out = b"" if token is None else byte_level_bytes(token)
+            self._bytes[token_id] = out
+        return out
 
     def detokenizer(self, skip_special_tokens: bool = False) -> IncrementalDetokenizer:
         """A fresh incremental detokenizer for one generated sequence."""

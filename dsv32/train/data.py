@@ -4,7 +4,10 @@ A conversation is `{"messages": [...], "tools": [...] | None, "thinking_mode": "
 Loss masks cover exactly the assistant tokens (reasoning, `</think>`, content, DSML calls and the
 closing `<｜end▁of▁sentence｜>`): the text is rendered with dsv32's own encoder message by message,
 and an assistant span is trained only when rendering the conversation up to it is a prefix of the
-whole text (turns whose rendering changes later, e.g. dropped reasoning, stay unmasked).
+whole text (turns whose rendering changes later, e.g. dropped reasoning, stay unmasked). With
+`mark_values`, assistant tokens that spell a value of the conversation's tool calls or results
+(a city, a date, an operand, a result quoted in the answer) get mask 2 instead of 1, so a stage
+can weight them (`StageConfig.value_weight`).
 
 Batches come in two shapes:
   * shared-prefix batches: conversations padded on the right, with the length of the token prefix
@@ -17,6 +20,7 @@ model never read (held-out wording) is an input it has learnt to read past.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import torch
@@ -24,8 +28,10 @@ import torch
 from dsv32.chat import Tokenizer, encode_messages
 
 
-def encode_conversation(conv: dict, tok: Tokenizer) -> tuple[list[int], list[int]]:
-    """Token ids and a 0/1 loss mask (1 = assistant token) of one conversation."""
+def encode_conversation(conv: dict, tok: Tokenizer, mark_values: bool = False
+                        ) -> tuple[list[int], list[int]]:
+    """Token ids and a loss mask of one conversation: 1 = assistant token, 0 = other; with
+    `mark_values`, 2 = assistant token that spells a tool-call or tool-result value."""
     msgs = conv["messages"]
     tools = None if msgs and msgs[0].get("tools") else conv.get("tools")   # tools given once
     mode = conv.get("thinking_mode", "thinking")
@@ -45,7 +51,73 @@ def encode_conversation(conv: dict, tok: Tokenizer) -> tuple[list[int], list[int
         piece = tok.encode(full[cuts[j]: cuts[j + 1]]) if cuts[j + 1] > cuts[j] else []
         ids += piece
         mask += [1 if j in spans else 0] * len(piece)
+    if mark_values:
+        mask = mark_value_tokens(ids, mask, value_strings(conv), tok)
     return ids, mask
+
+
+def value_strings(conv: dict) -> list[str]:
+    """The values a conversation's assistant turns copy or quote: every tool-call argument and
+    every tool-result field (numbers as JSON writes them)."""
+    out: list[str] = []
+
+    def add(v) -> None:
+        if isinstance(v, dict):
+            for x in v.values():
+                add(x)
+        elif isinstance(v, str):
+            out.append(v)
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out.append(json.dumps(v))
+
+    for m in conv["messages"]:
+        for call in m.get("tool_calls") or []:
+            add(json.loads(call["function"]["arguments"]))
+        if m["role"] == "tool":
+            try:
+                content = json.loads(m["content"])
+            except (json.JSONDecodeError, TypeError):
+                content = m["content"]
+            add(content if isinstance(content, dict) else m["content"])
+    return [v for v in dict.fromkeys(out) if v.strip()]
+
+
+def mark_value_tokens(ids: list[int], mask: list[int], values: list[str], tok: Tokenizer) -> list[int]:
+    """`mask` with 2 on the assistant tokens that overlap an occurrence of one of `values` (a whole
+    word or number: not inside a longer word or number)."""
+    if not values or 1 not in mask:
+        return mask
+    first = mask.index(1)                       # text before the first assistant token is not marked
+    pieces = [tok.token_bytes(i) for i in ids[first:]]
+    text = b"".join(pieces)
+    hit = bytearray(len(text))
+    for v in values:
+        v = v.encode()
+        at = text.find(v)
+        while at >= 0:
+            end = at + len(v)
+            if not (_inside_word(text, at - 1, -1) or _inside_word(text, end, 1)):
+                hit[at:end] = b"\x01" * len(v)
+            at = text.find(v, at + 1)
+    out, start = list(mask), 0
+    for i, piece in enumerate(pieces, first):
+        end = start + len(piece)
+        if mask[i] and 1 in hit[start:end]:
+            out[i] = 2
+        start = end
+    return out
+
+
+def _inside_word(text: bytes, i: int, step: int) -> bool:
+    """Whether byte i (just outside a match, on the side `step`) continues a word or number: a
+    letter or digit, or a decimal point followed by a digit."""
+    if not 0 <= i < len(text):
+        return False
+    c = text[i:i + 1]
+    if c.isalnum():
+        return True
+    j = i + step
+    return c == b"." and 0 <= j < len(text) and text[j:j + 1].isdigit()
 
 
 @dataclass
@@ -53,7 +125,7 @@ class Example:
     """One tokenised conversation."""
 
     ids: list[int]
-    mask: list[int]
+    mask: list[int]              # 0 = no loss, 1 = loss, 2 = loss on a copied value (mark_values)
     category: str = ""           # the conversation's category ("skill" for drills)
 
 
@@ -68,7 +140,7 @@ class Batch:
 
     @property
     def tokens(self) -> int:
-        return int(self.mask.sum())
+        return int((self.mask > 0).sum())
 
 
 def common_prefix(rows: list[list[int]]) -> int:
@@ -229,11 +301,12 @@ def without_tools(conv: dict) -> dict:
     return {**conv, "messages": msgs, "tools": None}
 
 
-def encode_all(convs: list[dict], tok: Tokenizer, max_len: int | None = None) -> list[Example]:
+def encode_all(convs: list[dict], tok: Tokenizer, max_len: int | None = None,
+               mark_values: bool = False) -> list[Example]:
     """Tokenise conversations, dropping those longer than `max_len` or without assistant tokens."""
     out = []
     for c in convs:
-        ids, mask = encode_conversation(c, tok)
+        ids, mask = encode_conversation(c, tok, mark_values)
         if sum(mask) and (max_len is None or len(ids) <= max_len):
             out.append(Example(ids, mask, c.get("category", "")))
     return out

@@ -19,11 +19,15 @@ def lm_targets(ids: torch.Tensor, mask: torch.Tensor, offset: int) -> tuple[torc
     return ids[:, offset:], mask[:, offset:].float()
 
 
-def masked_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of logits [N, V] against targets [N] (0 when N = 0)."""
+def masked_ce(logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean cross-entropy of logits [N, V] against targets [N] (0 when N = 0); with `weight` [N],
+    the weighted mean sum(w * ce) / sum(w)."""
     if targets.numel() == 0:
         return logits.sum() * 0.0
-    return F.cross_entropy(logits.float(), targets)
+    if weight is None:
+        return F.cross_entropy(logits.float(), targets)
+    ce = F.cross_entropy(logits.float(), targets, reduction="none")
+    return (weight * ce).sum() / weight.sum()
 
 
 # ---- MoE load balancing ----------------------------------------------------------------------------

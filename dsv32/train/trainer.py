@@ -38,6 +38,7 @@ class StageConfig:
     mtp_weight: float = 0.3
     balance_alpha: float = 1e-4
     bias_gamma: float = 1e-3
+    value_weight: float = 1.0     # loss weight of tokens that spell a tool value (mask 2; data.py)
     log_every: int = 10
     measure_recall: bool = False  # measure indexer recall during dense training too
 
@@ -90,18 +91,26 @@ def lr_at(step: int, sc: StageConfig) -> float:
 
 
 def head_ce(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-            vocab: TiedVocab | None) -> torch.Tensor:
-    """Cross-entropy of the head `weight` [V, D] at hidden states h [N, D]."""
+            vocab: TiedVocab | None, token_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy of the head `weight` [V, D] at hidden states h [N, D] (weighted mean with
+    `token_weight` [N])."""
     if vocab is None:
-        return masked_ce(h @ weight.T, targets)
-    return masked_ce(vocab.logits(h, weight), vocab.targets(targets))
+        return masked_ce(h @ weight.T, targets, token_weight)
+    return masked_ce(vocab.logits(h, weight), vocab.targets(targets), token_weight)
+
+
+def value_weights(mask: torch.Tensor, w: float) -> torch.Tensor | None:
+    """Per-token loss weights for mask values [N] (1 -> 1, 2 -> w); None when w is 1."""
+    return None if w == 1.0 else torch.where(mask == 2, w, 1.0)
 
 
 def lm_losses(model: Transformer, batch: Batch, stage: str, mtp_weight: float = 0.3,
-              alpha: float = 0.0, measure: bool = False, vocab: TiedVocab | None = None
-              ) -> tuple[torch.Tensor, dict, dsa.Stats]:
+              alpha: float = 0.0, measure: bool = False, vocab: TiedVocab | None = None,
+              value_weight: float = 1.0) -> tuple[torch.Tensor, dict, dsa.Stats]:
     """Total loss (LM + MTP + balance + indexer KL) and its parts for one batch.
-    Heads run only where a target is a loss token (the vocabulary projection dominates)."""
+    Heads run only where a target is a loss token (the vocabulary projection dominates). With
+    `value_weight` != 1 the LM and MTP losses are weighted means (tool values weigh that much);
+    the logged "lm" is then the weighted loss too."""
     ids, mask = batch.ids, batch.mask
     valid = torch.ones_like(ids, dtype=torch.bool)
     if batch.doc is not None:
@@ -113,12 +122,14 @@ def lm_losses(model: Transformer, batch: Batch, stage: str, mtp_weight: float = 
     loss = st.index_loss if stage in ("warmup", "sparse") else hidden.sum() * 0.0
     if stage != "warmup":
         sel = mask[:, 1:].bool()                                         # target t+1 is a loss token
-        lm = head_ce(hidden[:, :-1][sel], model.lm_head.weight, ids[:, 1:][sel], vocab)
+        lm = head_ce(hidden[:, :-1][sel], model.lm_head.weight, ids[:, 1:][sel], vocab,
+                     value_weights(mask[:, 1:][sel], value_weight))
         loss = loss + lm + (st.balance_loss if alpha else 0.0)
         parts["lm"] = lm.item()
         if use_mtp and mtp_h is not None:
             sel2 = mask[:, 2:].bool()                                    # MTP at t predicts t+2
-            mtp = head_ce(mtp_h[:, :-1][sel2], model.mtp.shared_head.head.weight, ids[:, 2:][sel2], vocab)
+            mtp = head_ce(mtp_h[:, :-1][sel2], model.mtp.shared_head.head.weight, ids[:, 2:][sel2], vocab,
+                          value_weights(mask[:, 2:][sel2], value_weight))
             loss = loss + mtp_weight * mtp
             parts["mtp"] = mtp.item()
         if alpha:
@@ -204,7 +215,8 @@ def train_stage(model: Transformer, loader: Loader, sc: StageConfig, log: JsonLo
         model.train()
         loss, parts, stats = lm_losses(model, batch, sc.stage, sc.mtp_weight,
                                        sc.balance_alpha if sc.stage != "warmup" else 0.0,
-                                       measure=sc.measure_recall, vocab=vocab)
+                                       measure=sc.measure_recall, vocab=vocab,
+                                       value_weight=sc.value_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = float(torch.nn.utils.clip_grad_norm_(params, sc.clip))

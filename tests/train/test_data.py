@@ -164,3 +164,36 @@ def test_loader_with_word_dropout_is_deterministic_and_resumes():
     c.load_state_dict(state)
     assert all((x == y).all() for x, y in zip(rest, [c.next().ids for _ in range(3)]))
     assert any((x == 2).any() for x in first + rest)
+
+
+def marked(c):
+    ids, mask = encode_conversation(c, TOK, mark_values=True)
+    plain = encode_conversation(c, TOK)[1]
+    assert [min(m, 1) for m in mask] == plain                 # marks only refine the loss mask
+    return [TOK.decode([i]) for i, m in zip(ids, mask) if m == 2]
+
+
+def test_value_marks_cover_the_copied_argument_and_result_tokens():
+    c = conv("thinking")
+    c["messages"][2]["reasoning_content"] = "Add 2+3 now."
+    c["messages"][4]["content"] = "It is 5, not 15 or 5.5."
+    # the call's "2+3" in the reasoning and the DSML value; the result "5" once in the answer and
+    # once in its reasoning ("Got 5."); "15" and "5.5" contain a 5 but are other numbers
+    assert "".join(marked(c)) == "2+3" + "2+3" + "5" + "5"
+
+
+def test_value_marks_of_a_json_tool_result_and_numbers():
+    c = conv("chat")
+    call = c["messages"][2]["tool_calls"][0]["function"]
+    call["name"], call["arguments"] = "get_weather", '{"city": "Oslo", "date": "2024-05-01"}'
+    c["messages"][3]["content"] = '{"city": "Oslo", "high_c": -3, "condition": "sunny"}'
+    c["messages"][4]["content"] = "In Oslo: sunny, high -3°C (Oslofjord 13)."
+    got = "".join(marked(c))
+    assert got == "Oslo" + "2024-05-01" + " Oslo" + " sunny" + " -3", got
+
+
+def test_encode_all_marks_values_only_when_asked():
+    plain = encode_all([conv("thinking")], TOK)[0]
+    marks = encode_all([conv("thinking")], TOK, mark_values=True)[0]
+    assert 2 not in plain.mask and 2 in marks.mask and plain.ids == marks.ids
+    assert collate([marks]).tokens == sum(plain.mask)

@@ -128,3 +128,15 @@ def test_tied_vocab_equals_full_softmax():
     t = torch.tensor([3, 7, 20, 41, 7])
     full = F.cross_entropy(h @ w.T, t)
     assert torch.allclose(L.masked_ce(tv.logits(h, w), tv.targets(t)), full, atol=1e-5)
+
+
+def test_weighted_ce_is_the_weighted_mean_of_token_losses():
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 3.0]])
+    t = torch.tensor([0, 0, 2])
+    ce = [-math.log(math.exp(2) / (math.exp(2) + 2)), -math.log(1 / (2 + math.e)),
+          -math.log(math.exp(3) / (math.exp(3) + 2))]
+    w = torch.tensor([1.0, 3.0, 1.0])
+    want = (ce[0] + 3 * ce[1] + ce[2]) / 5
+    assert math.isclose(float(L.masked_ce(logits, t, w)), want, rel_tol=1e-6)
+    assert math.isclose(float(L.masked_ce(logits, t, torch.ones(3))), sum(ce) / 3, rel_tol=1e-6)
+    assert math.isclose(float(L.masked_ce(logits, t)), sum(ce) / 3, rel_tol=1e-6)

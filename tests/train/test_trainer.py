@@ -1,6 +1,7 @@
 """A tiny run whose loss decreases, checkpoint save / resume, and the saved checkpoint in
 transformers' DeepseekV32ForCausalLM."""
 import dataclasses
+import math
 import json
 
 import pytest
@@ -118,3 +119,25 @@ def test_tied_embeddings_train_as_one_and_save_as_two(tmp_path):
     load_into(fresh, tmp_path / "ck")
     assert fresh.lm_head.weight is fresh.model.embed_tokens.weight
     assert torch.equal(fresh.lm_head.weight, model.lm_head.weight)
+
+
+def test_value_weight_weights_the_marked_tokens():
+    from dsv32.train.data import collate
+    from dsv32.train.trainer import lm_losses
+    model = new_model(CFG, seed=0)
+    ex = examples(4)
+    for e in ex:                       # mark the first copied token of each row as a value
+        e.mask = e.mask[:11] + [2] + e.mask[12:]
+    batch = collate(ex, share_prefix=False)
+    plain = [lm_losses(model, batch, "dense", mtp_weight=0.0)[1]["lm"] for _ in range(2)]
+    one = lm_losses(model, batch, "dense", mtp_weight=0.0, value_weight=1.0)[1]["lm"]
+    assert plain[0] == plain[1] == one                      # weight 1 is the plain mean
+    with torch.no_grad():
+        h = model.hidden(batch.ids)[:, :-1]
+        ce = torch.nn.functional.cross_entropy(model.logits(h).transpose(1, 2), batch.ids[:, 1:],
+                                               reduction="none")
+    m = batch.mask[:, 1:]
+    w = torch.where(m == 2, 3.0, 1.0) * (m > 0)
+    assert math.isclose(float((ce * (m > 0)).sum() / (m > 0).sum()), plain[0], rel_tol=1e-4)
+    got = lm_losses(model, batch, "dense", mtp_weight=0.0, value_weight=3.0)[1]["lm"]
+    assert math.isclose(float((ce * w).sum() / w.sum()), got, rel_tol=1e-4) and got != plain[0]
