@@ -70,10 +70,12 @@ class Recipe:
     sort_window: int = 1            # >1: length-sorted batches, ~1.6x faster full-prompt steps, but
                                     # with made-up places (`invented`, `n_invented_words`) the model did
                                     # much worse (docs/training.md)
+    # 3800 short-context steps at peak rate 3e-3 end where 4600 at 5e-3 did (demo17); tokens that
+    # spell a tool value weigh 3x in the full-prompt stage (demo18; docs/training.md)
     short: StageConfig = field(default_factory=lambda: StageConfig(
-        name="sft_short", stage="dense", steps=4600, lr=5e-3, warmup=100, mtp_weight=0.3))
+        name="sft_short", stage="dense", steps=3800, lr=3e-3, warmup=100, mtp_weight=0.3))
     sft: StageConfig = field(default_factory=lambda: StageConfig(
-        name="sft", stage="dense", steps=3200, lr=3e-3, warmup=50, mtp_weight=0.3))
+        name="sft", stage="dense", steps=3200, lr=3e-3, warmup=50, mtp_weight=0.3, value_weight=3.0))
     warmup: StageConfig = field(default_factory=lambda: StageConfig(
         name="dsa_warmup", stage="warmup", steps=80, lr=1e-3, warmup=5, mtp_weight=0.0))
     sparse: StageConfig = field(default_factory=lambda: StageConfig(
@@ -204,15 +206,18 @@ def run_demo(out: str | Path, recipe: Recipe | None = None, progress: bool = Tru
     summary: dict = {"recipe": _jsonable(recipe)}
 
     convs = training_conversations(recipe)
-    examples = encode_all(convs, tok, max_len=1536)
+    stages = (recipe.short, recipe.sft, recipe.warmup, recipe.sparse)
+    marks = any(sc.value_weight != 1.0 for sc in stages)      # mask 2 on tool values (data.py)
+    examples = encode_all(convs, tok, max_len=1536, mark_values=marks)
     heldout_convs = sft_conversations(recipe.n_heldout_lm, seed=recipe.seed + 1, split="heldout")
     heldout = encode_all(heldout_convs, tok)
     seen = {i for e in examples for i in e.ids} | {tok.bos_id, tok.eos_id}
     cfg = tiny_config(**recipe.model)
     vocab = TiedVocab(sorted(seen), cfg.vocab_size)
     log.write(event="data", conversations=len(convs), examples=len(examples),
-              tokens=sum(len(e.ids) for e in examples), loss_tokens=sum(sum(e.mask) for e in examples),
-              seen_vocab=len(vocab.seen))
+              tokens=sum(len(e.ids) for e in examples),
+              loss_tokens=sum(sum(map(bool, e.mask)) for e in examples),
+              value_tokens=sum(m == 2 for e in examples for m in e.mask), seen_vocab=len(vocab.seen))
     ho_batches = _heldout_batches(heldout, recipe.batch, tok)
 
     model = new_model(cfg, seed=recipe.seed, std=recipe.init_std, tie_embeddings=recipe.tie_embeddings)
@@ -249,7 +254,7 @@ def run_demo(out: str | Path, recipe: Recipe | None = None, progress: bool = Tru
         log.write(event="lm_eval", tag=tag, **row)
         print(f"[{tag}] " + ", ".join(f"{k} {'-' if v is None else f'{v:.4f}'}" for k, v in row.items()))
 
-    short = encode_all([without_tools(c) for c in convs], tok, max_len=1536)
+    short = encode_all([without_tools(c) for c in convs], tok, max_len=1536, mark_values=marks)
     stage(recipe.short, Loader(short, recipe.batch, seed=recipe.seed + 3, bucket_id=tok.user_id,
                               sort_window=sw, dropout=drop))
     stage(recipe.sft, loader)
