@@ -88,8 +88,7 @@ def mark_value_tokens(ids: list[int], mask: list[int], values: list[str], tok: T
     if not values or 1 not in mask:
         return mask
     first = mask.index(1)                       # text before the first assistant token is not marked
-    pieces = [tok.token_bytes(i) for i in ids[first:]]
-    text = b"".join(pieces)
+    text, offsets = byte_spans(ids[first:], tok)
     hit = bytearray(len(text))
     for v in values:
         v = v.encode()
@@ -99,13 +98,21 @@ def mark_value_tokens(ids: list[int], mask: list[int], values: list[str], tok: T
             if not (_inside_word(text, at - 1, -1) or _inside_word(text, end, 1)):
                 hit[at:end] = b"\x01" * len(v)
             at = text.find(v, at + 1)
-    out, start = list(mask), 0
-    for i, piece in enumerate(pieces, first):
-        end = start + len(piece)
+    out = list(mask)
+    for i, (start, end) in enumerate(offsets, first):
         if mask[i] and 1 in hit[start:end]:
             out[i] = 2
-        start = end
     return out
+
+
+def byte_spans(ids: list[int], tok: Tokenizer) -> tuple[bytes, list[tuple[int, int]]]:
+    """The bytes that `ids` spell, and each token's (start, end) byte offsets in them."""
+    pieces = [tok.token_bytes(i) for i in ids]
+    offsets, start = [], 0
+    for piece in pieces:
+        offsets.append((start, start + len(piece)))
+        start += len(piece)
+    return b"".join(pieces), offsets
 
 
 def _inside_word(text: bytes, i: int, step: int) -> bool:

@@ -17,7 +17,7 @@ from dsv32.chat import ChatFormatError, Tokenizer, encode_messages, parse_comple
 from dsv32.chat.dsml import PARAM_OPEN
 from dsv32.chat.tokens import PARAM_CLOSE
 
-from .data import encode_conversation
+from .data import byte_spans, encode_conversation
 from .envs.registry import tool_messages
 from .envs.verify import score_answer, score_call, score_plain
 from .synth import CATEGORIES, MODES, Task, generate_tasks
@@ -175,18 +175,16 @@ _VALUE = re.compile(PARAM_OPEN.pattern.encode() + rb"(.*?)" + re.escape(PARAM_CL
 def argument_tokens(ids: list[int], mask: list[int], tok: Tokenizer) -> list[list[int]]:
     """Positions of the tokens that overlap a DSML parameter value, one list per assistant turn
     that calls tools (the tokens a call's arguments are made of)."""
-    pieces = [tok.token_bytes(i) for i in ids]
-    spans = [m.span(3) for m in _VALUE.finditer(b"".join(pieces))]
+    text, offsets = byte_spans(ids, tok)
+    spans = [m.span(3) for m in _VALUE.finditer(text)]
     turns: list[list[int]] = []
-    start, prev_masked = 0, False
-    for i, piece in enumerate(pieces):
-        end = start + len(piece)
+    prev_masked = False
+    for i, (start, end) in enumerate(offsets):
         if mask[i] and not prev_masked:
             turns.append([])                                  # a new assistant span begins
         prev_masked = bool(mask[i])
         if mask[i] and any(a < end and start < b for a, b in spans):   # overlaps a value
             turns[-1].append(i)
-        start = end
     return [t for t in turns if t]
 
 

@@ -216,8 +216,8 @@ def run_demo(out: str | Path, recipe: Recipe | None = None, progress: bool = Tru
     vocab = TiedVocab(sorted(seen), cfg.vocab_size)
     log.write(event="data", conversations=len(convs), examples=len(examples),
               tokens=sum(len(e.ids) for e in examples),
-              loss_tokens=sum(sum(map(bool, e.mask)) for e in examples),
-              value_tokens=sum(m == 2 for e in examples for m in e.mask), seen_vocab=len(vocab.seen))
+              loss_tokens=sum(len(e.mask) - e.mask.count(0) for e in examples),
+              value_tokens=sum(e.mask.count(2) for e in examples), seen_vocab=len(vocab.seen))
     ho_batches = _heldout_batches(heldout, recipe.batch, tok)
 
     model = new_model(cfg, seed=recipe.seed, std=recipe.init_std, tie_embeddings=recipe.tie_embeddings)

@@ -1,8 +1,8 @@
 """A tiny run whose loss decreases, checkpoint save / resume, and the saved checkpoint in
 transformers' DeepseekV32ForCausalLM."""
 import dataclasses
-import math
 import json
+import math
 
 import pytest
 import torch
