@@ -99,6 +99,31 @@ def test_fixed_utterances_are_disjoint():
         assert train and heldout and not {u.lower() for u in train} & {u.lower() for u in heldout}
 
 
+# Words of each held-out table that none of its training entries writes. Training frames may be
+# added, but never with these words: a held-out frame keeps wording the model did not train on.
+HELDOUT_ONLY_WORDS = {
+    "CALC_FRAMES": {"come", "figure", "i", "need", "out", "solve", "value", "work"},
+    "CAPITAL_FRAMES": {"do", "name", "serves"},
+    "DEFINITION_FRAMES": {"a", "explain", "i'd", "know", "like", "short", "to"},
+    "IMPERATIVE_FRAMES": {"could", "i'd", "like", "quickly"},
+    "UNITS_FRAMES": {"change", "could", "equals", "for", "if", "it", "something", "turn"},
+    "WEATHER_FRAMES": {"any", "could", "getting", "heading", "idea", "kind", "look", "of", "report", "up"},
+    "greeting": {"evening", "greetings", "hiya", "howdy"}, "thanks": {"appreciated", "cheers", "many"},
+    "identity": {"able", "about", "to"}, "goodbye": {"for", "talk", "to"},
+    "fact1": {"is"}, "fact2": {"lasts"}, "fact5": {"in", "name", "solar", "system"}, "fact6": {"one"},
+    "fact8": {"has", "which"}, "fact9": {"by", "was", "whom", "written"}, "fact10": {"earth", "name", "on"},
+}
+
+
+def test_heldout_wording_stays_unseen():
+    words = lambda texts: {w for t in texts for w in re.findall(r"\{\w+\}|[\w']+", t.lower())}  # noqa: E731
+    tables = {n: (t["train"], t["heldout"]) for n, t in vars(P).items() if n.endswith("_FRAMES")}
+    tables |= {kind: talk[:2] for kind, talk in P.SMALL_TALK.items()}
+    tables |= {f"fact{i}": fact[:2] for i, fact in enumerate(P.FACTS)}
+    for name, (train, heldout) in tables.items():
+        assert words(heldout) - words(train) == HELDOUT_ONLY_WORDS.get(name, set()), name
+
+
 def test_generated_splits_are_disjoint(train_tasks, heldout_tasks):
     assert not {t.frame for t in train_tasks} & {t.frame for t in heldout_tasks}
     assert not {_user(t).casefold() for t in train_tasks} & {_user(t).casefold() for t in heldout_tasks}
