@@ -10,10 +10,10 @@ import torch
 import dsv32
 from dsv32.model.checkpoint import CheckpointError, save_checkpoint
 from dsv32.model.init_tiny import tiny_config
-from dsv32.train.data import Example, Loader
+from dsv32.train.data import Example, Loader, collate
 from dsv32.train.export import export_bundle, fp8_round_trip
 from dsv32.train.losses import TiedVocab
-from dsv32.train.trainer import JsonLog, StageConfig, load_into, new_model, save, train_stage
+from dsv32.train.trainer import JsonLog, StageConfig, lm_losses, load_into, new_model, save, train_stage
 
 CFG = tiny_config(layers=2, hidden=64, heads=4, q_lora=32, kv_lora=32, nope=16, rope=16, v=16,
                   inter=96, moe_inter=32, experts=8, groups=4, topk_group=2, active=2,
@@ -122,8 +122,6 @@ def test_tied_embeddings_train_as_one_and_save_as_two(tmp_path):
 
 
 def test_value_weight_weights_the_marked_tokens():
-    from dsv32.train.data import collate
-    from dsv32.train.trainer import lm_losses
     model = new_model(CFG, seed=0)
     ex = examples(4)
     for e in ex:                       # mark the first copied token of each row as a value
