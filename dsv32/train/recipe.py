@@ -60,6 +60,8 @@ class Recipe:
     n_skill: int = 20000            # short drills: copying, dates, numbers, expressions, unit codes
     n_spell: int = 0                # conversations of 8 one-word echoes (3000 did worse, docs/training.md)
     n_numbers: int = 8000           # conversations of 6 echoes of uniformly drawn numbers
+    n_conversions: int = 0          # conversations of 6 number-word and worded-calculation
+                                    # conversions, in the full-prompt and later stages only
     drill_vocabulary: bool = False  # drills also echo every word of the generator (ditto)
     tie_embeddings: bool = True     # LM head shares the input embedding while training
     init_std: float = 0.02          # (0.006 learned to copy ~4x slower in a 800-step echo drill)
@@ -100,6 +102,7 @@ class Recipe:
         r.n_skill = int(self.n_skill * f)
         r.n_spell = int(self.n_spell * f)
         r.n_numbers = int(self.n_numbers * f)
+        r.n_conversions = int(self.n_conversions * f)
         return r
 
 
@@ -194,7 +197,7 @@ def training_conversations(recipe: Recipe) -> list[dict]:
 def run_demo(out: str | Path, recipe: Recipe | None = None, progress: bool = True,
              evaluate_model: bool = True) -> dict:
     """Run the whole recipe into `out`; returns the summary written to OUT/summary.json."""
-    from .synth import answer_stage, generate_tasks, sft_conversations
+    from .synth import answer_stage, conversion_conversations, generate_tasks, sft_conversations
 
     recipe = recipe or Recipe()
     out = Path(out)
@@ -206,15 +209,16 @@ def run_demo(out: str | Path, recipe: Recipe | None = None, progress: bool = Tru
     summary: dict = {"recipe": _jsonable(recipe)}
 
     convs = training_conversations(recipe)
+    later = conversion_conversations(recipe.n_conversions, recipe.seed)   # not in the short stage
     stages = (recipe.short, recipe.sft, recipe.warmup, recipe.sparse)
     marks = any(sc.value_weight != 1.0 for sc in stages)      # mask 2 on tool values (data.py)
-    examples = encode_all(convs, tok, max_len=1536, mark_values=marks)
+    examples = encode_all(convs + later, tok, max_len=1536, mark_values=marks)
     heldout_convs = sft_conversations(recipe.n_heldout_lm, seed=recipe.seed + 1, split="heldout")
     heldout = encode_all(heldout_convs, tok)
     seen = {i for e in examples for i in e.ids} | {tok.bos_id, tok.eos_id}
     cfg = tiny_config(**recipe.model)
     vocab = TiedVocab(sorted(seen), cfg.vocab_size)
-    log.write(event="data", conversations=len(convs), examples=len(examples),
+    log.write(event="data", conversations=len(convs) + len(later), examples=len(examples),
               tokens=sum(len(e.ids) for e in examples),
               loss_tokens=sum(len(e.mask) - e.mask.count(0) for e in examples),
               value_tokens=sum(e.mask.count(2) for e in examples), seen_vocab=len(vocab.seen))

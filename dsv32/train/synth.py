@@ -530,19 +530,48 @@ def spelling_conversations(n: int, seed: int = 0, words: tuple[str, ...] = (), t
     return _echo_conversations(n, rng, f"spell-{seed}", turns, lambda: _cased(rng, rng.choice(words)))
 
 
+def conversion_conversations(n: int, seed: int = 0, turns: int = 6) -> list[dict]:
+    """`n` tool-less chat-mode conversations of `turns` conversions, each a number in words
+    ("sixty-two" -> "62") or a worded calculation ("the sum of 12 and 7" -> "12 + 7"), as in the
+    drills of `skill_conversations` but six to a conversation: a calculator argument is such a
+    conversion, and slips in it (a wrong digit, a dropped operand) were the bundled model's most
+    common calculator failure (docs/training.md)."""
+    rng = random.Random(f"dsv32-conversions|{seed}")
+
+    def item() -> tuple[str, str, str]:
+        if rng.random() < 0.5:
+            value = rng.randint(-100, 100) if rng.random() < 0.8 else rng.randint(100, 5000)
+            return "number", _say_number(rng, value, words=1.0), format_number(value)
+        _, _, phrase, expression, _ = _verbal(rng, "train")
+        return "expression", phrase, expression
+
+    return _drill_conversations(n, rng, f"conversions-{seed}", turns, item)
+
+
 def _echo_conversations(n: int, rng: random.Random, prefix: str, turns: int,
                         item: Callable[[], str]) -> list[dict]:
     """`n` tool-less chat-mode conversations of `turns` echo turns: `item()` in an echo frame
     (sometimes lower-cased), answered by `item()` itself."""
+    def echo() -> tuple[str, str, str]:
+        x = item()
+        return "echo", x, x
+    return _drill_conversations(n, rng, prefix, turns, echo)
+
+
+def _drill_conversations(n: int, rng: random.Random, prefix: str, turns: int,
+                         item: Callable[[], tuple[str, str, str]]) -> list[dict]:
+    """`n` tool-less chat-mode conversations of `turns` drill turns; `item()` gives (kind, x,
+    answer), x goes into a frame of that kind (sometimes lower-cased, x too unless it is echoed)."""
     out = []
     for i in range(n):
         messages = []
         for _ in range(turns):
-            x = item()
-            frame = rng.choice(SKILL_FRAMES["echo"])
-            frame = frame.lower() if rng.random() < 0.3 else frame
+            kind, x, answer = item()
+            frame = rng.choice(SKILL_FRAMES[kind])
+            if rng.random() < 0.3:
+                frame, x = frame.lower(), x if kind == "echo" else x.lower()
             messages += [{"role": "user", "content": frame.format(x=x)},
-                         {"role": "assistant", "content": x}]
+                         {"role": "assistant", "content": answer}]
         out.append({"id": f"{prefix}-{i}", "category": "skill", "thinking_mode": "chat", "tools": None,
                     "messages": messages})
     return out

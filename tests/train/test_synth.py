@@ -437,6 +437,47 @@ def test_number_drills_echo_numbers_whose_tokens_cover_all_three_digit_groups():
     assert len(groups) > 950            # of the tokenizer's 1000 three-digit tokens
 
 
+def _slot(text: str, frames: tuple[str, ...]) -> str | None:
+    """What a drill frame's {x} holds in `text` (frames match in any casing), or None."""
+    for f in frames:
+        m = re.fullmatch(re.escape(f).replace(re.escape("{x}"), "(.+)"), text, re.I)
+        if m:
+            return m.group(1)
+    return None
+
+
+def test_conversion_drills_turn_number_words_and_worded_sums_into_digits():
+    from dsv32.train.envs.calculator import evaluate_expression
+    from dsv32.train.envs.numbers import number_words
+    from dsv32.train.synth import SKILL_FRAMES, conversion_conversations
+
+    convs = conversion_conversations(200, seed=1)
+    assert convs == conversion_conversations(200, seed=1) != conversion_conversations(200, seed=2)
+    spoken = {number_words(n).lower(): n for n in range(-100, 101)}
+    counts = {"number": 0, "expression": 0, "words": 0}
+    for c in convs:
+        messages = c["messages"]
+        assert len(messages) == 12 and c["tools"] is None and c["category"] == "skill"
+        for user, answer in zip(messages[::2], messages[1::2]):
+            text, answer = user["content"], answer["content"]
+            x = _slot(text, SKILL_FRAMES["number"])
+            if x is not None:                  # digits, words, "minus 7" or thousands separators
+                counts["number"] += 1
+                assert re.fullmatch(r"-?\d+", answer)
+                if x.lower() in spoken:
+                    counts["words"] += 1
+                    assert spoken[x.lower()] == int(answer)
+                else:
+                    assert x.replace(",", "").replace("minus ", "-") == answer
+            else:                              # a valid expression over a number the user wrote
+                assert _slot(text, SKILL_FRAMES["expression"]) is not None
+                counts["expression"] += 1
+                evaluate_expression(answer)
+                assert any(n in text or number_words(int(n)).lower() in text.lower()
+                           for n in re.findall(r"\d+", answer))
+    assert min(counts.values()) > 300 and counts["words"] > counts["number"] / 2
+
+
 def test_vocabulary_covers_every_word_the_generator_writes():
     from dsv32.train.synth import CATEGORIES, skill_conversations
 
