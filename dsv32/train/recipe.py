@@ -60,8 +60,8 @@ class Recipe:
     n_skill: int = 20000            # short drills: copying, dates, numbers, expressions, unit codes
     n_spell: int = 0                # conversations of 8 one-word echoes (3000 did worse, docs/training.md)
     n_numbers: int = 8000           # conversations of 6 echoes of uniformly drawn numbers
-    n_conversions: int = 0          # conversations of 6 number-word and worded-calculation
-                                    # conversions, in the full-prompt and later stages only
+    n_conversions: int = 4000       # conversations of 6 number-word and worded-calculation
+                                    # conversions, in the full-prompt and later stages only (demo20)
     drill_vocabulary: bool = False  # drills also echo every word of the generator (ditto)
     tie_embeddings: bool = True     # LM head shares the input embedding while training
     init_std: float = 0.02          # (0.006 learned to copy ~4x slower in a 800-step echo drill)
@@ -73,11 +73,11 @@ class Recipe:
                                     # with made-up places (`invented`, `n_invented_words`) the model did
                                     # much worse (docs/training.md)
     # 3800 short-context steps at peak rate 3e-3 end where 4600 at 5e-3 did (demo17); tokens that
-    # spell a tool value weigh 3x in the full-prompt stage (demo18; docs/training.md)
+    # spell a tool value weigh 5x in the full-prompt stage (demo20; 3x in demo18; docs/training.md)
     short: StageConfig = field(default_factory=lambda: StageConfig(
         name="sft_short", stage="dense", steps=3800, lr=3e-3, warmup=100, mtp_weight=0.3))
     sft: StageConfig = field(default_factory=lambda: StageConfig(
-        name="sft", stage="dense", steps=3200, lr=3e-3, warmup=50, mtp_weight=0.3, value_weight=3.0))
+        name="sft", stage="dense", steps=3200, lr=3e-3, warmup=50, mtp_weight=0.3, value_weight=5.0))
     warmup: StageConfig = field(default_factory=lambda: StageConfig(
         name="dsa_warmup", stage="warmup", steps=80, lr=1e-3, warmup=5, mtp_weight=0.0))
     sparse: StageConfig = field(default_factory=lambda: StageConfig(
