@@ -62,6 +62,7 @@ class Recipe:
     n_numbers: int = 8000           # conversations of 6 echoes of uniformly drawn numbers
     n_conversions: int = 4000       # conversations of 6 number-word and worded-calculation
                                     # conversions, in the full-prompt and later stages only (demo20)
+    separated: float = 0.0          # share of those turns that drop thousands separators ("3,962")
     drill_vocabulary: bool = False  # drills also echo every word of the generator (ditto)
     tie_embeddings: bool = True     # LM head shares the input embedding while training
     init_std: float = 0.02          # (0.006 learned to copy ~4x slower in a 800-step echo drill)
@@ -209,7 +210,8 @@ def run_demo(out: str | Path, recipe: Recipe | None = None, progress: bool = Tru
     summary: dict = {"recipe": _jsonable(recipe)}
 
     convs = training_conversations(recipe)
-    later = conversion_conversations(recipe.n_conversions, recipe.seed)   # not in the short stage
+    # conversion drills: not in the short stage
+    later = conversion_conversations(recipe.n_conversions, recipe.seed, separated=recipe.separated)
     stages = (recipe.short, recipe.sft, recipe.warmup, recipe.sparse)
     marks = any(sc.value_weight != 1.0 for sc in stages)      # mask 2 on tool values (data.py)
     examples = encode_all(convs + later, tok, max_len=1536, mark_values=marks)

@@ -446,15 +446,17 @@ def _slot(text: str, frames: tuple[str, ...]) -> str | None:
     return None
 
 
-def test_conversion_drills_turn_number_words_and_worded_sums_into_digits():
+@pytest.mark.parametrize("separated", [0.0, 0.4])
+def test_conversion_drills_turn_number_words_and_worded_sums_into_digits(separated):
     from dsv32.train.envs.calculator import evaluate_expression
     from dsv32.train.envs.numbers import number_words
     from dsv32.train.synth import SKILL_FRAMES, conversion_conversations
 
-    convs = conversion_conversations(200, seed=1)
-    assert convs == conversion_conversations(200, seed=1) != conversion_conversations(200, seed=2)
+    convs = conversion_conversations(200, seed=1, separated=separated)
+    assert convs == conversion_conversations(200, seed=1, separated=separated)
+    assert convs != conversion_conversations(200, seed=2, separated=separated)
     spoken = {number_words(n).lower(): n for n in range(-100, 101)}
-    counts = {"number": 0, "expression": 0, "words": 0}
+    counts = {"number": 0, "expression": 0, "words": 0, "separated": 0}
     for c in convs:
         messages = c["messages"]
         assert len(messages) == 12 and c["tools"] is None and c["category"] == "skill"
@@ -468,6 +470,7 @@ def test_conversion_drills_turn_number_words_and_worded_sums_into_digits():
                     counts["words"] += 1
                     assert spoken[x.lower()] == int(answer)
                 else:
+                    counts["separated"] += "," in x
                     assert x.replace(",", "").replace("minus ", "-") == answer
             else:                              # a valid expression over a number the user wrote
                 assert _slot(text, SKILL_FRAMES["expression"]) is not None
@@ -475,7 +478,9 @@ def test_conversion_drills_turn_number_words_and_worded_sums_into_digits():
                 evaluate_expression(answer)
                 assert any(n in text or number_words(int(n)).lower() in text.lower()
                            for n in re.findall(r"\d+", answer))
-    assert min(counts.values()) > 300 and counts["words"] > counts["number"] / 2
+    assert min(counts["number"], counts["expression"]) > 300
+    assert counts["words"] > (counts["number"] - counts["separated"]) / 2
+    assert counts["separated"] > 0.3 * 1200 * separated and counts["separated"] < 100 + 1200 * separated
 
 
 def test_vocabulary_covers_every_word_the_generator_writes():
