@@ -116,13 +116,13 @@ def test_api_keys(keyed):
 
 
 def test_queue_full_and_timeout(server_ckpt, server_model):
-    s = start_server(server_ckpt, server_model, engine_kw={"max_num_seqs": 1}, max_queue=1,
-                     request_timeout=2.5).wait_ready()
+    s = start_server(server_ckpt, server_model, engine_kw={"max_num_seqs": 1, "max_model_len": 8192},
+                     max_queue=1, request_timeout=2.5).wait_ready()
     try:
         results = {}
 
         def long(i):
-            body = {"messages": USER, "max_tokens": 500, "ignore_eos": True}
+            body = {"messages": USER, "max_tokens": 8000, "ignore_eos": True}   # far more than 2.5 s of work
             results[i] = post(s, body)
 
         threads = [threading.Thread(target=long, args=(i,)) for i in range(2)]
@@ -140,7 +140,7 @@ def test_queue_full_and_timeout(server_ckpt, server_model):
         for r in results.values():   # cut by the 2.5 s timeout, partial answer kept
             c = r.json()["choices"][0]
             assert r.status_code == 200 and c["finish_reason"] == "insufficient_system_resource"
-        body = {"messages": USER, "max_tokens": 500, "ignore_eos": True, "stream": True}
+        body = {"messages": USER, "max_tokens": 8000, "ignore_eos": True, "stream": True}
         with httpx.stream("POST", s.url + "/v1/chat/completions", json=body, timeout=30) as r:
             data = [json.loads(x[6:]) for x in r.iter_lines() if x.startswith("data: {")]
         assert data[-1]["choices"][0]["finish_reason"] == "insufficient_system_resource"
