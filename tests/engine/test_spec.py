@@ -60,8 +60,9 @@ def test_speculation_gives_the_same_tokens(ckpt, model, kw):
     prompts = prompts_of([3, 100, 100, 100], seed=11)
     # top_k: a random model's distribution is near-uniform over 129K tokens, where a 1e-7 change in
     # the cumulative sum (batched verify vs single-token forward kernels) moves a draw to the next id
-    params = [greedy(40), greedy(40), SamplingParams(temperature=1.0, top_p=0.9, top_k=20, seed=7,
-                                                     max_tokens=40, ignore_eos=True, logprobs=1), greedy(40, stop_token_ids=[5])]
+    sampled = SamplingParams(temperature=1.0, top_p=0.9, top_k=20, seed=7, max_tokens=40,
+                             ignore_eos=True, logprobs=1)
+    params = [greedy(40), greedy(40), sampled, greedy(40, stop_token_ids=[5])]
     ref = run(make_engine(ckpt, model, **kw), prompts, params)
     oracle = OracleDrafts({tuple(p): r.outputs[0].token_ids for p, r in zip(prompts, ref)})
     got, eng = spec_run(ckpt, model, prompts, params, oracle, **kw)
