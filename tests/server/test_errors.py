@@ -120,9 +120,10 @@ def test_queue_full_and_timeout(server_ckpt, server_model):
                      max_queue=1, request_timeout=2.5).wait_ready()
     try:
         results = {}
+        long_tokens = 8000          # far more than 2.5 s of work
 
         def long(i):
-            body = {"messages": USER, "max_tokens": 8000, "ignore_eos": True}   # far more than 2.5 s of work
+            body = {"messages": USER, "max_tokens": long_tokens, "ignore_eos": True}
             results[i] = post(s, body)
 
         threads = [threading.Thread(target=long, args=(i,)) for i in range(2)]
@@ -140,7 +141,7 @@ def test_queue_full_and_timeout(server_ckpt, server_model):
         for r in results.values():   # cut by the 2.5 s timeout, partial answer kept
             c = r.json()["choices"][0]
             assert r.status_code == 200 and c["finish_reason"] == "insufficient_system_resource"
-        body = {"messages": USER, "max_tokens": 8000, "ignore_eos": True, "stream": True}
+        body = {"messages": USER, "max_tokens": long_tokens, "ignore_eos": True, "stream": True}
         with httpx.stream("POST", s.url + "/v1/chat/completions", json=body, timeout=30) as r:
             data = [json.loads(x[6:]) for x in r.iter_lines() if x.startswith("data: {")]
         assert data[-1]["choices"][0]["finish_reason"] == "insufficient_system_resource"
