@@ -64,6 +64,9 @@ class Recipe:
                                     # conversions, in the full-prompt and later stages only (demo20)
     separated: float = 0.0          # share of those turns that drop thousands separators ("3,962")
     drill_vocabulary: bool = False  # drills also echo every word of the generator (ditto)
+    n_full_tasks: int = 0           # extra conversations of `full_tasks` (drawn uniformly), in the
+                                    # full-prompt and later stages only (demo25: no gain, docs/training.md)
+    full_tasks: tuple[str, ...] = ("calculator", "units", "chat")
     tie_embeddings: bool = True     # LM head shares the input embedding while training
     init_std: float = 0.02          # (0.006 learned to copy ~4x slower in a 800-step echo drill)
     word_dropout: float = 0.08      # share of the user's frame words swapped for an unseen token
@@ -104,6 +107,7 @@ class Recipe:
         r.n_spell = int(self.n_spell * f)
         r.n_numbers = int(self.n_numbers * f)
         r.n_conversions = int(self.n_conversions * f)
+        r.n_full_tasks = int(self.n_full_tasks * f)
         return r
 
 
@@ -193,12 +197,21 @@ def training_conversations(recipe: Recipe) -> list[dict]:
     return convs + spelling_conversations(recipe.n_spell, recipe.seed, words=words)
 
 
+def later_conversations(recipe: Recipe) -> list[dict]:
+    """The data of the full-prompt and later stages only: conversion drills and the extra tool and
+    chat conversations (`n_full_tasks`)."""
+    from .synth import conversion_conversations, sft_conversations
+
+    later = conversion_conversations(recipe.n_conversions, recipe.seed, separated=recipe.separated)
+    return later + sft_conversations(recipe.n_full_tasks, seed=recipe.seed + 29, categories=recipe.full_tasks)
+
+
 # ---- the recipe -----------------------------------------------------------------------------
 
 def run_demo(out: str | Path, recipe: Recipe | None = None, progress: bool = True,
              evaluate_model: bool = True) -> dict:
     """Run the whole recipe into `out`; returns the summary written to OUT/summary.json."""
-    from .synth import answer_stage, conversion_conversations, generate_tasks, sft_conversations
+    from .synth import answer_stage, generate_tasks, sft_conversations
 
     recipe = recipe or Recipe()
     out = Path(out)
@@ -210,8 +223,7 @@ def run_demo(out: str | Path, recipe: Recipe | None = None, progress: bool = Tru
     summary: dict = {"recipe": _jsonable(recipe)}
 
     convs = training_conversations(recipe)
-    # conversion drills: not in the short stage
-    later = conversion_conversations(recipe.n_conversions, recipe.seed, separated=recipe.separated)
+    later = later_conversations(recipe)
     stages = (recipe.short, recipe.sft, recipe.warmup, recipe.sparse)
     marks = any(sc.value_weight != 1.0 for sc in stages)      # mask 2 on tool values (data.py)
     examples = encode_all(convs + later, tok, max_len=1536, mark_values=marks)

@@ -59,6 +59,19 @@ def test_training_data_adds_plain_chat_conversations():
     assert not {c["id"] for c in base} & {c["id"] for c in more[len(base):]}
 
 
+def test_later_data_adds_tool_and_chat_conversations_of_the_chosen_categories():
+    from dsv32.train.recipe import later_conversations, training_conversations
+
+    recipe = Recipe(n_train=0, n_city=0, n_skill=0, n_numbers=0, n_chat=0, n_conversions=5)
+    base = later_conversations(recipe)
+    recipe.n_full_tasks, recipe.full_tasks = 60, ("units", "chat")
+    more = later_conversations(recipe)
+    assert more[:len(base)] == base and len(more) == len(base) + 60
+    assert {c["category"] for c in more[len(base):]} == {"units", "chat"}
+    assert any(c["tools"] for c in more[len(base):])                 # full prompts, tools present
+    assert not training_conversations(recipe)                        # none in the short stage
+
+
 def test_the_default_recipe_is_the_one_that_trained_the_bundled_model():
     from dsv32.server.cli import BUNDLED_MODEL
     from dsv32.train.recipe import _jsonable
