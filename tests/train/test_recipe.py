@@ -12,6 +12,7 @@ def test_demo_recipe_runs_every_stage_and_resumes(tmp_path):
     recipe.n_eval, recipe.n_heldout_lm, recipe.n_unseen = 8, 4, 4
     recipe.grpo.prompts_per_step, recipe.grpo.group_size = 2, 4
     recipe.n_spell, recipe.drill_vocabulary, recipe.invented = 4, True, 0.5     # the options too
+    recipe.n_full_tasks = 4
     summary = run_demo(tmp_path, recipe, progress=False)
 
     assert all((tmp_path / "ckpt" / s / "DONE").exists() for s in STAGES)
