@@ -79,7 +79,7 @@ def test_unbiased_kl_by_hand_and_ratio_carries_gradient():
     old, ref = torch.tensor([math.log(0.4)]), torch.tensor([math.log(0.25)])
     kl = L.kl_unbiased(logp, old, ref)
     r = 0.25 / 0.5
-    assert math.isclose(float(kl), (0.5 / 0.4) * (r - math.log(r) - 1), rel_tol=1e-6)
+    assert math.isclose(kl.item(), (0.5 / 0.4) * (r - math.log(r) - 1), rel_tol=1e-6)
     kl.backward()
     # d/dlogp [exp(logp - old) * (exp(ref - logp) - (ref - logp) - 1)]
     want = (0.5 / 0.4) * (r - math.log(r) - 1) + (0.5 / 0.4) * (-r + 1)
