@@ -30,6 +30,7 @@ class StageConfig:
     stage: str = "dense"          # dsa stage: dense | warmup | sparse
     steps: int = 100
     lr: float = 3e-3
+    indexer_lr: float | None = None   # the indexers' peak rate when it differs from `lr`
     min_lr_ratio: float = 0.1
     warmup: int = 20
     weight_decay: float = 0.1
@@ -75,19 +76,36 @@ def set_trainable(model: Transformer, stage: str) -> list[torch.nn.Parameter]:
     return params
 
 
-def make_optimizer(params, sc: StageConfig) -> torch.optim.AdamW:
-    decay = [p for p in params if p.dim() >= 2]
-    other = [p for p in params if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": sc.weight_decay},
-                              {"params": other, "weight_decay": 0.0}], lr=sc.lr, betas=sc.betas,
-                             fused=True)
+def make_optimizer(params, sc: StageConfig, indexer: set[int] = frozenset()) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only; parameters whose id is in `indexer` form their own
+    groups at `sc.indexer_lr` (each group keeps its peak rate as "peak_lr")."""
+    groups = []
+    for in_indexer in (False, True):
+        peak = sc.indexer_lr if in_indexer and sc.indexer_lr is not None else sc.lr
+        part = [p for p in params if (id(p) in indexer) == in_indexer]
+        for decay in (True, False):
+            ps = [p for p in part if (p.dim() >= 2) == decay]
+            if ps:
+                groups.append({"params": ps, "weight_decay": sc.weight_decay if decay else 0.0,
+                               "lr": peak, "peak_lr": peak})
+    return torch.optim.AdamW(groups, lr=sc.lr, betas=sc.betas, fused=True)
+
+
+def indexer_params(model: Transformer) -> set[int]:
+    """Ids of the indexers' parameters (the ones `StageConfig.indexer_lr` applies to)."""
+    return {id(p) for name, p in model.named_parameters() if ".indexer." in name}
+
+
+def lr_factor(step: int, sc: StageConfig) -> float:
+    """Linear warm-up to 1, then cosine down to `sc.min_lr_ratio`: the multiplier of a peak rate."""
+    if step < sc.warmup:
+        return (step + 1) / sc.warmup
+    t = (step - sc.warmup) / max(1, sc.steps - sc.warmup)
+    return sc.min_lr_ratio + (1 - sc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
 
 
 def lr_at(step: int, sc: StageConfig) -> float:
-    if step < sc.warmup:
-        return sc.lr * (step + 1) / sc.warmup
-    t = (step - sc.warmup) / max(1, sc.steps - sc.warmup)
-    return sc.lr * (sc.min_lr_ratio + (1 - sc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+    return sc.lr * lr_factor(step, sc)
 
 
 def head_ce(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -194,13 +212,13 @@ def train_stage(model: Transformer, loader: Loader, sc: StageConfig, log: JsonLo
     """Run one stage for `sc.steps` steps; resumes from `ckpt_dir` when it holds a checkpoint of
     this stage. Returns the logged rows."""
     params = set_trainable(model, sc.stage)
-    opt = make_optimizer(params, sc)
+    opt = make_optimizer(params, sc, indexer_params(model))
     start = 0
     if resume and ckpt_dir is not None and (Path(ckpt_dir) / "trainer_state.pt").exists():
         st = load_into(model, ckpt_dir)
         if st and st.get("stage_name") == sc.name:
             params = set_trainable(model, sc.stage)
-            opt = make_optimizer(params, sc)
+            opt = make_optimizer(params, sc, indexer_params(model))
             opt.load_state_dict(st["optimizer"])
             loader.load_state_dict(st["loader"])
             start = st["step"]
@@ -210,7 +228,7 @@ def train_stage(model: Transformer, loader: Loader, sc: StageConfig, log: JsonLo
     for step in bar:
         lr = lr_at(step, sc)
         for g in opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = g["peak_lr"] * lr_factor(step, sc)
         batch = loader.next()
         model.train()
         loss, parts, stats = lm_losses(model, batch, sc.stage, sc.mtp_weight,

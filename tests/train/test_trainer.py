@@ -139,3 +139,20 @@ def test_value_weight_weights_the_marked_tokens():
     assert math.isclose(float((ce * (m > 0)).sum() / (m > 0).sum()), plain[0], rel_tol=1e-4)
     got = lm_losses(model, batch, "dense", mtp_weight=0.0, value_weight=3.0)[1]["lm"]
     assert math.isclose(float((ce * w).sum() / w.sum()), got, rel_tol=1e-4) and got != plain[0]
+
+
+@pytest.mark.parametrize("lr, indexer_lr", [(0.0, 1e-2), (1e-2, 0.0)])
+def test_indexer_lr_sets_the_indexers_own_rate(tmp_path, lr, indexer_lr):
+    """The sparse stage trains the model and the indexers at separate peak rates: a rate of 0 on
+    either side leaves exactly those weights as they were while the other side moves."""
+    model = new_model(CFG, seed=7, std=0.02)
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    sc = StageConfig(name="s", stage="sparse", steps=3, lr=lr, indexer_lr=indexer_lr, warmup=1,
+                     log_every=1, mtp_weight=0.0)
+    train_stage(model, Loader(examples(), 4, seed=0), sc, JsonLog(tmp_path / "log.jsonl"), progress=False)
+    after = model.state_dict()
+    for indexer in (True, False):
+        keys = [k for k in before if (".indexer." in k) == indexer and not k.endswith("correction_bias")]
+        moved = [k for k in keys if not torch.equal(before[k], after[k])]
+        frozen = (indexer_lr if indexer else lr) == 0.0
+        assert keys and (moved == [] if frozen else len(moved) > len(keys) // 2), (indexer, moved[:3])
