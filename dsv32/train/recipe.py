@@ -6,7 +6,8 @@
      tokens, dense attention, next-token + MTP loss, aux-loss-free balancing + sequence-wise
      balance loss; optionally batches of similar lengths (`sort_window`);
   2. DSA warm-up: only the indexers train, KL to the head-summed main attention;
-  3. DSA sparse stage: top-k attention on, indexer KL over the selected set, LM loss for the rest;
+  3. DSA sparse stage: top-k attention on, indexer KL over the selected set, LM loss for the rest
+     at a rate below where SFT ended;
   4. GRPO on verifier rewards with rollouts from dsv32's engine;
   5. export (FP8, published layout + tokenizer), held-out evaluation, plots.
 Before the DSA stages: held-out dense LM loss and indexer recall; after the last stage also top-k
@@ -41,7 +42,7 @@ from .losses import TiedVocab
 from .trainer import (JsonLog, StageConfig, eval_lm, load_into, make_optimizer, new_model, save,
                       set_trainable, train_stage)
 
-DEMO_MODEL = dict(layers=3, hidden=56, heads=4, q_lora=64, kv_lora=64, nope=16, rope=16, v=32,
+DEMO_MODEL = dict(layers=3, hidden=96, heads=4, q_lora=64, kv_lora=64, nope=16, rope=16, v=32,
                   inter=192, moe_inter=64, experts=8, groups=4, topk_group=2, active=2,
                   index_heads=8, index_dim=32, topk=256, dense=1)
 
@@ -76,16 +77,20 @@ class Recipe:
     sort_window: int = 1            # >1: length-sorted batches, ~1.6x faster full-prompt steps, but
                                     # with made-up places (`invented`, `n_invented_words`) the model did
                                     # much worse (docs/training.md)
-    # 3800 short-context steps at peak rate 3e-3 end where 4600 at 5e-3 did (demo17); tokens that
-    # spell a tool value weigh 5x in the full-prompt stage (demo20; 3x in demo18; docs/training.md)
+    # 3800 short-context steps, then 3200 full-prompt ones, at peak rate 1.75e-3 (3e-3 at hidden 56;
+    # demo23); tokens that spell a tool value weigh 5x in the full-prompt stage (demo20). V3.2's
+    # sparse stage keeps 7.3e-6, the rate DeepSeek-V3's pre-training ended at; here the model trains
+    # at 5e-5, below the full-prompt stage's final 1.75e-4 (1e-3 undid its copying: demo29 in
+    # docs/training.md), and the indexers keep the warm-up's 1e-3.
     short: StageConfig = field(default_factory=lambda: StageConfig(
-        name="sft_short", stage="dense", steps=3800, lr=3e-3, warmup=100, mtp_weight=0.3))
+        name="sft_short", stage="dense", steps=3800, lr=1.75e-3, warmup=100, mtp_weight=0.3))
     sft: StageConfig = field(default_factory=lambda: StageConfig(
-        name="sft", stage="dense", steps=3200, lr=3e-3, warmup=50, mtp_weight=0.3, value_weight=5.0))
+        name="sft", stage="dense", steps=3200, lr=1.75e-3, warmup=50, mtp_weight=0.3, value_weight=5.0))
     warmup: StageConfig = field(default_factory=lambda: StageConfig(
         name="dsa_warmup", stage="warmup", steps=80, lr=1e-3, warmup=5, mtp_weight=0.0))
     sparse: StageConfig = field(default_factory=lambda: StageConfig(
-        name="dsa_sparse", stage="sparse", steps=100, lr=1e-3, warmup=10, mtp_weight=0.1))
+        name="dsa_sparse", stage="sparse", steps=100, lr=5e-5, indexer_lr=1e-3, warmup=10,
+        mtp_weight=0.1))
     grpo: G.GRPOConfig = field(default_factory=lambda: G.GRPOConfig(
         steps=10, prompts_per_step=8, group_size=8, lr=2e-4))
     n_eval: int = 160
