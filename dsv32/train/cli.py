@@ -25,6 +25,8 @@ def add_parser(subparsers) -> None:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--unseen-cities", action="store_true",
                    help="only weather tasks, about cities no training conversation names")
+    e.add_argument("--one-tool", action="store_true",
+                   help="only tool tasks, each offered only the tool it needs")
     e.add_argument("--json", type=Path, default=None, help="also write the summary here")
     e.set_defaults(func=_eval)
 
@@ -45,6 +47,8 @@ def _eval(args: argparse.Namespace) -> int:
     from .evaluate import main_eval
 
     probe = {"categories": ("weather",), "unseen_cities": True} if args.unseen_cities else {}
+    if args.one_tool:
+        probe.update(one_tool=True, categories=probe.get("categories", ("calculator", "weather", "units")))
     res = main_eval(str(args.model_dir), n=args.n, seed=args.seed, **probe)
     if args.json:
         args.json.write_text(json.dumps({k: v for k, v in res.items() if k != "episodes"}, indent=2))

@@ -7,6 +7,7 @@ Tasks run in lockstep, so a batched generator sees every open episode at once.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections import defaultdict
 from typing import Callable
@@ -32,10 +33,22 @@ TOOL_METRICS = ("right_tool", "right_args", "answer")
 
 
 def evaluation_tasks(n_tasks: int, seed: int = 0, split: str = "heldout",
-                     categories: tuple[str, ...] = CATEGORIES, unseen_cities: bool = False) -> list[Task]:
-    """The tasks `evaluate` runs: balanced over every (category, mode) cell."""
-    return generate_tasks(n_tasks, seed, split, balanced=True, categories=categories,
-                          unseen_cities=unseen_cities)
+                     categories: tuple[str, ...] = CATEGORIES, unseen_cities: bool = False,
+                     one_tool: bool = False) -> list[Task]:
+    """The tasks `evaluate` runs: balanced over every (category, mode) cell; `one_tool` offers each
+    tool task only the tool it needs (every SFT conversation offers all three)."""
+    tasks = generate_tasks(n_tasks, seed, split, balanced=True, categories=categories,
+                           unseen_cities=unseen_cities)
+    return [offer_needed_tools(t) for t in tasks] if one_tool else tasks
+
+
+def offer_needed_tools(task: Task) -> Task:
+    """The task with a system message that offers only the tools its reference calls."""
+    needed = {call["name"] for call in task.reference_calls}
+    if not needed or not task.tools:
+        return task
+    head = dict(task.messages[0], tools=[t for t in task.tools if t["function"]["name"] in needed])
+    return dataclasses.replace(task, messages=[head] + task.messages[1:])
 
 
 def run_episodes(tasks: list[Task], generate_batch: GenerateBatch, max_steps: int = 3) -> list[list[dict]]:
@@ -111,11 +124,12 @@ def markdown_table(cells: dict[str, dict], overall: dict) -> str:
 def evaluate(generate_fn: GenerateFn | None = None, n_tasks: int = 160, seed: int = 0,
              split: str = "heldout", *, generate_batch: GenerateBatch | None = None,
              max_steps: int = 3, verbose: bool = True, categories: tuple[str, ...] = CATEGORIES,
-             unseen_cities: bool = False) -> dict:
+             unseen_cities: bool = False, one_tool: bool = False) -> dict:
     """Run the agent loop on `n_tasks` tasks and score them. Give `generate_fn(prompt,
     thinking_mode) -> completion text` or the batched `generate_batch(prompts, modes)`.
     `categories` restricts the tasks; `unseen_cities` asks weather questions about cities that no
-    training conversation names (a probe reported apart: see `dsv32.train.envs.phrasings`).
+    training conversation names (a probe reported apart: see `dsv32.train.envs.phrasings`);
+    `one_tool` offers each tool task only the tool it needs (another probe).
     Returns {"split", "seed", "n", "cells": {"category/mode": summary}, "overall", "table",
     "episodes"}; each summary holds n and the rate of every metric (None where none applies)."""
     if generate_batch is None:
@@ -123,7 +137,7 @@ def evaluate(generate_fn: GenerateFn | None = None, n_tasks: int = 160, seed: in
             raise ValueError("evaluate needs generate_fn or generate_batch")
         def generate_batch(prompts: list[str], modes: list[str]) -> list[str]:
             return [generate_fn(prompt, mode) for prompt, mode in zip(prompts, modes)]
-    tasks = evaluation_tasks(n_tasks, seed, split, categories, unseen_cities)
+    tasks = evaluation_tasks(n_tasks, seed, split, categories, unseen_cities, one_tool)
     transcripts = run_episodes(tasks, generate_batch, max_steps)
     grouped, episodes = defaultdict(list), []
     for task, transcript in zip(tasks, transcripts):
@@ -139,7 +153,7 @@ def evaluate(generate_fn: GenerateFn | None = None, n_tasks: int = 160, seed: in
     if verbose:
         print(table)
     return {"split": split, "seed": seed, "n": len(tasks), "unseen_cities": unseen_cities,
-            "cells": cells, "overall": overall, "table": table, "episodes": episodes}
+            "one_tool": one_tool, "cells": cells, "overall": overall, "table": table, "episodes": episodes}
 
 
 def llm_generate_batch(llm, max_tokens: int = 256) -> GenerateBatch:
@@ -158,13 +172,14 @@ def llm_generate_batch(llm, max_tokens: int = 256) -> GenerateBatch:
 
 def main_eval(model_dir: str, n: int = 160, seed: int = 0, split: str = "heldout",
               max_tokens: int = 256, categories: tuple[str, ...] = CATEGORIES,
-              unseen_cities: bool = False, **llm_kwargs) -> dict:
+              unseen_cities: bool = False, one_tool: bool = False, **llm_kwargs) -> dict:
     """Evaluate the checkpoint in `model_dir` with the offline engine; prints and returns the table."""
     from dsv32.engine.llm import LLM
 
     llm = LLM(model=model_dir, **llm_kwargs)
     return evaluate(n_tasks=n, seed=seed, split=split, categories=categories,
-                    unseen_cities=unseen_cities, generate_batch=llm_generate_batch(llm, max_tokens))
+                    unseen_cities=unseen_cities, one_tool=one_tool,
+                    generate_batch=llm_generate_batch(llm, max_tokens))
 
 
 # ---- teacher-forced diagnostic ------------------------------------------------------------------

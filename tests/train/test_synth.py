@@ -309,6 +309,26 @@ def test_evaluate_unseen_city_probe():
                in unseen for e in result["episodes"])
 
 
+def test_evaluate_one_tool_probe_offers_only_the_needed_tool():
+    cats = ("calculator", "weather", "units")
+    tasks = evaluation_tasks(12, 6, categories=cats, one_tool=True)
+    full = evaluation_tasks(12, 6, categories=cats)
+    for t, f in zip(tasks, full):
+        assert [s["function"]["name"] for s in t.tools] == [t.reference_calls[0]["name"]]
+        assert len(f.tools) == 3 and t.messages[1:] == f.messages[1:]
+    prompts = []
+    script = {prompt: text.removesuffix(EOS) for task in tasks for prompt, text in reference_completions(task)}
+
+    def answer(prompt, mode):
+        prompts.append(prompt)
+        return script[prompt]
+
+    result = evaluate(answer, n_tasks=12, seed=6, categories=cats, one_tool=True, verbose=False)
+    assert result["one_tool"] and result["overall"]["success"] == 1.0
+    named = {t["function"]["name"] for t in full[0].tools}
+    assert all(sum(f'"name": "{n}"' in p for n in named) == 1 for p in prompts)
+
+
 def test_evaluate_batched_and_train_split():
     script = _scripted(24, 4, "train")
     seen = []
