@@ -68,6 +68,8 @@ class Recipe:
     n_full_tasks: int = 0           # extra conversations of `full_tasks` (drawn uniformly), in the
                                     # full-prompt and later stages only (demo25: no gain, docs/training.md)
     full_tasks: tuple[str, ...] = ("calculator", "units", "chat")
+    sparse_tool_subsets: float = 0.25  # share of the conversations offering tools that the sparse
+                                    # stage also sees offering a random subset of them (demo33)
     tie_embeddings: bool = True     # LM head shares the input embedding while training
     init_std: float = 0.02          # (0.006 learned to copy ~4x slower in a 800-step echo drill)
     word_dropout: float = 0.08      # share of the user's frame words swapped for an unseen token
@@ -211,6 +213,30 @@ def later_conversations(recipe: Recipe) -> list[dict]:
     return later + sft_conversations(recipe.n_full_tasks, seed=recipe.seed + 29, categories=recipe.full_tasks)
 
 
+def tool_subset_conversations(convs: list[dict], share: float, seed: int) -> list[dict]:
+    """Copies of a seeded `share` of the conversations that offer tools, offering instead a random
+    subset of them (always the ones the conversation calls) in random order. Every SFT conversation
+    offers all three tools in one order, and a sparse stage that trains on that one layout alone
+    left the model unable to write DSML when a request offered one tool (docs/training.md)."""
+    rng = random.Random(f"dsv32-tool-subsets|{seed}")
+    out = []
+    for c in convs:
+        msgs = c["messages"]
+        tools = msgs[0].get("tools") if msgs else None
+        if not tools or rng.random() >= share:
+            continue
+        called = {call["function"]["name"] for m in msgs for call in m.get("tool_calls") or []}
+        need = [t for t in tools if t["function"]["name"] in called]
+        rest = [t for t in tools if t["function"]["name"] not in called]
+        keep = need + rng.sample(rest, rng.randint(0 if need else 1, len(rest)))
+        rng.shuffle(keep)
+        copy = json.loads(json.dumps(c))
+        copy["id"] = f"{c.get('id', '')}-tools{len(keep)}"
+        copy["messages"][0]["tools"] = copy["tools"] = keep
+        out.append(copy)
+    return out
+
+
 # ---- the recipe -----------------------------------------------------------------------------
 
 def run_demo(out: str | Path, recipe: Recipe | None = None, progress: bool = True,
@@ -284,8 +310,11 @@ def run_demo(out: str | Path, recipe: Recipe | None = None, progress: bool = Tru
     lm_eval("after_sft", full=False)          # indexer recall before the DSA stages
     stage(recipe.warmup, Loader(examples, max(4, recipe.batch // 2), seed=recipe.seed + 1,
                                 bucket_id=tok.user_id, sort_window=sw))
-    stage(recipe.sparse, Loader(examples, recipe.batch, seed=recipe.seed + 2, bucket_id=tok.user_id,
-                               sort_window=sw, dropout=drop))
+    subsets = tool_subset_conversations(convs + later, recipe.sparse_tool_subsets, recipe.seed)
+    sparse = examples + encode_all(subsets, tok, max_len=1536, mark_values=marks)
+    log.write(event="sparse_stage", rows=len(sparse), tool_subsets=len(sparse) - len(examples))
+    stage(recipe.sparse, Loader(sparse, recipe.batch, seed=recipe.seed + 2, bucket_id=tok.user_id,
+                                sort_window=sw, dropout=drop))
 
     # ---- GRPO
     gdir = out / "ckpt" / "grpo"

@@ -28,6 +28,7 @@ def test_demo_recipe_runs_every_stage_and_resumes(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "log.jsonl").open()]
     trained = {r["stage"] for r in rows if "stage" in r}
     assert set(STAGES) <= trained
+    assert any(r.get("event") == "sparse_stage" and r["tool_subsets"] > 0 for r in rows)
 
     again = run_demo(tmp_path, recipe, progress=False)      # every stage is DONE: nothing retrains
     rows_again = [json.loads(line) for line in (tmp_path / "log.jsonl").open()]
@@ -79,3 +80,27 @@ def test_the_default_recipe_is_the_one_that_trained_the_bundled_model():
 
     trained_with = json.loads((BUNDLED_MODEL / "summary.json").read_text())["recipe"]
     assert _jsonable(Recipe()) == trained_with
+
+
+def test_tool_subsets_keep_the_called_tools_and_vary_the_rest():
+    from dsv32.train.recipe import tool_subset_conversations
+    from dsv32.train.synth import sft_conversations
+
+    convs = sft_conversations(120, seed=2)
+    before = json.dumps(convs)
+    subsets = tool_subset_conversations(convs, 0.5, seed=0)
+    assert json.dumps(convs) == before                                  # originals untouched
+    assert tool_subset_conversations(convs, 0.5, seed=0) == subsets     # seeded
+    assert not tool_subset_conversations(convs, 0.0, seed=0)
+    offering = [c for c in convs if c["messages"][0].get("tools")]
+    assert 0.3 * len(offering) < len(subsets) < 0.7 * len(offering)
+    names = {t["function"]["name"] for t in offering[0]["messages"][0]["tools"]}
+    sizes, orders = set(), set()
+    for c in subsets:
+        offered = [t["function"]["name"] for t in c["messages"][0]["tools"]]
+        assert c["tools"] == c["messages"][0]["tools"] and offered and set(offered) <= names
+        called = {call["function"]["name"] for m in c["messages"] for call in m.get("tool_calls") or []}
+        assert called <= set(offered)
+        sizes.add(len(offered))
+        orders.add(tuple(offered))
+    assert sizes == {1, 2, 3} and len(orders) > 6
