@@ -7,7 +7,7 @@
      balance loss; optionally batches of similar lengths (`sort_window`);
   2. DSA warm-up: only the indexers train, KL to the head-summed main attention;
   3. DSA sparse stage: top-k attention on, indexer KL over the selected set, LM loss for the rest
-     at a rate below where SFT ended;
+     at a rate below where SFT ended, with some prompts offering a subset of the tools;
   4. GRPO on verifier rewards with rollouts from dsv32's engine;
   5. export (FP8, published layout + tokenizer), held-out evaluation, plots.
 Before the DSA stages: held-out dense LM loss and indexer recall; after the last stage also top-k
@@ -311,9 +311,9 @@ def run_demo(out: str | Path, recipe: Recipe | None = None, progress: bool = Tru
     stage(recipe.warmup, Loader(examples, max(4, recipe.batch // 2), seed=recipe.seed + 1,
                                 bucket_id=tok.user_id, sort_window=sw))
     subsets = tool_subset_conversations(convs + later, recipe.sparse_tool_subsets, recipe.seed)
-    sparse = examples + encode_all(subsets, tok, max_len=1536, mark_values=marks)
-    log.write(event="sparse_stage", rows=len(sparse), tool_subsets=len(sparse) - len(examples))
-    stage(recipe.sparse, Loader(sparse, recipe.batch, seed=recipe.seed + 2, bucket_id=tok.user_id,
+    sparse_rows = examples + encode_all(subsets, tok, max_len=1536, mark_values=marks)
+    log.write(event="sparse_stage", rows=len(sparse_rows), tool_subsets=len(sparse_rows) - len(examples))
+    stage(recipe.sparse, Loader(sparse_rows, recipe.batch, seed=recipe.seed + 2, bucket_id=tok.user_id,
                                 sort_window=sw, dropout=drop))
 
     # ---- GRPO
