@@ -104,10 +104,6 @@ def lr_factor(step: int, sc: StageConfig) -> float:
     return sc.min_lr_ratio + (1 - sc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
 
 
-def lr_at(step: int, sc: StageConfig) -> float:
-    return sc.lr * lr_factor(step, sc)
-
-
 def head_ce(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
             vocab: TiedVocab | None, token_weight: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy of the head `weight` [V, D] at hidden states h [N, D] (weighted mean with
@@ -226,9 +222,10 @@ def train_stage(model: Transformer, loader: Loader, sc: StageConfig, log: JsonLo
     bar = tqdm(range(start, sc.steps), desc=sc.name, disable=not progress, initial=start, total=sc.steps)
     t0, toks = time.time(), 0
     for step in bar:
-        lr = lr_at(step, sc)
+        factor = lr_factor(step, sc)
+        lr = sc.lr * factor                       # the model's rate, as logged
         for g in opt.param_groups:
-            g["lr"] = g["peak_lr"] * lr_factor(step, sc)
+            g["lr"] = g["peak_lr"] * factor
         batch = loader.next()
         model.train()
         loss, parts, stats = lm_losses(model, batch, sc.stage, sc.mtp_weight,
