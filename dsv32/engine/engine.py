@@ -15,6 +15,7 @@ from dsv32.parallel.context import SINGLE, ParallelContext
 
 from .block_manager import BlockManager
 from .cache import PagedCache
+from .guided import GrammarCompiler
 from .runner import ModelRunner
 from .sampler import Sampler
 from .scheduler import Scheduler
@@ -125,6 +126,7 @@ class LLMEngine:
         else:
             self.runner = ModelRunner(self.model, self.cache)
         self.sampler = Sampler()
+        self.grammars = GrammarCompiler(self.tokenizer, mc.vocab_size)
         self.recorder = None   # optional: gets every sampling step's logits and kept-token masks
         self.requests: dict[str, RequestState] = {}
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "spec_draft_tokens": 0,

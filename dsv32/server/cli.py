@@ -57,6 +57,10 @@ def add_parser(subparsers) -> None:
                    help="keep FP8 checkpoint weights in FP8 (dequantised per block on the fly)")
     p.add_argument("--reasoning-only", action="store_true",
                    help="DeepSeek-V3.2-Speciale weights: thinking always on, requests with tools get 400")
+    p.add_argument("--no-safety-net", action="store_true",
+                   help="raw model behaviour: do not constrain answers that ask for nothing (tool calls may "
+                        "then name tools never offered); JSON response_format, tool_choice required/named "
+                        "and strict tools are still enforced")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
@@ -90,7 +94,8 @@ def _main(args: argparse.Namespace) -> int:
                           num_speculative_tokens=args.num_speculative_tokens)
     cfg = ServerConfig(engine=engine, served_model_name=args.served_model_name or Path(model).resolve().name,
                        api_keys=keys, max_queue=args.max_queue,
-                       request_timeout=args.request_timeout or None, reasoning_only=args.reasoning_only)
+                       request_timeout=args.request_timeout or None, reasoning_only=args.reasoning_only,
+                       safety_net=not args.no_safety_net)
     app = create_app(cfg)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, access_log=False,
                                            log_level=args.log_level,
