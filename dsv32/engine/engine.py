@@ -205,19 +205,7 @@ class LLMEngine:
         logits = self.runner.run(batch)
         for seq, _ in batch:
             self.block_manager.commit(seq)
-        rows, seqs = [], []
-        for seq, _ in batch:
-            if seq.seq_id not in logits:
-                continue
-            state = self.requests[seq.request_id]
-            if seq.num_output_tokens == 0 and seq.index == 0 and len(state.seqs) > 1 \
-                    and state.seqs[1].status == Status.WAITING and not state.seqs[1].block_table:
-                self._fork(state)
-                for child in state.seqs[1:]:
-                    rows.append(logits[seq.seq_id][0])
-                    seqs.append(child)
-            rows.append(logits[seq.seq_id][0])
-            seqs.append(seq)
+        rows, seqs = self._rows(batch, logits)
         changed: dict[str, RequestState] = {}
         accepted = []
         for seq, tok in self._sample(rows, seqs, changed):
@@ -240,6 +228,25 @@ class LLMEngine:
                 del self.requests[rid]
         return outputs
 
+    def _rows(self, batch: list[tuple[Sequence, int]], logits: dict[int, torch.Tensor]
+              ) -> tuple[list[torch.Tensor], list[Sequence]]:
+        """The logits row [V] each sequence samples from: its own, or, for the n - 1 children of a
+        parent that just computed its prompt (forked here), the parent's."""
+        rows, seqs = [], []
+        for seq, _ in batch:
+            if seq.seq_id not in logits:
+                continue
+            row = logits[seq.seq_id][0]
+            state = self.requests[seq.request_id]
+            if seq.num_output_tokens == 0 and seq.index == 0 and len(state.seqs) > 1 \
+                    and state.seqs[1].status == Status.WAITING and not state.seqs[1].block_table:
+                self._fork(state)
+                rows += [row] * (len(state.seqs) - 1)
+                seqs += state.seqs[1:]
+            rows.append(row)
+            seqs.append(seq)
+        return rows, seqs
+
     def _sample(self, rows: list[torch.Tensor], seqs: list[Sequence], changed: dict) -> list[tuple[Sequence, int]]:
         """Sample one token per row and append it to its sequence; returns (seq, token) pairs."""
         if not seqs:
@@ -258,16 +265,12 @@ class LLMEngine:
         return list(zip(seqs, out.token_ids))
 
     def _fork(self, state: RequestState) -> None:
+        """The children share the parent's blocks now, or wait to recompute (Scheduler.fork)."""
         parent = state.seqs[0]
-        copies = []
         for child in state.seqs[1:]:
-            copies += self.block_manager.fork(parent, child)
-            child.num_computed_tokens = parent.num_computed_tokens
             child.num_cached_tokens = parent.num_cached_tokens
             child.prompt_logprobs = list(parent.prompt_logprobs)   # the prompt is computed already
-            child.status = Status.RUNNING
-            self.scheduler.running.append(child)
-        self.runner.copy_blocks(copies)
+        self.runner.copy_blocks(self.scheduler.fork(parent, state.seqs[1:]))
 
     def _append(self, state: RequestState, seq: Sequence, tok: int, lp) -> None:
         p = seq.params
