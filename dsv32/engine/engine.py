@@ -2,6 +2,7 @@
 requests into streamed outputs one step at a time."""
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -18,8 +19,9 @@ from .cache import PagedCache
 from .runner import ModelRunner
 from .sampler import Sampler
 from .scheduler import Scheduler
-from .sequence import CompletionOutput, RequestOutput, SamplingParams, Sequence, Status
+from .sequence import CompletionOutput, Failure, RequestOutput, SamplingParams, Sequence, Status
 
+log = logging.getLogger("dsv32.engine")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -185,10 +187,7 @@ class LLMEngine:
         state = self.requests.pop(request_id, None)
         if state is None:
             return None
-        for seq in state.seqs:
-            if not seq.is_finished:
-                self.scheduler.remove(seq)
-                seq.status, seq.finish_reason = Status.FINISHED, "abort"
+        self._end(state, "abort")
         return self._output(state)
 
     def has_unfinished(self) -> bool:
@@ -255,12 +254,13 @@ class LLMEngine:
         out = self.sampler(stacked, seqs, self.eos_token_id, return_kept=self.recorder is not None)
         if self.recorder is not None:
             self.recorder.sampled(seqs, stacked, out)
-        for seq, tok, lp in zip(seqs, out.token_ids, out.logprobs):
+        for i, (seq, tok, lp) in enumerate(zip(seqs, out.token_ids, out.logprobs)):
             state = self.requests[seq.request_id]
             if state.first_token_time is None:
                 state.first_token_time = time.monotonic()
                 state.num_cached_tokens = state.seqs[0].num_cached_tokens
-            self._append(state, seq, tok, lp)
+            if not seq.is_finished:                       # a sibling's failure may have ended it
+                self._settle(state, seq, tok, lp, out.failed.get(i))
             changed[seq.request_id] = state
         return list(zip(seqs, out.token_ids))
 
@@ -271,6 +271,25 @@ class LLMEngine:
             child.num_cached_tokens = parent.num_cached_tokens
             child.prompt_logprobs = list(parent.prompt_logprobs)   # the prompt is computed already
         self.runner.copy_blocks(self.scheduler.fork(parent, state.seqs[1:]))
+
+    def _settle(self, state: RequestState, seq: Sequence, tok: int, lp, failure: Failure | None) -> None:
+        """Append a sampled token (detokenise, check stops); if the sequence failed, in the sampler
+        or here, its request ends with "error" and every other request goes on."""
+        if failure is None:
+            try:
+                self._append(state, seq, tok, lp)
+                return
+            except Exception as e:
+                failure = Failure("detokenisation or stop check", e)
+        log.error("request %s: %s", state.request_id, failure, exc_info=failure.exc)
+        self._end(state, "error", str(failure))
+
+    def _end(self, state: RequestState, reason: str, error: str | None = None) -> None:
+        """Finish every unfinished sequence of a request and free its blocks."""
+        for seq in state.seqs:
+            if not seq.is_finished:
+                self.scheduler.remove(seq)
+                seq.finish(reason, error=error)
 
     def _append(self, state: RequestState, seq: Sequence, tok: int, lp) -> None:
         p = seq.params
@@ -299,9 +318,8 @@ class LLMEngine:
         if reason is None and len(seq) >= self.max_model_len:
             reason = "length"
         if reason is not None:
-            seq.finish_reason, seq.stop_reason = reason, stop
             self.scheduler.remove(seq)
-            seq.status = Status.FINISHED
+            seq.finish(reason, stop)
 
     def _output(self, state: RequestState) -> RequestOutput:
         outs = []
@@ -309,7 +327,7 @@ class LLMEngine:
             outs.append(CompletionOutput(
                 index=seq.index, token_ids=seq.output_token_ids, text=text,
                 logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
-                finish_reason=seq.finish_reason, stop_reason=seq.stop_reason))
+                finish_reason=seq.finish_reason, stop_reason=seq.stop_reason, error=seq.error))
         first = state.seqs[0]
         return RequestOutput(
             request_id=state.request_id, prompt_token_ids=state.prompt_ids, outputs=outs,

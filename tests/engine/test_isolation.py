@@ -1,12 +1,15 @@
 """Nothing one request does can end another: n > 1 forks at a full cache or a full running set wait
-instead of failing the step."""
+instead of failing the step, and a request whose logits processor, detokenisation or sampling
+raises ends with finish_reason "error" while every other request goes on unchanged."""
+import logging
 
 import pytest
 import torch
 
 from dsv32.chat import Tokenizer
 from dsv32.engine.engine import EngineConfig, LLMEngine
-from dsv32.engine.sequence import SamplingParams
+from dsv32.engine.sampler import Sampler
+from dsv32.engine.sequence import SamplingParams, Sequence
 from dsv32.model.checkpoint import load_model
 from dsv32.model.init_tiny import init_tiny
 
@@ -85,7 +88,7 @@ def test_fork_at_a_full_cache_waits_and_gives_the_same_outputs(ckpt, model, tok,
     assert eng.scheduler.num_preemptions > 0
     for rid in ("by", "fan"):
         assert tokens(got[rid]) == tokens(ref[rid])
-        assert all(o.finish_reason == "length" for o in got[rid].outputs)
+        assert all(o.finish_reason == "length" and o.error is None for o in got[rid].outputs)
     assert len(got["fan"].outputs) == 3 and all(len(t) == 20 for t in tokens(got["fan"]))
 
 
@@ -97,3 +100,69 @@ def test_fork_never_runs_more_than_max_num_seqs(ckpt, model, tok):
     assert len({tuple(t) for t in tokens(ref["fan"])}) > 1       # the seeds differ per child
     for rid in ("by", "fan"):
         assert tokens(got[rid]) == tokens(ref[rid])
+
+
+# ---- per-sequence failures -------------------------------------------------------------------
+class Explodes:
+    """Logits processor that raises on its `at`-th call (one instance per request: no clone)."""
+
+    def __init__(self, at: int):
+        self.at, self.calls = at, 0
+
+    def __call__(self, out: list[int], logits: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls == self.at:
+            raise ValueError(f"grammar exploded at call {self.at}")
+        return logits
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_raising_logits_processor_ends_only_its_request(ckpt, model, tok, caplog, n):
+    good = ("good", prompt(50, 6), greedy(8))
+    alone = drive(make(ckpt, model, tok), [good])["good"]
+    eng = make(ckpt, model, tok)
+    with caplog.at_level(logging.ERROR, logger="dsv32.engine"):
+        got = drive(eng, [("bad", prompt(20, 5), greedy(8, n=n, logits_processors=[Explodes(3)])), good])
+    bad = got["bad"]
+    assert bad.finished and len(bad.outputs) == n
+    for o in bad.outputs:
+        assert o.finish_reason == "error"
+        assert "logits processor" in o.error and "ValueError: grammar exploded at call 3" in o.error
+    assert sum(len(o.token_ids) for o in bad.outputs) == 2      # two calls went through
+    assert got["good"].outputs[0].finish_reason == "length"
+    assert tokens(got["good"]) == tokens(alone)
+    records = [r for r in caplog.records if r.name == "dsv32.engine"]
+    assert len(records) == 1 and "bad" in records[0].getMessage() and records[0].exc_info is not None
+
+
+def test_failing_detokenizer_ends_only_its_request(ckpt, model, tok, monkeypatch):
+    good = ("good", prompt(50, 6), greedy(8))
+    alone = drive(make(ckpt, model, tok), [good])["good"]
+    eng = make(ckpt, model, tok)
+    eng.add_request("bad", prompt(20, 5), greedy(8))
+    detok, calls = eng.requests["bad"].detoks[0], []
+
+    def add(token_id: int) -> str:
+        calls.append(token_id)
+        if len(calls) == 2:
+            raise UnicodeError("bytes from nowhere")
+        return type(detok).add(detok, token_id)
+
+    monkeypatch.setattr(detok, "add", add)
+    got = drive(eng, [good])
+    o = got["bad"].outputs[0]
+    assert o.finish_reason == "error" and "detokenisation" in o.error and "bytes from nowhere" in o.error
+    assert tokens(got["good"]) == tokens(alone) and got["good"].outputs[0].finish_reason == "length"
+
+
+def test_sampler_redoes_a_failing_batch_row_by_row():
+    """A row that makes the batched steps raise (here a logit_bias key that is no token id, which
+    the engine would reject on add) fails alone; the seeded row draws what it draws alone."""
+    logits = torch.randn(2, 50, generator=torch.Generator().manual_seed(0))
+    ok = lambda: Sequence("ok", [1, 2], SamplingParams(temperature=1.0, seed=3))
+    bad = Sequence("bad", [1, 2], SamplingParams(logit_bias={"not a token": 1.0}))
+    alone = Sampler(seed=0)(logits[:1], [ok()], 0)
+    out = Sampler(seed=0)(logits, [ok(), bad], 0)
+    assert list(out.failed) == [1] and out.failed[1].stage == "sampling"
+    assert "ValueError" in str(out.failed[1])
+    assert out.token_ids[0] == alone.token_ids[0] and not alone.failed
