@@ -92,6 +92,14 @@ class RequestState:
         return all(s.is_finished for s in self.seqs)
 
 
+class BatchError(RuntimeError):
+    """A forward failed: its requests ended with finish_reason "error"; `outputs` are their last outputs."""
+
+    def __init__(self, message: str, outputs: list[RequestOutput]):
+        super().__init__(message)
+        self.outputs = outputs
+
+
 class LLMEngine:
     """Synchronous engine: `add_request`, then call `step()` until `has_unfinished()` is False."""
 
@@ -201,7 +209,7 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch:
             return []
-        logits = self.runner.run(batch)
+        logits = self._forward(batch)
         for seq, _ in batch:
             self.block_manager.commit(seq)
         rows, seqs = self._rows(batch, logits)
@@ -226,6 +234,22 @@ class LLMEngine:
             if state.finished:
                 del self.requests[rid]
         return outputs
+
+    def _forward(self, batch: list[tuple[Sequence, int]]) -> dict[int, torch.Tensor]:
+        """The batch's forward. If it raises, every request in the batch ends with "error" (blocks
+        freed: the engine stays usable) and BatchError carries their last outputs."""
+        try:
+            return self.runner.run(batch)
+        except Exception as e:
+            failure = Failure("model forward", e)
+            rids = list(dict.fromkeys(seq.request_id for seq, _ in batch))
+            log.error("requests %s: %s", ", ".join(rids), failure, exc_info=e)
+            outputs = []
+            for rid in rids:
+                state = self.requests.pop(rid)
+                self._end(state, "error", str(failure))
+                outputs.append(self._output(state))
+            raise BatchError(str(failure), outputs) from e
 
     def _rows(self, batch: list[tuple[Sequence, int]], logits: dict[int, torch.Tensor]
               ) -> tuple[list[torch.Tensor], list[Sequence]]:

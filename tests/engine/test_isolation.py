@@ -1,13 +1,15 @@
 """Nothing one request does can end another: n > 1 forks at a full cache or a full running set wait
-instead of failing the step, and a request whose logits processor, detokenisation or sampling
-raises ends with finish_reason "error" while every other request goes on unchanged."""
+instead of failing the step, and a request whose logits processor, detokenisation, sampling or
+forward raises ends with finish_reason "error" while every other request goes on unchanged."""
+import asyncio
 import logging
 
 import pytest
 import torch
 
 from dsv32.chat import Tokenizer
-from dsv32.engine.engine import EngineConfig, LLMEngine
+from dsv32.engine.async_engine import AsyncLLM
+from dsv32.engine.engine import BatchError, EngineConfig, LLMEngine
 from dsv32.engine.sampler import Sampler
 from dsv32.engine.sequence import SamplingParams, Sequence
 from dsv32.model.checkpoint import load_model
@@ -166,3 +168,70 @@ def test_sampler_redoes_a_failing_batch_row_by_row():
     assert list(out.failed) == [1] and out.failed[1].stage == "sampling"
     assert "ValueError" in str(out.failed[1])
     assert out.token_ids[0] == alone.token_ids[0] and not alone.failed
+
+
+# ---- forward failures --------------------------------------------------------------------------
+def flaky(eng, monkeypatch, fails) -> list:
+    """Make the runner raise once, on the first batch for which `fails(batch)` holds."""
+    real, raised = eng.runner.run, []
+
+    def run(batch):
+        if not raised and fails(batch):
+            raised.append([s.request_id for s, _ in batch])
+            raise RuntimeError("device lost")
+        return real(batch)
+
+    monkeypatch.setattr(eng.runner, "run", run)
+    return raised
+
+
+def test_failed_forward_ends_only_its_batch(ckpt, model, tok, monkeypatch):
+    reqs = [(rid, prompt(30 + 10 * i, 20 + i), greedy(10)) for i, rid in enumerate("abc")]
+    ref = drive(make(ckpt, model, tok), reqs + [("d", prompt(25, 30), greedy(10))])
+    eng = make(ckpt, model, tok, max_num_seqs=2)                  # c waits while a and b run
+    raised = flaky(eng, monkeypatch, lambda batch: any(s.num_output_tokens for s, _ in batch))
+    for rid, p, sp in reqs:
+        eng.add_request(rid, p, sp)
+    eng.step()
+    with pytest.raises(BatchError, match="model forward failed: RuntimeError: device lost") as info:
+        eng.step()
+    assert raised == [["a", "b"]]
+    failed = {out.request_id: out for out in info.value.outputs}
+    assert set(failed) == {"a", "b"} and all(out.finished for out in failed.values())
+    assert all(o.finish_reason == "error" and "device lost" in o.error for out in failed.values() for o in out.outputs)
+    assert set(eng.requests) == {"c"} and not eng.scheduler.running
+    got = drive(eng, [("d", prompt(25, 30), greedy(10))])
+    for rid in "cd":
+        assert tokens(got[rid]) == tokens(ref[rid])
+
+
+def test_async_engine_fails_only_the_failed_batch(ckpt, model, tok, monkeypatch):
+    """Through AsyncLLM: the doomed request gets an "error" output, not an exception; the request
+    waiting behind it (max_num_seqs 1) and a later one complete."""
+    eng = make(ckpt, model, tok, max_num_seqs=1)
+    raised = flaky(eng, monkeypatch, lambda batch: batch[0][0].request_id == "doomed" and "by" in eng.requests)
+    llm = AsyncLLM(eng)
+
+    async def final(rid, p, sp, started=None):
+        last = None
+        async for out in llm.generate(p, sp, rid):
+            if started is not None:
+                started.set()
+            last = out
+        return last
+
+    async def main():
+        started = asyncio.Event()
+        doomed = asyncio.ensure_future(final("doomed", prompt(10, 40), greedy(100), started))
+        await started.wait()
+        by = await final("by", prompt(12, 41), greedy(6))
+        return await doomed, by, await final("after", prompt(14, 42), greedy(6))
+
+    try:
+        doomed, by, after = asyncio.run(asyncio.wait_for(main(), 60))
+    finally:
+        llm.shutdown()
+    assert raised == [["doomed"]]
+    assert doomed.finished and doomed.outputs[0].finish_reason == "error" and "device lost" in doomed.outputs[0].error
+    assert by.outputs[0].finish_reason == "length" and after.outputs[0].finish_reason == "length"
+    assert eng.block_manager.usage == 0.0 and not eng.has_unfinished()
