@@ -5,7 +5,7 @@ import json
 from hypothesis import strategies as st
 
 from dsv32.chat import encode_messages
-from dsv32.chat.tokens import CALLS_OPEN, EOS, PARAM_CLOSE, THINK_END
+from dsv32.chat.tokens import ASSISTANT, BOS, CALLS_OPEN, EOS, PARAM_CLOSE, THINK_END, THINK_START, USER
 
 # Pieces that look like the start of a marker without being one, to tempt the parser.
 NEAR_MARKERS = ["<", ">", "</", "</think", "<｜", "｜", "<｜DS", "<｜DSML｜", "<｜DSML｜function_calls",
@@ -38,6 +38,29 @@ def assistant_messages(draw, thinking: bool):
     if thinking:
         msg["reasoning_content"] = draw(text)
     return msg
+
+
+# Message texts without the format's markers, for properties of the markup the encoder writes.
+prose = text.filter(lambda s: not any(m in s for m in (THINK_START, USER, ASSISTANT, BOS)))
+
+
+@st.composite
+def conversations(draw):
+    """Any conversation the encoder accepts: roles in any order, tool results after each call."""
+    msgs = []
+    for role in draw(st.lists(st.sampled_from(["system", "developer", "user", "assistant"]),
+                              min_size=1, max_size=7)):
+        if role != "assistant":
+            msgs.append({"role": role, "content": draw(prose) or role})
+            continue
+        msg = {"role": "assistant", "content": draw(st.none() | prose),
+               "reasoning_content": draw(st.none() | prose), "tool_calls": draw(tool_calls())}
+        msgs.append(msg)
+        msgs += [{"role": "tool", "tool_call_id": c["id"], "content": draw(prose)} for c in msg["tool_calls"]]
+    last = msgs[-1]
+    if last["role"] == "assistant" and not last["tool_calls"] and draw(st.booleans()):
+        last["prefix"] = True
+    return msgs
 
 
 def completion_text(message: dict, thinking_mode: str) -> str:
