@@ -42,7 +42,7 @@ def test_the_checker_catches_unbalanced_markers(prompt):
         ends_inside_reasoning(prompt)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(conversations(), st.sampled_from(["thinking", "chat"]), st.booleans())
 def test_every_prompt_has_balanced_think_markers(messages, mode, drop_thinking):
     prompt = encode_messages(messages, mode, drop_thinking=drop_thinking)
