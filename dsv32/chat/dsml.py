@@ -337,7 +337,7 @@ class StreamParser:
         try:
             json.loads(value, parse_constant=_reject_constant)
             return value.strip()
-        except ValueError:
+        except (ValueError, RecursionError):     # nested too deep for the decoder: not usable JSON
             self._warnings.append(f"parameter {self._params[-1]!r} of tool call {self._calls - 1} "
                                   f"({self._call_name}) is marked string=\"false\" but is not JSON; "
                                   "passed as a string")

@@ -224,3 +224,9 @@ def test_without_tools_a_function_calls_block_is_content():
     thinking = parse_completion("hmm" + block(invoke("f")) + EOS, "thinking", tool_calls=False)
     assert thinking["reasoning_content"] == "hmm" + block(invoke("f")) and thinking["tool_calls"] == []
 
+
+def test_deeply_nested_string_false_value_does_not_raise():
+    deep = "[" * 100_000
+    msg = parse_completion(block(invoke("f", param("a", deep, False))) + EOS, "chat")
+    assert json.loads(msg["tool_calls"][0]["function"]["arguments"]) == {"a": deep}
+    assert 'string="false" but is not JSON' in msg["warnings"][0]
