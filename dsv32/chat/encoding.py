@@ -15,12 +15,12 @@ default) or kept, as in the official encoder. A last assistant message with `pre
 rendered open, without `<｜end▁of▁sentence｜>`: the model continues its content, or its reasoning
 when it has no content yet.
 Every `<think>` the encoder writes is closed by the next `</think>`, and every other `</think>`
-directly follows `<｜Assistant｜>` or the function results (the non-thinking marker); only the prompt's
-end may be left inside reasoning. Where the official encoder would break that rule (an assistant
-message after the last user turn that follows no user, developer or tool message, system messages
-aside, such as a second assistant message in a row), this one leaves the reasoning out. It is lenient where the official one
-fails, too: an assistant message after the last user turn without reasoning or tool calls renders
-empty reasoning; text content parts are joined by newlines.
+directly follows `<｜Assistant｜>` or the function results (the non-thinking marker); only the
+prompt's end may be left inside reasoning. Where the official encoder would break that rule (an
+assistant message after the last user turn that follows no user, developer or tool message, system
+messages aside, such as a second assistant message in a row), this one leaves the reasoning out.
+It is lenient where the official one fails, too: an assistant message after the last user turn
+without reasoning or tool calls renders empty reasoning; text content parts are joined by newlines.
 """
 from __future__ import annotations
 

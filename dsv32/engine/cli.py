@@ -21,7 +21,8 @@ EXIT_INTERRUPTED = 130      # the shell's status for a command ended by Ctrl-C
 
 def _engine_args(p) -> None:
     p.add_argument("--model", default=None,
-                   help="checkpoint directory, HF layout (default: the bundled model, else a generated tiny one)")
+                   help="checkpoint directory, HF layout "
+                        "(default: the bundled model, else a generated tiny one)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-model-len", type=int, default=4096)
@@ -177,7 +178,7 @@ def _answer(engine, request_id: str, prompt: str, params: SamplingParams, mode: 
         return None
     printer.end()
     message = builder.message()
-    return {"role": "assistant", "content": message["content"], "reasoning_content": message["reasoning_content"]}
+    return {key: message[key] for key in ("role", "content", "reasoning_content")}
 
 
 class _Stopped(Exception):

@@ -109,6 +109,16 @@ def test_assistant_after_assistant_renders_no_unopened_think_end(drop_thinking):
         f"{BOS}{U}q{A}<think>r1</think>a1{EOS}a2{EOS}")
 
 
+def test_system_message_inside_the_last_turn_keeps_the_reasoning_open():
+    # As the official encoder: the system text lands after `<think>`; the reasoning still closes.
+    messages = [{"role": "user", "content": "q"}, {"role": "system", "content": "S"},
+                {"role": "assistant", "reasoning_content": "r", "content": "a"}]
+    assert encode_messages(messages, "thinking") == f"{BOS}{U}q{A}<think>Sr</think>a{EOS}"
+    prefix = messages[:2] + [{"role": "assistant", "reasoning_content": "r", "prefix": True}]
+    assert encode_messages(prefix, "thinking").endswith(f"{A}<think>Sr")
+    assert generation_mode(prefix, "thinking") == "thinking"
+
+
 def test_assistant_without_any_user_turn_renders_no_reasoning():
     messages = [{"role": "system", "content": "S"},
                 {"role": "assistant", "reasoning_content": "r", "content": "a"}]

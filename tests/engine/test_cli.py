@@ -70,7 +70,8 @@ class Force:
 def engine_spy(monkeypatch):
     """Records the prompts, aborts and shutdowns of the engines the CLI builds."""
     from dsv32.engine import engine as engine_mod
-    seen = {"prompts": [], "aborted": [], "shutdowns": 0, "force": []}   # force: the texts of the next answers
+    # force: the texts the next answers are made of
+    seen = {"prompts": [], "aborted": [], "shutdowns": 0, "force": []}
     real_add, real_abort = engine_mod.LLMEngine.add_request, engine_mod.LLMEngine.abort_request
 
     def add(self, rid, prompt, params=None, **kw):
