@@ -7,26 +7,9 @@ import os
 import sys
 from pathlib import Path
 
+from dsv32.model.bundled import BUNDLED_MODEL, default_model  # noqa: F401 (BUNDLED_MODEL: re-exported)
+
 log = logging.getLogger("dsv32.server")
-
-BUNDLED_MODEL = Path(__file__).resolve().parent.parent / "assets" / "model"
-
-
-def default_model() -> Path:
-    """The bundled model if present, else a tiny random checkpoint generated once into the cache."""
-    if (BUNDLED_MODEL / "config.json").is_file():
-        return BUNDLED_MODEL
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dsv32" / "tiny-random"
-    if not (cache / "config.json").is_file():
-        from dsv32.model.init_tiny import init_tiny
-
-        log.warning("no bundled model at %s: generating a tiny RANDOM checkpoint into %s "
-                    "(its answers are noise; pass --model DIR for real weights)", BUNDLED_MODEL, cache)
-        cache.mkdir(parents=True, exist_ok=True)
-        init_tiny(cache, seed=0, layers=2, hidden=128, shards=1)
-    else:
-        log.warning("no bundled model at %s: serving the tiny RANDOM checkpoint in %s", BUNDLED_MODEL, cache)
-    return cache
 
 
 def add_parser(subparsers) -> None:
@@ -80,7 +63,7 @@ def _main(args: argparse.Namespace) -> int:
     from .app import create_app
     from .state import ServerConfig
 
-    model = args.model if args.model is not None else default_model()
+    model = args.model if args.model is not None else default_model(log)
     if not (Path(model) / "config.json").is_file():
         print(f"dsv32 serve: no checkpoint at {model} (config.json missing)", file=sys.stderr)
         return 2
