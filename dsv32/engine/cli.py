@@ -88,20 +88,30 @@ def read_prompts(args) -> list:
 
 
 def cmd_generate(args) -> int:
-    from dsv32.chat import encode_messages
+    from dataclasses import replace
 
+    from .chat import ChatRequest, prepare_chat
     from .llm import LLM
     llm = LLM(model=_model(args), **_engine_kwargs(args))
-    mode = "thinking" if args.thinking else "chat"
-    prompts = []
+    params, prompts, plist = _params(args), [], []
     for p in read_prompts(args):
-        if isinstance(p, dict) and "messages" in p:
-            p = encode_messages(p["messages"], thinking_mode=mode, tools=p.get("tools"))
-        elif isinstance(p, str) and args.chat:
-            p = encode_messages([{"role": "user", "content": p}], thinking_mode=mode)
+        if isinstance(p, str) and args.chat:
+            p = {"messages": [{"role": "user", "content": p}]}
+        if isinstance(p, dict) and "messages" in p:      # a chat: its prompt and its grammar
+            request = ChatRequest(p["messages"], thinking=args.thinking, tools=p.get("tools"),
+                                  tool_choice=p.get("tool_choice"),
+                                  response_format=p.get("response_format", _response_format(args)))
+            try:
+                chat = prepare_chat(request, llm.engine.grammars)
+            except ValueError as e:
+                raise SystemExit(f"dsv32 generate: {e}")
+            p = chat.text
+            plist.append(replace(params, logits_processors=chat.processors))
+        else:
+            plist.append(params)
         prompts.append(p)
     try:
-        outs = llm.generate(prompts, _params(args), use_tqdm=sys.stderr.isatty())
+        outs = llm.generate(prompts, plist, use_tqdm=sys.stderr.isatty())
     finally:
         llm.engine.shutdown()
     for out in outs:
@@ -112,6 +122,17 @@ def cmd_generate(args) -> int:
         else:
             print(o.text)
     return 0
+
+
+def _response_format(args) -> dict | None:
+    """--response-format / --json-schema as a response_format object."""
+    if args.json_schema:
+        try:
+            schema = json.loads(Path(args.json_schema).read_text())
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"dsv32 generate: --json-schema {args.json_schema}: {e}")
+        return {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
+    return {"type": args.response_format} if args.response_format != "text" else None
 
 
 def cmd_chat(args) -> int:
@@ -127,7 +148,7 @@ def cmd_chat(args) -> int:
 
 
 def _chat_loop(engine, args) -> int:
-    from dsv32.chat import encode_messages
+    from .chat import ChatRequest, prepare_chat
     mode = "chat" if args.no_thinking else "thinking"
     system = [{"role": "system", "content": args.system}] if args.system else []
     history = list(system)
@@ -149,8 +170,10 @@ def _chat_loop(engine, args) -> int:
             continue
         if not line:
             continue
-        prompt = encode_messages(history + [{"role": "user", "content": line}], thinking_mode=mode)
-        answer = _answer(engine, f"chat-{turn}", prompt, _params(args, skip_special_tokens=False), mode)
+        chat = prepare_chat(ChatRequest(history + [{"role": "user", "content": line}], thinking=mode == "thinking"),
+                            engine.grammars)     # no tools: the grammar lets no call start
+        params = _params(args, skip_special_tokens=False, logits_processors=chat.processors)
+        answer = _answer(engine, f"chat-{turn}", chat.text, params, chat.mode)
         turn += 1
         if answer is not None:
             history += [{"role": "user", "content": line}, answer]
@@ -159,8 +182,8 @@ def _chat_loop(engine, args) -> int:
 def _answer(engine, request_id: str, prompt: str, params: SamplingParams, mode: str) -> dict | None:
     """Generate and print one answer; None when it was not sent or Ctrl-C stopped it.
 
-    No tools are offered, so a function_calls block the model writes anyway is printed and kept as
-    content: the turn never ends on a call nobody can answer."""
+    No tools are offered: the grammar lets no function_calls block start, and the parser would keep
+    one as content anyway, so the turn never ends on a call nobody can answer."""
     from dsv32.chat import MessageBuilder, StreamParser
     try:
         engine.add_request(request_id, prompt, params)
@@ -250,6 +273,10 @@ def add_parser(subparsers) -> None:
     g.add_argument("--chat", action="store_true", help="wrap plain prompts as one user message")
     g.add_argument("--thinking", action="store_true", help="thinking mode for chat prompts")
     g.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    g.add_argument("--response-format", default="text", choices=["text", "json_object"],
+                   help="json_object: each chat answer is one JSON object (grammar-constrained)")
+    g.add_argument("--json-schema", default=None, metavar="FILE",
+                   help="each chat answer is JSON under the schema in FILE (grammar-constrained)")
     g.set_defaults(func=cmd_generate)
 
     c = subparsers.add_parser("chat", help="interactive terminal chat (shows the thinking)")

@@ -157,18 +157,18 @@ def test_ctrl_c_during_an_answer_stops_it_and_returns_to_the_prompt(ckpt, engine
 
 
 def test_chat_without_tools_keeps_a_tool_call_as_content(ckpt, engine_spy, monkeypatch, capsys):
-    import dsv32.chat
+    import dsv32.engine.chat
     block = render_tool_calls([{"type": "function", "function": {"name": "get_weather",
                                                                 "arguments": {"city": "Paris"}}}])
     engine_spy["force"] = ["Let me check." + block, "You're welcome."]
     conversations = []
-    real_encode = dsv32.chat.encode_messages
+    real_encode = dsv32.engine.chat.encode_messages
 
     def encode(messages, **kw):
         conversations.append(messages)
         return real_encode(messages, **kw)
 
-    monkeypatch.setattr(dsv32.chat, "encode_messages", encode)
+    monkeypatch.setattr(dsv32.engine.chat, "encode_messages", encode)
     monkeypatch.setattr("sys.stdin", io.StringIO("Weather in Paris?\nThanks\n/exit\n"))
     assert main(["chat", "--model", str(ckpt), "--no-thinking", "--max-tokens", "80",
                  "--max-model-len", "512"]) == 0
@@ -177,3 +177,19 @@ def test_chat_without_tools_keeps_a_tool_call_as_content(ckpt, engine_spy, monke
     assistant = conversations[1][1]
     assert assistant["content"] == "Let me check." + block and "tool_calls" not in assistant
     assert all(m["role"] != "tool" and "tools" not in m for m in conversations[1])
+
+
+def test_generate_json_answers(ckpt, tmp_path, capsys):
+    """--response-format / --json-schema constrain chat prompts (the same grammar as the server)."""
+    schema = tmp_path / "s.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"ok": {"type": "boolean"}},
+                                  "required": ["ok"], "additionalProperties": False}))
+    assert main(["generate", "--model", str(ckpt), "--prompt", "Hi", "--chat", "--json-schema", str(schema),
+                 "--max-tokens", "20", "--json", "--max-model-len", "256", "--temperature", "1", "--seed", "0"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["finish_reason"] == "stop" and json.loads(row["text"]) in ({"ok": True}, {"ok": False})
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "user", "content": "x"}], "response_format": {
+        "type": "json_schema", "json_schema": {"schema": {"type": "nope"}}}}))
+    with pytest.raises(SystemExit, match="response_format"):
+        main(["generate", "--model", str(ckpt), "--file", str(bad), "--max-model-len", "256"])
