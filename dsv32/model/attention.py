@@ -235,8 +235,7 @@ class MLA(nn.Module):
         S = keys.shape[1]
         idx = None                                                       # top-k key ids [B, T, K]
         if hooks is not None and hooks.index is not None:
-            idx = self._observe(hooks.index, x, qr, q_nope, q_pe, kv.latent(self.layer_idx), keys,
-                                positions, cos, sin, doc)
+            idx = self._observe(hooks.index, x, qr, q_nope, q_pe, kv, keys, positions, cos, sin, doc)
         if attention is Attention.SERVED and S <= self.topk:
             # every visible key set fits in top-k: selection is "all keys", no scoring needed
             if x.shape[1] > 1:
@@ -253,18 +252,17 @@ class MLA(nn.Module):
                 idx = self.indexer.select(iq, iw, keys, positions, doc)  # [B, T, K]
             if attention is Attention.TOPK_MASKED:
                 o = self.mha(q_nope, q_pe, kv.latent(self.layer_idx), positions, key_mask(idx, S))
-            else:
+            else:                                                        # TOPK_GATHERED, SERVED
                 o = self.mqa_sparse(q_nope, q_pe, kv, idx)
         return self.o_proj(o.flatten(2))
 
-    def _observe(self, hook, x, qr, q_nope, q_pe, latent, keys, positions, cos, sin, doc
-                 ) -> torch.Tensor:
+    def _observe(self, hook, x, qr, q_nope, q_pe, kv, keys, positions, cos, sin, doc) -> torch.Tensor:
         """Score every key at once (the indexer loss needs the whole [B, T, S] with its gradient),
         show the hook the scores, the top-k and the main attention; -> top-k ids [B, T, K]."""
         iq, iw = self.indexer.query(x.detach(), qr.detach(), cos, sin)
         scores = self.indexer.scores(iq, iw, keys)                       # [B, T, S]
         visible = visible_keys(positions, keys.shape[1], doc)
         idx = self.indexer.top(scores.detach(), visible)
-        hook(self.layer_idx, IndexView(scores, visible, key_mask(idx, keys.shape[1]),
-                                       self.probs(q_nope, q_pe, latent, visible)))
+        probs = self.probs(q_nope, q_pe, kv.latent(self.layer_idx), visible)
+        hook(self.layer_idx, IndexView(scores, visible, key_mask(idx, keys.shape[1]), probs))
         return idx
