@@ -5,8 +5,12 @@ Two computations on the same cached latent `[c | k_rope]`:
   * expanded MHA: `kv_b_proj` expands every key to per-head `[k_nope | v]` (prefill, reference);
   * absorbed MQA: `kv_b_proj` is folded into the query and the output, attention runs on the
     576-wide latent shared by all heads (decode, and sparse prefill over gathered entries).
+`Attention` says which keys a forward attends to and by which of the two; the indexer reads
+detached inputs, so it learns only from its own loss (training's `Hooks.index`).
 """
 from __future__ import annotations
+
+from enum import Enum
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +18,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .fp8 import act_quant_dequant
+from .hooks import Hooks, IndexView
 from .layers import Linear, RMSNorm, hadamard, rope_half, rope_interleaved
 from dsv32.parallel.context import SINGLE, ParallelContext
 
@@ -22,10 +27,39 @@ from dsv32.parallel.context import SINGLE, ParallelContext
 SCORE_BLOCK = 1 << 24
 
 
+class Attention(Enum):
+    """Which keys each query attends to, and by which computation."""
+
+    SERVED = "served"                # inference: expanded MHA over every key while every query's
+                                     # keys fit in index_topk (decode: gathered), else TOPK_GATHERED
+    DENSE = "dense"                  # expanded MHA over every visible key, no top-k (DSA dense and
+                                     # warm-up stages)
+    TOPK_MASKED = "topk_masked"      # the indexer's top-k as a mask on expanded MHA: the slow
+                                     # reference (DSA sparse stage)
+    TOPK_GATHERED = "topk_gathered"  # the indexer's top-k, absorbed MQA over the gathered rows only
+
+
 def _query_chunks(T: int, per_query: int):
     step = max(1, SCORE_BLOCK // max(1, per_query))
     for s in range(0, T, step):
         yield slice(s, min(T, s + step))
+
+
+def visible_keys(positions: torch.Tensor, S: int, doc: torch.Tensor | None = None,
+                 rows: slice = slice(None)) -> torch.Tensor:
+    """Keys [B, t, S] that the queries `rows` at `positions` [B, T] may see: those at or before
+    their position and, with `doc` [B, T] (packed rows: the keys are the forward's own tokens),
+    of their own document."""
+    m = torch.arange(S, device=positions.device).view(1, 1, S) <= positions[:, rows].unsqueeze(-1)
+    if doc is not None:
+        m = m & (doc[:, rows].unsqueeze(-1) == doc.unsqueeze(1))
+    return m
+
+
+def key_mask(idx: torch.Tensor, S: int) -> torch.Tensor:
+    """Selected key ids [B, T, K] (-1 = empty) -> mask [B, T, S] bool."""
+    mask = torch.zeros(*idx.shape[:2], S + 1, dtype=torch.bool, device=idx.device)
+    return mask.scatter_(-1, torch.where(idx < 0, S, idx), True)[..., :S]
 
 
 class Indexer(nn.Module):
@@ -69,20 +103,22 @@ class Indexer(nn.Module):
         s = torch.einsum("bthd,bsd->bths", q.float(), k.float()).relu_()  # [B, T, H, S]
         return torch.einsum("bths,bth->bts", s, w)
 
-    def select(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor
-               ) -> torch.Tensor:
-        """Causal top-k key indices [B, T, K] per query; -1 marks empty slots (fewer keys than K)."""
+    def top(self, scores: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """Index scores [B, T, S] -> the top-k visible key ids [B, T, K]; -1 marks empty slots
+        (fewer visible keys than K)."""
+        K = min(self.topk, scores.shape[-1])
+        val, idx = scores.masked_fill(~visible, float("-inf")).topk(K, dim=-1)   # [B, T, K]
+        return idx.masked_fill(val == float("-inf"), -1)
+
+    def select(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor,
+               doc: torch.Tensor | None = None) -> torch.Tensor:
+        """Top-k key ids [B, T, K] per query among its visible keys (see `visible_keys`), scored
+        a chunk of queries at a time; -1 marks empty slots."""
         B, T, H, _ = q.shape
         S = keys.shape[1]
-        K = min(self.topk, S)
-        out = torch.empty(B, T, K, dtype=torch.long, device=q.device)
-        key_pos = torch.arange(S, device=q.device)
+        out = torch.empty(B, T, min(self.topk, S), dtype=torch.long, device=q.device)
         for c in _query_chunks(T, H * S):
-            sc = self.scores(q[:, c], w[:, c], keys)                     # [B, t, S]
-            future = key_pos.view(1, 1, S) > positions[:, c].unsqueeze(-1)
-            sc = sc.masked_fill(future, float("-inf"))
-            val, idx = sc.topk(K, dim=-1)                                # [B, t, K]
-            out[:, c] = idx.masked_fill(val == float("-inf"), -1)
+            out[:, c] = self.top(self.scores(q[:, c], w[:, c], keys), visible_keys(positions, S, doc, c))
         return out
 
 
@@ -132,7 +168,8 @@ class MLA(nn.Module):
     # ---- the two attention computations -------------------------------------------------
     def mha(self, q_nope, q_pe, latent, positions, index_mask=None) -> torch.Tensor:
         """Expanded MHA over all keys [B, S, C+R]; causal, optionally restricted by `index_mask`
-        ([B, T, S] bool, True = selected). This dense-masked form is the slow reference path."""
+        ([B, T, S] bool, True = may attend: a top-k selection, a document). This dense-masked form
+        is the slow reference path."""
         B, S, _ = latent.shape
         c, k_pe = latent.split([self.kv_rank, self.rope], dim=-1)
         kv = self.kv_b_proj(c).view(B, S, self.n_heads, self.nope + self.v_dim)
@@ -174,34 +211,58 @@ class MLA(nn.Module):
             out[:, c] = torch.einsum("bthc,hvc->bthv", o_lat, w_uv)
         return out
 
+    @torch.no_grad()
+    def probs(self, q_nope, q_pe, latent, visible: torch.Tensor) -> torch.Tensor:
+        """Main attention probabilities [B, H, T, S] of the expanded MHA over the `visible` keys
+        [B, T, S] (what the indexer learns to predict)."""
+        c, k_pe = latent.split([self.kv_rank, self.rope], dim=-1)
+        B, S, _ = latent.shape
+        kv = self.kv_b_proj(c).view(B, S, self.n_heads, self.nope + self.v_dim)
+        s = torch.einsum("bthd,bshd->bhts", q_nope.float(), kv[..., : self.nope].float())
+        s = s + torch.einsum("bthr,bsr->bhts", q_pe.float(), k_pe.float())
+        s = (s * self.scale).masked_fill(~visible.unsqueeze(1), float("-inf"))
+        return s.softmax(-1)
+
     # ---- forward --------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                kv, mode: str = "auto") -> torch.Tensor:
-        """x [B, T, D] at `positions` [B, T]; `kv` a key store (see kv.py).
-
-        mode: "auto" (fast paths), "dense" (expanded MHA over all keys with an additive top-k
-        mask: the slow reference), "sparse" (always gathered absorbed MQA over the top-k).
-        """
+                kv, attention: Attention = Attention.SERVED, doc: torch.Tensor | None = None,
+                hooks: Hooks | None = None) -> torch.Tensor:
+        """x [B, T, D] at `positions` [B, T]; `kv` a key store (see kv.py); `doc` [B, T] keeps
+        packed documents apart; `hooks.index` is shown every layer's index scores."""
         q_nope, q_pe, qr, latent = self.project(x, cos, sin)
-        kv.write(self.layer_idx, latent, self.indexer.key(x, cos, sin))
+        kv.write(self.layer_idx, latent, self.indexer.key(x.detach(), cos, sin))
         keys = kv.index_keys(self.layer_idx)                             # [B, S, Di]
         S = keys.shape[1]
-        T = x.shape[1]
-        if S <= self.topk and mode == "auto":
-            # every causal key set fits in top-k: selection is "all keys", no scoring needed
-            if T > 1:
-                o = self.mha(q_nope, q_pe, kv.latent(self.layer_idx), positions)
+        idx = None                                                       # top-k key ids [B, T, K]
+        if hooks is not None and hooks.index is not None:
+            idx = self._observe(hooks.index, x, qr, q_nope, q_pe, kv, keys, positions, cos, sin, doc)
+        if attention is Attention.SERVED and S <= self.topk:
+            # every visible key set fits in top-k: selection is "all keys", no scoring needed
+            if x.shape[1] > 1:
+                attention = Attention.DENSE
             else:
                 idx = torch.arange(S, device=x.device).expand(x.shape[0], 1, S)
-                idx = idx.masked_fill(idx > positions.unsqueeze(-1), -1)
-                o = self.mqa_sparse(q_nope, q_pe, kv, idx)
+                idx = idx.masked_fill(~visible_keys(positions, S, doc), -1)
+        if attention is Attention.DENSE:
+            mask = None if doc is None else visible_keys(positions, S, doc)
+            o = self.mha(q_nope, q_pe, kv.latent(self.layer_idx), positions, mask)
         else:
-            iq, iw = self.indexer.query(x, qr, cos, sin)
-            idx = self.indexer.select(iq, iw, keys, positions)           # [B, T, K]
-            if mode == "dense":
-                mask = torch.zeros(*idx.shape[:2], S + 1, dtype=torch.bool, device=x.device)
-                mask.scatter_(-1, torch.where(idx < 0, S, idx), True)
-                o = self.mha(q_nope, q_pe, kv.latent(self.layer_idx), positions, mask[..., :S])
-            else:
+            if idx is None:
+                iq, iw = self.indexer.query(x.detach(), qr.detach(), cos, sin)
+                idx = self.indexer.select(iq, iw, keys, positions, doc)  # [B, T, K]
+            if attention is Attention.TOPK_MASKED:
+                o = self.mha(q_nope, q_pe, kv.latent(self.layer_idx), positions, key_mask(idx, S))
+            else:                                                        # TOPK_GATHERED, SERVED
                 o = self.mqa_sparse(q_nope, q_pe, kv, idx)
         return self.o_proj(o.flatten(2))
+
+    def _observe(self, hook, x, qr, q_nope, q_pe, kv, keys, positions, cos, sin, doc) -> torch.Tensor:
+        """Score every key at once (the indexer loss needs the whole [B, T, S] with its gradient),
+        show the hook the scores, the top-k and the main attention; -> top-k ids [B, T, K]."""
+        iq, iw = self.indexer.query(x.detach(), qr.detach(), cos, sin)
+        scores = self.indexer.scores(iq, iw, keys)                       # [B, T, S]
+        visible = visible_keys(positions, keys.shape[1], doc)
+        idx = self.indexer.top(scores.detach(), visible)
+        probs = self.probs(q_nope, q_pe, kv.latent(self.layer_idx), visible)
+        hook(self.layer_idx, IndexView(scores, visible, key_mask(idx, keys.shape[1]), probs))
+        return idx

@@ -4,8 +4,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .attention import MLA
+from .attention import MLA, Attention
 from .config import ModelConfig
+from .hooks import Hooks
 from .layers import RMSNorm
 from .moe import MLP, MoE
 from dsv32.parallel.context import SINGLE, ParallelContext
@@ -21,10 +22,13 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
         self.self_attn = MLA(cfg, layer_idx, dtype, fp8_sim=fp8_sim, pc=pc)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
-        self.mlp = MoE(cfg, dtype, pc) if cfg.is_moe_layer(layer_idx) else MLP(
+        self.mlp = MoE(cfg, layer_idx, dtype, pc) if cfg.is_moe_layer(layer_idx) else MLP(
             cfg.hidden_size, cfg.intermediate_size, dtype, pc)
 
-    def forward(self, h, positions, cos, sin, kv, mode: str = "auto"):
+    def forward(self, h, positions, cos, sin, kv, attention: Attention = Attention.SERVED,
+                doc: torch.Tensor | None = None, hooks: Hooks | None = None):
         # attention and FFN outputs are partial sums under tensor parallelism: reduce them here
-        h = h + self.pc.all_reduce(self.self_attn(self.input_layernorm(h), positions, cos, sin, kv, mode))
-        return h + self.pc.all_reduce(self.mlp(self.post_attention_layernorm(h)))
+        a = self.self_attn(self.input_layernorm(h), positions, cos, sin, kv, attention, doc, hooks)
+        h = h + self.pc.all_reduce(a)
+        x = self.post_attention_layernorm(h)
+        return h + self.pc.all_reduce(self.mlp(x, hooks) if isinstance(self.mlp, MoE) else self.mlp(x))

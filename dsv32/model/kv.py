@@ -1,4 +1,5 @@
-"""Key stores that attention reads from: fresh (no cache) and contiguous (incremental decode).
+"""Key stores that attention reads from: fresh (no cache), after a shared prefix (training) and
+contiguous (incremental decode).
 
 A key store holds, per layer and batch row, the MLA latent `[c | k_rope]` and the indexer key of
 every token seen so far, in position order (key j has position j). Attention writes the new
@@ -28,6 +29,20 @@ class FreshKV:
 
     def gather_latent(self, layer: int, idx: torch.Tensor) -> torch.Tensor:
         return gather_rows(self.latents[layer], idx)
+
+
+class PrefixKV(FreshKV):
+    """Keys of a batch-1 prefix shared by every row (a FreshKV its forward wrote), then the rows'
+    own tokens: the prefix runs once and its keys reach every row like a cache."""
+
+    def __init__(self, prefix: FreshKV):
+        super().__init__()
+        self.prefix = prefix
+
+    def write(self, layer: int, latent: torch.Tensor, index_k: torch.Tensor) -> None:
+        b = latent.shape[0]                          # prefix [1, P, .] + own [b, t, .] -> [b, P + t, .]
+        super().write(layer, torch.cat((self.prefix.latent(layer).expand(b, -1, -1), latent), 1),
+                      torch.cat((self.prefix.index_keys(layer).expand(b, -1, -1), index_k), 1))
 
 
 class ContiguousKV:

@@ -1,11 +1,14 @@
 """Feed-forward blocks: SwiGLU MLP, the sigmoid no-aux (noaux_tc) Gate, and the MoE layer."""
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .hooks import Hooks, RouteView
 from .layers import Linear
 from dsv32.parallel.context import SINGLE, ParallelContext
 
@@ -27,6 +30,14 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+class Routing(NamedTuple):
+    """The Gate's decision for N tokens."""
+
+    weights: torch.Tensor    # [N, k] fp32 combine weights (routed_scaling_factor applied)
+    ids: torch.Tensor        # [N, k] expert ids
+    scores: torch.Tensor     # [N, E] fp32 sigmoid affinities s
+
+
 class Gate(nn.Module):
     """Sigmoid router with fp32 bias-corrected, group-limited top-k selection (noaux_tc)."""
 
@@ -43,6 +54,7 @@ class Gate(nn.Module):
         """x [N, D] -> sigmoid affinities s [N, E] in fp32."""
         return F.linear(x.float(), self.weight.float()).sigmoid()
 
+    @torch.no_grad()
     def select(self, s: torch.Tensor) -> torch.Tensor:
         """Expert ids [N, k] chosen on biased scores within the best `topk_group` groups."""
         biased = s + self.e_score_correction_bias
@@ -54,18 +66,20 @@ class Gate(nn.Module):
             biased = g.masked_fill(~gmask.unsqueeze(-1), float("-inf")).flatten(1)
         return biased.topk(self.topk, dim=-1).indices
 
-    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [N, D] -> (combine weights [N, k] fp32, expert ids [N, k]).
+    def forward(self, x: torch.Tensor, replay: torch.Tensor | None = None) -> Routing:
+        """x [N, D] -> Routing: combine weights [N, k], expert ids [N, k], affinities s [N, E].
 
-        `expert_ids` replays a recorded routing (GRPO Keep Routing); weights still come from s.
+        `replay` [N, k] forces recorded experts (GRPO Keep Routing), -1 where routing is free;
+        the weights still come from s.
         """
         s = self.scores(x)
-        ids = self.select(s) if expert_ids is None else expert_ids
+        ids = self.select(s)
+        if replay is not None:
+            ids = torch.where(replay >= 0, replay, ids)
         w = s.gather(1, ids)
         if self.norm:
             w = w / (w.sum(-1, keepdim=True) + 1e-20)
-        return w * self.scaling, ids
+        return Routing(w * self.scaling, ids, s)
 
 
 class MoE(nn.Module):
@@ -76,9 +90,10 @@ class MoE(nn.Module):
     for the tokens routed there (dispatch); the block's all-reduce sums the ranks (combine).
     """
 
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype | None = None, pc: ParallelContext = SINGLE):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, dtype: torch.dtype | None = None,
+                 pc: ParallelContext = SINGLE):
         super().__init__()
-        self.n_experts = cfg.n_routed_experts
+        self.layer_idx, self.n_experts = layer_idx, cfg.n_routed_experts
         ep = pc.enabled and pc.expert_parallel
         self.local = range(*pc.split(cfg.n_routed_experts, "n_routed_experts")) if ep \
             else range(cfg.n_routed_experts)
@@ -101,8 +116,17 @@ class MoE(nn.Module):
             y.index_add_(0, tok, out)
         return y
 
-    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, hooks: Hooks | None = None) -> torch.Tensor:
+        """x [B, T, D] -> [B, T, D]; `hooks.replay` forces experts, `hooks.route` sees the routing."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])                                      # [N, D]
-        weights, ids = self.gate(x, expert_ids)
-        return (self.routed(x, weights, ids) + self.shared_experts(x)).view(shape)
+        r = self.gate(x, self._replay(hooks))
+        if hooks is not None and hooks.route is not None:
+            lead = shape[:-1]                                             # [N, .] -> [B, T, .]
+            hooks.route(self.layer_idx, RouteView(r.scores.unflatten(0, lead), r.ids.unflatten(0, lead)))
+        return (self.routed(x, r.weights, r.ids) + self.shared_experts(x)).view(shape)
+
+    def _replay(self, hooks: Hooks | None) -> torch.Tensor | None:
+        """The recorded experts [N, k] this layer must use (-1: free), when the hooks replay some."""
+        r = None if hooks is None or hooks.replay is None else hooks.replay.get(self.layer_idx)
+        return None if r is None else r.reshape(-1, self.gate.topk).to(self.gate.weight.device)

@@ -4,8 +4,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .attention import Attention
 from .block import Block
 from .config import ModelConfig
+from .hooks import Hooks
 from .layers import Linear, RMSNorm, VocabParallelEmbedding
 from dsv32.parallel.context import SINGLE, ParallelContext
 
@@ -42,13 +44,23 @@ class MTPLayer(Block):
         self.eh_proj = Linear(2 * cfg.hidden_size, cfg.hidden_size, dtype=dtype)
         self.shared_head = SharedHead(cfg, dtype, pc)
 
+    def combine(self, h: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The block's input [B, T, D] from the main hidden h_t [B, T, D] and token t+1 [B, T]."""
+        e = self.embed_tokens(next_ids)
+        e = e.masked_fill((positions == 0).unsqueeze(-1), 0.0)  # as engines serving the real weights do
+        return self.eh_proj(torch.cat((self.enorm(e), self.hnorm(h)), dim=-1))
+
+    def block(self, x: torch.Tensor, positions, cos, sin, kv, attention: Attention = Attention.SERVED,
+              doc: torch.Tensor | None = None, hooks: Hooks | None = None) -> torch.Tensor:
+        """The decoder block over combined inputs x [B, T, D] -> [B, T, D] (before `shared_head`)."""
+        return super().forward(x, positions, cos, sin, kv, attention, doc, hooks)
+
     def forward(self, h: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor,
-                cos: torch.Tensor, sin: torch.Tensor, kv, mode: str = "auto",
+                cos: torch.Tensor, sin: torch.Tensor, kv, attention: Attention = Attention.SERVED,
+                doc: torch.Tensor | None = None, hooks: Hooks | None = None,
                 return_hidden: bool = False) -> torch.Tensor:
         """h [B, T, D] main hidden at t, next_ids [B, T] token t+1 -> logits [B, T, vocab] (or,
         with `return_hidden`, the block's output [B, T, D] before `shared_head`)."""
-        e = self.embed_tokens(next_ids)
-        e = e.masked_fill((positions == 0).unsqueeze(-1), 0.0)  # as engines serving the real weights do
-        x = self.eh_proj(torch.cat((self.enorm(e), self.hnorm(h)), dim=-1))
-        x = super().forward(x, positions, cos, sin, kv, mode)
+        x = self.combine(h, next_ids, positions)
+        x = self.block(x, positions, cos, sin, kv, attention, doc, hooks)
         return x if return_hidden else self.shared_head(x)

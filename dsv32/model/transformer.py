@@ -5,8 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .attention import Attention
 from .block import Block
 from .config import ModelConfig
+from .hooks import Hooks
 from .kv import FreshKV
 from .layers import RMSNorm, Rotary, VocabParallelEmbedding
 from .mtp import MTPLayer, vocab_parallel_head
@@ -60,31 +62,38 @@ class Transformer(nn.Module):
         return torch.arange(start_pos, start_pos + T, device=input_ids.device).expand(B, T)
 
     def hidden(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, kv=None,
-               mode: str = "auto") -> torch.Tensor:
-        """Final (normed) hidden states [B, T, D] of the main stack."""
+               attention: Attention = Attention.SERVED, doc: torch.Tensor | None = None,
+               hooks: Hooks | None = None) -> torch.Tensor:
+        """Final (normed) hidden states [B, T, D] of the main stack. `doc` [B, T]: document ids of
+        packed rows (attention stays inside a document); `hooks`: what training sees (hooks.py)."""
         if positions is None:
             positions = self.positions_for(input_ids)
         kv = FreshKV() if kv is None else kv
+        return self.stack(self.model.embed_tokens(input_ids), positions, kv, attention, doc, hooks)
+
+    def stack(self, h: torch.Tensor, positions: torch.Tensor, kv,
+              attention: Attention = Attention.SERVED, doc: torch.Tensor | None = None,
+              hooks: Hooks | None = None) -> torch.Tensor:
+        """Token embeddings h [B, T, D] at `positions` -> final (normed) hidden states [B, T, D]."""
         cos, sin = self.rotary(positions)
-        h = self.model.embed_tokens(input_ids)
         for layer in self.model.layers[: self.n_layers]:
-            h = layer(h, positions, cos, sin, kv, mode)
+            h = layer(h, positions, cos, sin, kv, attention, doc, hooks)
         return self.model.norm(h)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, kv=None,
-                mode: str = "auto") -> torch.Tensor:
+                attention: Attention = Attention.SERVED) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, vocab] (fp32)."""
-        return self.logits(self.hidden(input_ids, positions, kv, mode))
+        return self.logits(self.hidden(input_ids, positions, kv, attention))
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final hidden states [..., D] -> fp32 logits [..., vocab] (gathered over ranks)."""
         return self.pc.all_gather_last(self.lm_head(h).float())
 
     def mtp_logits(self, hidden: torch.Tensor, input_ids: torch.Tensor, kv=None,
-                   mode: str = "auto") -> torch.Tensor:
+                   attention: Attention = Attention.SERVED) -> torch.Tensor:
         """Predict token t+2 at every position t from the main hidden state h_t [B, T, D] and the
         next tokens `input_ids[:, 1:]`; returns logits [B, T-1, vocab] for t = 0..T-2."""
         h, nxt = hidden[:, :-1], input_ids[:, 1:]
         positions = self.positions_for(nxt)
         cos, sin = self.rotary(positions)
-        return self.mtp(h, nxt, positions, cos, sin, FreshKV() if kv is None else kv, mode)
+        return self.mtp(h, nxt, positions, cos, sin, FreshKV() if kv is None else kv, attention)

@@ -21,6 +21,7 @@ from dsv32.engine.sequence import SamplingParams
 from dsv32.model.moe import MoE
 
 from . import dsa
+from .dsa import Stage
 from .losses import grpo_loss, group_advantages
 
 
@@ -195,8 +196,8 @@ def _kept_logprobs(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Ten
     return tok_logit - lse
 
 
-def group_logprobs(model, group: list[Rollout], stage: str = "sparse", grad: bool = True
-                   ) -> tuple[torch.Tensor, torch.Tensor, object]:
+def group_logprobs(model, group: list[Rollout], stage: Stage = Stage.SPARSE, grad: bool = True
+                   ) -> tuple[torch.Tensor, torch.Tensor, dsa.Stats]:
     """pi_theta log-probs [G, Tc] over the group's completions (Keep Routing + Keep Sampling Mask),
     the completion mask [G, Tc], and the forward's Stats."""
     P = len(group[0].prompt_ids)

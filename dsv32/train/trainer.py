@@ -18,6 +18,7 @@ from dsv32.model.moe import MoE
 from dsv32.model.transformer import Transformer
 
 from . import dsa
+from .dsa import Stage
 from .data import Batch, Loader
 from .losses import TiedVocab, masked_ce, update_bias
 
@@ -27,7 +28,7 @@ class StageConfig:
     """Hyper-parameters of one training stage."""
 
     name: str = "sft"
-    stage: str = "dense"          # dsa stage: dense | warmup | sparse
+    stage: Stage | str = Stage.DENSE   # dsa stage: dense | warmup | sparse
     steps: int = 100
     lr: float = 3e-3
     indexer_lr: float | None = None   # the indexers' peak rate when it differs from `lr`
@@ -65,11 +66,11 @@ def new_model(cfg: ModelConfig, seed: int = 0, std: float = 0.006,
     return tie_mtp(model)
 
 
-def set_trainable(model: Transformer, stage: str) -> list[torch.nn.Parameter]:
+def set_trainable(model: Transformer, stage: Stage | str) -> list[torch.nn.Parameter]:
     """Warm-up trains only the indexers; other stages train everything but the routing bias."""
     params = []
     for name, p in model.named_parameters():
-        train = ".indexer." in name if stage == "warmup" else not name.endswith("e_score_correction_bias")
+        train = ".indexer." in name if stage == Stage.WARMUP else not name.endswith("e_score_correction_bias")
         p.requires_grad_(train)
         if train:
             params.append(p)
@@ -118,23 +119,24 @@ def value_weights(mask: torch.Tensor, w: float) -> torch.Tensor | None:
     return None if w == 1.0 else torch.where(mask == 2, w, 1.0)
 
 
-def lm_losses(model: Transformer, batch: Batch, stage: str, mtp_weight: float = 0.3,
+def lm_losses(model: Transformer, batch: Batch, stage: Stage | str, mtp_weight: float = 0.3,
               alpha: float = 0.0, measure: bool = False, vocab: TiedVocab | None = None,
               value_weight: float = 1.0) -> tuple[torch.Tensor, dict, dsa.Stats]:
     """Total loss (LM + MTP + balance + indexer KL) and its parts for one batch.
     Heads run only where a target is a loss token (the vocabulary projection dominates). With
     `value_weight` != 1 the LM and MTP losses are weighted means (tool values weigh that much);
     the logged "lm" is then the weighted loss too."""
+    stage = Stage(stage)
     ids, mask = batch.ids, batch.mask
     valid = torch.ones_like(ids, dtype=torch.bool)
     if batch.doc is not None:
         valid = batch.doc >= 0
-    use_mtp = stage != "warmup" and mtp_weight > 0
+    use_mtp = stage is not Stage.WARMUP and mtp_weight > 0
     hidden, mtp_h, st = dsa.forward(model, ids, valid, batch.prefix, stage, batch.doc,
-                                    mtp=use_mtp or stage == "warmup", measure=measure, alpha=alpha)
+                                    mtp=use_mtp or stage is Stage.WARMUP, measure=measure, alpha=alpha)
     parts = {}
-    loss = st.index_loss if stage in ("warmup", "sparse") else hidden.sum() * 0.0
-    if stage != "warmup":
+    loss = st.index_loss if stage is not Stage.DENSE else hidden.sum() * 0.0
+    if stage is not Stage.WARMUP:
         sel = mask[:, 1:].bool()                                         # target t+1 is a loss token
         lm = head_ce(hidden[:, :-1][sel], model.lm_head.weight, ids[:, 1:][sel], vocab,
                      value_weights(mask[:, 1:][sel], value_weight))
@@ -148,7 +150,7 @@ def lm_losses(model: Transformer, batch: Batch, stage: str, mtp_weight: float = 
             parts["mtp"] = mtp.item()
         if alpha:
             parts["balance"] = float(st.balance_loss.detach())
-    if stage in ("warmup", "sparse"):
+    if stage is not Stage.DENSE:
         parts["index_kl"] = float(st.index_loss.detach())
     if st.recall is not None:
         parts["recall"] = st.recall
@@ -229,7 +231,7 @@ def train_stage(model: Transformer, loader: Loader, sc: StageConfig, log: JsonLo
         batch = loader.next()
         model.train()
         loss, parts, stats = lm_losses(model, batch, sc.stage, sc.mtp_weight,
-                                       sc.balance_alpha if sc.stage != "warmup" else 0.0,
+                                       sc.balance_alpha if sc.stage != Stage.WARMUP else 0.0,
                                        measure=sc.measure_recall, vocab=vocab,
                                        value_weight=sc.value_weight)
         opt.zero_grad(set_to_none=True)
@@ -238,7 +240,7 @@ def train_stage(model: Transformer, loader: Loader, sc: StageConfig, log: JsonLo
         opt.step()
         if vocab is not None:
             vocab.sync(model.lm_head.weight.data)
-        loads = update_biases(model, stats, sc.bias_gamma if sc.stage != "warmup" else 0.0)
+        loads = update_biases(model, stats, sc.bias_gamma if sc.stage != Stage.WARMUP else 0.0)
         toks += batch.ids.numel()
         row = {"stage": sc.name, "step": step + 1, "loss": loss.item(), "lr": lr, "grad_norm": gnorm,
                **parts, "load_max_over_mean": loads, "tok_per_s": toks / (time.time() - t0)}
@@ -255,13 +257,13 @@ def train_stage(model: Transformer, loader: Loader, sc: StageConfig, log: JsonLo
 
 
 @torch.no_grad()
-def eval_lm(model: Transformer, batches: list[Batch], stage: str) -> dict:
+def eval_lm(model: Transformer, batches: list[Batch], stage: Stage | str) -> dict:
     """Mean LM loss on `batches` with dense or sparse attention, and indexer recall."""
     model.eval()
     tot, n, rec = 0.0, 0, []
     for b in batches:
-        hidden, _, st = dsa.forward(model, b.ids, None, b.prefix, "sparse" if stage == "sparse" else "dense",
-                                    b.doc, mtp=False, measure=True)
+        attend = Stage.SPARSE if stage == Stage.SPARSE else Stage.DENSE
+        hidden, _, st = dsa.forward(model, b.ids, None, b.prefix, attend, b.doc, mtp=False, measure=True)
         sel = b.mask[:, 1:].bool()
         logits = model.lm_head(hidden[:, :-1][sel]).float()
         tot += float(torch.nn.functional.cross_entropy(logits, b.ids[:, 1:][sel], reduction="sum"))

@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from dsv32.model.attention import Attention
 from dsv32.model.config import ModelConfig, RopeScaling
 from dsv32.model.kv import ContiguousKV, FreshKV
 from dsv32.model.layers import hadamard, yarn_inv_freq
@@ -128,8 +129,8 @@ def test_absorbed_equals_expanded_mla(model):
 
 def test_gathered_sparse_equals_dense_masked(model):
     x = ids(T=48)
-    dense = model(x, mode="dense")
-    sparse = model(x, mode="sparse")
+    dense = model(x, attention=Attention.TOPK_MASKED)
+    sparse = model(x, attention=Attention.TOPK_GATHERED)
     auto = model(x)
     assert (dense - sparse).abs().max() < 1e-4
     assert (dense - auto).abs().max() < 1e-4
@@ -167,7 +168,7 @@ def test_gate_group_limited_routing_naive(model):
     with torch.no_grad():
         gate.e_score_correction_bias.copy_(torch.randn(8) * 0.3)
     x = torch.randn(50, model.config.hidden_size)
-    w, ids_ = gate(x)
+    w, ids_, _ = gate(x)
     for n in range(50):
         s = torch.sigmoid(x[n] @ gate.weight.T)
         b = s + gate.e_score_correction_bias

@@ -7,7 +7,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import dsv32
-from dsv32.model.attention import Indexer
+from dsv32.model.attention import Attention, Indexer
 from dsv32.model.init_tiny import init_tiny
 
 transformers = pytest.importorskip("transformers")
@@ -99,7 +99,7 @@ def test_indexer_topk_sets_equal_transformers(ckpts, monkeypatch):
     monkeypatch.setattr(Indexer, "select", spy)
     with torch.no_grad():
         hf(x)
-        dsv32.load_model(bf16)(x, mode="dense")
+        dsv32.load_model(bf16)(x, attention=Attention.TOPK_MASKED)
     assert len(theirs) == len(ours) == DIMS["layers"]
     for h, o in zip(theirs, ours):
         for b in range(x.shape[0]):

@@ -4,6 +4,7 @@ import dataclasses
 import pytest
 import torch
 
+from dsv32.model.attention import Attention
 from dsv32.model.init_tiny import tiny_config
 from dsv32.model.transformer import Transformer
 from dsv32.train import dsa
@@ -43,7 +44,7 @@ def test_dense_forward_equals_model_hidden_and_mtp(model):
 @torch.no_grad()
 def test_sparse_forward_equals_model_sparse_mode(model):
     x = ids()
-    want = model.hidden(x, mode="dense")          # dense-masked top-k reference
+    want = model.hidden(x, attention=Attention.TOPK_MASKED)   # dense-masked top-k reference
     h, _, st = dsa.forward(model, x, stage="sparse", mtp=False)
     assert (h - want).abs().max() < 1e-4
     assert 0 < st.recall <= 1
