@@ -30,6 +30,21 @@ class ServerConfig:
     request_timeout: float | None = 600.0  # seconds from arrival; None: no limit
     reasoning_only: bool = False           # Speciale weights: thinking always on, no tools
     system_fingerprint: str = "dsv32-0.1"
+    sse_keepalive: float = 15.0            # seconds without output before a `: keep-alive` SSE comment
+    max_body_bytes: int = 64 << 20         # larger request bodies get 413 (chunked ones too)
+
+    def __post_init__(self) -> None:
+        for key in self.api_keys:
+            check_api_key(key)
+
+
+def check_api_key(key: str) -> None:
+    """ValueError for a key no client can send: empty, padded with spaces, or with control characters."""
+    if not isinstance(key, str) or not key.strip():
+        raise ValueError("an API key must not be empty (leave the key out to serve without one)")
+    if key != key.strip() or any(ord(c) < 32 or ord(c) == 127 for c in key):
+        raise ValueError("an API key must not start or end with whitespace or hold control characters "
+                         "(an HTTP header cannot carry them)")
 
 
 class ServerState:
