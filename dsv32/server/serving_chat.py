@@ -91,8 +91,6 @@ def reasoning_tokens(token_ids: list[int], think_end_id: int, thinking: bool) ->
 class ChatServing:
     """Handles one chat completion request: prompt, sampling, then a JSON or SSE answer."""
 
-    keepalive = 15.0   # seconds without output before a `: keep-alive` comment line
-
     def __init__(self, state: ServerState, extra_processors: ProcessorHook | None = None):
         self.state = state
         self.extra_processors = extra_processors
@@ -102,7 +100,7 @@ class ChatServing:
         llm = self.state.ready()
         tok = llm.tokenizer
         thinking = True if self.state.cfg.reasoning_only else request_thinking(req, default_thinking)
-        prompt, mode = self._prompt(req, thinking)
+        prompt, mode = await asyncio.to_thread(self._prompt, req, thinking)   # long prompts take a while
         top = req.top_logprobs or 0
         if req.top_logprobs and not req.logprobs:
             raise APIError(422, "top_logprobs: requires logprobs to be true", param="top_logprobs",
@@ -112,7 +110,7 @@ class ChatServing:
             logprobs=top if req.logprobs else None, skip_special_tokens=False,
             processors=await self._processors(req, mode, llm))
         request_id = "chatcmpl-" + request.state.request_id
-        gen = Generation(self.state, request_id, prompt, params)
+        gen = await Generation.start(self.state, request_id, prompt, params)
         ctx = _Context(request_id, model, int(time.time()), self.state.cfg.system_fingerprint, mode,
                        tok.think_end_id, TokenText(tok), top if req.logprobs else None)
         if req.stream:
@@ -216,7 +214,7 @@ class ChatServing:
                                              logprobs=None, finish_reason=None)], include_usage))
         last = None
         try:
-            async for out in with_keepalive(gen.outputs(), self.keepalive):
+            async for out in with_keepalive(gen.outputs(), self.state.cfg.sse_keepalive):
                 if out is None:
                     yield KEEPALIVE
                     continue
