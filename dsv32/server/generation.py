@@ -25,13 +25,13 @@ TIMEOUT = "timeout"   # finish reason of a request cut by --request-timeout
 class Generation:
     """A request admitted to the engine: `await Generation.start(...)` tokenises and validates it
     off the event loop and counts it against the queue bound (APIError 400 / 429 / 503), then
-    `outputs()` streams it; `release()` is idempotent."""
+    `outputs()` streams it; `release()` is idempotent; `cut()` ends it at shutdown."""
 
     def __init__(self, state: ServerState, request_id: str, prompt_ids: list[int], params: SamplingParams):
         self.state, self.request_id, self.params, self.prompt_ids = state, request_id, params, prompt_ids
         self.llm = state.ready()
-        self._released = False
-        state.admit(params.n)
+        self._released, self._cut = False, False
+        state.admit(params.n, self)
 
     @classmethod
     async def start(cls, state: ServerState, request_id: str, prompt: str | list[int],
@@ -47,7 +47,12 @@ class Generation:
     def release(self) -> None:
         if not self._released:
             self._released = True
-            self.state.release(self.params.n)
+            self.state.release(self.params.n, self)
+
+    def cut(self) -> None:
+        """Shutdown ran out of time: abort in the engine; the consumer gets APIError 503."""
+        self._cut = True
+        asyncio.ensure_future(self.llm.abort(self.request_id))
 
     async def outputs(self) -> AsyncIterator[RequestOutput]:
         """Cumulative outputs; past its deadline the request ends with finish_reason "timeout".
@@ -71,6 +76,10 @@ class Generation:
                     reason = TIMEOUT
                     yield _timed_out(self.request_id, self.prompt_ids, self.params.n, last)
                     return
+                if self._cut:
+                    reason = "shutdown"
+                    raise APIError(503, "the server shut down before this request finished",
+                                   code="server_shutdown")
                 now = time.monotonic()
                 if last_t is None:
                     first, arrival = out.metrics.get("first_token"), out.metrics.get("arrival")

@@ -2,11 +2,12 @@
 admission counter behind the bounded queue, and the metrics."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol
 
 from dsv32.engine.async_engine import AsyncLLM
 from dsv32.engine.engine import EngineConfig, LLMEngine
@@ -47,6 +48,12 @@ def check_api_key(key: str) -> None:
                          "(an HTTP header cannot carry them)")
 
 
+class Cuttable(Protocol):
+    """A request in flight that shutdown can end early."""
+
+    def cut(self) -> None: ...
+
+
 class ServerState:
     """Shared by all requests; the engine is None until the background load finishes."""
 
@@ -59,7 +66,11 @@ class ServerState:
         self.active = 0          # sequences admitted and not yet released
         self.metrics = Metrics(lambda: self.llm.metrics() if self.llm is not None else None)
         self.on_load_error: Callable[[], None] | None = None
+        self.draining = False    # shutting down: no new generations
+        self._live: set[Cuttable] = set()
+        self.cut_count = 0       # generations ended by the shutdown timeout
         self._thread: threading.Thread | None = None
+        self._cut_timer: asyncio.TimerHandle | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------------
     def start_loading(self) -> None:
@@ -80,7 +91,24 @@ class ServerState:
         log.info("model loaded in %.1fs (max_model_len %d); ready", time.monotonic() - t0,
                  engine.max_model_len)
 
+    def start_draining(self, timeout: float) -> None:
+        """Shutdown began (on the event loop): refuse new generations, and cut the ones still
+        running after `timeout` seconds."""
+        self.draining = True
+        if self._live:
+            log.info("draining %d request(s) in flight (up to %.0fs)", len(self._live), timeout)
+        self._cut_timer = asyncio.get_running_loop().call_later(timeout, self.cut_all)
+
+    def cut_all(self) -> None:
+        if self._live:
+            self.cut_count += len(self._live)
+            log.warning("shutdown timeout: cutting %d request(s) still in flight", len(self._live))
+        for gen in list(self._live):
+            gen.cut()
+
     def shutdown(self) -> None:
+        if self._cut_timer is not None:
+            self._cut_timer.cancel()
         if self._thread is not None:
             self._thread.join(timeout=60)
         if self.llm is not None:
@@ -108,8 +136,11 @@ class ServerState:
                            param="model", code="model_not_found")
         return name, ids[name]
 
-    def admit(self, n: int) -> None:
-        """Take n sequence slots or answer 429 when running + waiting would exceed the bound."""
+    def admit(self, n: int, gen: Cuttable | None = None) -> None:
+        """Take n sequence slots for `gen` or answer 429 when running + waiting would exceed the
+        bound (503 once shutdown began)."""
+        if self.draining:
+            raise APIError(503, "the server is shutting down", code="shutting_down")
         limit = self.cfg.engine.max_num_seqs + self.cfg.max_queue
         if n > limit:
             raise APIError(422, f"n: {n} sequences can never fit this server ({limit} running or queued)",
@@ -119,6 +150,9 @@ class ServerState:
             raise APIError(429, f"the server is at capacity ({limit} sequences running or queued); "
                                 "retry later", code="queue_full")
         self.active += n
+        if gen is not None:
+            self._live.add(gen)
 
-    def release(self, n: int) -> None:
+    def release(self, n: int, gen: Cuttable | None = None) -> None:
         self.active -= n
+        self._live.discard(gen)
