@@ -6,7 +6,10 @@ strip it as a stop token, so it may also be missing. Text is released as soon as
 become part of a marker, tool-call arguments stream as JSON fragments while the call is generated
 (a `string="false"` value waits for its closing tag so that it can be checked as JSON).
 Malformed output never raises: what parses is kept, the raw text of what does not is added to the
-content, and each problem is reported in `Done.warnings`.
+content, and each problem is reported in `Done.warnings`. Special markup the official parser rejects
+in reasoning or content (`<think>`, a `</think>` that closes no reasoning, DSML outside a
+function_calls block, `<｜begin▁of▁sentence｜>`) stays where it is, with a warning. Given
+`tool_calls=False` (no tools were offered), a function_calls block is no markup but such text.
 """
 from __future__ import annotations
 
@@ -21,14 +24,22 @@ from .events import (
     ContentDelta, Done, Event, MessageBuilder, ReasoningDelta, ToolCallArguments, ToolCallStart,
 )
 from .tokens import (
-    CALLS_CLOSE, CALLS_OPEN, CALLS_SEPARATOR, DSML, EOS, INVOKE_CLOSE, INVOKE_OPEN_HEAD, PARAM_CLOSE,
-    PARAM_OPEN_HEAD, THINK_END,
+    BOS, CALLS_CLOSE, CALLS_OPEN, CALLS_SEPARATOR, DSML, EOS, INVOKE_CLOSE, INVOKE_OPEN_HEAD, PARAM_CLOSE,
+    PARAM_OPEN_HEAD, THINK_END, THINK_START,
 )
 
 CALLS_START = (CALLS_SEPARATOR + CALLS_OPEN, CALLS_OPEN)
 INVOKE_OPEN = re.compile(f'<{DSML}invoke name="([^"<>]+)">')
 PARAM_OPEN = re.compile(f'<{DSML}parameter name="([^"<>]+)" string="(true|false)">')
 MAX_TAG_CHARS = 512
+# Markup the official parser rejects in reasoning and content; here it stays text, with a warning.
+STRAY_MARKUP = (
+    (THINK_START, "stray <think> in the output (kept as text)"),
+    (THINK_END, "stray </think> with no reasoning open (kept in content)"),
+    (DSML, "stray DSML markup outside a function_calls block (kept as text)"),
+    (BOS, f"stray {BOS} in the output (kept as text)"),
+)
+STRAY_WINDOW = max(len(marker) for marker, _ in STRAY_MARKUP) - 1
 
 REASONING, CONTENT, CALLS, INVOKE, VALUE, AFTER_CALLS, RAW, ENDED = range(8)
 
@@ -41,9 +52,9 @@ def new_call_id() -> str:
 
 
 def parse_completion(text: str, thinking_mode: str = "thinking",
-                     make_id: Callable[[], str] = new_call_id) -> dict:
+                     make_id: Callable[[], str] = new_call_id, tool_calls: bool = True) -> dict:
     """Parse a whole completion into role, content, reasoning_content, tool_calls and warnings."""
-    parser = StreamParser(thinking_mode, make_id)
+    parser = StreamParser(thinking_mode, make_id, tool_calls)
     builder = MessageBuilder(thinking_mode)
     for event in parser.feed(text) + parser.finish():
         builder.apply(event)
@@ -78,9 +89,11 @@ def _reject_constant(name: str) -> None:
 class StreamParser:
     """Incremental completion parser: `feed` text deltas, then `finish`; both return events."""
 
-    def __init__(self, thinking_mode: str = "thinking", make_id: Callable[[], str] = new_call_id):
+    def __init__(self, thinking_mode: str = "thinking", make_id: Callable[[], str] = new_call_id,
+                 tool_calls: bool = True):
         check_thinking_mode(thinking_mode)
         self._make_id = make_id
+        self._calls_start = CALLS_START if tool_calls else ()
         self._state = REASONING if thinking_mode == "thinking" else CONTENT
         self._steps = {REASONING: self._reasoning, CONTENT: self._content, CALLS: self._calls_step,
                        INVOKE: self._invoke_step, VALUE: self._value_step, AFTER_CALLS: self._after_calls,
@@ -96,6 +109,7 @@ class StreamParser:
         self._param_is_string = True
         self._value: list[str] = []  # a string="false" value, collected until its closing tag
         self._stray_text = False     # non-blank text came after the function_calls block
+        self._window = ""            # the end of the text run scanned for stray markup
 
     def feed(self, text: str) -> list[Event]:
         """Consume a text delta; return the events it completes."""
@@ -114,6 +128,19 @@ class StreamParser:
         finish_reason = "tool_calls" if self._calls else "stop"
         self._events.append(Done(finish_reason, tuple(self._warnings)))
         return self._take()
+
+    def _goto(self, state: int) -> None:
+        self._state = state
+        self._window = ""
+
+    def _scan(self, text: str) -> None:
+        """Warn about stray markup in this text run, in the order the markers end."""
+        window = self._window + text
+        found = sorted((window.find(marker) + len(marker), warning) for marker, warning in STRAY_MARKUP
+                       if marker in window)
+        for _, warning in found:
+            self._warn_once(warning)
+        self._window = window[-STRAY_WINDOW:]
 
     def _take(self) -> list[Event]:
         events, self._events = self._events, []
@@ -138,34 +165,40 @@ class StreamParser:
             self._warnings.append(warning)
 
     def _emit_reasoning(self, text: str) -> None:
+        self._scan(text)
         self._events.append(ReasoningDelta(text))
 
     def _emit_content(self, text: str) -> None:
+        self._scan(text)
+        self._events.append(ContentDelta(text))
+
+    def _emit_raw(self, text: str) -> None:
+        """Content that was meant as markup (a malformed block): reported already, not scanned."""
         self._events.append(ContentDelta(text))
 
     def _reasoning(self, final: bool) -> bool:
-        marker = self._release((THINK_END, *CALLS_START, EOS), final, self._emit_reasoning)
+        marker = self._release((THINK_END, *self._calls_start, EOS), final, self._emit_reasoning)
         if marker == THINK_END:
-            self._state = CONTENT
+            self._goto(CONTENT)
         elif marker == EOS:
             self._warnings.append("the reasoning was not closed with </think>")
-            self._state = ENDED
+            self._goto(ENDED)
         elif marker:
             self._warnings.append("tool calls began inside the reasoning, without </think>")
             self._start_calls(marker)
         return marker is not None
 
     def _content(self, final: bool) -> bool:
-        marker = self._release((*CALLS_START, EOS), final, self._emit_content)
+        marker = self._release((*self._calls_start, EOS), final, self._emit_content)
         if marker == EOS:
-            self._state = ENDED
+            self._goto(ENDED)
         elif marker:
             self._start_calls(marker)
         return marker is not None
 
     def _start_calls(self, marker: str) -> None:
         self._raw = [marker]
-        self._state = CALLS
+        self._goto(CALLS)
 
     def _after_calls(self, final: bool) -> bool:
         pos, marker = _split_at_marker(self._buf, (EOS,), final)
@@ -179,13 +212,13 @@ class StreamParser:
             self._emit_content(text)
         self._buf = self._buf[pos + len(marker):] if marker else self._buf[pos:]
         if marker:
-            self._state = ENDED
+            self._goto(ENDED)
         return marker is not None
 
     def _raw_text(self, final: bool) -> bool:
-        marker = self._release((EOS,), final, self._emit_content)
+        marker = self._release((EOS,), final, self._emit_raw)
         if marker:
-            self._state = ENDED
+            self._goto(ENDED)
         return marker is not None
 
     def _ended(self, final: bool) -> bool:
@@ -205,9 +238,9 @@ class StreamParser:
             self._call_open = False
         raw = "".join(self._raw)
         if raw:
-            self._emit_content(raw)
+            self._emit_raw(raw)
         self._raw = []
-        self._state = RAW
+        self._goto(RAW)
 
     def _tag(self, heads: tuple[str, ...], final: bool) -> str | None:
         """Skip whitespace, then return the next complete tag, None to wait, or "" when malformed."""
@@ -236,7 +269,7 @@ class StreamParser:
         if tag == CALLS_CLOSE:
             self._consume(tag)
             self._raw = []
-            self._state = AFTER_CALLS
+            self._goto(AFTER_CALLS)
             return True
         match = INVOKE_OPEN.fullmatch(tag)
         if not match:
@@ -249,7 +282,7 @@ class StreamParser:
         self._events.append(ToolCallStart(self._calls, self._make_id(), self._call_name))
         self._calls += 1
         self._args("{")
-        self._state = INVOKE
+        self._goto(INVOKE)
         return True
 
     def _invoke_step(self, final: bool) -> bool:
@@ -261,7 +294,7 @@ class StreamParser:
             self._args("}")
             self._raw = []
             self._call_open = False
-            self._state = CALLS
+            self._goto(CALLS)
             return True
         match = PARAM_OPEN.fullmatch(tag)
         if not match:
@@ -275,7 +308,7 @@ class StreamParser:
         self._params.append(name)
         self._args(separator + json.dumps(name, ensure_ascii=False) + ": " + ('"' if self._param_is_string else ""))
         self._value = []
-        self._state = VALUE
+        self._goto(VALUE)
         return True
 
     def _value_step(self, final: bool) -> bool:
@@ -295,7 +328,7 @@ class StreamParser:
             return True
         self._consume(marker)
         self._args('"' if self._param_is_string else self._json_value())
-        self._state = INVOKE
+        self._goto(INVOKE)
         return True
 
     def _json_value(self) -> str:
@@ -304,7 +337,7 @@ class StreamParser:
         try:
             json.loads(value, parse_constant=_reject_constant)
             return value.strip()
-        except ValueError:
+        except (ValueError, RecursionError):     # nested too deep for the decoder: not usable JSON
             self._warnings.append(f"parameter {self._params[-1]!r} of tool call {self._calls - 1} "
                                   f"({self._call_name}) is marked string=\"false\" but is not JSON; "
                                   "passed as a string")

@@ -9,12 +9,17 @@ Rules (from DeepSeek's `encoding_dsv32.py` and its golden vector):
   function_calls block after a blank line, `<｜end▁of▁sentence｜>`;
 - tool: results of one assistant message grouped in `<function_results>`, then `<think>` or `</think>`
   opens the assistant's next step in the same turn.
-With `drop_thinking` (thinking mode) reasoning before the last user turn is left out, and so are
-developer messages there (as the official encoder does). With `drop_thinking=False` earlier turns
-keep their reasoning (`<think>reasoning</think>`), an extension: the official flag changes nothing
-but the developer messages. A last assistant message with `prefix: true` is rendered open, without
-`<｜end▁of▁sentence｜>`: the model continues its content, or its reasoning when it has no content yet.
-Where the official encoder fails, this one is lenient: an assistant message after the last user turn
+Reasoning is rendered only after the last user turn, whatever `drop_thinking` says: in thinking mode
+the flag only decides whether developer messages before the last user turn are left out (True, the
+default) or kept, as in the official encoder. A last assistant message with `prefix: true` is
+rendered open, without `<｜end▁of▁sentence｜>`: the model continues its content, or its reasoning
+when it has no content yet.
+Every `<think>` the encoder writes is closed by the next `</think>`, and every other `</think>`
+directly follows `<｜Assistant｜>` or the function results (the non-thinking marker); only the
+prompt's end may be left inside reasoning. Where the official encoder would break that rule (an
+assistant message after the last user turn that follows no user, developer or tool message, system
+messages aside, such as a second assistant message in a row), this one leaves the reasoning out.
+It is lenient where the official one fails, too: an assistant message after the last user turn
 without reasoning or tool calls renders empty reasoning; text content parts are joined by newlines.
 """
 from __future__ import annotations
@@ -31,6 +36,8 @@ from .tokens import (
 )
 
 THINKING_MODES = ("thinking", "chat")
+# Roles whose rendering ends with `<think>` or `</think>`, opening the assistant text that follows.
+OPENERS = ("user", "developer", "tool")
 
 
 def encode_messages(messages: list[dict], thinking_mode: str = "thinking", drop_thinking: bool = True,
@@ -44,7 +51,7 @@ def encode_messages(messages: list[dict], thinking_mode: str = "thinking", drop_
     if thinking and drop_thinking:
         last = _last_user_index(msgs)
         msgs = [m for i, m in enumerate(msgs) if m["role"] != "developer" or i >= last]
-    renderer = _Renderer(msgs, thinking, keep_old_reasoning=thinking and not drop_thinking)
+    renderer = _Renderer(msgs, thinking)
     return (BOS if add_bos else "") + "".join(renderer.render(i) for i in range(len(msgs)))
 
 
@@ -53,7 +60,9 @@ def generation_mode(messages: list[dict], thinking_mode: str = "thinking") -> st
     check_thinking_mode(thinking_mode)
     last = messages[-1] if messages else {}
     if thinking_mode == "thinking" and last.get("role") == "assistant" and last.get("prefix"):
-        return "chat" if last.get("content") else "thinking"
+        before = _before_skipping_system(messages, len(messages) - 1)
+        opened = before >= 0 and messages[before].get("role") in OPENERS
+        return "thinking" if opened and not last.get("content") else "chat"
     return thinking_mode
 
 
@@ -79,6 +88,14 @@ def _render_parameter(key: str, value: Any) -> str:
     if isinstance(value, str):
         return f'{PARAM_OPEN_HEAD}{key}" string="true">{value}{PARAM_CLOSE}'
     return f'{PARAM_OPEN_HEAD}{key}" string="false">{to_json(value)}{PARAM_CLOSE}'
+
+
+def _before_skipping_system(msgs: list, index: int) -> int:
+    """The index of the last message before `index` that is not a system message (-1: none)."""
+    index -= 1
+    while index >= 0 and isinstance(msgs[index], dict) and msgs[index].get("role") == "system":
+        index -= 1
+    return index
 
 
 def _last_user_index(msgs: list[dict]) -> int:
@@ -130,10 +147,9 @@ def _check_tool_results(msgs: list[dict]) -> None:
 class _Renderer:
     """Renders message i of a validated conversation."""
 
-    def __init__(self, msgs: list[dict], thinking: bool, keep_old_reasoning: bool):
+    def __init__(self, msgs: list[dict], thinking: bool):
         self.msgs = msgs
         self.thinking = thinking
-        self.keep_old_reasoning = keep_old_reasoning
         self.last_user = _last_user_index(msgs)
 
     def render(self, index: int) -> str:
@@ -141,8 +157,13 @@ class _Renderer:
         return getattr(self, "_" + msg["role"])(index, msg)
 
     def _opens_thinking(self, index: int) -> bool:
-        """Whether the assistant text that follows message `index` starts inside reasoning."""
-        return self.thinking and (index >= self.last_user or self.keep_old_reasoning)
+        """Whether message `index` ends with `<think>`: the assistant text after it starts in reasoning."""
+        return (self.thinking and index >= 0 and index >= self.last_user
+                and self.msgs[index]["role"] in OPENERS)
+
+    def _starts_in_reasoning(self, index: int) -> bool:
+        """Whether the assistant message `index` begins inside reasoning (system messages are no step)."""
+        return self._opens_thinking(_before_skipping_system(self.msgs, index))
 
     def _think_token(self, index: int) -> str:
         return THINK_START if self._opens_thinking(index) else THINK_END
@@ -185,8 +206,8 @@ class _Renderer:
         if msg.get("prefix"):
             if calls:
                 raise ChatFormatError(f"messages[{index}]: a prefix message cannot carry tool_calls")
-            if not self._opens_thinking(index - 1):
+            if not self._starts_in_reasoning(index):
                 return content
             return reasoning + THINK_END + content if content else reasoning
-        thinking_part = reasoning + THINK_END if self._opens_thinking(index - 1) else ""
+        thinking_part = reasoning + THINK_END if self._starts_in_reasoning(index) else ""
         return thinking_part + content + calls_text + EOS

@@ -3,12 +3,15 @@ and aborts reach it through an inbox, outputs come back through per-request asyn
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
 from typing import AsyncIterator
 
-from .engine import EngineConfig, LLMEngine
+from .engine import BatchError, EngineConfig, LLMEngine
 from .sequence import RequestOutput, SamplingParams
+
+log = logging.getLogger("dsv32.engine")
 
 
 class AsyncLLM:
@@ -35,7 +38,10 @@ class AsyncLLM:
                 continue
             try:
                 outputs = self.engine.step()
-            except Exception as e:  # a broken step fails the requests in flight, loudly
+            except BatchError as e:  # a forward failed: its requests ended with "error", the rest go on
+                outputs = e.outputs
+            except Exception as e:  # the engine state is unknown: every request in flight fails, loudly
+                log.exception("engine step failed; failing every request in flight")
                 for rid in list(self.engine.requests):
                     self.engine.abort_request(rid)
                     self._deliver(rid, e)

@@ -190,6 +190,10 @@ class BlockManager:
                 table[i] = other
                 self._unref(bid)
 
+    def can_fork(self, parent: Sequence) -> bool:
+        """Whether `fork` finds the block it needs (one, when the parent's last block is partly written)."""
+        return self.num_free_blocks > 0 or parent.num_computed_tokens % self.block_size == 0
+
     def fork(self, parent: Sequence, child: Sequence) -> list[tuple[int, int]]:
         """Give `child` (whose tokens match the parent's computed ones) the parent's computed
         blocks: full ones are shared by reference, a partly written last block is copied into a

@@ -1,15 +1,28 @@
-"""`dsv32 generate` (batch from the command line or a file) and `dsv32 chat` (terminal chat)."""
+"""`dsv32 generate` (batch from the command line or a file) and `dsv32 chat` (terminal chat).
+
+Both run the bundled model unless `--model` names a checkpoint. In `dsv32 chat`, Ctrl-C stops the
+answer being generated (the turn is dropped) and, at the prompt, quits.
+"""
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
+
+from dsv32.model.bundled import default_model
 
 from .sequence import SamplingParams
 
+EXIT_INTERRUPTED = 130      # the shell's status for a command ended by Ctrl-C
+
 
 def _engine_args(p) -> None:
-    p.add_argument("--model", required=True, help="checkpoint directory (HF layout)")
+    p.add_argument("--model", default=None,
+                   help="checkpoint directory, HF layout "
+                        "(default: the bundled model, else a generated tiny one)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-model-len", type=int, default=4096)
@@ -27,9 +40,17 @@ def _engine_args(p) -> None:
                    help="1: MTP speculative decoding (same tokens, fewer steps when drafts are accepted)")
 
 
+def _model(args) -> str:
+    """The checkpoint to run: --model, else the bundled model; exits when it has no config.json."""
+    model = args.model if args.model is not None else default_model()
+    if not (Path(model) / "config.json").is_file():
+        raise SystemExit(f"dsv32 {args.command}: no checkpoint at {model} (config.json missing)")
+    return str(model)
+
+
 def _engine(args):
     from .engine import EngineConfig, LLMEngine
-    return LLMEngine(EngineConfig(**_engine_kwargs(args), model=args.model))
+    return LLMEngine(EngineConfig(**_engine_kwargs(args), model=_model(args)))
 
 
 def _engine_kwargs(args) -> dict:
@@ -70,7 +91,7 @@ def cmd_generate(args) -> int:
     from dsv32.chat import encode_messages
 
     from .llm import LLM
-    llm = LLM(model=args.model, **_engine_kwargs(args))
+    llm = LLM(model=_model(args), **_engine_kwargs(args))
     mode = "thinking" if args.thinking else "chat"
     prompts = []
     for p in read_prompts(args):
@@ -94,55 +115,131 @@ def cmd_generate(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    from dsv32.chat import ReasoningDelta, StreamParser, encode_messages, parse_completion
+    """The terminal chat; 0 at /exit or end of input, 130 when Ctrl-C quits it."""
     engine = _engine(args)
+    try:
+        return _chat_loop(engine, args)
+    except KeyboardInterrupt:       # a second Ctrl-C while an answer was being stopped
+        print(file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finally:
+        engine.shutdown()
+
+
+def _chat_loop(engine, args) -> int:
+    from dsv32.chat import encode_messages
     mode = "chat" if args.no_thinking else "thinking"
-    history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
-    dim, reset = ("\033[2m", "\033[0m") if sys.stdout.isatty() else ("", "")
-    print("dsv32 chat: /clear resets the conversation, /exit quits.", file=sys.stderr)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history = list(system)
+    print("dsv32 chat: /clear resets the conversation, /exit quits, Ctrl-C stops an answer.", file=sys.stderr)
     turn = 0
     while True:
         try:
             line = input("> ").strip()
         except EOFError:
-            break
+            return 0
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            return EXIT_INTERRUPTED
         if line in ("/exit", "/quit"):
-            break
+            return 0
         if line == "/clear":
-            history = history[:1] if args.system else []
+            history = list(system)
             print("(conversation cleared)", file=sys.stderr)
             continue
         if not line:
             continue
-        history.append({"role": "user", "content": line})
-        prompt = encode_messages(history, thinking_mode=mode)
-        rid = f"chat-{turn}"
+        prompt = encode_messages(history + [{"role": "user", "content": line}], thinking_mode=mode)
+        answer = _answer(engine, f"chat-{turn}", prompt, _params(args, skip_special_tokens=False), mode)
         turn += 1
-        engine.add_request(rid, prompt, _params(args, skip_special_tokens=False))
-        parser, text, in_reasoning = StreamParser(mode), "", False
+        if answer is not None:
+            history += [{"role": "user", "content": line}, answer]
+
+
+def _answer(engine, request_id: str, prompt: str, params: SamplingParams, mode: str) -> dict | None:
+    """Generate and print one answer; None when it was not sent or Ctrl-C stopped it.
+
+    No tools are offered, so a function_calls block the model writes anyway is printed and kept as
+    content: the turn never ends on a call nobody can answer."""
+    from dsv32.chat import MessageBuilder, StreamParser
+    try:
+        engine.add_request(request_id, prompt, params)
+    except ValueError as exc:       # e.g. the conversation outgrew --max-model-len
+        print(f"(not sent: {exc})", file=sys.stderr)
+        return None
+    builder, printer = MessageBuilder(mode), _Printer()
+    try:
+        for event in _stream(engine, request_id, StreamParser(mode, tool_calls=False)):
+            printer.show(event)
+            builder.apply(event)
+    except _Stopped:
+        printer.end()
+        print("(stopped; this turn is left out of the conversation)", file=sys.stderr)
+        return None
+    printer.end()
+    message = builder.message()
+    return {key: message[key] for key in ("role", "content", "reasoning_content")}
+
+
+class _Stopped(Exception):
+    """Ctrl-C stopped the answer being generated."""
+
+
+def _stream(engine, request_id: str, parser):
+    """The parser's events as the request generates; on Ctrl-C, aborts the request and raises _Stopped."""
+    text = ""
+    with _ctrl_c() as stop:
         while engine.has_unfinished():
+            if stop.is_set():
+                engine.abort_request(request_id)
+                raise _Stopped
             for out in engine.step():
-                new = out.outputs[0].text[len(text):]
-                text = out.outputs[0].text
-                for ev in parser.feed(new):
-                    if isinstance(ev, ReasoningDelta):
-                        if not in_reasoning:
-                            print(f"{dim}[thinking] ", end="")
-                            in_reasoning = True
-                        print(ev.text, end="", flush=True)
-                    elif hasattr(ev, "text") and ev.text:
-                        if in_reasoning:
-                            print(reset)
-                            in_reasoning = False
-                        print(ev.text, end="", flush=True)
-        print(reset if in_reasoning else "")
-        msg = parse_completion(text, mode)
-        for call in msg["tool_calls"]:
-            print(f"[tool call] {call['function']['name']}({call['function']['arguments']})")
-        history.append({k: v for k, v in msg.items() if k in ("role", "content", "reasoning_content")
-                        and v is not None} | ({"tool_calls": msg["tool_calls"]} if msg["tool_calls"] else {}))
-    engine.shutdown()
-    return 0
+                new, text = out.outputs[0].text[len(text):], out.outputs[0].text
+                yield from parser.feed(new)
+    yield from parser.finish()
+
+
+@contextlib.contextmanager
+def _ctrl_c():
+    """While open, Ctrl-C sets the yielded event instead of interrupting; a second one interrupts."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handler(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+class _Printer:
+    """Prints reasoning (dimmed on a terminal, after `[thinking]`) and content as they stream."""
+
+    def __init__(self):
+        self.dim, self.reset = ("\033[2m", "\033[0m") if sys.stdout.isatty() else ("", "")
+        self.in_reasoning = False
+
+    def show(self, event) -> None:
+        from dsv32.chat import ContentDelta, ReasoningDelta
+        if isinstance(event, ReasoningDelta) and not self.in_reasoning:
+            print(f"{self.dim}[thinking] ", end="")
+            self.in_reasoning = True
+        elif isinstance(event, ContentDelta) and self.in_reasoning:
+            print(self.reset)
+            self.in_reasoning = False
+        if isinstance(event, (ReasoningDelta, ContentDelta)):
+            print(event.text, end="", flush=True)
+
+    def end(self) -> None:
+        print(self.reset if self.in_reasoning else "")
+        self.in_reasoning = False
 
 
 def add_parser(subparsers) -> None:

@@ -2,6 +2,7 @@
 requests into streamed outputs one step at a time."""
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -15,11 +16,13 @@ from dsv32.parallel.context import SINGLE, ParallelContext
 
 from .block_manager import BlockManager
 from .cache import PagedCache
+from .guided import GrammarCompiler
 from .runner import ModelRunner
 from .sampler import Sampler
 from .scheduler import Scheduler
-from .sequence import CompletionOutput, RequestOutput, SamplingParams, Sequence, Status
+from .sequence import CompletionOutput, Failure, RequestOutput, SamplingParams, Sequence, Status
 
+log = logging.getLogger("dsv32.engine")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -90,6 +93,14 @@ class RequestState:
         return all(s.is_finished for s in self.seqs)
 
 
+class BatchError(RuntimeError):
+    """A forward failed: its requests ended with finish_reason "error"; `outputs` are their last outputs."""
+
+    def __init__(self, message: str, outputs: list[RequestOutput]):
+        super().__init__(message)
+        self.outputs = outputs
+
+
 class LLMEngine:
     """Synchronous engine: `add_request`, then call `step()` until `has_unfinished()` is False."""
 
@@ -125,6 +136,7 @@ class LLMEngine:
         else:
             self.runner = ModelRunner(self.model, self.cache)
         self.sampler = Sampler()
+        self.grammars = GrammarCompiler(self.tokenizer, mc.vocab_size)
         self.recorder = None   # optional: gets every sampling step's logits and kept-token masks
         self.requests: dict[str, RequestState] = {}
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "spec_draft_tokens": 0,
@@ -185,10 +197,7 @@ class LLMEngine:
         state = self.requests.pop(request_id, None)
         if state is None:
             return None
-        for seq in state.seqs:
-            if not seq.is_finished:
-                self.scheduler.remove(seq)
-                seq.status, seq.finish_reason = Status.FINISHED, "abort"
+        self._end(state, "abort")
         return self._output(state)
 
     def has_unfinished(self) -> bool:
@@ -202,22 +211,10 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch:
             return []
-        logits = self.runner.run(batch)
+        logits = self._forward(batch)
         for seq, _ in batch:
             self.block_manager.commit(seq)
-        rows, seqs = [], []
-        for seq, _ in batch:
-            if seq.seq_id not in logits:
-                continue
-            state = self.requests[seq.request_id]
-            if seq.num_output_tokens == 0 and seq.index == 0 and len(state.seqs) > 1 \
-                    and state.seqs[1].status == Status.WAITING and not state.seqs[1].block_table:
-                self._fork(state)
-                for child in state.seqs[1:]:
-                    rows.append(logits[seq.seq_id][0])
-                    seqs.append(child)
-            rows.append(logits[seq.seq_id][0])
-            seqs.append(seq)
+        rows, seqs = self._rows(batch, logits)
         changed: dict[str, RequestState] = {}
         accepted = []
         for seq, tok in self._sample(rows, seqs, changed):
@@ -240,6 +237,41 @@ class LLMEngine:
                 del self.requests[rid]
         return outputs
 
+    def _forward(self, batch: list[tuple[Sequence, int]]) -> dict[int, torch.Tensor]:
+        """The batch's forward. If it raises, every request in the batch ends with "error" (blocks
+        freed: the engine stays usable) and BatchError carries their last outputs."""
+        try:
+            return self.runner.run(batch)
+        except Exception as e:
+            failure = Failure("model forward", e)
+            rids = list(dict.fromkeys(seq.request_id for seq, _ in batch))
+            log.error("requests %s: %s", ", ".join(rids), failure, exc_info=e)
+            outputs = []
+            for rid in rids:
+                state = self.requests.pop(rid)
+                self._end(state, "error", str(failure))
+                outputs.append(self._output(state))
+            raise BatchError(str(failure), outputs) from e
+
+    def _rows(self, batch: list[tuple[Sequence, int]], logits: dict[int, torch.Tensor]
+              ) -> tuple[list[torch.Tensor], list[Sequence]]:
+        """The logits row [V] each sequence samples from: its own, or, for the n - 1 children of a
+        parent that just computed its prompt (forked here), the parent's."""
+        rows, seqs = [], []
+        for seq, _ in batch:
+            if seq.seq_id not in logits:
+                continue
+            row = logits[seq.seq_id][0]
+            state = self.requests[seq.request_id]
+            if seq.num_output_tokens == 0 and seq.index == 0 and len(state.seqs) > 1 \
+                    and state.seqs[1].status == Status.WAITING and not state.seqs[1].block_table:
+                self._fork(state)
+                rows += [row] * (len(state.seqs) - 1)
+                seqs += state.seqs[1:]
+            rows.append(row)
+            seqs.append(seq)
+        return rows, seqs
+
     def _sample(self, rows: list[torch.Tensor], seqs: list[Sequence], changed: dict) -> list[tuple[Sequence, int]]:
         """Sample one token per row and append it to its sequence; returns (seq, token) pairs."""
         if not seqs:
@@ -248,26 +280,42 @@ class LLMEngine:
         out = self.sampler(stacked, seqs, self.eos_token_id, return_kept=self.recorder is not None)
         if self.recorder is not None:
             self.recorder.sampled(seqs, stacked, out)
-        for seq, tok, lp in zip(seqs, out.token_ids, out.logprobs):
+        for i, (seq, tok, lp) in enumerate(zip(seqs, out.token_ids, out.logprobs)):
             state = self.requests[seq.request_id]
             if state.first_token_time is None:
                 state.first_token_time = time.monotonic()
                 state.num_cached_tokens = state.seqs[0].num_cached_tokens
-            self._append(state, seq, tok, lp)
+            if not seq.is_finished:                       # a sibling's failure may have ended it
+                self._settle(state, seq, tok, lp, out.failed.get(i))
             changed[seq.request_id] = state
         return list(zip(seqs, out.token_ids))
 
     def _fork(self, state: RequestState) -> None:
+        """The children share the parent's blocks now, or wait to recompute (Scheduler.fork)."""
         parent = state.seqs[0]
-        copies = []
         for child in state.seqs[1:]:
-            copies += self.block_manager.fork(parent, child)
-            child.num_computed_tokens = parent.num_computed_tokens
             child.num_cached_tokens = parent.num_cached_tokens
             child.prompt_logprobs = list(parent.prompt_logprobs)   # the prompt is computed already
-            child.status = Status.RUNNING
-            self.scheduler.running.append(child)
-        self.runner.copy_blocks(copies)
+        self.runner.copy_blocks(self.scheduler.fork(parent, state.seqs[1:]))
+
+    def _settle(self, state: RequestState, seq: Sequence, tok: int, lp, failure: Failure | None) -> None:
+        """Append a sampled token (detokenise, check stops); if the sequence failed, in the sampler
+        or here, its request ends with "error" and every other request goes on."""
+        if failure is None:
+            try:
+                self._append(state, seq, tok, lp)
+                return
+            except Exception as e:
+                failure = Failure("detokenisation or stop check", e)
+        log.error("request %s: %s", state.request_id, failure, exc_info=failure.exc)
+        self._end(state, "error", str(failure))
+
+    def _end(self, state: RequestState, reason: str, error: str | None = None) -> None:
+        """Finish every unfinished sequence of a request and free its blocks."""
+        for seq in state.seqs:
+            if not seq.is_finished:
+                self.scheduler.remove(seq)
+                seq.finish(reason, error=error)
 
     def _append(self, state: RequestState, seq: Sequence, tok: int, lp) -> None:
         p = seq.params
@@ -296,9 +344,8 @@ class LLMEngine:
         if reason is None and len(seq) >= self.max_model_len:
             reason = "length"
         if reason is not None:
-            seq.finish_reason, seq.stop_reason = reason, stop
             self.scheduler.remove(seq)
-            seq.status = Status.FINISHED
+            seq.finish(reason, stop)
 
     def _output(self, state: RequestState) -> RequestOutput:
         outs = []
@@ -306,7 +353,7 @@ class LLMEngine:
             outs.append(CompletionOutput(
                 index=seq.index, token_ids=seq.output_token_ids, text=text,
                 logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
-                finish_reason=seq.finish_reason, stop_reason=seq.stop_reason))
+                finish_reason=seq.finish_reason, stop_reason=seq.stop_reason, error=seq.error))
         first = state.seqs[0]
         return RequestOutput(
             request_id=state.request_id, prompt_token_ids=state.prompt_ids, outputs=outs,

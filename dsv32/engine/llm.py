@@ -1,10 +1,12 @@
 """Offline batch API: `LLM(model=DIR).generate(prompts, SamplingParams(...))`."""
 from __future__ import annotations
 
+from dataclasses import replace
 from itertools import count
 
 from tqdm.auto import tqdm
 
+from .chat import ChatRequest, prepare_chat
 from .engine import EngineConfig, LLMEngine
 from .sequence import RequestOutput, SamplingParams
 
@@ -45,3 +47,23 @@ class LLM:
                         done[out.request_id] = out
                         bar.update(1)
         return [done[r] for r in order]
+
+    def chat(self, messages: list[dict] | list[list[dict]], params: SamplingParams | None = None, *,
+             thinking: bool = False, tools: list[dict] | None = None, tool_choice=None,
+             response_format: dict | None = None, parallel_tool_calls: bool = True,
+             use_tqdm: bool = True) -> list[RequestOutput]:
+        """Answer one conversation (a list of messages) or several, under the same grammar safety
+        net as the server (JSON response_format, tool calls only to offered tools). Texts keep the
+        special tokens: `dsv32.chat.parse_completion(text, "thinking" if thinking else "chat")`
+        splits reasoning, content and tool calls."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        params = params or SamplingParams()
+        prompts, plist = [], []
+        for conversation in conversations:
+            request = ChatRequest(conversation, thinking=thinking, tools=tools, tool_choice=tool_choice,
+                                  response_format=response_format, parallel_tool_calls=parallel_tool_calls)
+            prepared = prepare_chat(request, self.engine.grammars)
+            prompts.append(prepared.text)
+            plist.append(replace(params, skip_special_tokens=False,
+                                 logits_processors=params.logits_processors + prepared.processors))
+        return self.generate(prompts, plist, use_tqdm=use_tqdm)

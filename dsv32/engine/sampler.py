@@ -18,25 +18,31 @@ here are row-local; on a GPU the sampling math runs in fp64, where shape-depende
 no longer moves a cutoff or a draw (checked on an H100). Top-p looks at the
 `top_p_candidates` best tokens first, widening (16x, then a full sort) only for rows whose
 nucleus reaches past them. Everything but logits processors and the per-row draws is batched.
+
+One row's failure is that row's alone: a logits processor that raises (processors run row by row),
+or a row that makes the batched steps raise (the batch is then redone one row at a time, with the
+uniforms already drawn), is reported in `SamplerOutput.failed` and the other rows are sampled.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from .sequence import Sequence, TokenLogprob
+from .sequence import Failure, Sequence, TokenLogprob
 
 
 @dataclass
 class SamplerOutput:
-    """Sampled token, optional logprobs and optional kept-token mask [V] for every row."""
+    """Sampled token, optional logprobs and optional kept-token mask [V] for every row; the rows
+    that failed (their token means nothing)."""
 
     token_ids: list[int]
     logprobs: list[TokenLogprob | None]
     kept: list[Tensor | None]
+    failed: dict[int, Failure] = field(default_factory=dict)
 
 
 def _padded(rows: list[list[int]], device) -> tuple[Tensor, Tensor]:
@@ -66,9 +72,9 @@ def _take(x: Tensor, rows: list[int]) -> Tensor:
 
 
 def _adjusts(s: Sequence) -> bool:
-    """Whether steps 1-4 change anything for this sequence now."""
+    """Whether steps 2-4 change anything for this sequence now."""
     p = s.params
-    return bool(s.logits_processors or p.logit_bias or s.num_output_tokens < p.min_tokens
+    return bool(p.logit_bias or s.num_output_tokens < p.min_tokens
                 or p.repetition_penalty != 1.0
                 or ((p.frequency_penalty or p.presence_penalty) and s.num_output_tokens))
 
@@ -86,17 +92,36 @@ class Sampler:
             self.generator.seed()
 
     # ---- steps 1-4: the request's adjustments to the model's logits
+    @staticmethod
+    def process(logits: Tensor, seqs: list[Sequence]) -> dict[int, Failure]:
+        """Step 1 in place, row by row: each sequence's logits processors. A row whose processor
+        raises is zeroed and reported (row -> Failure); the other rows go on."""
+        failed = {}
+        for i, s in enumerate(seqs):
+            if not s.logits_processors:
+                continue
+            out = s.output_token_ids
+            try:
+                for proc in s.logits_processors:
+                    logits[i] = proc(out, logits[i])
+            except Exception as e:
+                failed[i] = Failure("logits processor", e)
+                logits[i] = 0.0
+        return failed
+
     def adjust(self, logits: Tensor, seqs: list[Sequence], eos_token_id: int | list[int]) -> Tensor:
-        """Apply logits processors, logit_bias, min_tokens and penalties (in place; returns logits)."""
+        """Apply logits processors, logit_bias, min_tokens and penalties (in place; returns logits);
+        a failing processor raises."""
+        failed = self.process(logits, seqs)
+        if failed:
+            raise next(iter(failed.values())).exc
+        return self._bias(logits, seqs, eos_token_id)
+
+    def _bias(self, logits: Tensor, seqs: list[Sequence], eos_token_id: int | list[int]) -> Tensor:
+        """Steps 2-4 in place: logit_bias, min_tokens, penalties; returns logits."""
         B, V = logits.shape
         dev = logits.device
         eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
-
-        for i, s in enumerate(seqs):
-            if s.logits_processors:
-                out = s.output_token_ids
-                for proc in s.logits_processors:
-                    logits[i] = proc(out, logits[i])
 
         r, c, v = [], [], []
         for i, s in enumerate(seqs):
@@ -200,11 +225,12 @@ class Sampler:
         return x >= thr[:, None]
 
     def _uniforms(self, seqs: list[Sequence]) -> Tensor:
-        """One U[0, 1) per row (CPU): from the row's own generator when seeded, else the sampler's."""
-        u = torch.empty(len(seqs))
-        rest = [i for i, s in enumerate(seqs) if s.generator is None]
+        """One U[0, 1) per sampled (not greedy) row, 0 for greedy rows (CPU): from the row's own
+        generator when seeded, else the sampler's."""
+        u = torch.zeros(len(seqs))
+        rest = [i for i, s in enumerate(seqs) if s.generator is None and not s.params.greedy]
         for i, s in enumerate(seqs):
-            if s.generator is not None:
+            if s.generator is not None and not s.params.greedy:
                 u[i] = torch.rand(1, generator=s.generator)[0]
         if rest:
             u[torch.tensor(rest)] = torch.rand(len(rest), generator=self.generator)
@@ -226,14 +252,45 @@ class Sampler:
     def __call__(self, logits: Tensor, seqs: list[Sequence], eos_token_id: int | list[int],
                  return_kept: bool | list[bool] = False) -> SamplerOutput:
         """Sample one token per row of `logits` [B, V] (not modified); `return_kept` (for all rows
-        or per row) asks for the bool mask [V] of tokens the row could have been sampled from."""
-        B, V = logits.shape
+        or per row) asks for the bool mask [V] of tokens the row could have been sampled from.
+        Rows that failed are in `failed` (see the module docstring); the others are sampled."""
+        B = logits.shape[0]
         assert B == len(seqs), (B, len(seqs))
-        dev = logits.device
         want_kept = [return_kept] * B if isinstance(return_kept, bool) else list(return_kept)
-        logits = logits.float()
+        u = self._uniforms(seqs)                 # [B], drawn once whatever fails below
+        logits, failed = logits.float(), {}
+        if any(s.logits_processors for s in seqs):
+            logits = logits.clone()
+            failed = self.process(logits, seqs)
+        try:
+            out = self._sample(logits, seqs, eos_token_id, want_kept, u)
+        except Exception:
+            out = self._alone(logits, seqs, eos_token_id, want_kept, u)
+        out.failed.update(failed)
+        return out
+
+    def _alone(self, logits: Tensor, seqs: list[Sequence], eos_token_id, want_kept: list[bool],
+               u: Tensor) -> SamplerOutput:
+        """The batch again one row at a time (after it raised): only rows that fail alone are lost."""
+        out = SamplerOutput([], [], [])
+        for i in range(len(seqs)):
+            try:
+                one = self._sample(logits[i:i + 1], seqs[i:i + 1], eos_token_id, want_kept[i:i + 1], u[i:i + 1])
+            except Exception as e:
+                one = SamplerOutput([0], [None], [None])
+                out.failed[i] = Failure("sampling", e)
+            out.token_ids += one.token_ids
+            out.logprobs += one.logprobs
+            out.kept += one.kept
+        return out
+
+    def _sample(self, logits: Tensor, seqs: list[Sequence], eos_token_id, want_kept: list[bool],
+                u: Tensor) -> SamplerOutput:
+        """Steps 2-7 for fp32 `logits` [B, V] (not modified) with the rows' uniforms `u` [B]."""
+        B, V = logits.shape
+        dev = logits.device
         if any(_adjusts(s) for s in seqs):
-            logits = self.adjust(logits.clone(), seqs, eos_token_id)
+            logits = self._bias(logits.clone(), seqs, eos_token_id)
 
         lp_rows = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
         logprobs = _take(logits, lp_rows).log_softmax(-1) if lp_rows else None
@@ -258,7 +315,7 @@ class Sampler:
             keep = self._keep_mask(x, rs)                    # None: nothing truncated
             if keep is not None:
                 x = x.masked_fill(~keep, float("-inf"))
-            tokens[idx] = self._inverse_cdf(x.softmax(-1), self._uniforms(rs))
+            tokens[idx] = self._inverse_cdf(x.softmax(-1), u[rand])
             if kept is not None:
                 kept[idx] = keep if keep is not None else x > float("-inf")
 

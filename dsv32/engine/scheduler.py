@@ -34,6 +34,23 @@ class Scheduler:
             self.waiting.remove(seq)
         self.bm.free(seq)
 
+    def fork(self, parent: Sequence, children: list[Sequence]) -> list[tuple[int, int]]:
+        """Children of a parent that just computed its prompt join the running set on its blocks
+        while a seat (max_num_seqs) and a copy-on-write block are free; the others wait at the front
+        of the queue like preempted sequences and recompute (from the parent's cached full blocks,
+        with prefix caching). Returns the (src, dst) block copies the runner must perform."""
+        copies, deferred = [], []
+        for child in children:
+            if len(self.running) < self.max_num_seqs and self.bm.can_fork(parent):
+                copies += self.bm.fork(parent, child)
+                child.status = Status.RUNNING
+                self.running.append(child)
+            else:
+                child.status = Status.WAITING
+                deferred.append(child)
+        self.waiting.extendleft(reversed(deferred))
+        return copies
+
     def _preempt(self, seq: Sequence) -> None:
         """Free a running sequence's blocks; it goes back to the front of the queue and will
         recompute its keys (prompt and generated tokens) when rescheduled."""

@@ -126,6 +126,7 @@ class Sequence:
         self.draft: int | None = None    # MTP guess at the token after the last, verified next step
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
+        self.error: str | None = None    # why it ended with finish_reason "error"
         self.logits_processors = [p.clone() if hasattr(p, "clone") else p for p in params.logits_processors]
         self.generator: torch.Generator | None = None
         if params.seed is not None:
@@ -158,6 +159,21 @@ class Sequence:
     def block_tokens(self, i: int) -> list[int]:
         return self.token_ids[i * self.block_size:(i + 1) * self.block_size]
 
+    def finish(self, reason: str, stop: str | int | None = None, error: str | None = None) -> None:
+        """Mark the sequence finished (its blocks are the scheduler's to free)."""
+        self.status, self.finish_reason, self.stop_reason, self.error = Status.FINISHED, reason, stop, error
+
+
+@dataclass
+class Failure:
+    """Why one sequence cannot go on: the stage that raised and the exception (for the log)."""
+
+    stage: str                 # "logits processor", "sampling", "detokenisation or stop check", ...
+    exc: BaseException
+
+    def __str__(self) -> str:
+        return f"{self.stage} failed: {type(self.exc).__name__}: {self.exc}"
+
 
 @dataclass
 class CompletionOutput:
@@ -167,8 +183,9 @@ class CompletionOutput:
     token_ids: list[int]
     text: str = ""
     logprobs: list[TokenLogprob] | None = None
-    finish_reason: str | None = None      # "stop" | "length" | "abort" | None while running
+    finish_reason: str | None = None      # "stop" | "length" | "abort" | "error" | None while running
     stop_reason: str | int | None = None  # the stop string or token id that ended it
+    error: str | None = None              # with finish_reason "error": what failed
 
 
 @dataclass

@@ -7,26 +7,9 @@ import os
 import sys
 from pathlib import Path
 
+from dsv32.model.bundled import BUNDLED_MODEL, default_model  # noqa: F401 (BUNDLED_MODEL: re-exported)
+
 log = logging.getLogger("dsv32.server")
-
-BUNDLED_MODEL = Path(__file__).resolve().parent.parent / "assets" / "model"
-
-
-def default_model() -> Path:
-    """The bundled model if present, else a tiny random checkpoint generated once into the cache."""
-    if (BUNDLED_MODEL / "config.json").is_file():
-        return BUNDLED_MODEL
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dsv32" / "tiny-random"
-    if not (cache / "config.json").is_file():
-        from dsv32.model.init_tiny import init_tiny
-
-        log.warning("no bundled model at %s: generating a tiny RANDOM checkpoint into %s "
-                    "(its answers are noise; pass --model DIR for real weights)", BUNDLED_MODEL, cache)
-        cache.mkdir(parents=True, exist_ok=True)
-        init_tiny(cache, seed=0, layers=2, hidden=128, shards=1)
-    else:
-        log.warning("no bundled model at %s: serving the tiny RANDOM checkpoint in %s", BUNDLED_MODEL, cache)
-    return cache
 
 
 def add_parser(subparsers) -> None:
@@ -58,6 +41,10 @@ def add_parser(subparsers) -> None:
                    help="keep FP8 checkpoint weights in FP8 (dequantised per block on the fly)")
     p.add_argument("--reasoning-only", action="store_true",
                    help="DeepSeek-V3.2-Speciale weights: thinking always on, requests with tools get 400")
+    p.add_argument("--no-safety-net", action="store_true",
+                   help="raw model behaviour: do not constrain answers that ask for nothing (tool calls may "
+                        "then name tools never offered); JSON response_format, tool_choice required/named "
+                        "and strict tools are still enforced")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
@@ -82,7 +69,7 @@ def _main(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"dsv32 serve: {e}", file=sys.stderr)
         return 2
-    model = args.model if args.model is not None else default_model()
+    model = args.model if args.model is not None else default_model(log)
     if not (Path(model) / "config.json").is_file():
         print(f"dsv32 serve: no checkpoint at {model} (config.json missing)", file=sys.stderr)
         return 2
@@ -95,7 +82,8 @@ def _main(args: argparse.Namespace) -> int:
                           num_speculative_tokens=args.num_speculative_tokens)
     cfg = ServerConfig(engine=engine, served_model_name=args.served_model_name or Path(model).resolve().name,
                        api_keys=keys, max_queue=args.max_queue,
-                       request_timeout=args.request_timeout or None, reasoning_only=args.reasoning_only)
+                       request_timeout=args.request_timeout or None, reasoning_only=args.reasoning_only,
+                       safety_net=not args.no_safety_net)
     app = create_app(cfg)
     state = app.state.server
     server = DrainingServer(app, state, args.shutdown_timeout, host=args.host, port=args.port,

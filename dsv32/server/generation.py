@@ -55,8 +55,9 @@ class Generation:
         asyncio.ensure_future(self.llm.abort(self.request_id))
 
     async def outputs(self) -> AsyncIterator[RequestOutput]:
-        """Cumulative outputs; past its deadline the request ends with finish_reason "timeout".
-        Leaving the loop early (disconnect, cancel) aborts the request in the engine."""
+        """Cumulative outputs; past its deadline the request ends with finish_reason "timeout"; a
+        choice that ended with "error" raises APIError 500. Leaving the loop early (disconnect,
+        cancel) aborts the request in the engine."""
         m, timeout = self.state.metrics, self.state.cfg.request_timeout
         start = time.monotonic()
         deadline = None if timeout is None else start + timeout
@@ -88,6 +89,10 @@ class Generation:
                 else:
                     m.itl.observe(now - last_t)
                 last, last_t = out, now
+                failed = next((o for o in out.outputs if o.finish_reason == "error"), None)
+                if failed is not None:      # an error for the client, never an empty answer
+                    reason = "error"
+                    raise APIError(500, f"generation failed: {failed.error}", code="generation_failed")
                 if out.finished:
                     reason = out.outputs[0].finish_reason or "stop"
                     m.e2e.observe(now - (out.metrics.get("arrival") or start))

@@ -16,9 +16,9 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from dsv32.chat import (
-    ChatFormatError, ContentDelta, Done, MessageBuilder, ReasoningDelta, StreamParser, ToolCallArguments,
-    ToolCallStart, encode_messages, generation_mode,
+    ContentDelta, Done, MessageBuilder, ReasoningDelta, StreamParser, ToolCallArguments, ToolCallStart,
 )
+from dsv32.engine.chat import ChatPrompt, ChatRequest, InvalidRequest, prepare_chat
 from dsv32.engine.sequence import CompletionOutput, RequestOutput
 
 from .errors import APIError
@@ -31,7 +31,6 @@ from .sampling import TokenText, sampling_params, usage
 from .state import ServerState
 
 log = logging.getLogger("dsv32.server")
-JSON_FORMATS = ("json_object", "json_schema")
 # finish reasons of the engine that the parser does not decide
 _FINISH = {"length": "length", TIMEOUT: "insufficient_system_resource", "abort": "insufficient_system_resource"}
 
@@ -100,7 +99,8 @@ class ChatServing:
         llm = self.state.ready()
         tok = llm.tokenizer
         thinking = True if self.state.cfg.reasoning_only else request_thinking(req, default_thinking)
-        prompt, mode = await asyncio.to_thread(self._prompt, req, thinking)   # long prompts take a while
+        prepared = await self._prepare(req, thinking, llm)
+        prompt, mode = prepared.text, prepared.mode
         top = req.top_logprobs or 0
         if req.top_logprobs and not req.logprobs:
             raise APIError(422, "top_logprobs: requires logprobs to be true", param="top_logprobs",
@@ -108,7 +108,7 @@ class ChatServing:
         params = sampling_params(
             req, max_tokens=req.max_completion_tokens or req.max_tokens,
             logprobs=top if req.logprobs else None, skip_special_tokens=False,
-            processors=await self._processors(req, mode, llm))
+            processors=prepared.processors)
         request_id = "chatcmpl-" + request.state.request_id
         gen = await Generation.start(self.state, request_id, prompt, params)
         ctx = _Context(request_id, model, int(time.time()), self.state.cfg.system_fingerprint, mode,
@@ -125,63 +125,31 @@ class ChatServing:
         return JSONResponse(self._answer(out, ctx).model_dump())
 
     # ---- request -> prompt and processors ------------------------------------------------------
-    def _prompt(self, req: ChatCompletionRequest, thinking: bool) -> tuple[str, str]:
+    async def _prepare(self, req: ChatCompletionRequest, thinking: bool, llm) -> ChatPrompt:
+        """Prompt, parse mode and grammar processors, built off the event loop (rendering a long
+        conversation or compiling a grammar takes time; the first grammar builds the tokenizer's
+        llguidance view, about a second)."""
         if req.tools and self.state.cfg.reasoning_only:
             raise APIError(400, "this server runs a reasoning-only model (DeepSeek-V3.2-Speciale), "
                                 "which does not support tool calling: send the request without tools",
                            param="tools", code="tools_not_supported")
-        choice = req.tool_choice
-        if choice not in (None, "none", "auto") and not req.tools:
-            raise APIError(400, "tool_choice: requires tools", param="tool_choice", code="invalid_format")
-        names = {t.function.name for t in req.tools or []}
-        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
-            raise APIError(400, f"tool_choice: no tool named {choice.function.name!r}", param="tool_choice",
-                           code="invalid_format")
-        tools = None
-        if req.tools and choice != "none":
-            tools = [t.model_dump(exclude_none=True) for t in req.tools]
         rf = req.response_format
-        response_format = rf.model_dump(exclude_none=True) if rf is not None and rf.type != "text" else None
-        thinking_mode = "thinking" if thinking else "chat"
+        chat = ChatRequest(
+            messages=req.messages, thinking=thinking,
+            tools=[t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None,
+            tool_choice=req.tool_choice.model_dump() if isinstance(req.tool_choice, NamedToolChoice)
+            else req.tool_choice,
+            response_format=rf.model_dump(exclude_none=True) if rf is not None else None,
+            parallel_tool_calls=req.parallel_tool_calls is not False)
         try:
-            prompt = encode_messages(req.messages, thinking_mode=thinking_mode, tools=tools,
-                                     response_format=response_format)
-            mode = generation_mode(req.messages, thinking_mode)
-        except ChatFormatError as e:
-            raise APIError(400, str(e), param="messages", code="invalid_format") from None
-        return prompt, mode
-
-    async def _processors(self, req: ChatCompletionRequest, mode: str, llm) -> list:
-        procs = []
-        rf = req.response_format
-        choice = req.tool_choice
-        tools = req.tools if choice != "none" else None
-        constrained = (rf is not None and rf.type in JSON_FORMATS) or choice == "required" \
-            or isinstance(choice, NamedToolChoice) or any(t.function.strict for t in tools or [])
-        if constrained:
-            try:
-                from . import guided
-            except ImportError:
-                raise APIError(400, "grammar-constrained decoding (response_format json, tool_choice "
-                                    "required/named, strict tools) is not available in this build",
-                               code="unsupported") from None
-            param = "response_format" if rf is not None and rf.type in JSON_FORMATS else "tools"
-            try:   # in a thread: the first grammar of a tokenizer takes about a second to set up
-                procs += await asyncio.to_thread(
-                    guided.build_logits_processors, llm.tokenizer, llm.engine.model_config.vocab_size,
-                    response_format=rf.model_dump(exclude_none=True) if rf is not None else None,
-                    tools=[t.model_dump(exclude_none=True) for t in tools] if tools else None,
-                    tool_choice=choice.model_dump() if isinstance(choice, NamedToolChoice) else choice,
-                    thinking=mode == "thinking")
-            except ValueError as e:
-                raise APIError(400, str(e), param=param, code="invalid_schema") from None
-            except Exception as e:  # a schema the grammar library chokes on is still the request's fault
-                log.warning("could not build a grammar", exc_info=True)
-                raise APIError(400, f"could not build a grammar for this request: {e}", param=param,
-                               code="invalid_schema") from None
-        if self.extra_processors is not None:
-            procs += self.extra_processors(req)
-        return procs
+            prepared = await asyncio.to_thread(prepare_chat, chat, llm.engine.grammars,
+                                               self.state.cfg.safety_net)
+        except InvalidRequest as e:
+            code = "invalid_format" if e.param in ("messages", "tool_choice") else "invalid_schema"
+            raise APIError(400, str(e), param=e.param, code=code) from None
+        if self.extra_processors is not None:     # before the grammar, which has the last word
+            prepared.processors[:0] = self.extra_processors(req)
+        return prepared
 
     # ---- answers ---------------------------------------------------------------------------------
     def _answer(self, out: RequestOutput, ctx: "_Context") -> ChatCompletion:

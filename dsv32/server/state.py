@@ -30,6 +30,7 @@ class ServerConfig:
     max_queue: int = 256                  # sequences allowed to wait beyond max_num_seqs
     request_timeout: float | None = 600.0  # seconds from arrival; None: no limit
     reasoning_only: bool = False           # Speciale weights: thinking always on, no tools
+    safety_net: bool = True                # constrain every chat answer (dsv32.chat.grammar)
     system_fingerprint: str = "dsv32-0.1"
     sse_keepalive: float = 15.0            # seconds without output before a `: keep-alive` SSE comment
     max_body_bytes: int = 64 << 20         # larger request bodies get 413 (chunked ones too)

@@ -5,19 +5,27 @@ import json
 from hypothesis import strategies as st
 
 from dsv32.chat import encode_messages
-from dsv32.chat.tokens import CALLS_OPEN, EOS, PARAM_CLOSE, THINK_END
+from dsv32.chat.tokens import (
+    ASSISTANT, BOS, CALLS_OPEN, DSML, EOS, PARAM_CLOSE, THINK_END, THINK_START, USER,
+)
 
 # Pieces that look like the start of a marker without being one, to tempt the parser.
-NEAR_MARKERS = ["<", ">", "</", "</think", "<｜", "｜", "<｜DS", "<｜DSML｜", "<｜DSML｜function_calls",
-                "</｜DSML｜parameter", "<｜end▁of", "\n", "\n\n", '"', "\\", "你好", "🤗", "é", "\u200d"]
-FORBIDDEN = (THINK_END, EOS, CALLS_OPEN, PARAM_CLOSE)
+NEAR_MARKERS = ["<", ">", "</", "</think", "<think", "<｜", "｜", "<｜DS", "<｜DSML", "｜DSML", "</｜DSML",
+                "<｜end▁of", "<｜begin▁of", "\n", "\n\n", '"', "\\", "你好", "🤗", "é", "\u200d"]
+# Markup inside a parameter value (a value ends only at its closing tag).
+VALUE_MARKUP = ["<｜DSML｜", "<｜DSML｜function_calls", "</｜DSML｜parameter", THINK_START]
+# Markers that reasoning and content cannot carry without a warning (or a different parse).
+FORBIDDEN = (THINK_START, THINK_END, EOS, BOS, DSML, CALLS_OPEN)
+FORBIDDEN_IN_VALUES = (EOS, CALLS_OPEN, PARAM_CLOSE)
 
 plain_text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=12)
 text = (st.lists(st.one_of(plain_text, st.sampled_from(NEAR_MARKERS)), max_size=6)
         .map("".join).filter(lambda s: not any(m in s for m in FORBIDDEN)))
+value_text = (st.lists(st.one_of(plain_text, st.sampled_from(NEAR_MARKERS + VALUE_MARKUP)), max_size=6)
+              .map("".join).filter(lambda s: not any(m in s for m in FORBIDDEN_IN_VALUES)))
 names = st.text("abcxyzAZ_09.-", min_size=1, max_size=6)
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | text,
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | value_text,
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(text, inner, max_size=3),
     max_leaves=4)
 arguments = st.dictionaries(names, json_values, max_size=3)
@@ -38,6 +46,32 @@ def assistant_messages(draw, thinking: bool):
     if thinking:
         msg["reasoning_content"] = draw(text)
     return msg
+
+
+# Message texts without the format's markers, for properties of the markup the encoder writes.
+FORMAT_MARKERS = (THINK_START, THINK_END, EOS, USER, ASSISTANT)
+prose = text.filter(lambda s: not any(m in s for m in FORMAT_MARKERS))
+prose_calls = tool_calls().filter(
+    lambda calls: not any(m in c["function"]["arguments"] for c in calls for m in FORMAT_MARKERS))
+
+
+@st.composite
+def conversations(draw):
+    """Any conversation the encoder accepts: roles in any order, tool results after each call."""
+    msgs = []
+    for role in draw(st.lists(st.sampled_from(["system", "developer", "user", "assistant"]),
+                              min_size=1, max_size=7)):
+        if role != "assistant":
+            msgs.append({"role": role, "content": draw(prose) or role})
+            continue
+        msg = {"role": "assistant", "content": draw(st.none() | prose),
+               "reasoning_content": draw(st.none() | prose), "tool_calls": draw(prose_calls)}
+        msgs.append(msg)
+        msgs += [{"role": "tool", "tool_call_id": c["id"], "content": draw(prose)} for c in msg["tool_calls"]]
+    last = msgs[-1]
+    if last["role"] == "assistant" and not last["tool_calls"] and draw(st.booleans()):
+        last["prefix"] = True
+    return msgs
 
 
 def completion_text(message: dict, thinking_mode: str) -> str:
@@ -62,7 +96,8 @@ def completions(draw):
         if damage == "truncate":
             text_ = text_[:at]
         elif damage == "insert":
-            text_ = text_[:at] + draw(st.one_of(plain_text, st.sampled_from(NEAR_MARKERS + list(FORBIDDEN)))) + text_[at:]
+            pieces = NEAR_MARKERS + VALUE_MARKUP + list(FORBIDDEN)
+            text_ = text_[:at] + draw(st.one_of(plain_text, st.sampled_from(pieces))) + text_[at:]
         else:
             text_ = text_[:at] + text_[draw(st.integers(at, len(text_))):]
     return mode, text_

@@ -61,12 +61,68 @@ def test_thinking_mode_drops_old_reasoning_and_opens_think():
     assert encode_messages(messages, "thinking") == f"{BOS}{U}Hi{A}</think>Hello!{EOS}{U}Bye{A}<think>"
 
 
-def test_drop_thinking_off_keeps_earlier_reasoning():
+def test_drop_thinking_off_still_leaves_out_earlier_reasoning():
+    # The official encoder renders reasoning only after the last user message, whatever the flag.
     messages = [{"role": "user", "content": "Hi"},
                 {"role": "assistant", "content": "Hello!", "reasoning_content": "greet"},
                 {"role": "user", "content": "Bye"}]
     assert encode_messages(messages, "thinking", drop_thinking=False) == (
-        f"{BOS}{U}Hi{A}<think>greet</think>Hello!{EOS}{U}Bye{A}<think>")
+        f"{BOS}{U}Hi{A}</think>Hello!{EOS}{U}Bye{A}<think>")
+
+
+def test_golden_vector_with_drop_thinking_off():
+    # No developer message in the vector: the flag changes nothing, earlier reasoning stays out.
+    expected = (FIXTURES / "test_output.txt").read_text(encoding="utf-8")[:-1]
+    messages = golden_messages()["messages"]
+    assert any(m.get("reasoning_content") for m in messages[:messages.index(
+        next(m for m in reversed(messages) if m["role"] == "user"))])
+    assert encode_messages(messages, "thinking", drop_thinking=False) == expected
+
+
+def test_drop_thinking_off_keeps_developer_messages_closed():
+    messages = [{"role": "developer", "content": "D"},
+                {"role": "assistant", "content": "ok", "reasoning_content": "r"},
+                {"role": "user", "content": "q"}]
+    assert encode_messages(messages, "thinking", drop_thinking=False) == (
+        f"{BOS}{U}\n\n# The user's message is: D{A}</think>ok{EOS}{U}q{A}<think>")
+
+
+def test_drop_thinking_off_in_a_tool_loop_of_an_earlier_turn():
+    messages = [{"role": "user", "content": "q1"},
+                {"role": "assistant", "reasoning_content": "r1", "tool_calls": [call("f", {}, "a")]},
+                {"role": "tool", "tool_call_id": "a", "content": "x"},
+                {"role": "assistant", "reasoning_content": "r2", "content": "done"},
+                {"role": "user", "content": "q2"}]
+    kept = encode_messages(messages, "thinking", drop_thinking=False)
+    assert kept == encode_messages(messages, "thinking")
+    assert "r1" not in kept and "r2" not in kept
+    assert "</function_results>\n\n</think>done" in kept
+
+
+@pytest.mark.parametrize("drop_thinking", [True, False])
+def test_assistant_after_assistant_renders_no_unopened_think_end(drop_thinking):
+    # The official encoder would write `r2</think>` right after the first answer's end of sentence.
+    messages = [{"role": "user", "content": "q"},
+                {"role": "assistant", "reasoning_content": "r1", "content": "a1"},
+                {"role": "assistant", "reasoning_content": "r2", "content": "a2"}]
+    assert encode_messages(messages, "thinking", drop_thinking=drop_thinking) == (
+        f"{BOS}{U}q{A}<think>r1</think>a1{EOS}a2{EOS}")
+
+
+def test_system_message_inside_the_last_turn_keeps_the_reasoning_open():
+    # As the official encoder: the system text lands after `<think>`; the reasoning still closes.
+    messages = [{"role": "user", "content": "q"}, {"role": "system", "content": "S"},
+                {"role": "assistant", "reasoning_content": "r", "content": "a"}]
+    assert encode_messages(messages, "thinking") == f"{BOS}{U}q{A}<think>Sr</think>a{EOS}"
+    prefix = messages[:2] + [{"role": "assistant", "reasoning_content": "r", "prefix": True}]
+    assert encode_messages(prefix, "thinking").endswith(f"{A}<think>Sr")
+    assert generation_mode(prefix, "thinking") == "thinking"
+
+
+def test_assistant_without_any_user_turn_renders_no_reasoning():
+    messages = [{"role": "system", "content": "S"},
+                {"role": "assistant", "reasoning_content": "r", "content": "a"}]
+    assert encode_messages(messages, "thinking") == f"{BOS}Sa{EOS}"
 
 
 def test_no_bos():
@@ -176,6 +232,16 @@ def test_multi_turn_tool_loop_in_thinking_mode():
 def test_content_parts_are_joined():
     messages = [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]
     assert encode_messages(messages, "chat") == f"{BOS}{U}a\nb{A}</think>"
+
+
+@pytest.mark.parametrize("before, expected_tail", [
+    ([], ""), ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], f"a{EOS}"),
+])
+def test_prefix_reasoning_after_no_opener_stays_out(before, expected_tail):
+    messages = before + [{"role": "assistant", "reasoning_content": "Let me", "prefix": True}]
+    prompt = encode_messages(messages, "thinking")
+    assert prompt.endswith(expected_tail) and "Let me" not in prompt and "</think>" not in prompt[-10:]
+    assert generation_mode(messages, "thinking") == "chat"
 
 
 @pytest.mark.parametrize("message, mode, expected_tail, expected_mode", [

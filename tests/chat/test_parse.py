@@ -167,3 +167,66 @@ def test_duplicate_parameter_is_reported():
     msg = parse_completion(block(invoke("f", param("a", "1"), param("a", "2"))), "chat")
     assert msg["tool_calls"][0]["function"]["arguments"] == '{"a": "1", "a": "2"}'
     assert "repeats parameter 'a'" in msg["warnings"][0]
+
+
+# -- stray special markup: kept where it is, reported ---------------------------------------------
+
+STRAY_THINK = "stray <think> in the output (kept as text)"
+STRAY_THINK_END = "stray </think> with no reasoning open (kept in content)"
+STRAY_DSML = "stray DSML markup outside a function_calls block (kept as text)"
+
+
+@pytest.mark.parametrize("text, mode, reasoning, content, warnings", [
+    ("a<think>b</think>c", "thinking", "a<think>b", "c", [STRAY_THINK]),
+    ("r</think>c<think>d", "thinking", "r", "c<think>d", [STRAY_THINK]),
+    ("r</think>c</think>d", "thinking", "r", "c</think>d", [STRAY_THINK_END]),
+    ("c</think>d", "chat", None, "c</think>d", [STRAY_THINK_END]),
+    ("<think>c", "chat", None, "<think>c", [STRAY_THINK]),
+    ('r<｜DSML｜invoke name="f">', "thinking", 'r<｜DSML｜invoke name="f">', "", [
+        STRAY_DSML, "the reasoning was not closed with </think>"]),
+    ("c</｜DSML｜function_calls> and <think>", "chat", None, "c</｜DSML｜function_calls> and <think>",
+     [STRAY_DSML, STRAY_THINK]),
+    ("c<think><think></think>", "chat", None, "c<think><think></think>", [STRAY_THINK, STRAY_THINK_END]),
+    ("<｜begin▁of▁sentence｜>c", "chat", None, "<｜begin▁of▁sentence｜>c",
+     ["stray <｜begin▁of▁sentence｜> in the output (kept as text)"]),
+])
+def test_stray_markup_stays_in_place_with_a_warning(text, mode, reasoning, content, warnings):
+    msg = parse_completion(text + EOS, mode)
+    assert (msg["reasoning_content"], msg["content"], msg["warnings"]) == (reasoning, content, warnings)
+
+
+def test_stray_markup_after_the_calls_and_after_the_end():
+    msg = parse_completion(block(invoke("f")) + "\n<think>x" + EOS + "</think>", "chat")
+    assert msg["content"] == "\n<think>x</think>" and len(msg["tool_calls"]) == 1
+    assert msg["warnings"] == ["text after the tool calls was kept in content", STRAY_THINK,
+                               "text after the end of sentence was kept in content", STRAY_THINK_END]
+
+
+def test_a_second_block_after_the_calls_is_stray_dsml():
+    msg = parse_completion(block(invoke("f")) + block(invoke("g")) + EOS, "chat")
+    assert [c["function"]["name"] for c in msg["tool_calls"]] == ["f"]
+    assert msg["content"] == block(invoke("g")) and STRAY_DSML in msg["warnings"]
+
+
+def test_markup_inside_values_and_malformed_blocks_is_not_stray():
+    ok = parse_completion(block(invoke("f", param("a", "<think></think><｜DSML｜x")), invoke("g")) + EOS, "chat")
+    assert json.loads(ok["tool_calls"][0]["function"]["arguments"]) == {"a": "<think></think><｜DSML｜x"}
+    assert ok["warnings"] == []
+    bad = parse_completion("x" + block(invoke("f"))[:-3] + EOS, "chat")
+    assert not any(w.startswith("stray") for w in bad["warnings"])
+
+
+def test_without_tools_a_function_calls_block_is_content():
+    text = "Let me check." + block(invoke("f", param("a", "1")))
+    msg = parse_completion(text + EOS, "chat", tool_calls=False)
+    assert msg["content"] == text and msg["tool_calls"] == []
+    assert msg["warnings"] == [STRAY_DSML]
+    thinking = parse_completion("hmm" + block(invoke("f")) + EOS, "thinking", tool_calls=False)
+    assert thinking["reasoning_content"] == "hmm" + block(invoke("f")) and thinking["tool_calls"] == []
+
+
+def test_deeply_nested_string_false_value_does_not_raise():
+    deep = "[" * 100_000
+    msg = parse_completion(block(invoke("f", param("a", deep, False))) + EOS, "chat")
+    assert json.loads(msg["tool_calls"][0]["function"]["arguments"]) == {"a": deep}
+    assert 'string="false" but is not JSON' in msg["warnings"][0]

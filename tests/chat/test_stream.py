@@ -93,3 +93,25 @@ def test_one_character_at_a_time_matches_the_golden_answer():
     msg = build(stream(text, "thinking", range(len(text))), "thinking")
     assert msg["content"] == "Hi 你好 🤗" and msg["reasoning_content"] == "R"
     assert json.loads(msg["tool_calls"][0]["function"]["arguments"]) == {"a": {"k": ["ü"]}}
+
+
+def test_stray_markup_split_across_deltas_is_reported_as_in_the_whole_text():
+    text = ("a<think>b</think>c</think>d<｜DSML｜invoke x" + "\n\n<｜DSML｜function_calls>\n</｜DSML｜function_calls>"
+            + "<｜begin▁of▁sentence｜>" + EOS + "<think>")
+    whole = parse_completion(text, "thinking", counter_ids())
+    assert [w.split(" (")[0] for w in whole["warnings"]] == [
+        "stray <think> in the output", "stray </think> with no reasoning open",
+        "stray DSML markup outside a function_calls block", "text after the tool calls was kept in content",
+        "stray <｜begin▁of▁sentence｜> in the output", "text after the end of sentence was kept in content"]
+    assert whole["content"].startswith("c</think>d<｜DSML｜invoke x")
+    for cuts in ([i] for i in range(len(text))):
+        assert build(stream(text, "thinking", cuts), "thinking") == whole
+    assert build(stream(text, "thinking", range(len(text))), "thinking") == whole
+
+
+def test_stray_markers_are_not_joined_across_markup():
+    # "<thi" ends the content before the block, "nk>" begins the text after it: no <think> anywhere.
+    text = "<thi\n\n<｜DSML｜function_calls>\n</｜DSML｜function_calls>nk>" + EOS
+    for cuts in ([], range(len(text))):
+        msg = build(stream(text, "chat", cuts), "chat")
+        assert msg["content"] == "<think>" and msg["warnings"] == ["text after the tool calls was kept in content"]

@@ -2,7 +2,8 @@
 
 Chat requests may carry the test-only field `x_force` (text): the test hook of the app factory then
 forces the model to generate exactly those tokens (then end-of-sentence), which is how a random model
-is made to think, answer and call tools.
+is made to think, answer and call tools; `x_prefer` only leans towards a text, so that the request's
+grammar (applied after the hook) can be seen refusing it.
 """
 from __future__ import annotations
 
@@ -37,19 +38,35 @@ class ForceTokens:
         return logits
 
 
+class PreferTokens:
+    """Logits processor pushing the sequence towards `ids` while it follows them (the grammar, which
+    runs after the test hooks, may still refuse them)."""
+
+    def __init__(self, ids: list[int]):
+        self.ids = ids
+
+    def __call__(self, out: list[int], logits: torch.Tensor) -> torch.Tensor:
+        if len(out) < len(self.ids) and out == self.ids[:len(out)]:
+            logits[self.ids[len(out)]] += 100.0
+        return logits
+
+
 @pytest.fixture(scope="session")
 def tokenizer() -> Tokenizer:
     return Tokenizer.load()
 
 
 def force_hook(tokenizer: Tokenizer):
-    """`x_force`: generate exactly this text then stop; `x_force_prefix`: start with it, then go on."""
+    """`x_force`: generate exactly this text then stop; `x_force_prefix`: start with it, then go on;
+    `x_prefer`: lean towards this text, then stop (within what the grammar allows)."""
     def hook(req) -> list:
         extra = req.model_extra or {}
         if isinstance(extra.get("x_force"), str):
             return [ForceTokens(tokenizer.encode(extra["x_force"]) + [tokenizer.eos_id])]
         if isinstance(extra.get("x_force_prefix"), str):
             return [ForceTokens(tokenizer.encode(extra["x_force_prefix"]))]
+        if isinstance(extra.get("x_prefer"), str):
+            return [PreferTokens(tokenizer.encode(extra["x_prefer"]) + [tokenizer.eos_id])]
         return []
     return hook
 

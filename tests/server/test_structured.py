@@ -6,7 +6,6 @@ import json
 import httpx
 import pytest
 
-pytest.importorskip("dsv32.server.guided", reason="grammar-constrained decoding is not in this build")
 
 USER = [{"role": "user", "content": "Weather in Paris or Rome? Answer in json."}]
 

@@ -13,7 +13,8 @@ import torch
 
 from dsv32.chat import Tokenizer, encode_messages, parse_completion, render_tool_calls
 from dsv32.chat.tokens import PARAM_CLOSE
-from dsv32.server.guided import build_logits_processors, request_grammar
+from dsv32.chat.grammar import OutputSpec, request_grammar
+from dsv32.engine.guided import GrammarCompiler
 
 VOCAB = 129280
 
@@ -107,6 +108,16 @@ class Driver:
 @pytest.fixture(scope="module")
 def driver(tok) -> Driver:
     return Driver(tok)
+
+
+_compilers: dict[int, GrammarCompiler] = {}
+
+
+def build_logits_processors(tok, vocab: int, safety_net: bool = True, **kw) -> list:
+    """The processors of a request with these OutputSpec fields (one compiler per vocabulary)."""
+    if vocab not in _compilers:
+        _compilers[vocab] = GrammarCompiler(tok, vocab)
+    return _compilers[vocab].processors(OutputSpec(**kw), safety_net)
 
 
 def one(tok, **kw):
@@ -247,11 +258,22 @@ def test_auto_with_strict_tools(tok, driver):
     assert calls[0]["function"]["name"] == "get_weather"
 
 
-def test_auto_non_strict_takes_any_arguments(tok):
-    proc = one(tok, tools=TOOLS, tool_choice="auto")
-    call = {"type": "function", "function": {"name": "search", "arguments": {"q": 1, "extra": "x"}}}
-    ids = tok.encode(render_tool_calls([call]))
-    assert proc.allowed(ids)[tok.eos_id]
+def accepts(proc, tok, text: str) -> bool:
+    """Whether a fresh clone of `proc` lets `text` through token by token, then the end of sentence."""
+    proc, ids = proc.clone(), tok.encode(text)
+    return all(proc.allowed(ids[:i])[ids[i]] for i in range(len(ids))) and proc.allowed(ids)[tok.eos_id]
+
+
+def test_non_strict_arguments_follow_the_schema_leniently(tok):
+    """The safety net reads a non-strict tool's schema (types, required names); without it, a request
+    that only has a strict tool among non-strict ones leaves their arguments free."""
+    odd = render_tool_calls([{"type": "function", "function": {"name": "search",
+                                                               "arguments": {"q": 1, "extra": "x"}}}])
+    good = render_tool_calls([{"type": "function", "function": {"name": "search", "arguments": {"q": "x"}}}])
+    net = one(tok, tools=TOOLS, tool_choice="auto")
+    assert accepts(net, tok, good) and not accepts(net, tok, odd)
+    raw = one(tok, tools=TOOLS, tool_choice="auto", safety_net=False)
+    assert accepts(raw, tok, good) and accepts(raw, tok, odd)
 
 
 def test_auto_with_json_answer(tok):
@@ -275,12 +297,11 @@ def test_names_outside_ascii(tok):
     assert proc.allowed(ids)[tok.eos_id]
 
 
-def test_nothing_to_enforce(tok):
-    assert build_logits_processors(tok, VOCAB) == []
-    assert build_logits_processors(tok, VOCAB, response_format={"type": "text"}) == []
-    assert build_logits_processors(tok, VOCAB, tools=[CLOCK, SEARCH]) == []
-    assert build_logits_processors(tok, VOCAB, tools=TOOLS, tool_choice="none") == []
-    assert build_logits_processors(tok, VOCAB, tools=[CLOCK], tool_choice="auto", thinking=True) == []
+def test_nothing_to_enforce_without_the_safety_net(tok):
+    for kw in ({}, {"response_format": {"type": "text"}}, {"tools": [CLOCK, SEARCH]},
+               {"tools": TOOLS, "tool_choice": "none"}, {"tools": [CLOCK], "tool_choice": "auto", "thinking": True}):
+        assert build_logits_processors(tok, VOCAB, safety_net=False, **kw) == []
+        assert len(build_logits_processors(tok, VOCAB, **kw)) == 1
 
 
 def test_clones_are_independent(tok):
@@ -299,7 +320,7 @@ def test_clones_are_independent(tok):
 
 def test_grammar_follows_the_prompt_format(tok):
     """The block the grammar forces starts like the encoder's (blank line, then the tag)."""
-    grammar = request_grammar(tools=TOOLS, tool_choice="required").text
+    grammar = request_grammar(OutputSpec(tools=TOOLS, tool_choice="required")).text
     prompt = encode_messages([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "",
                               "tool_calls": [{"type": "function", "function": {"name": "get_time",
                                                                                "arguments": {}}}]}],
