@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 from dsv32.chat import Tokenizer
 from dsv32.chat.tokenizer import LONG_TEXT, long_text_pieces
 
-PARTS = ["hello", " world", " a", "b ", "Ab", "你好", "中文字", "こんにちは", "🤗", "\n", "\n\n", " \n", "\r\n", "  ",
-         "   ", "\t", "é", "Ж", "1", "23", "456", "7890", ".", "!\n", "'s", "-x", "<｜User｜>", "<think>", "</think>",
-         "<｜end▁of▁sentence｜>", "<｜DSML｜", "x", " ", "A"]
+PARTS = ["hello", " world", " a", "b ", "Ab", "你好", "中文字", "こんにちは", "🤗", "\n", "\n\n", " \n", "\r\n",
+         "  ", "   ", "\t", "é", "Ж", "1", "23", "456", "7890", ".", "!\n", "'s", "-x", "<｜User｜>", "<think>",
+         "</think>", "<｜end▁of▁sentence｜>", "<｜DSML｜", "x", " ", "A"]
 
 
 @pytest.fixture(scope="module")

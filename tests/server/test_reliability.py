@@ -13,6 +13,7 @@ from .conftest import start_server
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 USER = {"role": "user", "content": "Hi"}
 TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+WIDE = {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(3000)}}   # crashed llguidance
 SURROGATE = "a\ud800b"        # json.dumps writes it as the escape "\ud800": valid JSON, invalid Unicode
 
 
@@ -58,7 +59,8 @@ CHAT_CASES = {
     "arguments is JSON of a list": answered([call(function={"name": "f", "arguments": "[1, 2]"})]),
     "arguments is not JSON": answered([call(function={"name": "f", "arguments": "{oops"})]),
     "arguments nest 5000 deep": answered([call(function={"name": "f", "arguments": nested(5000)})]),
-    "arguments hold a 5000-digit number": answered([call(function={"name": "f", "arguments": '{"n": ' + "7" * 5000 + "}"})]),
+    "arguments hold a 5000-digit number": answered([call(function={"name": "f",
+                                                                   "arguments": '{"n": ' + "7" * 5000 + "}"})]),
     "message name is a number": chat({"role": "user", "content": "x", "name": 5}),
     "messages entries are strings": {"messages": ["hello", "there"]},
     "messages is a string": {"messages": "hello"},
@@ -87,7 +89,8 @@ CHAT_CASES = {
     "surrogate escaped in arguments": answered([call(function={"name": "f", "arguments": '{"x": "\\ud800"}'})]),
     "surrogate in an arguments key": answered([call(function={"name": "f", "arguments": {SURROGATE: 1}})]),
     "surrogate in a tool name": chat(tools=[{"type": "function", "function": {"name": SURROGATE}}]),
-    "surrogate in a tool description": chat(tools=[{"type": "function", "function": {"name": "f", "description": SURROGATE}}]),
+    "surrogate in a tool description": chat(tools=[{"type": "function", "function": {
+        "name": "f", "description": SURROGATE}}]),
     "surrogate in a tool schema key": chat(tools=[{"type": "function", "function": {
         "name": "f", "parameters": {"type": "object", "properties": {SURROGATE: {"type": "string"}}}}}]),
     "surrogate in a json_schema": chat(response_format={"type": "json_schema", "json_schema": {
@@ -127,8 +130,12 @@ CHAT_CASES = {
     "tools[] function name with a quote": chat(tools=[{"type": "function", "function": {"name": 'a"b'}}]),
     "tools has 129 entries": chat(tools=[TOOL] * 129),
     "tool parameters a string": chat(tools=[{"type": "function", "function": {"name": "f", "parameters": "x"}}]),
+    "strict tool with 3000 parameters": chat(tools=[{"type": "function", "function": {
+        "name": "f", "strict": True, "parameters": WIDE}}]),
+    "tool with 3000 parameters": chat(tools=[{"type": "function", "function": {"name": "f", "parameters": WIDE}}]),
     "tool_choice required without tools": chat(tool_choice="required"),
-    "tool_choice names an unknown tool": chat(tools=[TOOL], tool_choice={"type": "function", "function": {"name": "g"}}),
+    "tool_choice names an unknown tool": chat(tools=[TOOL],
+                                              tool_choice={"type": "function", "function": {"name": "g"}}),
     "tool_choice is a number": chat(tool_choice=3),
     "response_format type unknown": chat(response_format={"type": "xml"}),
     "response_format is a string": chat(response_format="json"),
@@ -145,7 +152,8 @@ CHAT_CASES = {
                                              '"parameters": ' + nested(900) + "}}]}"),
     "body nests 100000 deep": raw('{"messages": ' + "[" * 100_000 + "]" * 100_000 + "}"),
     "content nests 3000 deep": raw('{"messages": [{"role": "user", "content": ' + "[" * 3000 + "]" * 3000 + "}]}"),
-    "a 5000-digit max_tokens": raw('{"messages": [{"role": "user", "content": "x"}], "max_tokens": ' + "9" * 5000 + "}"),
+    "a 5000-digit max_tokens": raw('{"messages": [{"role": "user", "content": "x"}], "max_tokens": '
+                                   + "9" * 5000 + "}"),
     "NaN temperature": raw('{"messages": [{"role": "user", "content": "x"}], "temperature": NaN}'),
     "Infinity top_p": raw('{"messages": [{"role": "user", "content": "x"}], "top_p": Infinity}'),
     "invalid JSON": raw('{"messages": [{"role": "user", "content": "x"}'),
@@ -192,7 +200,8 @@ OTHER_CASES = [("PUT", CHAT), ("GET", COMPLETIONS), ("DELETE", "/v1/models"), ("
                ("GET", "/v1/nothing")]
 
 CASES = ([pytest.param("POST", CHAT, body, id=f"chat: {name}") for name, body in CHAT_CASES.items()]
-         + [pytest.param("POST", COMPLETIONS, body, id=f"completions: {name}") for name, body in COMPLETION_CASES.items()]
+         + [pytest.param("POST", COMPLETIONS, body, id=f"completions: {name}")
+            for name, body in COMPLETION_CASES.items()]
          + [pytest.param("GET", path, None, id=f"GET {path[:40]}") for path in MODEL_CASES]
          + [pytest.param(method, path, None, id=f"{method} {path}") for method, path in OTHER_CASES])
 
