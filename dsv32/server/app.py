@@ -44,7 +44,13 @@ class AccessMiddleware:
         rid = uuid.uuid4().hex
         info = scope.setdefault("state", {})
         info["request_id"] = rid
-        start, status, size = time.perf_counter(), [0], [0]
+        start, status, size, logged = time.perf_counter(), [0], [0], [False]
+        path = scope.get("path", "")
+
+        def log_once() -> None:
+            if not logged[0]:
+                logged[0] = True
+                self._log(scope, path, status[0], size[0], time.perf_counter() - start, rid)
 
         async def send_logged(message) -> None:
             if message["type"] == "http.response.start":
@@ -52,9 +58,10 @@ class AccessMiddleware:
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
             elif message["type"] == "http.response.body":
                 size[0] += len(message.get("body", b""))
+                if not message.get("more_body", False):
+                    log_once()     # before the last byte goes: a client never outruns its log line
             await send(message)
 
-        path = scope.get("path", "")
         try:
             await self._dispatch(scope, _limited(receive, self.state.cfg.max_body_bytes), send_logged)
         except Exception as exc:
@@ -64,11 +71,14 @@ class AccessMiddleware:
                 internal_error(exc, scope.get("method"), path)
             await error.response()(scope, receive, send_logged)
         finally:
-            seconds = time.perf_counter() - start
-            outcome = info.get("outcome", "")
-            access_log.info('%s "%s %s" %d %dB %.3fs %s%s', _client(scope), scope.get("method"), path,
-                            status[0], size[0], seconds, rid, f" ({outcome})" if outcome else "")
-            self.state.metrics.http.labels(path=_route(path), status=str(status[0])).inc()
+            log_once()           # an answer cut short (client gone) never sent its last byte
+
+    def _log(self, scope: Scope, path: str, status: int, size: int, seconds: float, rid: str) -> None:
+        """The access-log line and the http metric of one request."""
+        outcome = scope.get("state", {}).get("outcome", "")
+        access_log.info('%s "%s %s" %d %dB %.3fs %s%s', _client(scope), scope.get("method"), path,
+                        status, size, seconds, rid, f" ({outcome})" if outcome else "")
+        self.state.metrics.http.labels(path=_route(path), status=str(status)).inc()
 
     async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
         if not self._authorized(scope):

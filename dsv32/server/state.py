@@ -82,6 +82,9 @@ class ServerState:
         t0 = time.monotonic()
         try:
             engine = self.engine_factory()
+            # llguidance's view of the vocabulary holds the GIL for about a second: build it now,
+            # not during the first chat request (which would stall every other request meanwhile)
+            engine.grammars.tokenizer_view()
             self.llm = AsyncLLM(engine)
         except Exception as e:  # reported by /health; the CLI exits
             self.load_error = f"{type(e).__name__}: {e}"
