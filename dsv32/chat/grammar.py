@@ -49,6 +49,10 @@ from .tokens import (
 JSON_WHITESPACE = r"(?:\r?\n[ \t]{0,32}| )?"
 # Text that free reasoning and answers may not spell.
 MARKUP = (DSML, THINK_START, THINK_END, EOS)
+# Parameters of one tool a grammar can enforce: the optional ones chain one rule per parameter, and
+# llguidance walks that chain recursively (about 3 KB of stack each: ~2,600 overflowed an 8 MB stack
+# and killed the process with SIGSEGV; threads may get 2 MB).
+MAX_PARAMETERS = 256
 STRING_TRUE, STRING_FALSE = '" string="true">', '" string="false">'
 
 
@@ -228,6 +232,9 @@ class _Builder:
                     raise ValueError(f"{where}.parameters: required {key!r} is not a property and "
                                      "additionalProperties is false")
                 props[key] = extra
+        if len(props) > MAX_PARAMETERS:
+            raise ValueError(f"{where}.parameters: {len(props)} parameters are more than a grammar can "
+                             f"enforce (at most {MAX_PARAMETERS})")
         items = []
         for key, sub in props.items():
             if any(c in key for c in '"<>'):

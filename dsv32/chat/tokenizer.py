@@ -1,6 +1,8 @@
 """The DeepSeek-V3.2 tokenizer: `tokenizer.json` through `tokenizers`, special ids and FIM prompts."""
 from __future__ import annotations
 
+import itertools
+import re
 from importlib.resources import files
 from pathlib import Path
 
@@ -8,6 +10,27 @@ import tokenizers
 
 from .detokenize import IncrementalDetokenizer, byte_level_bytes
 from .tokens import ASSISTANT, BOS, EOS, FIM_BEGIN, FIM_END, FIM_HOLE, THINK_END, THINK_START, USER
+
+
+LONG_TEXT = 1 << 16   # characters from which encode() works in pieces of about this size
+# Cuts no pre-token of the V3.2 tokenizer spans: a space between two ASCII letters ("a| b": the
+# letter run ends, " b..." starts the next pre-token) and a newline followed by one ("\n|b");
+# no added token holds a space or a newline, none strips the spaces beside it.
+_CUT = re.compile(r"(?<=[A-Za-z])(?= [A-Za-z])|(?<=\n)(?=[A-Za-z])")
+
+
+def long_text_pieces(text: str, size: int = LONG_TEXT) -> list[str]:
+    """The text cut about every `size` characters where tokenising the pieces apart gives the same
+    ids as the whole (a text without such places, all digits or CJK say, stays whole)."""
+    pieces, start = [], 0
+    while len(text) - start > size:
+        cut = _CUT.search(text, start + size)
+        if cut is None:
+            break
+        pieces.append(text[start:cut.start()])
+        start = cut.start()
+    pieces.append(text[start:])
+    return pieces
 
 
 def bundled_tokenizer_path() -> Path:
@@ -62,9 +85,23 @@ class Tokenizer:
         return token_id
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
-        """Token ids of text; special-token strings in it become their ids, BOS only when asked."""
-        ids = self.backend.encode(text, add_special_tokens=False).ids
+        """Token ids of text; special-token strings in it become their ids, BOS only when asked.
+        A long text is encoded in pieces (see `long_text_pieces`) so that other threads keep running."""
+        if len(text) < LONG_TEXT:
+            ids = self.backend.encode(text, add_special_tokens=False).ids
+        else:
+            ids = self._encode_long(text)
         return [self.bos_id] + ids if add_bos else ids
+
+    def _encode_long(self, text: str) -> list[int]:
+        """`encode_batch` lets go of the GIL while it works (plain `encode` was seen to hold it: a
+        10 MB prompt froze a server's other threads for seconds); freeing one Encoding of millions
+        of tokens holds the GIL for half a second, so the pieces' Encodings are freed one by one."""
+        encodings = self.backend.encode_batch(long_text_pieces(text), add_special_tokens=False)
+        parts = []
+        while encodings:
+            parts.append(encodings.pop().ids)
+        return list(itertools.chain.from_iterable(reversed(parts)))
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         """Text of token ids."""

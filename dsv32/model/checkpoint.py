@@ -403,7 +403,8 @@ def load_checkpoint(model: nn.Module, path: str | Path, dtype: torch.dtype | Non
     by_file: dict[Path, list[str]] = defaultdict(list)
     for n in held:
         by_file[where[source[n]]].append(n)
-    bar = tqdm(total=len(held), desc=f"loading {path.name}", unit="tensor", disable=not progress)
+    # progress: a bar on a terminal only (None: tqdm's own isatty check), never in a server's log
+    bar = tqdm(total=len(held), desc=f"loading {path.name}", unit="tensor", disable=None if progress else True)
     for file in sorted(by_file):
         todo = deque(by_file[file])
         while todo:                                 # re-map every MAP_WINDOW bytes: pages already

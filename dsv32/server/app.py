@@ -12,11 +12,11 @@ from typing import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, Response
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dsv32.engine.engine import LLMEngine
 
-from .errors import APIError, install_handlers
+from .errors import APIError, BodyTooLarge, install_handlers, internal_error
 from .metrics import CONTENT_TYPE
 from .protocol import (
     ChatCompletion, ChatCompletionRequest, Completion, CompletionRequest, ErrorResponse, ModelCard, ModelList,
@@ -29,7 +29,6 @@ access_log = logging.getLogger("dsv32.server.access")
 STATIC = Path(__file__).parent / "static"
 _OPEN_PATHS = ("/", "/health", "/metrics", "/openapi.json", "/docs", "/redoc", "/favicon.ico")
 _ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 404, 413, 422, 429, 503)}
-MAX_BODY_BYTES = 64 << 20
 
 
 class AccessMiddleware:
@@ -37,6 +36,7 @@ class AccessMiddleware:
 
     def __init__(self, app: ASGIApp, state: ServerState):
         self.app, self.state = app, state
+        self.keys = [key.encode("utf-8") for key in state.cfg.api_keys]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -44,7 +44,13 @@ class AccessMiddleware:
         rid = uuid.uuid4().hex
         info = scope.setdefault("state", {})
         info["request_id"] = rid
-        start, status, size = time.perf_counter(), [0], [0]
+        start, status, size, logged = time.perf_counter(), [0], [0], [False]
+        path = scope.get("path", "")
+
+        def log_once() -> None:
+            if not logged[0]:
+                logged[0] = True
+                self._log(scope, path, status[0], size[0], time.perf_counter() - start, rid)
 
         async def send_logged(message) -> None:
             if message["type"] == "http.response.start":
@@ -52,38 +58,77 @@ class AccessMiddleware:
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
             elif message["type"] == "http.response.body":
                 size[0] += len(message.get("body", b""))
+                if not message.get("more_body", False):
+                    log_once()     # before the last byte goes: a client never outruns its log line
             await send(message)
 
         try:
-            if not self._authorized(scope):
-                await APIError(401, "invalid or missing API key (send Authorization: Bearer KEY)",
-                               code="invalid_api_key").response(headers={"WWW-Authenticate": "Bearer"})(
-                    scope, receive, send_logged)
-            elif _content_length(scope) > MAX_BODY_BYTES:
-                await APIError(413, f"request body over {MAX_BODY_BYTES >> 20} MiB",
-                               code="request_too_large").response()(scope, receive, send_logged)
-            else:
-                await self.app(scope, receive, send_logged)
+            await self._dispatch(scope, _limited(receive, self.state.cfg.max_body_bytes), send_logged)
+        except Exception as exc:
+            if status[0]:        # the answer has started: the server's own handler logs the rest
+                raise
+            error = self._too_large() if isinstance(exc, BodyTooLarge) else \
+                internal_error(exc, scope.get("method"), path)
+            await error.response()(scope, receive, send_logged)
         finally:
-            path = scope.get("path", "")
-            seconds = time.perf_counter() - start
-            outcome = info.get("outcome", "")
-            access_log.info('%s "%s %s" %d %dB %.3fs %s%s', _client(scope), scope.get("method"), path,
-                            status[0], size[0], seconds, rid, f" ({outcome})" if outcome else "")
-            route = path if path in _KNOWN_PATHS else "other"
-            self.state.metrics.http.labels(path=route, status=str(status[0])).inc()
+            log_once()           # an answer cut short (client gone) never sent its last byte
+
+    def _log(self, scope: Scope, path: str, status: int, size: int, seconds: float, rid: str) -> None:
+        """The access-log line and the http metric of one request."""
+        outcome = scope.get("state", {}).get("outcome", "")
+        access_log.info('%s "%s %s" %d %dB %.3fs %s%s', _client(scope), scope.get("method"), path,
+                        status, size, seconds, rid, f" ({outcome})" if outcome else "")
+        self.state.metrics.http.labels(path=_route(path), status=str(status)).inc()
+
+    async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if not self._authorized(scope):
+            await APIError(401, "invalid or missing API key (send Authorization: Bearer KEY)",
+                           code="invalid_api_key").response(headers={"WWW-Authenticate": "Bearer"})(
+                scope, receive, send)
+        elif _content_length(scope) > self.state.cfg.max_body_bytes:
+            await self._too_large().response()(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+    def _too_large(self) -> APIError:
+        return APIError(413, f"request body over {self.state.cfg.max_body_bytes >> 20} MiB",
+                        code="request_too_large")
 
     def _authorized(self, scope: Scope) -> bool:
-        keys = self.state.cfg.api_keys
-        if not keys or scope.get("path") in _OPEN_PATHS or scope.get("method") == "OPTIONS":
+        """The key compares as UTF-8 bytes, as a client sends a non-ASCII key."""
+        if not self.keys or scope.get("path") in _OPEN_PATHS or scope.get("method") == "OPTIONS":
             return True
         headers = dict(scope.get("headers") or [])
-        auth = headers.get(b"authorization", b"").decode("latin-1")
-        if auth[:7].lower() == "bearer ":
-            given = auth[7:].strip()
-        else:
-            given = headers.get(b"x-api-key", b"").decode("latin-1")
-        return any(hmac.compare_digest(given.encode(), k.encode()) for k in keys)
+        auth = headers.get(b"authorization", b"")
+        given = auth[7:].strip() if auth[:7].lower() == b"bearer " else headers.get(b"x-api-key", b"").strip()
+        return any(hmac.compare_digest(given, key) for key in self.keys)
+
+
+def _limited(receive: Receive, limit: int) -> Receive:
+    """`receive` that raises BodyTooLarge once the body passes `limit` bytes: a chunked upload has
+    no Content-Length to check up front."""
+    total = 0
+
+    async def receive_limited() -> Message:
+        nonlocal total
+        message = await receive()
+        if message["type"] == "http.request":
+            total += len(message.get("body", b""))
+            if total > limit:
+                raise BodyTooLarge(limit)
+        return message
+
+    return receive_limited
+
+
+def _route(path: str) -> str:
+    """The metrics label of a path: known routes, `/v1/models/{id}`, else "other" (bounded)."""
+    if path in _KNOWN_PATHS:
+        return path
+    for prefix in ("/v1/models/", "/models/"):
+        if path.startswith(prefix):
+            return prefix + "{id}"
+    return "other"
 
 
 def _content_length(scope: Scope) -> int:
@@ -101,6 +146,14 @@ def _client(scope: Scope) -> str:
 _KNOWN_PATHS = {"/", "/health", "/metrics", "/v1/models", "/models", "/v1/chat/completions",
                 "/chat/completions", "/beta/chat/completions", "/v1/completions", "/completions",
                 "/beta/completions", "/openapi.json"}
+
+
+def _model_cards(state: ServerState) -> dict[str, ModelCard]:
+    """id -> card; max_model_len is known once the model is loaded."""
+    max_len = state.llm.engine.max_model_len if state.llm else None
+    return {name: ModelCard(id=name, created=state.created, root=state.cfg.engine.model, max_model_len=max_len,
+                            thinking=thinking)
+            for name, thinking in state.model_ids().items()}
 
 
 def create_app(cfg: ServerConfig, engine_factory: Callable[[], LLMEngine] | None = None,
@@ -141,10 +194,17 @@ def create_app(cfg: ServerConfig, engine_factory: Callable[[], LLMEngine] | None
     @app.get("/models", include_in_schema=False)
     async def models():
         """The served model and its aliases deepseek-chat (thinking off) and deepseek-reasoner (on)."""
-        root, max_len = cfg.engine.model, (state.llm.engine.max_model_len if state.llm else None)
-        cards = [ModelCard(id=name, created=state.created, root=root, max_model_len=max_len, thinking=thinking)
-                 for name, thinking in state.model_ids().items()]
-        return ModelList(data=cards)
+        return ModelList(data=list(_model_cards(state).values()))
+
+    @app.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=_ERRORS)
+    @app.get("/models/{model_id:path}", include_in_schema=False)
+    async def model(model_id: str):
+        """One model card (ids may contain `/`); 404 for an id this server does not serve."""
+        card = _model_cards(state).get(model_id)
+        if card is None:
+            raise APIError(404, f"model {model_id!r} does not exist; available: {', '.join(state.model_ids())}",
+                           param="model", code="model_not_found")
+        return card
 
     @app.post("/v1/chat/completions", response_model=ChatCompletion, responses=_ERRORS)
     @app.post("/chat/completions", include_in_schema=False)

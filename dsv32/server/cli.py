@@ -21,7 +21,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", default=None, help="model id clients use (default: directory name)")
     p.add_argument("--api-key", action="append", default=[], metavar="KEY",
-                   help="accept this bearer key (repeatable; also $DSV32_API_KEY); none: no auth")
+                   help="accept this bearer key (repeatable; also $DSV32_API_KEY, ignored when empty); "
+                        "none: no auth")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=32, help="sequences decoded together")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
@@ -49,25 +50,29 @@ def add_parser(subparsers) -> None:
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
-                   help="seconds SIGTERM waits for requests in flight before cancelling them")
+                   help="seconds SIGTERM waits for requests in flight before cutting them (a stream "
+                        "then ends with an error event, a non-streamed request gets 503); exit status 0")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=_main)
 
 
 def _main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    import uvicorn
-
     from dsv32.engine.engine import EngineConfig
 
     from .app import create_app
+    from .shutdown import DrainingServer, serve
     from .state import ServerConfig
 
+    try:
+        keys = api_keys(args.api_key, os.environ.get("DSV32_API_KEY"))
+    except ValueError as e:
+        print(f"dsv32 serve: {e}", file=sys.stderr)
+        return 2
     model = args.model if args.model is not None else default_model(log)
     if not (Path(model) / "config.json").is_file():
         print(f"dsv32 serve: no checkpoint at {model} (config.json missing)", file=sys.stderr)
         return 2
-    keys = list(args.api_key) + ([os.environ["DSV32_API_KEY"]] if os.environ.get("DSV32_API_KEY") else [])
     engine = EngineConfig(model=str(model), dtype=args.dtype, device=args.device,
                           max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                           max_num_batched_tokens=args.max_num_batched_tokens,
@@ -80,12 +85,38 @@ def _main(args: argparse.Namespace) -> int:
                        request_timeout=args.request_timeout or None, reasoning_only=args.reasoning_only,
                        safety_net=not args.no_safety_net)
     app = create_app(cfg)
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, access_log=False,
-                                           log_level=args.log_level,
-                                           timeout_graceful_shutdown=args.shutdown_timeout))
     state = app.state.server
+    server = DrainingServer(app, state, args.shutdown_timeout, host=args.host, port=args.port,
+                            access_log=False, log_level=args.log_level)
     state.on_load_error = lambda: setattr(server, "should_exit", True)
-    log.info("serving %s as %r on http://%s:%d (aliases deepseek-chat, deepseek-reasoner)%s", model,
-             cfg.served_model_name, args.host, args.port, "; API key required" if keys else "")
-    server.run()
-    return 1 if state.load_error else 0
+    log.info("serving %s as %r on http://%s:%d (aliases deepseek-chat, deepseek-reasoner); %s", model,
+             cfg.served_model_name, args.host, args.port,
+             f"API key required ({len(keys)} accepted)" if keys else "no API key: open to every client")
+    signalled = serve(server)
+    if state.load_error or not server.started:
+        return 1
+    if signalled:
+        log.info("shut down on signal: %s", f"{state.cut_count} request(s) cut at the timeout"
+                 if state.cut_count else "every request in flight finished")
+    return 0
+
+
+def api_keys(flags: list[str], env: str | None) -> list[str]:
+    """The accepted keys: every --api-key (an empty one is an error, not "no auth"), then
+    $DSV32_API_KEY unless it is unset or blank (surrounding whitespace stripped)."""
+    from .state import check_api_key
+
+    for key in flags:
+        try:
+            check_api_key(key)
+        except ValueError as e:
+            raise ValueError(f"--api-key: {e}") from None
+    if env is None or not env.strip():
+        if env is not None:
+            log.warning("$DSV32_API_KEY is set but empty: ignored")
+        return list(flags)
+    try:
+        check_api_key(env.strip())
+    except ValueError as e:
+        raise ValueError(f"$DSV32_API_KEY: {e}") from None
+    return [*flags, env.strip()]

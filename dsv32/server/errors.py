@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -21,6 +21,8 @@ _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permi
           404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
           422: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
           503: "service_unavailable"}
+_CODES = {413: "request_too_large"}
+RETRY_AFTER_S = 2   # the Retry-After of every 429: about the time a queued request needs to start
 
 
 class APIError(Exception):
@@ -28,6 +30,7 @@ class APIError(Exception):
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
                  type: str | None = None):
+        message = _printable(message)      # it may quote the request, lone surrogates included
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
         self.type = type or _TYPES.get(status, "invalid_request_error")
@@ -36,7 +39,27 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self, headers: dict | None = None) -> JSONResponse:
+        if self.status == 429:
+            headers = {"Retry-After": str(RETRY_AFTER_S), **(headers or {})}
         return JSONResponse(self.body(), status_code=self.status, headers=headers)
+
+
+class BodyTooLarge(HTTPException):
+    """Raised while the body is read once it passes the limit (FastAPI passes HTTPExceptions on)."""
+
+    def __init__(self, limit: int):
+        super().__init__(413, f"request body over {limit >> 20} MiB")
+
+
+def _printable(text: str) -> str:
+    """The text with anything UTF-8 cannot encode (lone surrogates) escaped."""
+    return text if text.isascii() else text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def internal_error(exc: Exception, method: str, path: str) -> APIError:
+    """The 500 for an unexpected exception (call it in the `except` block: it logs the traceback)."""
+    log.exception("internal error on %s %s", method, path)
+    return APIError(500, f"internal server error: {type(exc).__name__}")
 
 
 def param_of(message: str) -> str | None:
@@ -62,7 +85,7 @@ def _validation_error(exc: RequestValidationError) -> APIError:
     for e in errors[:5]:
         loc = [str(x) for x in e.get("loc", ()) if x != "body"]
         where = ".".join(loc) or "body"
-        param = param or (loc[0] if loc else None)
+        param = _printable(param or (loc[0] if loc else "")) or None
         parts.append(f"{where}: {e.get('msg', 'invalid')}")
     return APIError(status, "; ".join(parts) or "invalid request", param=param,
                     code="invalid_value" if status == 422 else "invalid_format")
@@ -84,9 +107,9 @@ def install_handlers(app: FastAPI) -> None:
         message = exc.detail if isinstance(exc.detail, str) else "error"
         if exc.status_code == 404:
             message = f"no route {request.method} {request.url.path}"
-        return APIError(exc.status_code, message).response(headers=getattr(exc, "headers", None))
+        return APIError(exc.status_code, message, code=_CODES.get(exc.status_code)).response(
+            headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception):
-        log.exception("internal error on %s %s", request.method, request.url.path)
-        return APIError(500, f"internal server error: {type(exc).__name__}").response()
+    async def _unexpected(request: Request, exc: Exception):   # AccessMiddleware answers these first
+        return internal_error(exc, request.method, request.url.path).response()

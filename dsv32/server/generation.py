@@ -12,6 +12,7 @@ from fastapi import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from dsv32.chat.messages import has_lone_surrogate
 from dsv32.engine.sequence import CompletionOutput, RequestOutput, SamplingParams
 
 from .errors import APIError, bad_value
@@ -22,23 +23,36 @@ TIMEOUT = "timeout"   # finish reason of a request cut by --request-timeout
 
 
 class Generation:
-    """A request admitted to the engine: validated and counted against the queue bound on creation
-    (APIError 400 / 429 / 503), then `outputs()` streams it; `release()` is idempotent."""
+    """A request admitted to the engine: `await Generation.start(...)` tokenises and validates it
+    off the event loop and counts it against the queue bound (APIError 400 / 429 / 503), then
+    `outputs()` streams it; `release()` is idempotent; `cut()` ends it at shutdown."""
 
-    def __init__(self, state: ServerState, request_id: str, prompt: str | list[int], params: SamplingParams):
-        self.state, self.request_id, self.params = state, request_id, params
+    def __init__(self, state: ServerState, request_id: str, prompt_ids: list[int], params: SamplingParams):
+        self.state, self.request_id, self.params, self.prompt_ids = state, request_id, params, prompt_ids
         self.llm = state.ready()
+        self._released, self._cut = False, False
+        state.admit(params.n, self)
+
+    @classmethod
+    async def start(cls, state: ServerState, request_id: str, prompt: str | list[int],
+                    params: SamplingParams) -> "Generation":
+        """Tokenise in a worker thread (a 10 MB prompt takes seconds), then admit."""
+        llm = state.ready()
         try:
-            _, self.prompt_ids = self.llm.engine.prepare(prompt, params)
+            ids = await asyncio.to_thread(_prepare, llm, prompt, params)
         except ValueError as e:
             raise bad_value(e) from None
-        state.admit(params.n)
-        self._released = False
+        return cls(state, request_id, ids, params)
 
     def release(self) -> None:
         if not self._released:
             self._released = True
-            self.state.release(self.params.n)
+            self.state.release(self.params.n, self)
+
+    def cut(self) -> None:
+        """Shutdown ran out of time: abort in the engine; the consumer gets APIError 503."""
+        self._cut = True
+        asyncio.ensure_future(self.llm.abort(self.request_id))
 
     async def outputs(self) -> AsyncIterator[RequestOutput]:
         """Cumulative outputs; past its deadline the request ends with finish_reason "timeout"; a
@@ -63,6 +77,10 @@ class Generation:
                     reason = TIMEOUT
                     yield _timed_out(self.request_id, self.prompt_ids, self.params.n, last)
                     return
+                if self._cut:
+                    reason = "shutdown"
+                    raise APIError(503, "the server shut down before this request finished",
+                                   code="server_shutdown")
                 now = time.monotonic()
                 if last_t is None:
                     first, arrival = out.metrics.get("first_token"), out.metrics.get("arrival")
@@ -94,6 +112,14 @@ class Generation:
             last = out
         assert last is not None
         return last
+
+
+def _prepare(llm, prompt: str | list[int], params: SamplingParams) -> list[int]:
+    """The prompt's token ids (ValueError on a bad prompt); runs in a worker thread."""
+    if isinstance(prompt, str) and has_lone_surrogate(prompt):
+        raise ValueError("prompt: not valid Unicode: a lone surrogate (\\ud800-\\udfff) "
+                         "cannot be encoded as UTF-8")
+    return llm.engine.prepare(prompt, params)[1]
 
 
 def _timed_out(request_id: str, prompt_ids: list[int], n: int, last: RequestOutput | None) -> RequestOutput:

@@ -90,8 +90,6 @@ def reasoning_tokens(token_ids: list[int], think_end_id: int, thinking: bool) ->
 class ChatServing:
     """Handles one chat completion request: prompt, sampling, then a JSON or SSE answer."""
 
-    keepalive = 15.0   # seconds without output before a `: keep-alive` comment line
-
     def __init__(self, state: ServerState, extra_processors: ProcessorHook | None = None):
         self.state = state
         self.extra_processors = extra_processors
@@ -112,7 +110,7 @@ class ChatServing:
             logprobs=top if req.logprobs else None, skip_special_tokens=False,
             processors=prepared.processors)
         request_id = "chatcmpl-" + request.state.request_id
-        gen = Generation(self.state, request_id, prompt, params)
+        gen = await Generation.start(self.state, request_id, prompt, params)
         ctx = _Context(request_id, model, int(time.time()), self.state.cfg.system_fingerprint, mode,
                        tok.think_end_id, TokenText(tok), top if req.logprobs else None)
         if req.stream:
@@ -184,7 +182,7 @@ class ChatServing:
                                              logprobs=None, finish_reason=None)], include_usage))
         last = None
         try:
-            async for out in with_keepalive(gen.outputs(), self.keepalive):
+            async for out in with_keepalive(gen.outputs(), self.state.cfg.sse_keepalive):
                 if out is None:
                     yield KEEPALIVE
                     continue

@@ -12,7 +12,8 @@ from typing import AsyncIterator
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from dsv32.chat import fim_prompt
+from dsv32.chat import ChatFormatError, fim_prompt
+from dsv32.chat.messages import check_unicode
 from dsv32.engine.sequence import RequestOutput
 
 from .errors import APIError
@@ -45,6 +46,11 @@ def split_prompts(req: CompletionRequest, tokenizer) -> list[Prompt]:
                        code="invalid_value")
     bos = tokenizer.decode([tokenizer.bos_id])
     prompts = []
+    for name, text in (("prompt", batch), ("suffix", req.suffix)):
+        try:
+            check_unicode(text, name)
+        except ChatFormatError as e:
+            raise APIError(400, str(e), param=name, code="invalid_format") from None
     for x in batch:
         if isinstance(x, str) and req.suffix is not None:
             prompts.append(Prompt(fim_prompt(x, req.suffix), x, None))
@@ -61,8 +67,6 @@ def split_prompts(req: CompletionRequest, tokenizer) -> list[Prompt]:
 class CompletionServing:
     """Handles one text completion request (possibly a batch of prompts)."""
 
-    keepalive = 15.0   # seconds without output before a `: keep-alive` comment line
-
     def __init__(self, state):
         self.state = state
 
@@ -71,7 +75,7 @@ class CompletionServing:
         llm = self.state.ready()
         if req.best_of is not None and req.best_of != req.n:
             raise APIError(422, "best_of: only best_of == n is supported", param="best_of", code="invalid_value")
-        prompts = split_prompts(req, llm.tokenizer)
+        prompts = await asyncio.to_thread(split_prompts, req, llm.tokenizer)
         params = sampling_params(req, max_tokens=req.max_tokens, logprobs=req.logprobs, skip_special_tokens=True)
         if req.echo and req.logprobs is not None:
             params.prompt_logprobs = req.logprobs
@@ -79,8 +83,8 @@ class CompletionServing:
         gens: list[Generation] = []
         try:
             for i, prompt in enumerate(prompts):
-                gens.append(Generation(self.state, base if len(prompts) == 1 else f"{base}-{i}",
-                                       prompt.engine, params))
+                gens.append(await Generation.start(self.state, base if len(prompts) == 1 else f"{base}-{i}",
+                                                   prompt.engine, params))
         except BaseException:
             for g in gens:
                 g.release()
@@ -110,7 +114,7 @@ class CompletionServing:
         sent: dict[int, tuple[int, int]] = {}       # choice -> (chars sent, tokens sent)
         finals: dict[int, RequestOutput] = {}
         try:
-            async for item in with_keepalive(_merge(gens), self.keepalive):
+            async for item in with_keepalive(_merge(gens), self.state.cfg.sse_keepalive):
                 if item is None:
                     yield KEEPALIVE
                     continue

@@ -2,11 +2,12 @@
 admission counter behind the bounded queue, and the metrics."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol
 
 from dsv32.engine.async_engine import AsyncLLM
 from dsv32.engine.engine import EngineConfig, LLMEngine
@@ -31,6 +32,27 @@ class ServerConfig:
     reasoning_only: bool = False           # Speciale weights: thinking always on, no tools
     safety_net: bool = True                # constrain every chat answer (dsv32.chat.grammar)
     system_fingerprint: str = "dsv32-0.1"
+    sse_keepalive: float = 15.0            # seconds without output before a `: keep-alive` SSE comment
+    max_body_bytes: int = 64 << 20         # larger request bodies get 413 (chunked ones too)
+
+    def __post_init__(self) -> None:
+        for key in self.api_keys:
+            check_api_key(key)
+
+
+def check_api_key(key: str) -> None:
+    """ValueError for a key no client can send: empty, padded with spaces, or with control characters."""
+    if not isinstance(key, str) or not key.strip():
+        raise ValueError("an API key must not be empty (leave the key out to serve without one)")
+    if key != key.strip() or any(ord(c) < 32 or ord(c) == 127 for c in key):
+        raise ValueError("an API key must not start or end with whitespace or hold control characters "
+                         "(an HTTP header cannot carry them)")
+
+
+class Cuttable(Protocol):
+    """A request in flight that shutdown can end early."""
+
+    def cut(self) -> None: ...
 
 
 class ServerState:
@@ -45,7 +67,11 @@ class ServerState:
         self.active = 0          # sequences admitted and not yet released
         self.metrics = Metrics(lambda: self.llm.metrics() if self.llm is not None else None)
         self.on_load_error: Callable[[], None] | None = None
+        self.draining = False    # shutting down: no new generations
+        self._live: set[Cuttable] = set()
+        self.cut_count = 0       # generations ended by the shutdown timeout
         self._thread: threading.Thread | None = None
+        self._cut_timer: asyncio.TimerHandle | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------------
     def start_loading(self) -> None:
@@ -56,6 +82,9 @@ class ServerState:
         t0 = time.monotonic()
         try:
             engine = self.engine_factory()
+            # llguidance's view of the vocabulary holds the GIL for about a second: build it now,
+            # not during the first chat request (which would stall every other request meanwhile)
+            engine.grammars.tokenizer_view()
             self.llm = AsyncLLM(engine)
         except Exception as e:  # reported by /health; the CLI exits
             self.load_error = f"{type(e).__name__}: {e}"
@@ -66,7 +95,24 @@ class ServerState:
         log.info("model loaded in %.1fs (max_model_len %d); ready", time.monotonic() - t0,
                  engine.max_model_len)
 
+    def start_draining(self, timeout: float) -> None:
+        """Shutdown began (on the event loop): refuse new generations, and cut the ones still
+        running after `timeout` seconds."""
+        self.draining = True
+        if self._live:
+            log.info("draining %d request(s) in flight (up to %.0fs)", len(self._live), timeout)
+        self._cut_timer = asyncio.get_running_loop().call_later(timeout, self.cut_all)
+
+    def cut_all(self) -> None:
+        if self._live:
+            self.cut_count += len(self._live)
+            log.warning("shutdown timeout: cutting %d request(s) still in flight", len(self._live))
+        for gen in list(self._live):
+            gen.cut()
+
     def shutdown(self) -> None:
+        if self._cut_timer is not None:
+            self._cut_timer.cancel()
         if self._thread is not None:
             self._thread.join(timeout=60)
         if self.llm is not None:
@@ -94,8 +140,11 @@ class ServerState:
                            param="model", code="model_not_found")
         return name, ids[name]
 
-    def admit(self, n: int) -> None:
-        """Take n sequence slots or answer 429 when running + waiting would exceed the bound."""
+    def admit(self, n: int, gen: Cuttable | None = None) -> None:
+        """Take n sequence slots for `gen` or answer 429 when running + waiting would exceed the
+        bound (503 once shutdown began)."""
+        if self.draining:
+            raise APIError(503, "the server is shutting down", code="shutting_down")
         limit = self.cfg.engine.max_num_seqs + self.cfg.max_queue
         if n > limit:
             raise APIError(422, f"n: {n} sequences can never fit this server ({limit} running or queued)",
@@ -105,6 +154,9 @@ class ServerState:
             raise APIError(429, f"the server is at capacity ({limit} sequences running or queued); "
                                 "retry later", code="queue_full")
         self.active += n
+        if gen is not None:
+            self._live.add(gen)
 
-    def release(self, n: int) -> None:
+    def release(self, n: int, gen: Cuttable | None = None) -> None:
         self.active -= n
+        self._live.discard(gen)

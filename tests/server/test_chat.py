@@ -261,11 +261,7 @@ def test_models(client):
 
 
 def test_keepalive_comments_are_ignored_by_clients(server, client, monkeypatch):
-    from dsv32.server.serving_chat import ChatServing
-    from dsv32.server.serving_completions import CompletionServing
-
-    monkeypatch.setattr(ChatServing, "keepalive", 0.005)
-    monkeypatch.setattr(CompletionServing, "keepalive", 0.005)
+    monkeypatch.setattr(server.state.cfg, "sse_keepalive", 0.005)
     with httpx.stream("POST", server.url + "/v1/chat/completions", timeout=60,
                       json={"messages": USER, "max_tokens": 4, "stream": True}) as r:
         lines = [line for line in r.iter_lines() if line]
