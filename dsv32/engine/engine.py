@@ -11,6 +11,7 @@ import torch
 from dsv32.chat.tokenizer import Tokenizer
 from dsv32.model.checkpoint import load_model
 from dsv32.model.config import ModelConfig
+from dsv32.model.formats import WeightFormat
 from dsv32.model.transformer import Transformer
 from dsv32.parallel.context import SINGLE, ParallelContext
 
@@ -41,6 +42,7 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"            # "auto" (compute dtype) or "fp8"
     enable_prefix_caching: bool = True
     fp8_storage: bool = False               # keep FP8 weights, dequantise per block on the fly
+    weight_format: WeightFormat = "fp32"    # CPU: fp32 | bf16 | fp16 | int8 | fp8 (model/formats.py)
     tensor_parallel_size: int = 1           # ranks sharing every layer (heads, inner dims, vocab)
     enable_expert_parallel: bool = False    # partition routed experts across the ranks instead
     num_speculative_tokens: int = 0         # 1: MTP speculative decoding (the model's MTP layer drafts)
@@ -49,7 +51,8 @@ class EngineConfig:
 def load_engine_model(cfg: EngineConfig, pc: ParallelContext = SINGLE):
     """This rank's model (its tensor-parallel slice when `pc` is a group)."""
     return load_model(cfg.model, dtype=DTYPES[cfg.dtype], device=cfg.device,
-                      fp8_storage=cfg.fp8_storage, progress=pc.rank == 0, pc=pc)
+                      fp8_storage=cfg.fp8_storage, progress=pc.rank == 0, pc=pc,
+                      weight_format=cfg.weight_format)
 
 
 def cache_blocks(cfg: EngineConfig, mc: ModelConfig, max_model_len: int) -> int:

@@ -19,6 +19,7 @@ from torch import nn
 from .config import ModelConfig
 from .fp8 import act_quant_dequant
 from .hooks import Hooks, IndexView
+from .kernels.absorb import absorb
 from .layers import Linear, RMSNorm, hadamard, rope_half, rope_interleaved
 from dsv32.parallel.context import SINGLE, ParallelContext
 
@@ -165,6 +166,20 @@ class MLA(nn.Module):
         w = self.kv_b_proj.dense_weight(dtype).view(self.n_heads, self.nope + self.v_dim, self.kv_rank)
         return w[:, : self.nope], w[:, self.nope:]                      # W_uk [H,nope,C], W_uv [H,v,C]
 
+    def absorb_q(self, q_nope: torch.Tensor) -> torch.Tensor:
+        """q_nope [..., H, nope] -> q_nope @ W_uk [..., H, C] (packed kv_b: read in place)."""
+        kb = self.kv_b_proj
+        if kb.packed:
+            return absorb(q_nope, kb.weight, kb.weight_scale_inv, self.nope, query=True).to(q_nope.dtype)
+        return torch.einsum("...hn,hnc->...hc", q_nope, self._wkv_b(q_nope.dtype)[0])
+
+    def absorb_o(self, o_lat: torch.Tensor) -> torch.Tensor:
+        """o_lat [..., H, C] -> o_lat @ W_uv^T [..., H, v] (packed kv_b: read in place)."""
+        kb = self.kv_b_proj
+        if kb.packed:
+            return absorb(o_lat, kb.weight, kb.weight_scale_inv, self.nope, query=False).to(o_lat.dtype)
+        return torch.einsum("...hc,hvc->...hv", o_lat, self._wkv_b(o_lat.dtype)[1])
+
     # ---- the two attention computations -------------------------------------------------
     def mha(self, q_nope, q_pe, latent, positions, index_mask=None) -> torch.Tensor:
         """Expanded MHA over all keys [B, S, C+R]; causal, optionally restricted by `index_mask`
@@ -196,9 +211,7 @@ class MLA(nn.Module):
 
     def mqa_sparse(self, q_nope, q_pe, kv, idx: torch.Tensor) -> torch.Tensor:
         """Absorbed MQA over gathered latent rows only: idx [B, T, K] (-1 = empty) -> [B, T, H, v]."""
-        w_uk, w_uv = self._wkv_b(q_nope.dtype)
-        q_lat = torch.einsum("bthn,hnc->bthc", q_nope, w_uk)            # [B, T, H, C]
-        q = torch.cat((q_lat, q_pe), dim=-1)                             # [B, T, H, C+R]
+        q = torch.cat((self.absorb_q(q_nope), q_pe), dim=-1)            # [B, T, H, C+R]
         B, T, H, _ = q.shape
         out = q.new_empty(B, T, H, self.v_dim)
         for c in _query_chunks(T, H * idx.shape[-1] + idx.shape[-1] * q.shape[-1]):
@@ -208,7 +221,7 @@ class MLA(nn.Module):
             s = s.masked_fill((sel < 0).unsqueeze(2), float("-inf"))
             p = s.softmax(dim=-1).to(rows.dtype)
             o_lat = torch.einsum("bthk,btkc->bthc", p, rows[..., : self.kv_rank])
-            out[:, c] = torch.einsum("bthc,hvc->bthv", o_lat, w_uv)
+            out[:, c] = self.absorb_o(o_lat)
         return out
 
     @torch.no_grad()

@@ -15,7 +15,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import ModelConfig, QuantConfig
+from .formats import check_format, packed_storage
 from .fp8 import FP8, block_dequant, block_quant, scale_shape
+from .kernels.packed import quantize_int8
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -200,6 +202,9 @@ def save_checkpoint(state: Mapping[str, torch.Tensor], cfg: ModelConfig, path: s
                 raise CheckpointError(f"save_checkpoint: tensor {n}: shape {tuple(t.shape)}, "
                                       f"layout says {spec.shape}")
             t = t.detach().cpu()
+            if t.dtype == torch.int8:
+                raise CheckpointError(f"save_checkpoint: tensor {n} is packed int8 (a CPU weight_format); "
+                                      f"save from a model loaded with weight_format='fp32'")
             if t.dtype == FP8 and fp8:                 # already quantised: keep it and its scale
                 tensors[scale_name(n)] = state[scale_name(n)].detach().cpu().float().contiguous()
             elif t.dtype == FP8:                        # FP8-stored weight into a plain checkpoint
@@ -290,8 +295,18 @@ def _owner(model: nn.Module, name: str) -> tuple[nn.Module | None, str]:
     return mod, leaf
 
 
+def _packs(mod: nn.Module, name: str, spec: TensorSpec, weight_format: str) -> str | None:
+    """The packed storage this layout tensor gets under `weight_format` (formats.py), or None."""
+    from .layers import Linear, VocabParallelEmbedding
+
+    if not isinstance(mod, (Linear, VocabParallelEmbedding)) or len(spec.shape) != 2 or is_fp32_pinned(name):
+        return None
+    return packed_storage(weight_format, spec.quantised)
+
+
 def _materialise(model: nn.Module, layout: dict[str, TensorSpec], device, dtype,
-                 fp8_storage: bool, block: tuple[int, int], cfg: ModelConfig) -> list[str]:
+                 fp8_storage: bool, block: tuple[int, int], cfg: ModelConfig,
+                 weight_format: str = "fp32") -> list[str]:
     """Put the model in the requested storage mode and give meta tensors real (empty) storage.
     Returns the layout names the model holds (experts held by other processes are left out)."""
     from .layers import Linear, Rotary, yarn_inv_freq
@@ -305,7 +320,11 @@ def _materialise(model: nn.Module, layout: dict[str, TensorSpec], device, dtype,
         p = getattr(mod, leaf)
         if not isinstance(p, torch.Tensor):
             raise CheckpointError(f"model has no parameter {name} (checkpoint layout tensor)")
-        if spec.quantised and isinstance(mod, Linear):
+        packed = _packs(mod, name, spec, weight_format)
+        if packed:
+            if mod.packed != packed:
+                mod.pack(packed)
+        elif spec.quantised and isinstance(mod, Linear):
             if fp8_storage and mod.fp8_block != block:
                 mod.use_fp8_storage(block)
             elif dtype is not None and not mod.fp8_block and p.dtype != dtype:
@@ -369,14 +388,24 @@ def _check_model(model: nn.Module, layout: dict[str, TensorSpec], held: list[str
 @torch.no_grad()
 def load_checkpoint(model: nn.Module, path: str | Path, dtype: torch.dtype | None = None,
                     device: str | torch.device = "cpu", fp8_storage: bool = False,
-                    progress: bool = True) -> nn.Module:
+                    progress: bool = True, weight_format: str = "fp32") -> nn.Module:
     """Copy a checkpoint into `model` tensor by tensor (memory-mapped shards, one open at a time).
 
     `model` may live on the meta device; it is materialised on `device`. `fp8_storage`: quantised
     Linears keep FP8 weights + block scales (dequantised per call); otherwise they are dequantised
     into the compute dtype. `dtype`: if given, the float parameters other than FP8 weights and the
-    fp32-pinned ones are stored in it. Raises CheckpointError naming the tensor and the file.
+    fp32-pinned ones are stored in it. `weight_format` (formats.py): how matrices are stored for
+    fp32 compute on CPU; each tensor is converted as it is read. Raises CheckpointError naming the
+    tensor and the file.
     """
+    check_format(weight_format)
+    if weight_format != "fp32":
+        if fp8_storage:
+            raise ValueError(f"weight_format={weight_format!r} and fp8_storage=True exclude each other "
+                             f"(fp8_storage keeps e4m3 weights and dequantises them per call)")
+        if dtype not in (None, torch.float32) or torch.device(device).type != "cpu":
+            raise ValueError(f"weight_format={weight_format!r} packs weights for fp32 compute on CPU; "
+                             f"got dtype {dtype}, device {device}")
     path = Path(path)
     cfg = ModelConfig.from_json(path)
     layout, block = checkpoint_layout(cfg), _block(cfg)
@@ -397,7 +426,7 @@ def load_checkpoint(model: nn.Module, path: str | Path, dtype: torch.dtype | Non
         if n not in layout and not (base in layout and (layout[base].quantised or is_fp8_vocab(base))):
             raise CheckpointError(f"unexpected tensor {n} in {f}: not part of the DeepSeek-V3.2 layout")
 
-    held = _materialise(model, layout, device, dtype, fp8_storage, block, cfg)
+    held = _materialise(model, layout, device, dtype, fp8_storage, block, cfg, weight_format)
     state = _check_model(model, layout, held)
 
     by_file: dict[Path, list[str]] = defaultdict(list)
@@ -417,7 +446,8 @@ def load_checkpoint(model: nn.Module, path: str | Path, dtype: torch.dtype | Non
                                               f"which does not contain it")
                     shard = _shard(model, n)
                     w, scale = _read(f, file, source[n], layout[n], where, block, keys, shard)
-                    _copy(state[n], state.get(scale_name(n)), w, scale, block, cfg, n, file, shard)
+                    fp8_first = weight_format == "fp8" and layout[n].quantised and scale is None
+                    _copy(state[n], state.get(scale_name(n)), w, scale, block, cfg, n, file, shard, fp8_first)
                     mapped += w.numel() * w.element_size()
                     bar.update()
             del f, w, scale                         # unmap before mapping again
@@ -481,14 +511,38 @@ def _get(f, file: Path, name: str, shard=None) -> torch.Tensor:
         raise CheckpointError(f"tensor {name} in {file}: cannot be read ({e})") from None
 
 
+def _quantize_into(dst: torch.Tensor, dst_scale: torch.Tensor, w: torch.Tensor,
+                   scale: torch.Tensor | None, block, offset: tuple[int, int], fp8_first: bool,
+                   chunk: int = 1 << 24) -> None:
+    """dst, dst_scale = int8 groups of the real weight (FP8 blocks dequantised exactly first;
+    `fp8_first`: a plain weight is block-quantised to e4m3 first), a few row blocks at a time so
+    the fp32 temporaries stay near `chunk` elements."""
+    rows, cols = w.shape
+    step = block[0] * max(1, chunk // (block[0] * cols))
+    for r in range(0, rows, step):
+        end = min(rows, r + step)
+        if scale is None:
+            real = w[r:end].float()
+            if fp8_first:                   # r is a multiple of block[0]: the blocks are the same
+                real = block_dequant(*block_quant(real, block), block)
+        else:
+            g = offset[0] + r                                               # row in the scale grid
+            real = torch.empty(end - r, cols)
+            _dequant_into(real, w[r:end], scale[g // block[0]:], block, offset=(g % block[0], offset[1]))
+        dst[r:end], dst_scale[r:end] = quantize_int8(real)
+
+
 def _copy(dst: torch.Tensor, dst_scale: torch.Tensor | None, w: torch.Tensor,
           scale: torch.Tensor | None, block, cfg: ModelConfig, name: str, file: Path,
-          shard=None) -> None:
-    """Store a checkpoint tensor into a parameter, converting between FP8 and plain storage."""
+          shard=None, fp8_first: bool = False) -> None:
+    """Store a checkpoint tensor into a parameter, converting between FP8, plain and packed
+    storage (`fp8_first`: see _quantize_into)."""
     offset = (0, 0)
     if shard is not None and scale is not None:
         offset = (shard[1] % block[0], 0) if shard[0] == 0 else (0, shard[1] % block[1])
-    if dst.dtype == FP8:                            # FP8 storage mode
+    if dst.dtype == torch.int8:                     # packed int8 (weight_format int8 / fp8)
+        _quantize_into(dst, dst_scale, w, scale, block, offset, fp8_first)
+    elif dst.dtype == FP8:                            # FP8 storage mode
         if scale is not None and (offset != (0, 0) or tuple(scale.shape) != tuple(dst_scale.shape)):
             raise CheckpointError(f"tensor {name} in {file}: its tensor-parallel slice {shard} does not "
                                   f"fall on {block[0]}x{block[1]} scale blocks; FP8 storage needs "
@@ -505,12 +559,15 @@ def _copy(dst: torch.Tensor, dst_scale: torch.Tensor | None, w: torch.Tensor,
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-               fp8_storage: bool = False, progress: bool = True, **model_kwargs) -> nn.Module:
-    """Build the Transformer from `path/config.json` on the meta device, load the weights, eval mode."""
+               fp8_storage: bool = False, progress: bool = True, weight_format: str = "fp32",
+               **model_kwargs) -> nn.Module:
+    """Build the Transformer from `path/config.json` on the meta device, load the weights, eval
+    mode. `weight_format`: "fp32" | "bf16" | "fp16" | "int8" | "fp8" (see formats.py)."""
     from .transformer import Transformer
 
     cfg = ModelConfig.from_json(path)
     with torch.device("meta"):
         model = Transformer(cfg, dtype=dtype, **model_kwargs)
-    load_checkpoint(model, path, dtype=dtype, device=device, fp8_storage=fp8_storage, progress=progress)
+    load_checkpoint(model, path, dtype=dtype, device=device, fp8_storage=fp8_storage, progress=progress,
+                    weight_format=weight_format)
     return model.eval()

@@ -9,6 +9,30 @@ from torch import nn
 
 from .config import ModelConfig
 from .fp8 import FP8, act_quant_dequant, block_dequant, block_quant, scale_shape
+from .kernels.packed import dequantize, embedding_rows, group_size, packed_linear, quantize_int8
+
+PACKED = {"int8": torch.int8, "bf16": torch.bfloat16, "fp16": torch.float16}   # packed storage dtypes
+
+
+def _packed_params(mod: nn.Module, fmt: str, values: torch.Tensor) -> None:
+    """Give `mod` a packed `weight` (and, for int8, `weight_scale_inv` [N, K/G]) of `fmt`: the
+    current values quantised, or empty storage when they live on the meta device."""
+    if fmt not in PACKED:
+        raise ValueError(f"unknown packed format {fmt!r} (one of {sorted(PACKED)})")
+    N, K = values.shape
+    if values.is_meta:
+        w = torch.empty(N, K, dtype=PACKED[fmt], device="meta")
+        s = torch.empty(N, K // group_size(K), device="meta") if fmt == "int8" else None
+    elif fmt == "int8":
+        w, s = quantize_int8(values)
+    else:
+        w, s = values.to(PACKED[fmt]), None
+    mod.packed = fmt
+    mod.weight = nn.Parameter(w, requires_grad=False)
+    if s is None:
+        mod.register_parameter("weight_scale_inv", None)
+    else:
+        mod.weight_scale_inv = nn.Parameter(s, requires_grad=False)
 
 
 class Linear(nn.Module):
@@ -17,6 +41,8 @@ class Linear(nn.Module):
     In FP8 storage mode the weight is dequantised block by block at every call, so the resident
     cost is about one byte per parameter. `fp8_act` simulates dynamic per-128 activation
     quantisation (deployment numerics); it is off by default (exact arithmetic).
+    Packed (`pack`): int8 with per-(row, 128 columns) scales, or bf16/fp16, for fp32 compute: read
+    once per call by the kernels in kernels/packed.py, never dequantised whole.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
@@ -29,6 +55,7 @@ class Linear(nn.Module):
         self.shard = shard
         self.fp8_block = tuple(fp8_block) if fp8_block else None
         self.fp8_act = fp8_act
+        self.packed: str | None = None      # "int8" / "bf16" / "fp16" after pack()
         if self.fp8_block:
             self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=FP8), requires_grad=False)
             self.weight_scale_inv = nn.Parameter(
@@ -52,13 +79,25 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(q, requires_grad=False)
         self.weight_scale_inv = nn.Parameter(s, requires_grad=False)
 
+    def pack(self, fmt: str) -> None:
+        """Store the weight packed as `fmt` ("int8", "bf16" or "fp16") for fp32 compute."""
+        if self.fp8_act:
+            raise ValueError("packed weights compute in fp32: fp8_act (activation FP8 simulation) is not supported")
+        values = self.weight if self.weight.is_meta else self.dense_weight(torch.float32)
+        self.fp8_block = None
+        _packed_params(self, fmt, values)
+
     def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        """The weight in `dtype` (dequantised when stored as FP8)."""
+        """The weight in `dtype` (dequantised when stored as FP8 or packed)."""
         if self.fp8_block:
             return block_dequant(self.weight, self.weight_scale_inv, self.fp8_block, dtype)
+        if self.packed:
+            return dequantize(self.weight, self.weight_scale_inv, dtype)
         return self.weight.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed:
+            return packed_linear(x, self.weight, self.weight_scale_inv, self.bias)
         if self.fp8_act and x.shape[-1] % 128 == 0:
             x = act_quant_dequant(x)
         bias = None if self.bias is None else self.bias.to(x.dtype)
@@ -66,8 +105,9 @@ class Linear(nn.Module):
 
     def extra_repr(self) -> str:
         fp8 = f", fp8_block={self.fp8_block}" if self.fp8_block else ""
+        packed = f", packed={self.packed}" if self.packed else ""
         shard = f", shard={self.shard}" if self.shard else ""
-        return f"in_features={self.in_features}, out_features={self.out_features}{fp8}{shard}"
+        return f"in_features={self.in_features}, out_features={self.out_features}{fp8}{packed}{shard}"
 
 
 class VocabParallelEmbedding(nn.Embedding):
@@ -79,13 +119,25 @@ class VocabParallelEmbedding(nn.Embedding):
         start, stop = self.pc.split(vocab, "vocab_size")
         super().__init__(stop - start, dim, dtype=dtype)
         self.shard = (0, start, stop) if self.pc.enabled else None
+        self.packed: str | None = None      # "int8" / "bf16" / "fp16" after pack(): rows come out fp32
+        self.register_parameter("weight_scale_inv", None)
+
+    def pack(self, fmt: str) -> None:
+        """Store the table packed as `fmt` ("int8", "bf16" or "fp16"); looked-up rows are fp32."""
+        values = self.weight if self.weight.is_meta else dequantize(self.weight, self.weight_scale_inv)
+        _packed_params(self, fmt, values)
+
+    def _rows(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.packed:
+            return embedding_rows(ids, self.weight, self.weight_scale_inv, torch.float32)
+        return F.embedding(ids, self.weight)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if not self.pc.enabled:
-            return super().forward(ids)
+            return self._rows(ids)
         start, stop = self.shard[1], self.shard[2]
         outside = (ids < start) | (ids >= stop)
-        x = F.embedding((ids - start).masked_fill(outside, 0), self.weight)
+        x = self._rows((ids - start).masked_fill(outside, 0))
         return self.pc.all_reduce(x.masked_fill(outside.unsqueeze(-1), 0.0))
 
 

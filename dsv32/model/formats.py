@@ -1,0 +1,38 @@
+"""Weight formats for CPU inference (`load_model(weight_format=...)`): how each matrix is stored
+and read. Activations and every non-matrix tensor stay fp32 in all of them.
+
+  fp32  every matrix fp32 (exact; the reference the others are measured against)
+  bf16  every matrix bf16 (2 bytes/param), read by the compiled upcast-and-reduce kernels
+  fp16  every matrix fp16 (2 bytes/param), likewise
+  int8  every matrix int8 with one fp32 scale per (row, 128 columns) (~1.03 bytes/param)
+  fp8   the checkpoint's FP8 e4m3 linears (128x128 block scales) converted once at load to the
+        int8 layout above (e4m3 has no fast CPU decode: in-kernel decoding is compute-bound);
+        the matrices FP8 checkpoints keep in 16 bits (embeddings, LM heads, eh_proj) stay bf16.
+        A plain checkpoint is block-quantised to e4m3 first, so the numerics are those of FP8.
+
+"Every matrix": the linears, the LM head(s) and the token embeddings; not the MoE router
+(`mlp.gate`) nor the fp32-pinned indexer `weights_proj`, which are tiny.
+"""
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+WeightFormat = Literal["fp32", "bf16", "fp16", "int8", "fp8"]
+WEIGHT_FORMATS: tuple[str, ...] = get_args(WeightFormat)
+
+
+def check_format(fmt: str) -> str:
+    if fmt not in WEIGHT_FORMATS:
+        raise ValueError(f"unknown weight_format {fmt!r}: one of {', '.join(WEIGHT_FORMATS)}")
+    return fmt
+
+
+def packed_storage(fmt: str, quantised: bool) -> str | None:
+    """The packed storage ("int8" / "bf16" / "fp16") of one matrix under `fmt`, or None (plain).
+    `quantised`: the published checkpoint stores this matrix as FP8 blocks."""
+    check_format(fmt)
+    if fmt == "fp32":
+        return None
+    if fmt == "fp8":
+        return "int8" if quantised else "bf16"
+    return fmt

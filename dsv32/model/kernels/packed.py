@@ -1,0 +1,117 @@
+"""Packed weights for fp32 compute: int8 with one fp32 scale per (row, 128 columns), or 16-bit
+(bf16 / fp16). A matrix-vector product (decode: a few rows of activations) runs a compiled
+dequantise-and-reduce kernel that reads every stored byte once and never materialises a
+dequantised weight; a matrix-matrix product (prefill) dequantises one cache-sized tile of output
+rows at a time into fp32 and multiplies it (fp32 GEMM: bf16 GEMM is far slower on CPU).
+
+`dequantize` is the slow obvious reference: the whole weight in fp32.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .compile import dynamic, kernel
+
+GROUP = 128                # int8: one scale per GROUP columns of a row
+GEMV_MAX_ROWS = 4          # activation rows up to which the dequantise-and-reduce kernel runs
+TILE_ELEMS = 1 << 18       # GEMM path: fp32 elements of one dequantised tile (1 MiB)
+HALF = (torch.bfloat16, torch.float16)
+
+
+def group_size(cols: int) -> int:
+    """Columns sharing one int8 scale: GROUP, or the whole row when GROUP does not divide it."""
+    return GROUP if cols % GROUP == 0 else cols
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] -> int8 values [N, K] and fp32 scales [N, K/G] (symmetric, round to nearest):
+    real weight ~= value x the scale of its group."""
+    N, K = w.shape
+    G = group_size(K)
+    g = w.float().view(N, K // G, G)                                     # [N, K/G, G]
+    s = g.abs().amax(-1) / 127.0                                         # [N, K/G]
+    q = (g / s.clamp(min=torch.finfo(torch.float32).tiny).unsqueeze(-1)).round_().clamp_(-127, 127)
+    return q.to(torch.int8).view(N, K), s
+
+
+def dequantize(w: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype = torch.float32
+               ) -> torch.Tensor:
+    """Reference: the packed weight [N, K] in `dtype`."""
+    if w.dtype != torch.int8:
+        return w.to(dtype)
+    N, K = w.shape
+    return (w.float().view(N, scale.shape[1], -1) * scale.unsqueeze(-1)).view(N, K).to(dtype)
+
+
+# ---- decode: dequantise-and-reduce kernels (compiled) ------------------------------------------
+
+def _gemv_int8(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """x [M, K] fp32, q [N, K] int8, s [N, K/G] -> y^T [N, M]: weight row n is read once for all M."""
+    N, K = q.shape
+    M, Gs = x.shape[0], s.shape[1]
+    part = (x.view(1, M, Gs, K // Gs) * q.view(N, 1, Gs, K // Gs).float()).sum(-1)   # [N, M, K/G]
+    return (part * s.view(N, 1, Gs)).sum(-1)                                         # [N, M]
+
+
+def _gemv_half(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [M, K] fp32, w [N, K] bf16/fp16 -> y^T [N, M]."""
+    N, K = w.shape
+    return (x.view(1, -1, K) * w.view(N, 1, K).float()).sum(-1)
+
+
+def _gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    M, K = x.shape
+    key = (w.dtype, K, scale.shape[1] if scale is not None else 0, M == 1)
+    if M > 1:
+        dynamic(x, 0)
+    dynamic(w, 0)
+    if scale is None:
+        return kernel(_gemv_half, *key)(x, w).t()
+    return kernel(_gemv_int8, *key)(x, w, dynamic(scale, 0)).t()
+
+
+# ---- prefill: tiled dequantise + fp32 GEMM --------------------------------------------------------
+
+def _gemm_tiled(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """x [M, K] fp32 -> [M, N], one tile of dequantised output rows at a time."""
+    N, K = w.shape
+    rows = max(1, TILE_ELEMS // K)
+    out_t = x.new_empty(N, x.shape[0])                                   # y^T [N, M]
+    for r in range(0, N, rows):
+        tile = dequantize(w[r:r + rows], None if scale is None else scale[r:r + rows])
+        torch.mm(tile, x.t(), out=out_t[r:r + rows])
+    return out_t.t()
+
+
+def packed_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x W^T (+ bias) for a packed weight W [N, K]; computed in fp32, returned in x's dtype."""
+    lead, K = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, K).float()                                        # [M, K]
+    if x2.shape[0] == 0:
+        y = x2.new_empty(0, w.shape[0])
+    elif x2.shape[0] <= GEMV_MAX_ROWS:
+        y = _gemv(x2.contiguous(), w, scale)
+    else:
+        y = _gemm_tiled(x2, w, scale)
+    if bias is not None:
+        y = y + bias.float()
+    return y.reshape(*lead, w.shape[0]).to(x.dtype)
+
+
+def packed_linear_reference(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None,
+                            bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The slow obvious reference of `packed_linear`: dequantise all of W, then F.linear in fp32."""
+    b = None if bias is None else bias.float()
+    return F.linear(x.float(), dequantize(w, scale), b).to(x.dtype)
+
+
+def embedding_rows(ids: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """Rows `ids` of a packed embedding table, dequantised to `dtype` (only those rows are read)."""
+    rows = F.embedding(ids, w).to(dtype)                                 # [..., D]
+    if scale is None:
+        return rows
+    s = F.embedding(ids, scale).to(dtype)                                # [..., D/G]
+    return (rows.unflatten(-1, (s.shape[-1], -1)) * s.unsqueeze(-1)).flatten(-2)
