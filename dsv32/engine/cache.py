@@ -12,6 +12,7 @@ import torch
 from dsv32.model.fp8 import FP8, FP8_MAX
 
 QUANT_GROUP = 128
+MIN_RUN_BLOCKS = 4       # shorter runs of consecutive blocks are gathered (copied) for the indexer
 
 
 def quantize_groups(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,6 +96,13 @@ class PagedCache:
             return dequantize_groups(_rows(self.ik[layer], slots), _rows(self.ik_scale[layer], slots), self.dtype)
         return _rows(self.ik[layer], slots)
 
+    def index_span(self, layer: int, start: int, stop: int) -> torch.Tensor:
+        """Indexer keys of the consecutive slots [start, stop): a view (an FP8 cache dequantises
+        just those)."""
+        if self.fp8:
+            return dequantize_groups(self.ik[layer, start:stop], self.ik_scale[layer, start:stop], self.dtype)
+        return self.ik[layer, start:stop]
+
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy whole blocks src -> dst in every layer (copy-on-write when forking sequences)."""
         bs = self.block_size
@@ -121,6 +129,47 @@ class PagedKV:
         key_slots = self._slots(j.expand(block_tables.shape[0], S))                      # [B, S]
         # rows shorter than S point their tail at slot 0: the causal mask never selects those
         self.key_slots = key_slots.masked_fill(j >= context_lens.unsqueeze(1), 0)
+        self.S = S
+        self.context_lens = context_lens.tolist()
+        self._spans: list | None = None
+
+    def spans(self) -> list[tuple[list[tuple[int, int, int]], tuple | None]]:
+        """Per row, its keys as runs of consecutive blocks in its table: (first position, first
+        slot, count) for runs of at least MIN_RUN_BLOCKS blocks, and the rest as one gathered
+        (positions [n], slots [n]) pair or None (the same for every layer; computed once)."""
+        if self._spans is None:
+            self._spans = [self._row_spans(self.block_tables[b], n) for b, n in enumerate(self.context_lens)]
+        return self._spans
+
+    def _row_spans(self, table: torch.Tensor, n: int):
+        nb = -(-n // self.bs)
+        blocks = table[:nb]
+        breaks = (torch.nonzero(blocks[1:] - blocks[:-1] != 1).flatten() + 1).tolist()
+        runs, short = [], []
+        for s, e, f in zip([0] + breaks, breaks + [nb], blocks[[0] + breaks].tolist()):
+            run = (s * self.bs, f * self.bs, min(n, e * self.bs) - s * self.bs)
+            (runs if e - s >= MIN_RUN_BLOCKS else short).append(run)
+        if not short:
+            return runs, None
+        dev = table.device
+        pos = torch.cat([torch.arange(p, p + k, device=dev) for p, _, k in short])
+        slots = torch.cat([torch.arange(f, f + k, device=dev) for _, f, k in short])
+        return runs, (pos, slots)
+
+    def num_keys(self, layer: int) -> int:
+        return self.S
+
+    def index_runs(self, layer: int) -> list[list[tuple]]:
+        """Per row, (first position, keys [n, Di]) over runs of consecutive blocks: views of the
+        cache, no copy; the keys of short runs gathered as one (positions, keys) pair (see
+        kernels/indexer.py)."""
+        out = []
+        for runs, short in self.spans():
+            row = [(p, self.cache.index_span(layer, f, f + k)) for p, f, k in runs]
+            if short is not None:
+                row.append((short[0], self.cache.read_index(layer, short[1])))
+            out.append(row)
+        return out
 
     def _slots(self, pos: torch.Tensor) -> torch.Tensor:
         """Token positions [B, ...] -> flat cache slots through each row's block table."""

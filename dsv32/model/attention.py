@@ -20,12 +20,19 @@ from .config import ModelConfig
 from .fp8 import act_quant_dequant
 from .hooks import Hooks, IndexView
 from .kernels.absorb import absorb
+from .kernels.indexer import causal_topk, index_scores, runs_of
 from .layers import Linear, RMSNorm, hadamard, rope_half, rope_interleaved
 from dsv32.parallel.context import SINGLE, ParallelContext
 
 # Bound on the elements of one [queries x heads x keys] score block; larger inputs are chunked
 # over queries so a 128K-token prefill never materialises an O(L^2 * heads) tensor.
 SCORE_BLOCK = 1 << 24
+# Sparse attention gathers the selected latent rows of this many elements at a time (4 MiB in
+# fp32), so both products read them from cache, not memory.
+GATHER_BLOCK = 1 << 20
+# SERVED prefill chunks over at most this many keys run the dense-masked expanded MHA (TOPK_MASKED:
+# the same numbers, GEMM and flash-attention speed) instead of gathering rows (TOPK_GATHERED).
+DENSE_MAX_KEYS = 4096
 
 
 class Attention(Enum):
@@ -40,8 +47,8 @@ class Attention(Enum):
     TOPK_GATHERED = "topk_gathered"  # the indexer's top-k, absorbed MQA over the gathered rows only
 
 
-def _query_chunks(T: int, per_query: int):
-    step = max(1, SCORE_BLOCK // max(1, per_query))
+def _query_chunks(T: int, per_query: int, block: int = SCORE_BLOCK):
+    step = max(1, block // max(1, per_query))
     for s in range(0, T, step):
         yield slice(s, min(T, s + step))
 
@@ -111,10 +118,26 @@ class Indexer(nn.Module):
         val, idx = scores.masked_fill(~visible, float("-inf")).topk(K, dim=-1)   # [B, T, K]
         return idx.masked_fill(val == float("-inf"), -1)
 
-    def select(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor,
-               doc: torch.Tensor | None = None) -> torch.Tensor:
-        """Top-k key ids [B, T, K] per query among its visible keys (see `visible_keys`), scored
-        a chunk of queries at a time; -1 marks empty slots."""
+    def select(self, q: torch.Tensor, w: torch.Tensor, keys, positions: torch.Tensor,
+               doc: torch.Tensor | None = None, S: int | None = None) -> torch.Tensor:
+        """Top-k key ids [B, T, K] per query among its visible keys (see `visible_keys`); -1 marks
+        empty slots. `keys`: [B, S, Di], or per row its key runs (kernels/indexer.py) of `S` keys
+        in all, read in place. Scored a chunk of queries and a cache-sized block of keys at a time."""
+        B, T, H, _ = q.shape
+        if isinstance(keys, torch.Tensor):
+            S, keys = keys.shape[1], runs_of(keys)
+        out = torch.empty(B, T, min(self.topk, S), dtype=torch.long, device=q.device)
+        for b in range(B):
+            for c in _query_chunks(T, 4 * S):
+                scores = index_scores(q[b, c], w[b, c], keys[b], S)      # [t, S]
+                if doc is not None:
+                    scores.masked_fill_(~visible_keys(positions[b:b + 1], S, doc[b:b + 1], c)[0], float("-inf"))
+                out[b, c] = causal_topk(scores, positions[b, c], self.topk)
+        return out
+
+    def select_reference(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor,
+                         positions: torch.Tensor, doc: torch.Tensor | None = None) -> torch.Tensor:
+        """The slow obvious reference of `select`: all keys [B, S, Di] scored per query chunk."""
         B, T, H, _ = q.shape
         S = keys.shape[1]
         out = torch.empty(B, T, min(self.topk, S), dtype=torch.long, device=q.device)
@@ -214,7 +237,7 @@ class MLA(nn.Module):
         q = torch.cat((self.absorb_q(q_nope), q_pe), dim=-1)            # [B, T, H, C+R]
         B, T, H, _ = q.shape
         out = q.new_empty(B, T, H, self.v_dim)
-        for c in _query_chunks(T, H * idx.shape[-1] + idx.shape[-1] * q.shape[-1]):
+        for c in _query_chunks(T, H * idx.shape[-1] + idx.shape[-1] * q.shape[-1], GATHER_BLOCK):
             sel = idx[:, c]
             rows = kv.gather_latent(self.layer_idx, sel.clamp(min=0))   # [B, t, K, C+R]
             s = torch.einsum("bthd,btkd->bthk", q[:, c], rows).float() * self.scale
@@ -244,10 +267,10 @@ class MLA(nn.Module):
         packed documents apart; `hooks.index` is shown every layer's index scores."""
         q_nope, q_pe, qr, latent = self.project(x, cos, sin)
         kv.write(self.layer_idx, latent, self.indexer.key(x.detach(), cos, sin))
-        keys = kv.index_keys(self.layer_idx)                             # [B, S, Di]
-        S = keys.shape[1]
+        S = kv.num_keys(self.layer_idx)
         idx = None                                                       # top-k key ids [B, T, K]
         if hooks is not None and hooks.index is not None:
+            keys = kv.index_keys(self.layer_idx)                         # [B, S, Di]
             idx = self._observe(hooks.index, x, qr, q_nope, q_pe, kv, keys, positions, cos, sin, doc)
         if attention is Attention.SERVED and S <= self.topk:
             # every visible key set fits in top-k: selection is "all keys", no scoring needed
@@ -256,13 +279,15 @@ class MLA(nn.Module):
             else:
                 idx = torch.arange(S, device=x.device).expand(x.shape[0], 1, S)
                 idx = idx.masked_fill(~visible_keys(positions, S, doc), -1)
+        elif attention is Attention.SERVED and x.shape[1] > 1 and S <= DENSE_MAX_KEYS:
+            attention = Attention.TOPK_MASKED                            # short prompt: dense is faster
         if attention is Attention.DENSE:
             mask = None if doc is None else visible_keys(positions, S, doc)
             o = self.mha(q_nope, q_pe, kv.latent(self.layer_idx), positions, mask)
         else:
             if idx is None:
                 iq, iw = self.indexer.query(x.detach(), qr.detach(), cos, sin)
-                idx = self.indexer.select(iq, iw, keys, positions, doc)  # [B, T, K]
+                idx = self.indexer.select(iq, iw, kv.index_runs(self.layer_idx), positions, doc, S)
             if attention is Attention.TOPK_MASKED:
                 o = self.mha(q_nope, q_pe, kv.latent(self.layer_idx), positions, key_mask(idx, S))
             else:                                                        # TOPK_GATHERED, SERVED

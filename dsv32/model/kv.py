@@ -3,12 +3,15 @@ contiguous (incremental decode).
 
 A key store holds, per layer and batch row, the MLA latent `[c | k_rope]` and the indexer key of
 every token seen so far, in position order (key j has position j). Attention writes the new
-tokens, reads all indexer keys (the indexer is O(L) by design) and gathers only the latent rows
-it selected. The engine's paged cache implements the same four methods.
+tokens, scores all indexer keys (the indexer is O(L) by design) where they lie (`index_runs`:
+views, no copy) and gathers only the latent rows it selected. The engine's paged cache implements
+the same methods.
 """
 from __future__ import annotations
 
 import torch
+
+from .kernels.indexer import runs_of
 
 
 class FreshKV:
@@ -23,6 +26,12 @@ class FreshKV:
 
     def index_keys(self, layer: int) -> torch.Tensor:
         return self.index_k[layer]                                       # [B, S, Di]
+
+    def num_keys(self, layer: int) -> int:
+        return self.index_k[layer].shape[1]
+
+    def index_runs(self, layer: int) -> list:
+        return runs_of(self.index_keys(layer))                          # per row: [(0, [S, Di])]
 
     def latent(self, layer: int) -> torch.Tensor:
         return self.latents[layer]                                       # [B, S, C+R]
@@ -71,6 +80,12 @@ class ContiguousKV:
 
     def index_keys(self, layer: int) -> torch.Tensor:
         return self.idx[layer, :, : self.end_pos]
+
+    def num_keys(self, layer: int) -> int:
+        return self.end_pos
+
+    def index_runs(self, layer: int) -> list:
+        return runs_of(self.index_keys(layer))
 
     def latent(self, layer: int) -> torch.Tensor:
         return self.lat[layer, :, : self.end_pos]

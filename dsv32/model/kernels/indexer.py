@@ -1,0 +1,55 @@
+"""Lightning-indexer scoring and causal top-k without copying the key cache: the keys come as
+runs of consecutive positions (views into the store where it allows: a paged cache's runs of
+consecutive blocks), scored one cache-sized block at a time, so the [t, H, n] intermediate of the
+ReLU head sum never leaves the L2 cache.
+
+The slow obvious reference is `Indexer.scores` + `Indexer.top` (attention.py) over all keys at once.
+"""
+from __future__ import annotations
+
+from typing import Sequence, Union
+
+import torch
+
+SCORE_BYTES = 2 << 20          # fp32 bytes of one [t*H, n] block of per-head scores
+
+# One row's keys: (position of the first key, keys [n, Di]) for consecutive positions, or
+# (positions [n] long, keys [n, Di]) for keys gathered from scattered places.
+Run = tuple[Union[int, torch.Tensor], torch.Tensor]
+
+
+def index_scores(q: torch.Tensor, w: torch.Tensor, runs: Sequence[Run], S: int) -> torch.Tensor:
+    """q [t, H, Di], w [t, H] (fp32) and one row's key runs -> scores [t, S] fp32:
+    `sum_h w[t,h] * relu(q[t,h] . k[s])`, -inf where no run holds key s."""
+    t, H, D = q.shape
+    out = q.new_full((t, S), float("-inf"), dtype=torch.float32)
+    qf = q.reshape(t * H, D).float()                                     # [t*H, Di]
+    w3 = w.float().reshape(t, 1, H)
+    n_blk = max(64, SCORE_BYTES // (4 * t * H))
+    for pos, keys in runs:
+        for j in range(0, keys.shape[0], n_blk):
+            kb = keys[j:j + n_blk].float()                               # [n, Di]
+            s = torch.mm(qf, kb.t()).relu_().view(t, H, -1)              # [t, H, n]
+            blk = torch.bmm(w3, s).view(t, -1)                           # [t, n]
+            if isinstance(pos, int):
+                out[:, pos + j: pos + j + blk.shape[1]] = blk
+            else:
+                out.index_copy_(1, pos[j:j + n_blk], blk)
+    return out
+
+
+def causal_topk(scores: torch.Tensor, positions: torch.Tensor, k: int) -> torch.Tensor:
+    """scores [t, S] (modified: keys after each query's position masked), positions [t] -> top-k
+    key ids [t, min(k, S)], -1 where fewer keys are visible."""
+    S = scores.shape[1]
+    lo = int(positions.min()) + 1
+    if lo < S:                                                           # only the tail can be future
+        future = torch.arange(lo, S, device=scores.device).view(1, -1) > positions.view(-1, 1)
+        scores[:, lo:].masked_fill_(future, float("-inf"))
+    val, idx = scores.topk(min(k, S), dim=-1)
+    return idx.masked_fill_(val == float("-inf"), -1)
+
+
+def runs_of(keys: torch.Tensor) -> list[list[Run]]:
+    """A contiguous key tensor [B, S, Di] as one run per row."""
+    return [[(0, keys[b])] for b in range(keys.shape[0])]
