@@ -26,7 +26,7 @@ def dsv32_ms_per_token(model, tokenizer, path, L: int, steps: int) -> float:
     from dsv32.engine.engine import EngineConfig, LLMEngine
     from dsv32.engine.sequence import SamplingParams
     p = next(model.parameters())
-    dtype = {torch.float32: "float32", torch.bfloat16: "bfloat16"}[model.model.embed_tokens.weight.dtype]
+    dtype = {torch.float32: "float32", torch.bfloat16: "bfloat16"}[model.model.norm.weight.dtype]
     eng = LLMEngine(EngineConfig(model=str(path), max_model_len=L + steps + 64, max_num_seqs=1,
                                  num_blocks=(L + steps + 64) // 64 + 2, enable_prefix_caching=False,
                                  device=str(p.device), dtype=dtype),
