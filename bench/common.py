@@ -39,10 +39,17 @@ def machine() -> str:
            f"{torch.get_num_threads()} threads"
 
 
+def host_load() -> str:
+    """The host's load average, printed next to every table: timings from a busy host (1-minute
+    load above ~1.2 on this 2-core machine) are not comparable."""
+    return "(host load average, 1 / 5 / 15 min: %.2f / %.2f / %.2f)" % os.getloadavg()
+
+
 def markdown_table(header: list[str], rows: list[list]) -> str:
+    """A markdown table, followed by the host load at the time it was made (see host_load)."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n\n" + host_load()
 
 
 def read_section(heading: str, readme: Path = README) -> str:

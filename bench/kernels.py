@@ -11,7 +11,6 @@ tiled GEMM (packed.GEMV_MAX_ROWS).
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 
@@ -126,9 +125,8 @@ def main() -> None:
     table = markdown_table(["W", "kernel", "stored MiB", "ms", "floor ms", "vs floor", "vs fp32"], rows)
     m_table = markdown_table(["rows M (int8, 4096x2048)", "compiled GEMV ms", "tiled GEMM ms", "faster"],
                              gemv_vs_tiled())
-    load = "load average (1, 5, 15 min) %.2f %.2f %.2f" % os.getloadavg()
     text = (f"Read bandwidth {bw:.1f} GB/s (best of 5 sums over 1 GiB); floor = stored bytes / bandwidth; "
-            f"{machine()}; {load}.\n\n{table}\n\n{m_table}")
+            f"{machine()}.\n\n{table}\n\n{m_table}")
     print(text)
     if args.write_readme:
         write_section(HEADING, text)

@@ -81,7 +81,8 @@ def table(rows: list[tuple[str, dict]]) -> str:
         lines.append(f"| {name} | {r['seconds']:.2f} | {gib(r['weights'])} | {gib(r['peak'])} | "
                      f"{r['peak'] / r['weights']:.2f} | {gib(r['baseline'])} | "
                      f"{(r['peak'] - r['baseline']) / r['weights']:.2f} |")
-    return "\n".join(lines)
+    from common import host_load
+    return "\n".join(lines) + "\n\n" + host_load()
 
 
 def intro(ckpt_bytes: int) -> str:

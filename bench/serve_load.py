@@ -169,7 +169,7 @@ def main() -> int:
     print(table)
     if args.readme:
         label = args.label or f"{args.device}, {args.dtype}: {machine()}"
-        write_readme(label, f"{table}\n\n(load average at the end: {os.getloadavg()[0]:.2f})", args)
+        write_readme(label, table, args)
     return 0
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -148,10 +147,9 @@ def compare(name: str, prec: str, args, bw: float) -> str:
                  f"{rss['dsv32'] / rss['llama.cpp']:.2f}x", "-"])
     table = markdown_table(["test", f"llama.cpp {prec}", f"dsv32 {fmt}", "dsv32 / llama.cpp",
                             "dsv32 / floor"], rows)
-    load = "load average %.2f %.2f %.2f" % os.getloadavg()
     return (f"### {name} model, llama.cpp {prec} vs dsv32 {fmt}\n\n{table}\n\n"
             f"Weight bytes per decode token (dsv32 {fmt}): {nbytes / 1e6:.0f} MB, floor {floor:.2f} ms "
-            f"at {bw:.1f} GB/s. Parity: {parity(path, prec, fmt)}. {load}.")
+            f"at {bw:.1f} GB/s. Parity: {parity(path, prec, fmt)}.")
 
 
 def main() -> None:
