@@ -2,7 +2,7 @@
 the same checkpoint (the common benchmark model), in the same process, fp32 on CPU.
 
     python bench/decode_longctx.py [--contexts 1024 4096 8192 32768 65536] [--steps 8]
-                                   [--hf-max 8192] [--write-readme]
+                                   [--hf-max 8192] [--weight-format fp32] [--write-readme]
 
 Decode cost does not depend on the cached values, so both caches are filled directly (dsv32:
 blocks allocated and marked computed; transformers: its DynamicCache filled with random latents
@@ -70,6 +70,8 @@ def main() -> None:
     ap.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 8192, 32768, 65536])
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--hf-max", type=int, default=8192, help="largest context to run transformers at")
+    ap.add_argument("--weight-format", default="fp32", choices=["fp32", "bf16", "fp16", "int8", "fp8"],
+                    help="dsv32's weight format (transformers stays fp32)")
     ap.add_argument("--write-readme", action="store_true")
     args = ap.parse_args()
 
@@ -78,8 +80,8 @@ def main() -> None:
     from dsv32.chat import Tokenizer
     from dsv32.model.checkpoint import load_model
     path = bench_model_dir()
-    model, tok = load_model(path), Tokenizer.load(path)
-    hf = DeepseekV32ForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model, tok = load_model(path, weight_format=args.weight_format), Tokenizer.load(path)
+    hf = DeepseekV32ForCausalLM.from_pretrained(path, dtype=torch.float32).eval() if args.hf_max else None
 
     rows, base = [], None
     for L in tqdm(args.contexts, desc="contexts"):
@@ -95,7 +97,7 @@ def main() -> None:
     print(table)
     if args.write_readme:
         write_section(HEADING, f"Common benchmark model (2 layers, hidden 256, real vocab, index_topk 256), "
-                               f"fp32, batch 1, {args.steps} decode steps per point; {machine()}.\n\n{table}")
+                               f"dsv32 {args.weight_format} weights, batch 1, {args.steps} decode steps per point; {machine()}.\n\n{table}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Prefill throughput and peak memory up to 128K-token prompts on the common benchmark model.
 
     python bench/prefill.py [--lengths 1024 4096 16384 32768 65536 131072] [--chunk 2048]
-                            [--write-readme]
+                            [--weight-format fp32] [--write-readme]
 
 Each length runs in a fresh subprocess so its peak RSS (ru_maxrss) is its own: the engine prefills
 the prompt in chunks of `--chunk` tokens (chunked prefill, sparse attention over index_topk=256
@@ -20,15 +20,19 @@ from common import bench_model_dir, machine, markdown_table, peak_rss_bytes, wri
 HEADING = "## Prefill (bench/prefill.py)"
 
 
-def child(L: int, chunk: int) -> None:
+def child(L: int, chunk: int, fmt: str) -> None:
     import torch
 
     from dsv32.engine.engine import EngineConfig, LLMEngine
     from dsv32.engine.sequence import SamplingParams
     path = bench_model_dir()
     eng = LLMEngine(EngineConfig(model=str(path), max_model_len=L + 64, max_num_seqs=1,
-                                 max_num_batched_tokens=chunk, enable_prefix_caching=False))
+                                 max_num_batched_tokens=chunk, enable_prefix_caching=False, weight_format=fmt))
     base = peak_rss_bytes()
+    if fmt != "fp32":                     # compile the packed-weight kernels outside the timing
+        eng.add_request("w", list(range(1000, 1064)), SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))
+        while eng.has_unfinished():
+            eng.step()
     prompt = torch.randint(1000, 100000, (L,)).tolist()
     eng.add_request("p", prompt, SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))
     t0 = time.perf_counter()
@@ -44,15 +48,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384, 32768, 65536, 131072])
     ap.add_argument("--chunk", type=int, default=2048)
+    ap.add_argument("--weight-format", default="fp32", choices=["fp32", "bf16", "fp16", "int8", "fp8"])
     ap.add_argument("--write-readme", action="store_true")
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        return child(args.child, args.chunk)
+        return child(args.child, args.chunk, args.weight_format)
     bench_model_dir()
     rows = []
     for L in args.lengths:
-        out = subprocess.run([sys.executable, __file__, "--child", str(L), "--chunk", str(args.chunk)],
+        out = subprocess.run([sys.executable, __file__, "--child", str(L), "--chunk", str(args.chunk),
+                              "--weight-format", args.weight_format],
                              capture_output=True, text=True)
         if out.returncode != 0:
             print(out.stderr[-2000:], file=sys.stderr)
@@ -66,7 +72,7 @@ def main() -> None:
     table = markdown_table(["prompt tokens", "seconds", "tokens/s", "KV cache GiB", "peak RSS GiB"], rows)
     print(table)
     if args.write_readme:
-        write_section(HEADING, f"Common benchmark model, fp32, chunked prefill of {args.chunk} tokens, "
+        write_section(HEADING, f"Common benchmark model, {args.weight_format} weights, chunked prefill of {args.chunk} tokens, "
                                f"each length in a fresh process; {machine()}.\n\n{table}")
 
 

@@ -172,7 +172,7 @@ def main() -> None:
         return
     if args.quick:
         args.depths, args.prefill, args.reps, args.gen, args.steps = [1024], [512], 1, 8, 8
-    from kernels import bandwidth_gbs
+    from weight_kernels import bandwidth_gbs
     llamacpp.build()
     bw = bandwidth_gbs()
     parts = []
@@ -180,7 +180,7 @@ def main() -> None:
         for prec in args.precisions:
             parts.append(compare(name, prec, args, bw))
             print(parts[-1] + "\n", flush=True)
-    text = (f"{machine()}; read bandwidth {bw:.1f} GB/s (bench/kernels.py probe).\n\n" + "\n\n".join(parts))
+    text = (f"{machine()}; read bandwidth {bw:.1f} GB/s (bench/weight_kernels.py probe).\n\n" + "\n\n".join(parts))
     if args.write_readme:
         write_section(HEADING, text)
 

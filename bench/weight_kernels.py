@@ -2,7 +2,7 @@
 floor: one matrix-vector product per candidate, interleaved round by round (so a busy host skews
 every candidate alike), median ms and the ratio to the bandwidth floor of its stored bytes.
 
-    python bench/kernels.py [--rounds 7] [--threads 2] [--write-readme]
+    python bench/weight_kernels.py [--rounds 7] [--threads 2] [--write-readme]
 
 Shapes: the common benchmark model's output head (129280 x 256) and a "wide" expert matrix
 (4096 x 2048, bench/load.py's dims). Also: activation rows up to which the compiled GEMV beats the
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from common import machine, markdown_table, write_section
 
-HEADING = "## Weight-format kernels (bench/kernels.py)"
+HEADING = "## Weight-format kernels (bench/weight_kernels.py)"
 
 
 def bandwidth_gbs(gib: float = 1.0, rounds: int = 5) -> float:
