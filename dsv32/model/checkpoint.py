@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from .config import ModelConfig, QuantConfig
 from .formats import check_format, packed_storage
 from .fp8 import FP8, block_dequant, block_quant, scale_shape
+from .kernels.compile import require_compiler
 from .kernels.packed import quantize_int8
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -406,6 +407,7 @@ def load_checkpoint(model: nn.Module, path: str | Path, dtype: torch.dtype | Non
         if dtype not in (None, torch.float32) or torch.device(device).type != "cpu":
             raise ValueError(f"weight_format={weight_format!r} packs weights for fp32 compute on CPU; "
                              f"got dtype {dtype}, device {device}")
+        require_compiler()                          # fail at load, not at the first decode step
     path = Path(path)
     cfg = ModelConfig.from_json(path)
     layout, block = checkpoint_layout(cfg), _block(cfg)

@@ -63,7 +63,7 @@ def test_linear_pack_keeps_values():
     torch.testing.assert_close(lin.dense_weight(torch.float32), dense, rtol=0, atol=dense.abs().max().item() / 254)
 
 
-def test_missing_compiler_is_a_clear_error(monkeypatch):
+def test_missing_compiler_is_a_clear_error(monkeypatch, tiny_bf16):
     from torch._inductor import cpp_builder
 
     def no_compiler():
@@ -71,6 +71,8 @@ def test_missing_compiler_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(cpp_builder, "get_cpp_compiler", no_compiler)
     with pytest.raises(kcompile.KernelError, match="C\\+\\+ compiler"):
         kcompile.kernel(dequantize, "test-missing-compiler")
+    with pytest.raises(kcompile.KernelError, match="C\\+\\+ compiler"):
+        load_model(tiny_bf16, weight_format="int8", progress=False)
 
 
 def test_bad_format_and_combinations_are_refused(tiny_bf16):

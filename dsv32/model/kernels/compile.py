@@ -16,7 +16,8 @@ class KernelError(RuntimeError):
 _compiled: dict[tuple, Callable] = {}
 
 
-def _check_compiler() -> None:
+def require_compiler() -> None:
+    """Raise KernelError unless inductor finds a C++ compiler."""
     from torch._inductor import cpp_builder
     try:
         cpp_builder.get_cpp_compiler()
@@ -34,7 +35,7 @@ def kernel(fn: Callable, *key) -> Callable:
     k = (fn.__module__, fn.__qualname__, *key)
     f = _compiled.get(k)
     if f is None:
-        _check_compiler()
+        require_compiler()
         name = f"{fn.__name__}__" + "_".join(str(p) for p in key)
         code = fn.__code__.replace(co_name=name)
         clone = types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
@@ -53,9 +54,10 @@ def _explained(f: Callable, name: str) -> Callable:
 
 
 def dynamic(t: torch.Tensor, *dims: int) -> torch.Tensor:
-    """Mark `dims` of `t` dynamic for the next compiled call (sizes > 1 only; size 1 stays
-    specialised)."""
-    for d in dims:
-        if t.shape[d] > 1:
-            torch._dynamo.mark_dynamic(t, d)
+    """Mark `dims` of `t` dynamic for compiled calls (sizes > 1 only; size 1 stays specialised).
+    The mark lives on the tensor: a weight is marked once, at its first call."""
+    if not hasattr(t, "_dynamo_dynamic_indices"):
+        for d in dims:
+            if t.shape[d] > 1:
+                torch._dynamo.mark_dynamic(t, d)
     return t
