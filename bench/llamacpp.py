@@ -6,7 +6,10 @@ Facts this encodes (llama.cpp commit 0c1e570, vendored in llama-cpp-python 0.3.3
   * the DeepSeek converter asserts `tokenizer.add_bos_token`; transformers 5 drops that key from
     tokenizer_config.json whenever tokenizer.json exists, so the converter runs under a shim that
     sets it on the loaded tokenizer (the staged tokenizer_config.json says true as well);
-  * F16 and Q8_0 models need `llama-bench --repack 0`;
+  * F16 and Q8_0 models need `llama-bench --repack 0` (llama-debug: `--no-repack`): with
+    repacking the CPU backend asserts (GGML_ASSERT(*cur_backend_id != -1));
+  * peak RSS is measured by GNU time (/usr/bin/time -f %M), never by a child of this process:
+    the kernel carries a parent's RSS high-water mark through fork and exec;
   * llama.cpp's flash attention and f16 KV cache round to f16: the fp32 parity check runs
     llama-debug with `-fa off -ctk f32 -ctv f32` (2.6e-6 on the common benchmark model).
 """
@@ -18,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -91,15 +95,17 @@ def convert(model_dir: Path, outtype: str) -> Path:
     return out
 
 
-def _timed(cmd: list) -> tuple[str, int]:
-    """Run `cmd`; its stdout and its own peak RSS in bytes (wait4's rusage)."""
-    p = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    out = p.stdout.read()
-    _, status, ru = os.wait4(p.pid, 0)
-    p.returncode = os.waitstatus_to_exitcode(status)
-    if p.returncode:
-        raise RuntimeError(f"{cmd[0]} failed ({p.returncode}): {' '.join(str(c) for c in cmd)}")
-    return out, ru.ru_maxrss * 1024
+def timed(cmd: list, env: dict | None = None) -> tuple[str, int]:
+    """Run `cmd`; its stdout and its own peak RSS in bytes, measured by GNU time (/usr/bin/time):
+    a child forked from this (larger) process would inherit its peak RSS (the kernel keeps the
+    high-water mark across fork and exec)."""
+    with tempfile.NamedTemporaryFile("r", suffix=".rss") as f:
+        p = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", f.name] + [str(c) for c in cmd],
+                           capture_output=True, text=True, env=env)
+        if p.returncode:
+            raise RuntimeError(f"{cmd[0]} failed ({p.returncode}): {' '.join(str(c) for c in cmd)[:500]}\n"
+                               f"{p.stderr[-2000:]}")
+        return p.stdout, int(f.read().split()[-1]) * 1024
 
 
 def bench(gguf: Path, *, prompt: int = 0, gen: int = 0, depth: int = 0, reps: int = 3, threads: int = 2,
@@ -107,17 +113,17 @@ def bench(gguf: Path, *, prompt: int = 0, gen: int = 0, depth: int = 0, reps: in
     """One llama-bench test (f16 KV cache, flash attention on): mean tokens/s, its stddev, peak RSS."""
     cmd = [BIN / "llama-bench", "-m", gguf, "-p", prompt, "-n", gen, "-d", depth, "-r", reps, "-t", threads,
            "-fa", "on", "-ctk", "f16", "-ctv", "f16", "-o", "json", "--repack", int(repack)]
-    out, rss = _timed(cmd)
+    out, rss = timed(cmd)
     row = json.loads(out)[0]
     return row["avg_ts"], row["stddev_ts"], rss
 
 
-def logits(gguf: Path, prompt: str, ctx: int, workdir: Path) -> tuple[np.ndarray, np.ndarray]:
+def logits(gguf: Path, prompt: str, ctx: int, workdir: Path, repack: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """llama.cpp's token ids for `prompt` and the logits [vocab] after its last token, in fp32
     end to end (flash attention off, f32 KV cache)."""
     shutil.rmtree(workdir, ignore_errors=True)
-    _timed([BIN / "llama-debug", "-m", gguf, "-p", prompt, "--save-logits", "--logits-output-dir", workdir,
-            "-t", 2, "-c", ctx, "-fa", "off", "-ctk", "f32", "-ctv", "f32"])
+    timed([BIN / "llama-debug", "-m", gguf, "-p", prompt, "--save-logits", "--logits-output-dir", workdir,
+            "-t", 2, "-c", ctx, "-fa", "off", "-ctk", "f32", "-ctv", "f32"] + ([] if repack else ["--no-repack"]))
     stem = workdir / f"llamacpp-{gguf.stem}"
     return (np.fromfile(f"{stem}-tokens.bin", dtype=np.int32),
             np.fromfile(f"{stem}.bin", dtype=np.float32))

@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import llamacpp
-from common import ROOT, bench_model_dir, machine, markdown_table, peak_rss_bytes, write_section
+from common import ROOT, bench_model_dir, machine, markdown_table, write_section
 
 HEADING = "## dsv32 vs llama.cpp (bench/vs_llamacpp.py)"
 WIDE_DIMS = dict(layers=4, hidden=2048, heads=16, q_lora=512, kv_lora=256, nope=64, rope=32, v=64,
@@ -65,7 +64,7 @@ def child_decode(path: str, fmt: str, depth: int, steps: int) -> dict:
     from dsv32.model.checkpoint import load_model
     model = load_model(path, weight_format=fmt, progress=False)
     ms = dsv32_ms_per_token(model, Tokenizer.load(path), path, depth, steps)
-    return {"ms": ms, "peak_rss": peak_rss_bytes(), "decode_bytes": decode_bytes(model)}
+    return {"ms": ms, "decode_bytes": decode_bytes(model)}
 
 
 def child_prefill(path: str, fmt: str, L: int, chunk: int = 2048) -> dict:
@@ -84,7 +83,7 @@ def child_prefill(path: str, fmt: str, L: int, chunk: int = 2048) -> dict:
     t0 = time.perf_counter()
     while eng.has_unfinished():
         eng.step()
-    return {"tok_s": L / (time.perf_counter() - t0), "peak_rss": peak_rss_bytes()}
+    return {"tok_s": L / (time.perf_counter() - t0)}
 
 
 def child_parity(path: str, fmt: str, tokens: list[int]) -> dict:
@@ -96,12 +95,15 @@ def child_parity(path: str, fmt: str, tokens: list[int]) -> dict:
         return {"logits": model(torch.tensor([tokens]))[0, -1].tolist()}
 
 
+def child_bandwidth() -> dict:
+    from weight_kernels import bandwidth_gbs
+    return {"gbs": bandwidth_gbs()}
+
+
 def dsv32(kind: str, *args) -> dict:
-    cmd = [sys.executable, __file__, "--child", kind, json.dumps(args)]
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    if out.returncode:
-        raise RuntimeError(f"dsv32 {kind}{args} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    """A fresh dsv32 process (its peak RSS measured from outside, like llama.cpp's)."""
+    out, rss = llamacpp.timed([sys.executable, __file__, "--child", kind, json.dumps(args)])
+    return {**json.loads(out.strip().splitlines()[-1]), "peak_rss": rss}
 
 
 # ---- the comparison -------------------------------------------------------------------------------
@@ -113,7 +115,7 @@ def parity(path: Path, prec: str, fmt: str) -> str:
     rng = np.random.default_rng(0)
     prompt = " ".join(rng.choice(words, 600))             # > index_topk tokens: the indexer selects
     toks, theirs = llamacpp.logits(llamacpp.convert(path, PRECISIONS[prec][0]), prompt, 2048,
-                                   llamacpp.CACHE / "parity")
+                                   llamacpp.CACHE / "parity", repack=prec == "F32")
     ref = np.array(dsv32("parity", str(path), "fp32", toks.tolist())["logits"], dtype=np.float32)
     ours = ref if fmt == "fp32" else np.array(dsv32("parity", str(path), fmt, toks.tolist())["logits"], dtype=np.float32)
     return (f"{len(toks)} tokens: max |llama.cpp {prec} - dsv32 fp32| = {np.abs(theirs - ref).max():.2e}, "
@@ -167,14 +169,14 @@ def main() -> None:
     args = ap.parse_args()
     if args.child:
         kind, a = args.child[0], json.loads(args.child[1])
-        fn = {"decode": child_decode, "prefill": child_prefill, "parity": child_parity}[kind]
+        fn = {"decode": child_decode, "prefill": child_prefill, "parity": child_parity,
+              "bandwidth": child_bandwidth}[kind]
         print(json.dumps(fn(*a)))
         return
     if args.quick:
         args.depths, args.prefill, args.reps, args.gen, args.steps = [1024], [512], 1, 8, 8
-    from weight_kernels import bandwidth_gbs
     llamacpp.build()
-    bw = bandwidth_gbs()
+    bw = dsv32("bandwidth")["gbs"]                      # in a child: this process stays small
     parts = []
     for name in args.models:
         for prec in args.precisions:

@@ -196,7 +196,7 @@ def save_checkpoint(state: Mapping[str, torch.Tensor], cfg: ModelConfig, path: s
     bar = tqdm(total=len(names), desc=desc, unit="tensor", disable=not progress)
     for k, group in enumerate(groups):
         fname = f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
-        tensors = {}
+        tensors, ptrs = {}, set()
         for n in group:
             t, spec = state[n], layout[n]
             if tuple(t.shape) != spec.shape:
@@ -213,7 +213,10 @@ def save_checkpoint(state: Mapping[str, torch.Tensor], cfg: ModelConfig, path: s
             elif fp8 and spec.quantised:
                 t, s = block_quant(t, block, ue8m0=ue8m0)
                 tensors[scale_name(n)] = s
-            tensors[n] = t.contiguous()
+            t = t.contiguous()
+            # tied tensors (the MTP embedding/head loaded as the main ones) are written as copies
+            tensors[n] = t.clone() if t.data_ptr() in ptrs else t
+            ptrs.add(t.data_ptr())
             bar.update()
         save_file(tensors, str(path / fname), metadata={"format": "pt"})
         for n, t in tensors.items():
@@ -429,7 +432,9 @@ def load_checkpoint(model: nn.Module, path: str | Path, dtype: torch.dtype | Non
             raise CheckpointError(f"unexpected tensor {n} in {f}: not part of the DeepSeek-V3.2 layout")
 
     held = _materialise(model, layout, device, dtype, fp8_storage, block, cfg, weight_format)
+    tied = _tie_mtp_vocab(model, cfg, where, source, held)
     state = _check_model(model, layout, held)
+    held = [n for n in held if n not in tied]
 
     by_file: dict[Path, list[str]] = defaultdict(list)
     for n in held:
@@ -455,6 +460,49 @@ def load_checkpoint(model: nn.Module, path: str | Path, dtype: torch.dtype | Non
             del f, w, scale                         # unmap before mapping again
     bar.close()
     return model
+
+
+def _slice_rows(file: Path, name: str, start: int, rows: int) -> tuple[torch.Tensor, tuple]:
+    """Rows [start, start + rows) of one tensor (a window of one mapping) and its (dtype, shape)."""
+    with _open(file) as f:
+        sl = f.get_slice(name)
+        return sl[start:start + rows], (sl.get_dtype(), tuple(sl.get_shape()))
+
+
+def _same_tensor(where: dict[str, Path], a: str, b: str) -> bool:
+    """Whether checkpoint tensors `a` and `b` (and their scales) hold equal values, compared
+    MAP_WINDOW bytes of rows at a time, one mapping open at a time (nothing is loaded whole)."""
+    names = [(a, b)] + ([(scale_name(a), scale_name(b))] if scale_name(a) in where or scale_name(b) in where else [])
+    for x, y in names:
+        if x not in where or y not in where:
+            return False
+        start, rows, n = 0, 1, 1
+        while start < n:
+            tx, meta_x = _slice_rows(where[x], x, start, rows)
+            ty, meta_y = _slice_rows(where[y], y, start, rows)
+            if meta_x != meta_y or not torch.equal(tx, ty):
+                return False
+            n = meta_x[1][0]
+            start += rows
+            rows = max(1, MAP_WINDOW // max(1, tx[:1].numel() * tx.element_size()))
+    return True
+
+
+def _tie_mtp_vocab(model: nn.Module, cfg: ModelConfig, where: dict[str, Path], source: dict[str, str],
+                   held: list[str]) -> set[str]:
+    """The MTP layers' embedding and head become the main model's tensors (one copy in memory,
+    as training ties them) when the checkpoint leaves them out or stores equal copies. Returns
+    the tied names (not read again)."""
+    tied = set()
+    for n, main in mtp_vocab_sources(cfg).items():
+        if n not in held or main not in held or not (source[n] == main or _same_tensor(where, n, main)):
+            continue
+        (mod, _), (main_mod, _) = _owner(model, n), _owner(model, main)
+        mod.weight = main_mod.weight
+        if getattr(main_mod, "weight_scale_inv", None) is not None:
+            mod.weight_scale_inv = main_mod.weight_scale_inv
+        tied.add(n)
+    return tied
 
 
 def _read(f, file: Path, name: str, spec: TensorSpec, where: dict[str, Path], block, keys: set,
