@@ -238,14 +238,26 @@ class MLA(nn.Module):
         B, T, H, _ = q.shape
         out = q.new_empty(B, T, H, self.v_dim)
         for c in _query_chunks(T, H * idx.shape[-1] + idx.shape[-1] * q.shape[-1], GATHER_BLOCK):
-            sel = idx[:, c]
-            rows = kv.gather_latent(self.layer_idx, sel.clamp(min=0))   # [B, t, K, C+R]
-            s = torch.einsum("bthd,btkd->bthk", q[:, c], rows).float() * self.scale
-            s = s.masked_fill((sel < 0).unsqueeze(2), float("-inf"))
-            p = s.softmax(dim=-1).to(rows.dtype)
-            o_lat = torch.einsum("bthk,btkc->bthc", p, rows[..., : self.kv_rank])
-            out[:, c] = self.absorb_o(o_lat)
+            out[:, c] = self.absorb_o(self.attend_latent(q[:, c], kv, idx[:, c]))
         return out
+
+    def attend_latent(self, q: torch.Tensor, kv, sel: torch.Tensor) -> torch.Tensor:
+        """Absorbed queries q [B, t, H, C+R] over the gathered latent rows sel [B, t, K] (-1 =
+        empty) -> o_lat [B, t, H, C] (before W_uv)."""
+        rows = kv.gather_latent(self.layer_idx, sel.clamp(min=0))       # [B, t, K, C+R]
+        s = torch.einsum("bthd,btkd->bthk", q, rows).float() * self.scale
+        s = s.masked_fill((sel < 0).unsqueeze(2), float("-inf"))
+        p = s.softmax(dim=-1).to(rows.dtype)
+        return torch.einsum("bthk,btkc->bthc", p, rows[..., : self.kv_rank])
+
+    def decode_select(self, iq: torch.Tensor, iw: torch.Tensor, kv, positions: torch.Tensor) -> torch.Tensor:
+        """SERVED top-k key ids [B, 1, K] of one new token per row (all visible keys while they
+        fit in index_topk)."""
+        S = kv.num_keys(self.layer_idx)
+        if S <= self.topk:
+            idx = torch.arange(S, device=iq.device).expand(iq.shape[0], 1, S)
+            return idx.masked_fill(~visible_keys(positions, S), -1)
+        return self.indexer.select(iq, iw, kv.index_runs(self.layer_idx), positions, None, S)
 
     @torch.no_grad()
     def probs(self, q_nope, q_pe, latent, visible: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import decode
 from .attention import MLA, Attention
 from .config import ModelConfig
 from .hooks import Hooks
@@ -27,6 +28,13 @@ class Block(nn.Module):
 
     def forward(self, h, positions, cos, sin, kv, attention: Attention = Attention.SERVED,
                 doc: torch.Tensor | None = None, hooks: Hooks | None = None):
+        if decode.applies(self, h, attention, doc, hooks):   # packed weights, one token per row
+            return decode.step(self, h, positions, cos, sin, kv)
+        return self.reference(h, positions, cos, sin, kv, attention, doc, hooks)
+
+    def reference(self, h, positions, cos, sin, kv, attention: Attention = Attention.SERVED,
+                  doc: torch.Tensor | None = None, hooks: Hooks | None = None):
+        """The eager forward (every case; the reference of model/decode.py)."""
         # attention and FFN outputs are partial sums under tensor parallelism: reduce them here
         a = self.self_attn(self.input_layernorm(h), positions, cos, sin, kv, attention, doc, hooks)
         h = h + self.pc.all_reduce(a)

@@ -104,15 +104,17 @@ class MoE(nn.Module):
             for i in range(cfg.n_routed_experts))
         self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, dtype, pc)
 
-    def routed(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """Sum of the local experts' outputs: x [N, D], weights/ids [N, k] -> [N, D]."""
+    def routed(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, run=None) -> torch.Tensor:
+        """Sum of the local experts' outputs: x [N, D], weights/ids [N, k] -> [N, D]. `run(mlp,
+        x)` computes one expert (default: `mlp(x)`)."""
         y = torch.zeros_like(x)
         counts = torch.bincount(ids.flatten(), minlength=self.n_experts).tolist()
         for e in self.local:
             if counts[e] == 0:
                 continue
             tok, slot = torch.where(ids == e)
-            out = self.experts[e](x[tok]) * weights[tok, slot, None].to(x.dtype)
+            xe = x[tok]
+            out = (self.experts[e](xe) if run is None else run(self.experts[e], xe)) * weights[tok, slot, None].to(x.dtype)
             y.index_add_(0, tok, out)
         return y
 

@@ -8,6 +8,7 @@ from dsv32.model.kernels import compile as kcompile
 from dsv32.model.kernels.absorb import absorb, absorb_reference
 from dsv32.model.kernels.packed import (GEMV_MAX_ROWS, dequantize, packed_linear, packed_linear_reference,
                                         quantize_int8)
+from dsv32.model.block import Block
 from dsv32.model.kv import ContiguousKV
 from dsv32.model.layers import PACKED, Linear
 
@@ -96,10 +97,13 @@ def decode_logits(model, ids, prompt):
 
 
 def use_reference(model):
-    """Route every packed Linear through the slow dequantise-everything reference."""
+    """Route every packed Linear through the slow dequantise-everything reference and every block
+    through its eager forward (no compiled decode graphs)."""
     for m in model.modules():
         if isinstance(m, Linear) and m.packed:
             m.forward = lambda x, m=m: packed_linear_reference(x, m.weight, m.weight_scale_inv, m.bias)
+        if isinstance(m, Block):
+            m.forward = m.reference
     return model
 
 

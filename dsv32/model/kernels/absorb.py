@@ -59,7 +59,9 @@ def absorb(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, nope: i
     lead, H = x.shape[:-2], x.shape[-2]
     x3 = x.reshape(-1, H, x.shape[-1]).float().contiguous()              # [M, H, .]
     M = x3.shape[0]
-    if M > GEMV_MAX_ROWS:
+    if torch.compiler.is_compiling():               # traced into a larger graph (model/decode.py)
+        y = _q_kernel(x3, w, scale) if query else _o_kernel(x3, w, scale, nope)
+    elif M > GEMV_MAX_ROWS:
         y = _tiled(x3, w, scale, nope, query)
     else:
         if M > 1:

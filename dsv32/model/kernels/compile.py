@@ -54,8 +54,9 @@ def _explained(f: Callable, name: str) -> Callable:
 
 
 def dynamic(t: torch.Tensor, *dims: int) -> torch.Tensor:
-    """Mark `dims` of `t` dynamic for compiled calls (sizes > 1 only; size 1 stays specialised).
-    The mark lives on the tensor: a weight is marked once, at its first call."""
+    """Mark `dims` of an activation `t` dynamic for compiled calls (sizes > 1 only: size 1 stays
+    specialised). Not for parameters: dynamo keeps their shapes static (and a mark on one makes
+    every graph that was traced without it recompile)."""
     if not hasattr(t, "_dynamo_dynamic_indices"):
         for d in dims:
             if t.shape[d] > 1:

@@ -61,14 +61,15 @@ def _gemv_half(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def _gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-    M, K = x.shape
-    key = (w.dtype, K, scale.shape[1] if scale is not None else 0, M == 1)
+    """One compiled kernel per weight shape (dynamo keeps parameter shapes static anyway), the
+    activation rows M dynamic above 1."""
+    M = x.shape[0]
+    key = (w.dtype, *w.shape, scale.shape[1] if scale is not None else 0, M == 1)
     if M > 1:
         dynamic(x, 0)
-    dynamic(w, 0)
     if scale is None:
         return kernel(_gemv_half, *key)(x, w).t()
-    return kernel(_gemv_int8, *key)(x, w, dynamic(scale, 0)).t()
+    return kernel(_gemv_int8, *key)(x, w, scale).t()
 
 
 # ---- prefill: tiled dequantise + fp32 GEMM --------------------------------------------------------
@@ -89,7 +90,9 @@ def packed_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None,
     """y = x W^T (+ bias) for a packed weight W [N, K]; computed in fp32, returned in x's dtype."""
     lead, K = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, K).float()                                        # [M, K]
-    if x2.shape[0] == 0:
+    if torch.compiler.is_compiling():               # traced into a larger graph (model/decode.py)
+        y = (_gemv_half(x2, w) if scale is None else _gemv_int8(x2, w, scale)).t()
+    elif x2.shape[0] == 0:
         y = x2.new_empty(0, w.shape[0])
     elif x2.shape[0] <= GEMV_MAX_ROWS:
         y = _gemv(x2.contiguous(), w, scale)

@@ -1,0 +1,78 @@
+"""Fast decode for packed weights: one new token per row, SERVED attention. Around the eager
+top-k selection and latent gather over the cache, everything a block computes runs as compiled
+graphs (inductor; the packed reductions inline): the projections into attention (input norm,
+MLA and indexer projections, rope, the absorbed query) in one call, and everything after it
+(W_uv, o_proj, residual, post norm, the MLP, or the MoE router and shared expert) in another,
+instead of ~100 eager ops per layer. Each routed expert of a MoE layer is one call too.
+
+The slow reference is the ordinary eager `Block.forward`, which tests hold this to.
+"""
+from __future__ import annotations
+
+import torch
+
+from .attention import Attention
+from .kernels.compile import dynamic, kernel
+from .moe import MLP, MoE
+
+
+def applies(block, h: torch.Tensor, attention: Attention, doc, hooks) -> bool:
+    """Whether `block`'s forward of h [B, T, D] takes this path: T = 1, SERVED, no documents or
+    hooks, one process, packed weights (which need inductor anyway)."""
+    return (h.shape[1] == 1 and attention is Attention.SERVED and doc is None and hooks is None
+            and not block.pc.enabled and block.self_attn.q_a_proj.packed is not None)
+
+
+def _attn_in(block, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """h [B, 1, D] -> absorbed queries [B, 1, H, C+R], latent [B, 1, C+R], index key [B, 1, Di],
+    index queries [B, 1, Hi, Di] and head weights [B, 1, Hi]."""
+    a = block.self_attn
+    x = block.input_layernorm(h)
+    q_nope, q_pe, qr, latent = a.project(x, cos, sin)
+    index_k = a.indexer.key(x, cos, sin)
+    iq, iw = a.indexer.query(x, qr, cos, sin)
+    return torch.cat((a.absorb_q(q_nope), q_pe), dim=-1), latent, index_k, iq, iw
+
+
+def _attn_out(block, h: torch.Tensor, o_lat: torch.Tensor) -> torch.Tensor:
+    """The rest of a dense block: o_lat [B, 1, H, C] -> new h [B, 1, D]."""
+    a = block.self_attn
+    h = h + a.o_proj(a.absorb_o(o_lat).flatten(2))
+    return h + block.mlp(block.post_attention_layernorm(h))
+
+
+def _attn_out_moe(block, h: torch.Tensor, o_lat: torch.Tensor):
+    """The rest of a MoE block up to the routed experts: -> h [B, 1, D], the normed input x [B, D],
+    routing weights and ids [B, k], the shared experts' output [B, D]."""
+    a = block.self_attn
+    h = h + a.o_proj(a.absorb_o(o_lat).flatten(2))
+    x = block.post_attention_layernorm(h).reshape(-1, h.shape[-1])
+    r = block.mlp.gate(x)
+    return h, x, r.weights, r.ids, block.mlp.shared_experts(x)
+
+
+def _expert(mlp: MLP, x: torch.Tensor) -> torch.Tensor:
+    return mlp(x)
+
+
+def _run_expert(mlp: MLP, x: torch.Tensor) -> torch.Tensor:
+    return kernel(_expert, x.shape[0] == 1)(mlp, dynamic(x, 0))
+
+
+def step(block, h: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv
+         ) -> torch.Tensor:
+    """`block`'s forward of one new token per row: h [B, 1, D] -> [B, 1, D]."""
+    key = (type(block).__name__, h.shape[0] == 1)
+    if h.shape[0] > 1:                              # one graph for every batch size above 1
+        for t in (h, cos, sin):
+            dynamic(t, 0)
+    a = block.self_attn
+    q, latent, index_k, iq, iw = kernel(_attn_in, *key)(block, h, cos, sin)
+    kv.write(a.layer_idx, latent, index_k)
+    o_lat = a.attend_latent(q, kv, a.decode_select(iq, iw, kv, positions))       # [B, 1, H, C]
+    if h.shape[0] > 1:
+        dynamic(o_lat, 0)
+    if not isinstance(block.mlp, MoE):
+        return kernel(_attn_out, *key)(block, h, o_lat)
+    h, x, w, ids, shared = kernel(_attn_out_moe, *key)(block, h, o_lat)
+    return h + (block.mlp.routed(x, w, ids, _run_expert) + shared).view(h.shape)

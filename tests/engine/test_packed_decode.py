@@ -1,0 +1,32 @@
+"""The engine with packed weights: its fast decode (model/decode.py: compiled graphs around the
+eager selection over the paged cache, ragged batches) against full forwards of the same weights
+through the eager reference."""
+import pytest
+import torch
+
+from dsv32.model import decode
+from dsv32.model.block import Block
+from dsv32.model.checkpoint import load_model
+from dsv32.model.init_tiny import init_tiny
+
+from .test_engine import check_against_full_forward, greedy, make_engine, prompts_of, run
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return init_tiny(tmp_path_factory.mktemp("packed_tiny"), seed=3, layers=2, topk=16, index_heads=16)
+
+
+def test_int8_engine_decode_equals_full_forward(ckpt, monkeypatch):
+    model = load_model(ckpt, weight_format="int8", progress=False)
+    steps = []
+    real = decode.step
+    monkeypatch.setattr(decode, "step", lambda *a: steps.append(a[1].shape[0]) or real(*a))
+    prompts = prompts_of([30, 9, 45])                    # sparse selection and all-keys rows, ragged
+    outs = run(make_engine(ckpt, model), prompts, [greedy(6)] * 3)
+    assert 3 in steps                                    # a decode step of all three rows took it
+    for m in model.modules():
+        if isinstance(m, Block):
+            m.forward = m.reference                      # full forwards: eager, T > 1 anyway
+    for p, o in zip(prompts, outs):
+        check_against_full_forward(model, p, o)
