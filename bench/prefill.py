@@ -29,10 +29,10 @@ def child(L: int, chunk: int, fmt: str) -> None:
     eng = LLMEngine(EngineConfig(model=str(path), max_model_len=L + 64, max_num_seqs=1,
                                  max_num_batched_tokens=chunk, enable_prefix_caching=False, weight_format=fmt))
     base = peak_rss_bytes()
-    if fmt != "fp32":                     # compile the packed-weight kernels outside the timing
-        eng.add_request("w", list(range(1000, 1064)), SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))
-        while eng.has_unfinished():
-            eng.step()
+    # warm-up (first-call costs of the kernels, compiling the packed-weight ones) outside the timing
+    eng.add_request("w", list(range(1000, 1064)), SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))
+    while eng.has_unfinished():
+        eng.step()
     prompt = torch.randint(1000, 100000, (L,)).tolist()
     eng.add_request("p", prompt, SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))
     t0 = time.perf_counter()
@@ -42,6 +42,15 @@ def child(L: int, chunk: int, fmt: str) -> None:
     cache = sum(t.numel() * t.element_size() for t in (eng.cache.lat, eng.cache.ik))
     print(json.dumps({"seconds": dt, "peak_rss": peak_rss_bytes(), "after_load_rss": base,
                       "cache_bytes": cache}))
+
+
+def indexer_flops(cfg, L: int, chunk: int) -> float:
+    """FLOPs of the lightning indexer's scores in a chunked prefill of L tokens (main layers;
+    each chunk scores its queries against every key up to its end), only once index_topk is
+    exceeded (before, every key is selected unscored)."""
+    per_pair = 2 * cfg.index_n_heads * cfg.index_head_dim
+    pairs = sum(min(chunk, L - s) * (min(L, s + chunk)) for s in range(0, L, chunk) if s + chunk > cfg.index_topk)
+    return pairs * per_pair * cfg.num_hidden_layers
 
 
 def main() -> None:
@@ -54,7 +63,10 @@ def main() -> None:
     args = ap.parse_args()
     if args.child:
         return child(args.child, args.chunk, args.weight_format)
-    bench_model_dir()
+    from dsv32.model.config import ModelConfig
+    from weight_kernels import gemm_gflops
+    cfg = ModelConfig.from_json(bench_model_dir())
+    gflops = gemm_gflops()
     rows = []
     for L in args.lengths:
         out = subprocess.run([sys.executable, __file__, "--child", str(L), "--chunk", str(args.chunk),
@@ -62,17 +74,21 @@ def main() -> None:
                              capture_output=True, text=True)
         if out.returncode != 0:
             print(out.stderr[-2000:], file=sys.stderr)
-            rows.append([L, "failed", "", "", ""])
+            rows.append([L, "failed", "", "", "", "", ""])
             continue
         r = json.loads(out.stdout.strip().splitlines()[-1])
         gb = 1 << 30
+        bound = indexer_flops(cfg, L, args.chunk) / gflops / 1e9
         rows.append([L, f"{r['seconds']:.1f}", f"{L / r['seconds']:.0f}", f"{r['cache_bytes'] / gb:.2f}",
-                     f"{r['peak_rss'] / gb:.2f}"])
+                     f"{r['peak_rss'] / gb:.2f}", f"{bound:.1f}", f"{r['seconds'] / bound:.1f}x"])
         print(rows[-1], flush=True)
-    table = markdown_table(["prompt tokens", "seconds", "tokens/s", "KV cache GiB", "peak RSS GiB"], rows)
+    table = markdown_table(["prompt tokens", "seconds", "tokens/s", "KV cache GiB", "peak RSS GiB",
+                            "indexer bound s", "seconds / bound"], rows)
     print(table)
     if args.write_readme:
-        write_section(HEADING, f"Common benchmark model, {args.weight_format} weights, chunked prefill of {args.chunk} tokens, "
+        write_section(HEADING, f"Common benchmark model, {args.weight_format} weights, chunked prefill of {args.chunk} tokens; "
+                               f"indexer bound = the indexer's score FLOPs / {gflops:.0f} GFLOP/s (fp32 GEMM on its "
+                               f"block shape, bench/weight_kernels.py), "
                                f"each length in a fresh process; {machine()}.\n\n{table}")
 
 

@@ -33,6 +33,19 @@ def bandwidth_gbs(gib: float = 1.0, rounds: int = 5) -> float:
     return x.numel() * 4 / best / 1e9
 
 
+def gemm_gflops(m: int = 512, k: int = 128, n: int = 4096, rounds: int = 20) -> float:
+    """fp32 GEMM rate (GFLOP/s, best of `rounds`) on the indexer's block shape: [t*H, Di] x [Di, n]
+    (kernels/indexer.py), the compute bound of the indexer in prefill."""
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    out = torch.empty(m, n)
+    best = float("inf")
+    for _ in range(rounds):
+        t = time.perf_counter()
+        torch.mm(a, b, out=out)
+        best = min(best, time.perf_counter() - t)
+    return 2 * m * k * n / best / 1e9
+
+
 def e4m3_arith(b: torch.Tensor) -> torch.Tensor:
     """FP8 e4m3 bits (uint8) -> fp32, exactly, in vectorisable arithmetic (sign, exponent, mantissa)."""
     i = b.to(torch.int32)
