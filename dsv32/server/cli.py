@@ -46,7 +46,7 @@ def add_parser(subparsers) -> None:
                         "then name tools never offered); JSON response_format, tool_choice required/named "
                         "and strict tools are still enforced")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto", help="auto (default): cuda when present, else cpu")
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
@@ -58,6 +58,7 @@ def add_parser(subparsers) -> None:
 
 def _main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from dsv32.engine.device import resolve_device
     from dsv32.engine.engine import EngineConfig
 
     from .app import create_app
@@ -73,7 +74,8 @@ def _main(args: argparse.Namespace) -> int:
     if not (Path(model) / "config.json").is_file():
         print(f"dsv32 serve: no checkpoint at {model} (config.json missing)", file=sys.stderr)
         return 2
-    engine = EngineConfig(model=str(model), dtype=args.dtype, device=args.device,
+    device = resolve_device(args.device)
+    engine = EngineConfig(model=str(model), dtype=args.dtype, device=device,
                           max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                           max_num_batched_tokens=args.max_num_batched_tokens,
                           kv_cache_dtype=args.kv_cache_dtype, enable_prefix_caching=not args.no_prefix_caching,
@@ -89,8 +91,8 @@ def _main(args: argparse.Namespace) -> int:
     server = DrainingServer(app, state, args.shutdown_timeout, host=args.host, port=args.port,
                             access_log=False, log_level=args.log_level)
     state.on_load_error = lambda: setattr(server, "should_exit", True)
-    log.info("serving %s as %r on http://%s:%d (aliases deepseek-chat, deepseek-reasoner); %s", model,
-             cfg.served_model_name, args.host, args.port,
+    log.info("serving %s as %r on http://%s:%d (aliases deepseek-chat, deepseek-reasoner); device %s%s; %s",
+             model, cfg.served_model_name, args.host, args.port, device, " (auto)" if args.device == "auto" else "",
              f"API key required ({len(keys)} accepted)" if keys else "no API key: open to every client")
     signalled = serve(server)
     if state.load_error or not server.started:
