@@ -1,8 +1,8 @@
-"""AccessMiddleware: request id, API-key check, body limit and one access-log line per request
-(ASGI, streaming-safe)."""
+"""Who may do what, and the record of it: request id, API key (its name goes to the access log,
+never the key), per-key limits on the generation routes, the body limit, and one access-log line
+per request (ASGI, streaming-safe)."""
 from __future__ import annotations
 
-import hmac
 import logging
 import time
 import uuid
@@ -10,18 +10,22 @@ import uuid
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import APIError, BodyTooLarge, internal_error
+from .keys import ApiKey
 from .state import ServerState
 
 access_log = logging.getLogger("dsv32.server.access")
-_OPEN_PATHS = ("/", "/health", "/metrics", "/openapi.json", "/docs", "/redoc", "/favicon.ico")
+# no key needed (`/metrics` too with --metrics-public); the chat page asks the user for one
+OPEN_PATHS = frozenset({"/", "/health", "/openapi.json", "/docs", "/redoc", "/favicon.ico"})
+GENERATION_PATHS = frozenset({"/v1/chat/completions", "/chat/completions", "/beta/chat/completions",
+                              "/v1/completions", "/completions", "/beta/completions"})
 
 
 class AccessMiddleware:
-    """Request id, API-key check and one access-log line per request (ASGI, streaming-safe)."""
+    """Request id, API key and per-key limits, body limit, one access-log line per request."""
 
     def __init__(self, app: ASGIApp, state: ServerState):
         self.app, self.state = app, state
-        self.keys = [key.encode("utf-8") for key in state.cfg.api_keys]
+        self.open_paths = OPEN_PATHS | ({"/metrics"} if state.cfg.metrics_public else set())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -59,34 +63,60 @@ class AccessMiddleware:
             log_once()           # an answer cut short (client gone) never sent its last byte
 
     def _log(self, scope: Scope, path: str, status: int, size: int, seconds: float, rid: str) -> None:
-        """The access-log line and the http metric of one request."""
-        outcome = scope.get("state", {}).get("outcome", "")
-        access_log.info('%s "%s %s" %d %dB %.3fs %s%s', _client(scope), scope.get("method"), path,
-                        status, size, seconds, rid, f" ({outcome})" if outcome else "")
+        """The access-log line (client, key name or `-`, request, status, bytes, seconds, request id)
+        and the http metric of one request."""
+        info = scope.get("state", {})
+        outcome = info.get("outcome", "")
+        access_log.info('%s %s "%s %s" %d %dB %.3fs %s%s', _client(scope), info.get("api_key") or "-",
+                        scope.get("method"), path, status, size, seconds, rid, f" ({outcome})" if outcome else "")
         self.state.metrics.http.labels(path=_route(path), status=str(status)).inc()
 
     async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if not self._authorized(scope):
+        key = self._key(scope)
+        if key is not None:
+            scope["state"]["api_key"] = key.name
+        if key is None and self.state.keys.required and not self._open(scope):
             await APIError(401, "invalid or missing API key (send Authorization: Bearer KEY)",
                            code="invalid_api_key").response(headers={"WWW-Authenticate": "Bearer"})(
                 scope, receive, send)
         elif _content_length(scope) > self.state.cfg.max_body_bytes:
             await self._too_large().response()(scope, receive, send)
+        elif key is not None and scope.get("method") == "POST" and scope.get("path") in GENERATION_PATHS:
+            await self._within_limits(key, scope, receive, send)
         else:
             await self.app(scope, receive, send)
+
+    async def _within_limits(self, key: ApiKey, scope: Scope, receive: Receive, send: Send) -> None:
+        """Run the request on one of the key's slots (held until the answer's last byte, streams
+        included), or answer 429."""
+        try:
+            self.state.limiter.acquire(key)
+        except APIError as e:
+            scope["state"]["outcome"] = e.code
+            self.state.metrics.rate_limited.labels(key=key.name, limit=e.code).inc()
+            await e.response()(scope, receive, send)
+            return
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.state.limiter.release(key)
 
     def _too_large(self) -> APIError:
         return APIError(413, f"request body over {self.state.cfg.max_body_bytes >> 20} MiB",
                         code="request_too_large")
 
-    def _authorized(self, scope: Scope) -> bool:
-        """The key compares as UTF-8 bytes, as a client sends a non-ASCII key."""
-        if not self.keys or scope.get("path") in _OPEN_PATHS or scope.get("method") == "OPTIONS":
-            return True
+    def _open(self, scope: Scope) -> bool:
+        return scope.get("path") in self.open_paths or scope.get("method") == "OPTIONS"
+
+    def _key(self, scope: Scope) -> ApiKey | None:
+        """The key the request carries (`Authorization: Bearer KEY` or `x-api-key`), if it is one of
+        ours; the key compares as UTF-8 bytes, as a client sends a non-ASCII key."""
+        if not self.state.keys.required:
+            return None
         headers = dict(scope.get("headers") or [])
         auth = headers.get(b"authorization", b"")
         given = auth[7:].strip() if auth[:7].lower() == b"bearer " else headers.get(b"x-api-key", b"").strip()
-        return any(hmac.compare_digest(given, key) for key in self.keys)
+        return self.state.keys.find(given) if given else None
 
 
 def _limited(receive: Receive, limit: int) -> Receive:
@@ -128,6 +158,4 @@ def _client(scope: Scope) -> str:
     return f"{client[0]}:{client[1]}" if client else "-"
 
 
-_KNOWN_PATHS = {"/", "/health", "/metrics", "/v1/models", "/models", "/v1/chat/completions",
-                "/chat/completions", "/beta/chat/completions", "/v1/completions", "/completions",
-                "/beta/completions", "/openapi.json"}
+_KNOWN_PATHS = GENERATION_PATHS | {"/", "/health", "/metrics", "/v1/models", "/models", "/openapi.json"}

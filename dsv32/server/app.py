@@ -1,5 +1,5 @@
 """The FastAPI application: routes, and the model loaded in the background (`/health` answers 503
-until it is ready). API keys and the access log are AccessMiddleware's (access.py)."""
+until it is ready). Keys, limits and the access log are AccessMiddleware's (access.py)."""
 from __future__ import annotations
 
 import contextlib
@@ -64,7 +64,7 @@ def create_app(cfg: ServerConfig, engine_factory: Callable[[], LLMEngine] | None
 
     @app.get("/metrics", response_class=Response)
     async def metrics():
-        """Prometheus text exposition."""
+        """Prometheus text exposition (behind the API key unless --metrics-public)."""
         return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models", response_model=ModelList, responses=_ERRORS)

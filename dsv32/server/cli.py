@@ -53,6 +53,7 @@ def add_parser(subparsers) -> None:
                    help="seconds SIGTERM waits for requests in flight before cutting them (a stream "
                         "then ends with an error event, a non-streamed request gets 503); exit status 0")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add_network_args(p)
     p.set_defaults(func=_main)
 
 
@@ -82,19 +83,23 @@ def _main(args: argparse.Namespace) -> int:
                           tensor_parallel_size=args.tensor_parallel_size,
                           enable_expert_parallel=args.enable_expert_parallel, fp8_storage=args.fp8_storage,
                           num_speculative_tokens=args.num_speculative_tokens)
-    cfg = ServerConfig(engine=engine, served_model_name=args.served_model_name or Path(model).resolve().name,
-                       api_keys=keys, max_queue=args.max_queue,
-                       request_timeout=args.request_timeout or None, reasoning_only=args.reasoning_only,
-                       safety_net=not args.no_safety_net)
-    app = create_app(cfg)
+    try:
+        cfg = ServerConfig(engine=engine, served_model_name=args.served_model_name or Path(model).resolve().name,
+                           api_keys=keys, max_queue=args.max_queue,
+                           request_timeout=args.request_timeout or None, reasoning_only=args.reasoning_only,
+                           safety_net=not args.no_safety_net, **network_settings(args))
+        app = create_app(cfg)
+    except ValueError as e:      # a key file that cannot be used, limits without keys
+        print(f"dsv32 serve: {e}", file=sys.stderr)
+        return 2
     state = app.state.server
     server = DrainingServer(app, state, args.shutdown_timeout, host=args.host, port=args.port,
                             access_log=False, log_level=args.log_level)
     state.on_load_error = lambda: setattr(server, "should_exit", True)
-    log.info("serving %s as %r on http://%s:%d (aliases deepseek-chat, deepseek-reasoner); device %s%s; %s",
-             model, cfg.served_model_name, args.host, args.port, device, " (auto)" if args.device == "auto" else "",
-             f"API key required ({len(keys)} accepted)" if keys else "no API key: open to every client")
-    signalled = serve(server)
+    log.info("serving %s as %r on %s://%s:%d (aliases deepseek-chat, deepseek-reasoner); device %s%s; %s",
+             model, cfg.served_model_name, "http", args.host, args.port, device,
+             " (auto)" if args.device == "auto" else "", access_summary(state, len(args.api_key) < len(keys)))
+    signalled = serve(server, on_hangup=state.reload_keys if cfg.api_key_file is not None else None)
     if state.load_error or not server.started:
         return 1
     if signalled:
@@ -106,7 +111,7 @@ def _main(args: argparse.Namespace) -> int:
 def api_keys(flags: list[str], env: str | None) -> list[str]:
     """The accepted keys: every --api-key (an empty one is an error, not "no auth"), then
     $DSV32_API_KEY unless it is unset or blank (surrounding whitespace stripped)."""
-    from .state import check_api_key
+    from .keys import check_api_key
 
     for key in flags:
         try:
@@ -122,3 +127,34 @@ def api_keys(flags: list[str], env: str | None) -> list[str]:
     except ValueError as e:
         raise ValueError(f"$DSV32_API_KEY: {e}") from None
     return [*flags, env.strip()]
+
+
+# ---- serving on a network: key file, per-key limits, /metrics (dsv32/server/README.md) ---------------
+def add_network_args(p) -> None:
+    g = p.add_argument_group("serving on a network")
+    g.add_argument("--api-key-file", type=Path, default=None, metavar="FILE",
+                   help="named keys, one per line `NAME: KEY [max_concurrent=N] [tpm=N]` (# comments); "
+                        "read again on SIGHUP; keys out of `ps` and shell history")
+    g.add_argument("--max-concurrent-per-key", type=int, default=None, metavar="N",
+                   help="requests in flight per key on the generation routes; more get HTTP 429")
+    g.add_argument("--tokens-per-minute-per-key", type=int, default=None, metavar="N",
+                   help="prompt + completion tokens per key in a sliding minute; over it: HTTP 429")
+    g.add_argument("--metrics-public", action="store_true", help="serve /metrics without a key")
+
+
+def network_settings(args: argparse.Namespace) -> dict:
+    """The ServerConfig fields of the network flags."""
+    return dict(api_key_file=args.api_key_file, max_concurrent_per_key=args.max_concurrent_per_key,
+                tokens_per_minute_per_key=args.tokens_per_minute_per_key, metrics_public=args.metrics_public)
+
+
+def access_summary(state, env_key: bool) -> str:
+    """Who may connect, for the start-up log: key names (never keys)."""
+    names = state.keys.names()
+    if not names:
+        who = "no API key: open to every client"
+    else:
+        fixed = len(state.cfg.api_keys)
+        origin = f" (api-key-{fixed} is $DSV32_API_KEY)" if env_key else ""
+        who = f"API key required ({len(names)} accepted: {', '.join(names)}){origin}"
+    return who

@@ -118,7 +118,7 @@ class RunningServer:
         """Sample name (with labels) -> value from /metrics."""
         from prometheus_client.parser import text_string_to_metric_families
 
-        text = httpx.get(self.url + "/metrics", timeout=10).text
+        text = httpx.get(self.url + "/metrics", headers={"Authorization": f"Bearer {self.api_key}"}, timeout=10).text
         return {s.name + (str(sorted(s.labels.items())) if s.labels else ""): s.value
                 for fam in text_string_to_metric_families(text) for s in fam.samples}
 
