@@ -4,10 +4,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import ssl
 import sys
 from pathlib import Path
 
 from dsv32.model.bundled import BUNDLED_MODEL, default_model  # noqa: F401 (BUNDLED_MODEL: re-exported)
+
+from .tls import TLSConfig, cert_reqs
 
 log = logging.getLogger("dsv32.server")
 
@@ -68,6 +71,7 @@ def _main(args: argparse.Namespace) -> int:
 
     try:
         keys = api_keys(args.api_key, os.environ.get("DSV32_API_KEY"))
+        tls = tls_config(args)
     except ValueError as e:
         print(f"dsv32 serve: {e}", file=sys.stderr)
         return 2
@@ -94,11 +98,11 @@ def _main(args: argparse.Namespace) -> int:
         return 2
     state = app.state.server
     server = DrainingServer(app, state, args.shutdown_timeout, host=args.host, port=args.port,
-                            access_log=False, log_level=args.log_level)
+                            access_log=False, log_level=args.log_level, **tls.uvicorn_kwargs())
     state.on_load_error = lambda: setattr(server, "should_exit", True)
     log.info("serving %s as %r on %s://%s:%d (aliases deepseek-chat, deepseek-reasoner); device %s%s; %s",
-             model, cfg.served_model_name, "http", args.host, args.port, device,
-             " (auto)" if args.device == "auto" else "", access_summary(state, len(args.api_key) < len(keys)))
+             model, cfg.served_model_name, "https" if tls.enabled else "http", args.host, args.port, device,
+             " (auto)" if args.device == "auto" else "", access_summary(state, tls, len(args.api_key) < len(keys)))
     signalled = serve(server, on_hangup=state.reload_keys if cfg.api_key_file is not None else None)
     if state.load_error or not server.started:
         return 1
@@ -129,7 +133,7 @@ def api_keys(flags: list[str], env: str | None) -> list[str]:
     return [*flags, env.strip()]
 
 
-# ---- serving on a network: key file, per-key limits, /metrics (dsv32/server/README.md) ---------------
+# ---- serving on a network: key file, per-key limits, /metrics, TLS (dsv32/server/README.md) ----------
 def add_network_args(p) -> None:
     g = p.add_argument_group("serving on a network")
     g.add_argument("--api-key-file", type=Path, default=None, metavar="FILE",
@@ -140,6 +144,13 @@ def add_network_args(p) -> None:
     g.add_argument("--tokens-per-minute-per-key", type=int, default=None, metavar="N",
                    help="prompt + completion tokens per key in a sliding minute; over it: HTTP 429")
     g.add_argument("--metrics-public", action="store_true", help="serve /metrics without a key")
+    g.add_argument("--ssl-certfile", type=Path, default=None, metavar="PEM", help="serve HTTPS with this certificate")
+    g.add_argument("--ssl-keyfile", type=Path, default=None, metavar="PEM",
+                   help="its private key (unencrypted; default: in --ssl-certfile)")
+    g.add_argument("--ssl-ca-certs", type=Path, default=None, metavar="PEM",
+                   help="CA of client certificates (mutual TLS; then required unless --ssl-cert-reqs says)")
+    g.add_argument("--ssl-cert-reqs", type=cert_reqs, default=None, metavar="none|optional|required",
+                   help="client certificates (uvicorn's 0, 1, 2 also accepted)")
 
 
 def network_settings(args: argparse.Namespace) -> dict:
@@ -148,8 +159,16 @@ def network_settings(args: argparse.Namespace) -> dict:
                 tokens_per_minute_per_key=args.tokens_per_minute_per_key, metrics_public=args.metrics_public)
 
 
-def access_summary(state, env_key: bool) -> str:
-    """Who may connect, for the start-up log: key names (never keys)."""
+def tls_config(args: argparse.Namespace) -> TLSConfig:
+    """The TLS flags, checked (ValueError: what is wrong)."""
+    tls = TLSConfig(certfile=args.ssl_certfile, keyfile=args.ssl_keyfile, ca_certs=args.ssl_ca_certs,
+                    cert_reqs=args.ssl_cert_reqs)
+    tls.check()
+    return tls
+
+
+def access_summary(state, tls: TLSConfig, env_key: bool) -> str:
+    """Who may connect, for the start-up log: key names (never keys), client certificates."""
     names = state.keys.names()
     if not names:
         who = "no API key: open to every client"
@@ -157,4 +176,7 @@ def access_summary(state, env_key: bool) -> str:
         fixed = len(state.cfg.api_keys)
         origin = f" (api-key-{fixed} is $DSV32_API_KEY)" if env_key else ""
         who = f"API key required ({len(names)} accepted: {', '.join(names)}){origin}"
+    if tls.enabled and tls.client_cert_reqs != ssl.CERT_NONE:
+        mode = "required" if tls.client_cert_reqs == ssl.CERT_REQUIRED else "optional"
+        who += f"; client certificates {mode} (CA {tls.ca_certs})"
     return who
