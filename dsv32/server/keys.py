@@ -9,6 +9,7 @@ override `--max-concurrent-per-key` and `--tokens-per-minute-per-key` for that k
 """
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 import os
@@ -131,31 +132,34 @@ def load_key_file(path: Path, defaults: Limits) -> list[ApiKey]:
 
 class KeyRing:
     """The accepted keys: the fixed ones plus those of the key file, which `reload()` reads again.
-    Swapping the list is the only change, so a request sees either the old keys or the new ones."""
+    Swapping one list is the only change, so a request sees either the old keys or the new ones."""
 
     def __init__(self, fixed: list[ApiKey], path: Path | None, defaults: Limits):
         self.path, self.defaults, self._fixed = path, defaults, fixed
-        self._keys = self._with_file()
+        self._entries = _entries(self._with_file())
 
     @property
     def required(self) -> bool:
-        return bool(self._keys)
+        return bool(self._entries)
 
     def names(self) -> list[str]:
-        return [k.name for k in self._keys]
+        return [key.name for _, key in self._entries]
 
     def find(self, given: bytes) -> ApiKey | None:
-        """The key matching `given`; every key is compared, each in constant time."""
+        """The key matching `given`. SHA-256 digests are compared, every one of them, each with
+        hmac.compare_digest: the time taken says nothing about a key, not even its length."""
+        digest = hashlib.sha256(given).digest()
         found = None
-        for key in self._keys:
-            if hmac.compare_digest(given, key.secret) and found is None:
+        for known, key in self._entries:
+            if hmac.compare_digest(digest, known) and found is None:
                 found = key
         return found
 
     def reload(self) -> list[ApiKey]:
         """Read the key file again; on KeyFileError the old keys stay."""
-        self._keys = self._with_file()
-        return self._keys
+        keys = self._with_file()
+        self._entries = _entries(keys)
+        return keys
 
     def _with_file(self) -> list[ApiKey]:
         if self.path is None:
@@ -166,3 +170,7 @@ class KeyRing:
             raise KeyFileError(f"{self.path}: the name {sorted(clash)[0]!r} is taken by a key given on the "
                                "command line or in $DSV32_API_KEY")
         return self._fixed + loaded
+
+
+def _entries(keys: list[ApiKey]) -> list[tuple[bytes, ApiKey]]:
+    return [(hashlib.sha256(key.secret).digest(), key) for key in keys]

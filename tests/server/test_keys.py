@@ -11,7 +11,7 @@ import pytest
 from dsv32.cli import main
 from dsv32.engine.engine import EngineConfig, LLMEngine
 from dsv32.server import ServerConfig, create_app
-from dsv32.server.keys import KeyFileError, Limits, parse_key_file
+from dsv32.server.keys import KeyFileError, KeyRing, Limits, fixed_keys, parse_key_file
 
 from .conftest import RunningServer
 from .test_shutdown import free_port
@@ -50,6 +50,22 @@ def test_malformed_key_files(text, why):
         parse_key_file(text, Limits(), "keys.txt")
     assert why in str(e.value) and str(e.value).startswith("keys.txt")
     assert "sk-" not in str(e.value)                  # an error never quotes a key
+
+
+def test_key_ring_reload(tmp_path):
+    path = tmp_path / "keys.txt"
+    path.write_text("alice: sk-a\n")
+    ring = KeyRing(fixed_keys(["sk-flag"], Limits()), path, Limits())
+    assert ring.names() == ["api-key-1", "alice"] and ring.find(b"sk-a").name == "alice"
+    assert ring.find(b"sk-flag").name == "api-key-1" and ring.find(b"sk-") is None and ring.find(b"") is None
+    path.write_text("bob: sk-b\n")
+    ring.reload()
+    assert ring.find(b"sk-a") is None and ring.find(b"sk-b").name == "bob"
+    for bad in ("api-key-1: sk-c\n", "bob sk-b\n"):     # a name the flags hold; malformed
+        path.write_text(bad)
+        with pytest.raises(KeyFileError):
+            ring.reload()
+        assert ring.names() == ["api-key-1", "bob"]     # the keys in use stay
 
 
 def test_malformed_key_file_is_a_startup_error(server_ckpt, tmp_path, capsys):
