@@ -234,16 +234,14 @@ class Loader:
 
     With `bucket_id` (e.g. the `<｜User｜>` token id) rows are grouped by the tokens before its
     first occurrence (system prompt + tools), so every batch shares that prefix and the trainer
-    runs it once. With `sort_window` > 1, each run of `sort_window` batches' worth of shuffled rows
-    is sorted by length before it is cut into batches, so rows of a batch have similar lengths and
-    little padding. The batches of an epoch are then shuffled together. `dropout` (a `WordDropout`)
+    runs it once; the batches of an epoch are then shuffled together. `dropout` (a `WordDropout`)
     is drawn afresh for every batch from (seed, epoch, step), so resuming replays it.
     """
 
     def __init__(self, examples: list[Example], batch_size: int, seed: int = 0, pad_id: int = 1,
-                 bucket_id: int | None = None, sort_window: int = 1, dropout: WordDropout | None = None):
+                 bucket_id: int | None = None, dropout: WordDropout | None = None):
         self.examples, self.batch_size, self.seed = examples, batch_size, seed
-        self.pad_id, self.bucket_id, self.sort_window = pad_id, bucket_id, sort_window
+        self.pad_id, self.bucket_id = pad_id, bucket_id
         self.dropout = dropout
         self.epoch, self.cursor = 0, 0
         self._cache: tuple[int, list[list[int]]] | None = None
@@ -266,18 +264,14 @@ class Loader:
             for i in order:
                 buckets.setdefault(self._key(self.examples[i]), []).append(i)
             batches = [b for v in buckets.values() for b in self._cut(v)]
-        if self.bucket_id is not None or self.sort_window > 1:
             perm = torch.randperm(len(batches), generator=g).tolist()
             batches = [batches[i] for i in perm]
         self._cache = (self.epoch, batches)
         return batches
 
     def _cut(self, rows: list[int]) -> list[list[int]]:
-        """Shuffled row indices -> batches (length-sorted within each window of rows)."""
-        B, W = self.batch_size, self.batch_size * max(1, self.sort_window)
-        if W > B:
-            length = lambda i: len(self.examples[i].ids)   # noqa: E731
-            rows = [i for w in range(0, len(rows), W) for i in sorted(rows[w: w + W], key=length)]
+        """Shuffled row indices -> batches."""
+        B = self.batch_size
         return [rows[i: i + B] for i in range(0, len(rows), B)]
 
     def next(self) -> Batch:

@@ -4,7 +4,7 @@
      with the tools section left out of the prompt (a short-context curriculum: cheaper steps in
      which the model learns to copy arguments), then on the full prompts; loss on assistant
      tokens, dense attention, next-token + MTP loss, aux-loss-free balancing + sequence-wise
-     balance loss; optionally batches of similar lengths (`sort_window`);
+     balance loss;
   2. DSA warm-up: only the indexers train, KL to the head-summed main attention;
   3. DSA sparse stage: top-k attention on, indexer KL over the selected set, LM loss for the rest
      at a rate below where SFT ended, with some prompts offering a subset of the tools;
@@ -36,7 +36,7 @@ from dsv32.model.init_tiny import copy_tokenizer, tiny_config
 from . import grpo as G
 from .data import Loader, WordDropout, encode_all, without_tools
 from .evaluate import argument_accuracy
-from .envs.phrasings import CITIES, frame_words, vocabulary
+from .envs.phrasings import CITIES, frame_words
 from .export import export_bundle, fp8_round_trip
 from .losses import TiedVocab
 from .trainer import (JsonLog, StageConfig, eval_lm, load_into, make_optimizer, new_model, save,
@@ -56,29 +56,16 @@ class Recipe:
     n_train: int = 20000
     n_city: int = 5000              # extra weather conversations over IANA city names
     n_chat: int = 4000              # extra plain-chat conversations (demo14; docs/training.md)
-    invented: float = 0.0           # share of them with made-up place names (0.5 did worse, docs/training.md)
-    n_invented_words: int = 0       # made-up place names added to the drills' words
     n_skill: int = 20000            # short drills: copying, dates, numbers, expressions, unit codes
-    n_spell: int = 0                # conversations of 8 one-word echoes (3000 did worse, docs/training.md)
     n_numbers: int = 8000           # conversations of 6 echoes of uniformly drawn numbers
     n_conversions: int = 4000       # conversations of 6 number-word and worded-calculation
                                     # conversions, in the full-prompt and later stages only (demo20)
-    separated: float = 0.0          # share of those turns that drop thousands separators ("3,962")
-    drill_vocabulary: bool = False  # drills also echo every word of the generator (ditto)
-    n_full_tasks: int = 0           # extra conversations of `full_tasks` (drawn uniformly), in the
-                                    # full-prompt and later stages only (demo25: no gain, docs/training.md)
-    full_tasks: tuple[str, ...] = ("calculator", "units", "chat")
     sparse_tool_subsets: float = 0.25  # share of the conversations offering tools that the sparse
                                     # stage also sees offering a random subset of them (demo33)
     tie_embeddings: bool = True     # LM head shares the input embedding while training
     init_std: float = 0.02          # (0.006 learned to copy ~4x slower in a 800-step echo drill)
     word_dropout: float = 0.08      # share of the user's frame words swapped for an unseen token
-    full_drills: float = 1.0        # share of the drills kept in the full-prompt stage, where they are
-                                    # as in the short one (0.2 with 1200 steps did worse, docs/training.md)
     batch: int = 16
-    sort_window: int = 1            # >1: length-sorted batches, ~1.6x faster full-prompt steps, but
-                                    # with made-up places (`invented`, `n_invented_words`) the model did
-                                    # much worse (docs/training.md)
     # 3800 short-context steps, then 3200 full-prompt ones, at peak rate 1.75e-3 (3e-3 at hidden 56;
     # demo23); tokens that spell a tool value weigh 5x in the full-prompt stage (demo20). V3.2's
     # sparse stage keeps 7.3e-6, the rate DeepSeek-V3's pre-training ended at; here the model trains
@@ -111,10 +98,8 @@ class Recipe:
         r.n_city = int(self.n_city * f)
         r.n_chat = int(self.n_chat * f)
         r.n_skill = int(self.n_skill * f)
-        r.n_spell = int(self.n_spell * f)
         r.n_numbers = int(self.n_numbers * f)
         r.n_conversions = int(self.n_conversions * f)
-        r.n_full_tasks = int(self.n_full_tasks * f)
         return r
 
 
@@ -133,36 +118,12 @@ def tz_cities() -> tuple[str, ...]:
     return tuple(sorted(out))
 
 
-_ONSETS = ("b", "br", "c", "ch", "d", "dr", "f", "g", "gr", "h", "j", "k", "kr", "l", "m", "n", "p",
-           "pr", "r", "s", "sh", "st", "t", "tr", "v", "w", "z")
-_VOWELS = ("a", "e", "i", "o", "u", "ai", "ea", "ou", "y")
-_CODAS = ("", "", "", "n", "r", "l", "s", "m", "th", "rk", "nd", "x")
-
-
-def made_up_places(n: int, seed: int) -> tuple[str, ...]:
-    """`n` distinct invented place names ("Drovanel", "Kesh Tarim"): the model cannot know them, so
-    a weather call that names one must copy it from the user's words."""
-    rng = random.Random(f"dsv32-places|{seed}")
-    real = {c.casefold() for c in tz_cities() + CITIES["train"] + CITIES["unseen"]}
-    out: dict[str, None] = {}
-    while len(out) < n:
-        words = []
-        for _ in range(1 if rng.random() < 0.8 else 2):
-            w = "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) for _ in range(rng.randint(1, 3)))
-            words.append((w + rng.choice(_CODAS)).capitalize())
-        name = " ".join(words)
-        if len(name) > 3 and name.casefold() not in real:
-            out[name] = None
-    return tuple(out)
-
-
-def city_conversations(convs: list[dict], n: int, seed: int, invented: float = 0.5) -> list[dict]:
+def city_conversations(convs: list[dict], n: int, seed: int) -> list[dict]:
     """Copies of weather conversations with the city swapped (in every casing the conversation
-    uses) for a time-zone city name or, with probability `invented`, a made-up place name, so the
-    model learns to copy the place rather than recall it. The unseen cities are left out."""
+    uses) for a time-zone city name, so the model learns to copy the place rather than recall it.
+    The unseen cities are left out."""
     rng = random.Random(seed)
     cities = [c for c in tz_cities() if c not in CITIES["unseen"]]
-    places = made_up_places(n if invented else 0, seed)
     weather = [c for c in convs if c.get("category") == "weather"]
     out = []
     for i in range(n if weather else 0):
@@ -170,7 +131,7 @@ def city_conversations(convs: list[dict], n: int, seed: int, invented: float = 0
         old = _weather_city(c)
         if old is None:
             continue
-        new = rng.choice(places) if invented and rng.random() < invented else rng.choice(cities)
+        new = rng.choice(cities)
         text = json.dumps(c, ensure_ascii=False)
         for a, b in ((old, new), (old.lower(), new.lower()), (old.title(), new.title()),
                      (old.upper(), new.upper())):
@@ -188,29 +149,22 @@ def _weather_city(conv: dict) -> str | None:
 
 
 def training_conversations(recipe: Recipe) -> list[dict]:
-    """The SFT data: tool conversations, extra weather and plain-chat conversations, skill, number
-    and spelling drills."""
-    from .synth import number_conversations, sft_conversations, skill_conversations, spelling_conversations
+    """The SFT data: tool conversations, extra weather and plain-chat conversations, skill and
+    number drills."""
+    from .synth import number_conversations, sft_conversations, skill_conversations
 
     convs = sft_conversations(recipe.n_train, seed=recipe.seed)
-    convs += city_conversations(convs, recipe.n_city, recipe.seed, invented=recipe.invented)
+    convs += city_conversations(convs, recipe.n_city, recipe.seed)
     convs += sft_conversations(recipe.n_chat, seed=recipe.seed + 13, categories=("chat",))
-    words = tz_cities()                  # the drills' words: place names, made-up places, vocabulary
-    if recipe.drill_vocabulary:          # (place names then at least twice as likely as other words)
-        words = tuple(dict.fromkeys(words + CITIES["train"] + CITIES["unseen"])) * 2 + vocabulary()
-    words += made_up_places(recipe.n_invented_words, recipe.seed + 7)
-    convs += skill_conversations(recipe.n_skill, recipe.seed, words=words)
-    convs += number_conversations(recipe.n_numbers, recipe.seed)
-    return convs + spelling_conversations(recipe.n_spell, recipe.seed, words=words)
+    convs += skill_conversations(recipe.n_skill, recipe.seed, words=tz_cities())
+    return convs + number_conversations(recipe.n_numbers, recipe.seed)
 
 
 def later_conversations(recipe: Recipe) -> list[dict]:
-    """The data of the full-prompt and later stages only: conversion drills and the extra tool and
-    chat conversations (`n_full_tasks`)."""
-    from .synth import conversion_conversations, sft_conversations
+    """The data of the full-prompt and later stages only: conversion drills."""
+    from .synth import conversion_conversations
 
-    later = conversion_conversations(recipe.n_conversions, recipe.seed, separated=recipe.separated)
-    return later + sft_conversations(recipe.n_full_tasks, seed=recipe.seed + 29, categories=recipe.full_tasks)
+    return conversion_conversations(recipe.n_conversions, recipe.seed)
 
 
 def tool_subset_conversations(convs: list[dict], share: float, seed: int) -> list[dict]:
@@ -271,13 +225,9 @@ def run_demo(out: str | Path, recipe: Recipe | None = None, progress: bool = Tru
 
     model = new_model(cfg, seed=recipe.seed, std=recipe.init_std, tie_embeddings=recipe.tie_embeddings)
     vocab.sync(model.lm_head.weight.data)
-    sw = recipe.sort_window
     drop = word_dropout(tok, vocab, recipe.word_dropout)
     log.write(event="word_dropout", p=recipe.word_dropout, droppable_tokens=len(drop.ids) if drop else 0)
-    full = full_stage_examples(examples, recipe.full_drills, recipe.seed)
-    log.write(event="full_stage", rows=len(full), drills=sum(e.category == "skill" for e in full))
-    loader = Loader(full, recipe.batch, seed=recipe.seed, bucket_id=tok.user_id, sort_window=sw,
-                    dropout=drop)
+    loader = Loader(examples, recipe.batch, seed=recipe.seed, bucket_id=tok.user_id, dropout=drop)
 
     def stage(sc: StageConfig, loader: Loader) -> None:
         done = out / "ckpt" / sc.name
@@ -305,16 +255,16 @@ def run_demo(out: str | Path, recipe: Recipe | None = None, progress: bool = Tru
 
     short = encode_all([without_tools(c) for c in convs], tok, max_len=1536, mark_values=marks)
     stage(recipe.short, Loader(short, recipe.batch, seed=recipe.seed + 3, bucket_id=tok.user_id,
-                              sort_window=sw, dropout=drop))
+                              dropout=drop))
     stage(recipe.sft, loader)
     lm_eval("after_sft", full=False)          # indexer recall before the DSA stages
     stage(recipe.warmup, Loader(examples, max(4, recipe.batch // 2), seed=recipe.seed + 1,
-                                bucket_id=tok.user_id, sort_window=sw))
+                                bucket_id=tok.user_id))
     subsets = tool_subset_conversations(convs + later, recipe.sparse_tool_subsets, recipe.seed)
     sparse_rows = examples + encode_all(subsets, tok, max_len=1536, mark_values=marks)
     log.write(event="sparse_stage", rows=len(sparse_rows), tool_subsets=len(sparse_rows) - len(examples))
     stage(recipe.sparse, Loader(sparse_rows, recipe.batch, seed=recipe.seed + 2, bucket_id=tok.user_id,
-                                sort_window=sw, dropout=drop))
+                                dropout=drop))
 
     # ---- GRPO
     gdir = out / "ckpt" / "grpo"
@@ -353,13 +303,6 @@ def run_demo(out: str | Path, recipe: Recipe | None = None, progress: bool = Tru
     from .plots import plot_log
     plot_log(out / "log.jsonl", out)
     return summary
-
-
-def full_stage_examples(examples: list, drills: float, seed: int) -> list:
-    """The full-prompt stage's rows: every conversation but the drills ("skill"), of which a seeded
-    share `drills` stays (the short stage already trained them exactly as they are here)."""
-    rng = random.Random(f"dsv32-full-stage|{seed}")
-    return [e for e in examples if e.category != "skill" or rng.random() < drills]
 
 
 def word_dropout(tok, vocab: TiedVocab, p: float) -> WordDropout | None:

@@ -35,7 +35,7 @@ FIRST_DAY, LAST_DAY = dt.date(2024, 1, 1), dt.date(2026, 12, 31)
 
 __all__ = ["CATEGORIES", "MODES", "Task", "answer_stage", "completion_text", "generate_tasks",
            "reference_completions", "reward", "score_answer", "score_call", "score_plain",
-           "sft_conversations", "skill_conversations", "spelling_conversations"]
+           "sft_conversations", "skill_conversations"]
 
 
 @dataclass
@@ -520,30 +520,15 @@ def number_conversations(n: int, seed: int = 0, turns: int = 6) -> list[dict]:
                                lambda: " ".join(drill_number(rng) for _ in range(rng.randint(1, 3))))
 
 
-def spelling_conversations(n: int, seed: int = 0, words: tuple[str, ...] = (), turns: int = 8) -> list[dict]:
-    """`n` tool-less chat-mode conversations of `turns` one-word echoes each ("Echo: Kyoto" ->
-    "Kyoto"), words in any casing. After a space a word is often one token (" Kyoto"); at the start
-    of an answer, as in a tool argument after `">`, it is spelt with others ("Ky" + "oto"). Only
-    seeing both forms of a word teaches that mapping, so these drills give each word many first-
-    position answers at the cost of a few tokens per turn."""
-    rng = random.Random(f"dsv32-spelling|{seed}")
-    return _echo_conversations(n, rng, f"spell-{seed}", turns, lambda: _cased(rng, rng.choice(words)))
-
-
-def conversion_conversations(n: int, seed: int = 0, turns: int = 6, separated: float = 0.0) -> list[dict]:
+def conversion_conversations(n: int, seed: int = 0, turns: int = 6) -> list[dict]:
     """`n` tool-less chat-mode conversations of `turns` conversions, each a number in words
     ("sixty-two" -> "62") or a worded calculation ("the sum of 12 and 7" -> "12 + 7"), as in the
     drills of `skill_conversations` but six to a conversation: a calculator argument is such a
     conversion, and slips in it (a wrong digit, a dropped operand) were the bundled model's most
-    common calculator failure (docs/training.md). A share `separated` of the turns is a number
-    with thousands separators ("3,962" -> "3962"): the digits regroup into other tokens ("3" ","
-    "962" against "396" "2"), and demo20 answered none of its held-out unit questions so written."""
+    common calculator failure (docs/training.md)."""
     rng = random.Random(f"dsv32-conversions|{seed}")
 
     def item() -> tuple[str, str, str]:
-        if separated and rng.random() < separated:
-            value = rng.randint(1000, 9_999_999) if rng.random() < 0.3 else rng.randint(1000, 9999)
-            return "number", f"{value:,}", str(value)
         if rng.random() < 0.5:
             value = rng.randint(-100, 100) if rng.random() < 0.8 else rng.randint(100, 5000)
             return "number", _say_number(rng, value, words=1.0), format_number(value)

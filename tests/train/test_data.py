@@ -90,24 +90,6 @@ def test_loader_is_deterministic_and_resumes():
         assert len({tuple(r[:2]) for r in batch}) == 1
 
 
-def test_loader_sort_window_cuts_padding_and_keeps_every_row():
-    rng = __import__("random").Random(0)
-    ex = [Example([0, 9] + [i] * rng.randint(1, 60), [0, 0] + [1] * 1) for i in range(2, 98)]
-    for e in ex:
-        e.mask = [0, 0] + [1] * (len(e.ids) - 2)
-
-    def epoch(loader):
-        batches = [loader.next() for _ in range(96 // 4)]
-        rows = sorted(r[2] for b in batches for r in b.ids.tolist())
-        return rows, sum(b.ids.numel() for b in batches), [b.ids.tolist() for b in batches]
-
-    plain_rows, plain_cells, _ = epoch(Loader(ex, 4, seed=3, bucket_id=9))
-    rows, cells, seq = epoch(Loader(ex, 4, seed=3, bucket_id=9, sort_window=8))
-    assert rows == plain_rows == list(range(2, 98))          # every row once per epoch
-    assert cells < 0.8 * plain_cells                         # similar lengths share a batch
-    assert epoch(Loader(ex, 4, seed=3, bucket_id=9, sort_window=8))[2] == seq
-
-
 def test_encode_all_filters():
     ex = encode_all([conv("chat"), {"messages": [{"role": "user", "content": "hi"}]}], TOK)
     assert len(ex) == 1

@@ -406,17 +406,6 @@ SYSTEM_PROMPTS = ("", "", "", "You are a helpful assistant.",
                   "You are a concise assistant.")
 
 
-def vocabulary() -> tuple[str, ...]:
-    """Every word and city name the tables above can write (both splits), for the echo drills.
-
-    The held-out split tests sentence frames, tool-call arguments and plain questions that no
-    training task uses, not words the model has never read: a model trained from nothing has no
-    embedding for those (their rows stay pooled), just as it would not know a word missing from
-    its pretraining corpus. The drills only echo the words, one to three at a time."""
-    tables = [v for k, v in globals().items() if k.isupper() and k != "SPLITS" and isinstance(v, (tuple, dict))]
-    return tuple(dict.fromkeys(CITIES["train"] + CITIES["unseen"] + tuple(_words(tables))))
-
-
 def _words(value, pattern: str = r"[A-Za-z]+(?:'[a-z]+)?"):
     """The words, in order, of every string in `value` (nested dicts, tuples and lists), with the
     {slot} placeholders left out."""
