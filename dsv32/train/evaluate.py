@@ -128,7 +128,7 @@ def evaluate(generate_fn: GenerateFn | None = None, n_tasks: int = 160, seed: in
     """Run the agent loop on `n_tasks` tasks and score them. Give `generate_fn(prompt,
     thinking_mode) -> completion text` or the batched `generate_batch(prompts, modes)`.
     `categories` restricts the tasks; `unseen_cities` asks weather questions about cities that no
-    training conversation names (a probe reported apart: see `dsv32.train.envs.phrasings`);
+    training conversation names (a probe reported apart: see `dsv32.train.synth.phrasings`);
     `one_tool` offers each tool task only the tool it needs (another probe).
     Returns {"split", "seed", "n", "cells": {"category/mode": summary}, "overall", "table",
     "episodes"}; each summary holds n and the rate of every metric (None where none applies)."""

@@ -36,7 +36,7 @@ from dsv32.model.init_tiny import copy_tokenizer, tiny_config
 from . import grpo as G
 from .data import Loader, WordDropout, encode_all, without_tools
 from .evaluate import argument_accuracy
-from .envs.phrasings import CITIES, frame_words
+from .synth.phrasings import CITIES, frame_words
 from .export import export_bundle, fp8_round_trip
 from .losses import TiedVocab
 from .trainer import (JsonLog, StageConfig, eval_lm, load_into, make_optimizer, new_model, save,

@@ -8,7 +8,7 @@ import pytest
 
 from dsv32.chat import ChatFormatError, encode_messages, parse_completion
 from dsv32.chat.tokens import EOS
-from dsv32.train.envs import phrasings as P
+from dsv32.train.synth import phrasings as P
 from dsv32.train.envs import score_answer, score_call, score_plain, tool_messages
 from dsv32.train.envs.dates import normalize_date
 from dsv32.train.evaluate import evaluate, evaluation_tasks, llm_generate_batch
