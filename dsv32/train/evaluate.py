@@ -18,6 +18,7 @@ from dsv32.chat import ChatFormatError, Tokenizer, encode_messages, parse_comple
 from dsv32.chat.dsml import PARAM_OPEN
 from dsv32.chat.tokens import PARAM_CLOSE
 
+from .conversation import Conversation
 from .data import byte_spans, encode_conversation
 from .envs.registry import tool_messages
 from .envs.verify import score_answer, score_call, score_plain
@@ -204,7 +205,8 @@ def argument_tokens(ids: list[int], mask: list[int], tok: Tokenizer) -> list[lis
 
 
 @torch.no_grad()
-def argument_accuracy(model, conversations: list[dict], tok: Tokenizer, attention: str = "served") -> dict:
+def argument_accuracy(model, conversations: list[Conversation], tok: Tokenizer,
+                      attention: str = "served") -> dict:
     """Teacher-forced top-1 accuracy on tool-call argument tokens. `attention` "served" runs the
     model as the engine does (DSA top-k when the prompt is longer than index_topk), "dense" runs
     full causal attention (what the SFT stage trains, before the indexer has learnt anything).

@@ -34,7 +34,8 @@ from dsv32.chat import Tokenizer
 from dsv32.model.init_tiny import copy_tokenizer, tiny_config
 
 from . import grpo as G
-from .data import Loader, WordDropout, encode_all, without_tools
+from .conversation import Conversation
+from .data import Loader, WordDropout, encode_all
 from .evaluate import argument_accuracy
 from .synth.phrasings import CITIES, frame_words
 from .export import export_bundle, fp8_round_trip
@@ -118,13 +119,13 @@ def tz_cities() -> tuple[str, ...]:
     return tuple(sorted(out))
 
 
-def city_conversations(convs: list[dict], n: int, seed: int) -> list[dict]:
+def city_conversations(convs: list[Conversation], n: int, seed: int) -> list[Conversation]:
     """Copies of weather conversations with the city swapped (in every casing the conversation
     uses) for a time-zone city name, so the model learns to copy the place rather than recall it.
     The unseen cities are left out."""
     rng = random.Random(seed)
     cities = [c for c in tz_cities() if c not in CITIES["unseen"]]
-    weather = [c for c in convs if c.get("category") == "weather"]
+    weather = [c for c in convs if c.category == "weather"]
     out = []
     for i in range(n if weather else 0):
         c = weather[i % len(weather)]
@@ -132,23 +133,23 @@ def city_conversations(convs: list[dict], n: int, seed: int) -> list[dict]:
         if old is None:
             continue
         new = rng.choice(cities)
-        text = json.dumps(c, ensure_ascii=False)
+        text = json.dumps(c.messages, ensure_ascii=False)      # the tool specs' examples too
         for a, b in ((old, new), (old.lower(), new.lower()), (old.title(), new.title()),
                      (old.upper(), new.upper())):
             text = text.replace(a, b)
-        out.append(json.loads(text))
+        out.append(dataclasses.replace(c, messages=json.loads(text)))
     return out
 
 
-def _weather_city(conv: dict) -> str | None:
-    for m in conv["messages"]:
+def _weather_city(conv: Conversation) -> str | None:
+    for m in conv.messages:
         for call in m.get("tool_calls") or []:
             if call["function"]["name"] == "get_weather":
                 return json.loads(call["function"]["arguments"]).get("city")
     return None
 
 
-def training_conversations(recipe: Recipe) -> list[dict]:
+def training_conversations(recipe: Recipe) -> list[Conversation]:
     """The SFT data: tool conversations, extra weather and plain-chat conversations, skill and
     number drills."""
     from .synth import number_conversations, sft_conversations, skill_conversations
@@ -160,14 +161,14 @@ def training_conversations(recipe: Recipe) -> list[dict]:
     return convs + number_conversations(recipe.n_numbers, recipe.seed)
 
 
-def later_conversations(recipe: Recipe) -> list[dict]:
+def later_conversations(recipe: Recipe) -> list[Conversation]:
     """The data of the full-prompt and later stages only: conversion drills."""
     from .synth import conversion_conversations
 
     return conversion_conversations(recipe.n_conversions, recipe.seed)
 
 
-def tool_subset_conversations(convs: list[dict], share: float, seed: int) -> list[dict]:
+def tool_subset_conversations(convs: list[Conversation], share: float, seed: int) -> list[Conversation]:
     """Copies of a seeded `share` of the conversations that offer tools, offering instead a random
     subset of them (always the ones the conversation calls) in random order. Every SFT conversation
     offers all three tools in one order, and a sparse stage that trains on that one layout alone
@@ -175,19 +176,15 @@ def tool_subset_conversations(convs: list[dict], share: float, seed: int) -> lis
     rng = random.Random(f"dsv32-tool-subsets|{seed}")
     out = []
     for c in convs:
-        msgs = c["messages"]
-        tools = msgs[0].get("tools") if msgs else None
+        tools = c.tools
         if not tools or rng.random() >= share:
             continue
-        called = {call["function"]["name"] for m in msgs for call in m.get("tool_calls") or []}
+        called = c.called_tools()
         need = [t for t in tools if t["function"]["name"] in called]
         rest = [t for t in tools if t["function"]["name"] not in called]
         keep = need + rng.sample(rest, rng.randint(0 if need else 1, len(rest)))
         rng.shuffle(keep)
-        copy = json.loads(json.dumps(c))
-        copy["id"] = f"{c.get('id', '')}-tools{len(keep)}"
-        copy["messages"][0]["tools"] = copy["tools"] = keep
-        out.append(copy)
+        out.append(c.offering(keep, id=f"{c.id}-tools{len(keep)}"))
     return out
 
 
@@ -253,7 +250,7 @@ def run_demo(out: str | Path, recipe: Recipe | None = None, progress: bool = Tru
         log.write(event="lm_eval", tag=tag, **row)
         print(f"[{tag}] " + ", ".join(f"{k} {'-' if v is None else f'{v:.4f}'}" for k, v in row.items()))
 
-    short = encode_all([without_tools(c) for c in convs], tok, max_len=1536, mark_values=marks)
+    short = encode_all([c.without_tools() for c in convs], tok, max_len=1536, mark_values=marks)
     stage(recipe.short, Loader(short, recipe.batch, seed=recipe.seed + 3, bucket_id=tok.user_id,
                               dropout=drop))
     stage(recipe.sft, loader)

@@ -41,8 +41,8 @@ def test_training_data_adds_plain_chat_conversations():
     base = training_conversations(recipe)
     more = training_conversations(Recipe(n_train=40, n_city=0, n_skill=0, n_numbers=0, n_chat=30))
     assert more[:len(base)] == base and len(more) == len(base) + 30
-    assert {c["category"] for c in more[len(base):]} == {"chat"}
-    assert not {c["id"] for c in base} & {c["id"] for c in more[len(base):]}
+    assert {c.category for c in more[len(base):]} == {"chat"}
+    assert not {c.id for c in base} & {c.id for c in more[len(base):]}
 
 
 # Knobs removed after runs found they did not help (docs/training.md, "Removed knobs"), each at
@@ -66,19 +66,19 @@ def test_tool_subsets_keep_the_called_tools_and_vary_the_rest():
     from dsv32.train.synth import sft_conversations
 
     convs = sft_conversations(120, seed=2)
-    before = json.dumps(convs)
+    before = json.dumps([c.messages for c in convs])
     subsets = tool_subset_conversations(convs, 0.5, seed=0)
-    assert json.dumps(convs) == before                                  # originals untouched
+    assert json.dumps([c.messages for c in convs]) == before            # originals untouched
     assert tool_subset_conversations(convs, 0.5, seed=0) == subsets     # seeded
     assert not tool_subset_conversations(convs, 0.0, seed=0)
-    offering = [c for c in convs if c["messages"][0].get("tools")]
+    offering = [c for c in convs if c.messages[0].get("tools")]
     assert 0.3 * len(offering) < len(subsets) < 0.7 * len(offering)
-    names = {t["function"]["name"] for t in offering[0]["messages"][0]["tools"]}
+    names = {t["function"]["name"] for t in offering[0].messages[0]["tools"]}
     sizes, orders = set(), set()
     for c in subsets:
-        offered = [t["function"]["name"] for t in c["messages"][0]["tools"]]
-        assert c["tools"] == c["messages"][0]["tools"] and offered and set(offered) <= names
-        called = {call["function"]["name"] for m in c["messages"] for call in m.get("tool_calls") or []}
+        offered = [t["function"]["name"] for t in c.messages[0]["tools"]]
+        assert c.tools == c.messages[0]["tools"] and offered and set(offered) <= names
+        called = {call["function"]["name"] for m in c.messages for call in m.get("tool_calls") or []}
         assert called <= set(offered)
         sizes.add(len(offered))
         orders.add(tuple(offered))

@@ -10,6 +10,7 @@ from dsv32.chat import ChatFormatError, encode_messages, parse_completion
 from dsv32.chat.tokens import EOS
 from dsv32.train.synth import phrasings as P
 from dsv32.train.envs import score_answer, score_call, score_plain, tool_messages
+from dsv32.train.conversation import Conversation
 from dsv32.train.envs.dates import normalize_date
 from dsv32.train.evaluate import evaluate, evaluation_tasks, llm_generate_batch
 from dsv32.train.synth import (
@@ -169,25 +170,25 @@ def test_sft_conversations():
     conversations = sft_conversations(200, seed=1)
     assert len(conversations) == 200
     for conv in conversations:
-        assert set(conv) == {"id", "category", "thinking_mode", "messages", "tools"}
-        messages, mode = conv["messages"], conv["thinking_mode"]
+        assert isinstance(conv, Conversation)
+        messages, mode = conv.messages, conv.thinking_mode
         encode_messages(messages, thinking_mode=mode)
-        if conv["tools"]:
-            assert messages[0]["role"] == "system" and messages[0]["tools"] == conv["tools"]
+        if conv.tools:
+            assert messages[0]["role"] == "system" and messages[0]["tools"] == conv.tools
             with pytest.raises(ChatFormatError):
-                encode_messages(messages, thinking_mode=mode, tools=conv["tools"])
+                encode_messages(messages, thinking_mode=mode, tools=conv.tools)
         last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
         turn = [m for m in messages[last_user + 1:] if m["role"] == "assistant"]
         assert turn and turn[-1]["content"] and not turn[-1].get("tool_calls")
-        assert len(turn) == (1 if conv["category"] == "chat" else 2)
+        assert len(turn) == (1 if conv.category == "chat" else 2)
         for message in turn:
             if mode == "thinking":
                 assert 10 < len(message["reasoning_content"]) < 120
             else:
                 assert "reasoning_content" not in message
             assert len(message["content"]) < 130
-    assert {c["thinking_mode"] for c in sft_conversations(30, seed=2, thinking_ratio=0.0)} == {"chat"}
-    assert {c["thinking_mode"] for c in sft_conversations(30, seed=2, thinking_ratio=1.0)} == {"thinking"}
+    assert {c.thinking_mode for c in sft_conversations(30, seed=2, thinking_ratio=0.0)} == {"chat"}
+    assert {c.thinking_mode for c in sft_conversations(30, seed=2, thinking_ratio=1.0)} == {"thinking"}
 
 
 def test_final_answers_quote_the_tool_result(train_tasks):
@@ -384,9 +385,9 @@ def test_skill_conversations_are_correct_drills():
     assert conversations == skill_conversations(2000, seed=4, words=words)
     kinds = set()
     for conv in conversations:
-        assert conv["category"] == "skill" and conv["thinking_mode"] == "chat" and conv["tools"] is None
-        user, answer = conv["messages"][0]["content"], conv["messages"][1]["content"]
-        encode_messages(conv["messages"], thinking_mode="chat")
+        assert conv.category == "skill" and conv.thinking_mode == "chat" and conv.tools is None
+        user, answer = conv.messages[0]["content"], conv.messages[1]["content"]
+        encode_messages(conv.messages, thinking_mode="chat")
         for kind, frames in SKILL_FRAMES.items():
             for frame in frames:
                 head, _, tail = frame.lower().partition("{x}")
@@ -411,7 +412,7 @@ def test_skill_conversations_are_correct_drills():
         else:
             assert x.lower() in {w.lower() for w in P.UNIT_WORDS[answer][0] + P.UNIT_WORDS[answer][1]}
     assert kinds == set(SKILL_FRAMES)
-    echoed = " ".join(c["messages"][1]["content"] for c in conversations)
+    echoed = " ".join(c.messages[1]["content"] for c in conversations)
     assert all(w in echoed and w.lower() in echoed for w in words)     # as given and lower-cased
     assert any(w.upper() in echoed for w in words)                      # and upper case
 
@@ -423,8 +424,8 @@ def test_number_drills_echo_numbers_whose_tokens_cover_all_three_digit_groups():
     assert convs == number_conversations(300, seed=2) != number_conversations(300, seed=3)
     groups = set()
     for c in convs:
-        messages = c["messages"]
-        assert len(messages) == 12 and c["tools"] is None and c["thinking_mode"] == "chat"
+        messages = c.messages
+        assert len(messages) == 12 and c.tools is None and c.thinking_mode == "chat"
         for user, answer in zip(messages[::2], messages[1::2]):
             assert user["role"] == "user" and answer["role"] == "assistant"
             assert answer["content"] in user["content"]
@@ -453,8 +454,8 @@ def test_conversion_drills_turn_number_words_and_worded_sums_into_digits():
     spoken = {number_words(n).lower(): n for n in range(-100, 101)}
     counts = {"number": 0, "expression": 0, "words": 0, "separated": 0}
     for c in convs:
-        messages = c["messages"]
-        assert len(messages) == 12 and c["tools"] is None and c["category"] == "skill"
+        messages = c.messages
+        assert len(messages) == 12 and c.tools is None and c.category == "skill"
         for user, answer in zip(messages[::2], messages[1::2]):
             text, answer = user["content"], answer["content"]
             x = _slot(text, SKILL_FRAMES["number"])
@@ -486,7 +487,7 @@ def test_city_augmentation_leaves_unseen_cities_out():
     cities = {_weather_city(c).casefold() for c in extra}
     assert len(cities) > 100 and not cities & {c.casefold() for c in P.CITIES["unseen"]}
     for c in extra:                                  # the user names the swapped city, in any casing
-        users = " ".join(m["content"] for m in c["messages"] if m["role"] == "user")
+        users = " ".join(m["content"] for m in c.messages if m["role"] == "user")
         assert _weather_city(c).casefold() in users.casefold()
         assert _weather_city(c) in tz_cities()       # and the call spells it as the list does
 

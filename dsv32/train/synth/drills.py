@@ -7,6 +7,7 @@ import random
 from typing import Callable
 
 from ..envs.dates import DATE_STYLES, write_date
+from ..conversation import Conversation
 from ..envs.numbers import format_number
 from . import phrasings as P
 from .drafts import date_in_split, operand, say_number, verbal
@@ -28,7 +29,7 @@ def _cased(rng: random.Random, word: str) -> str:
     return word.lower() if r < 0.25 else word.upper() if r < 0.3 else word
 
 
-def skill_conversations(n: int, seed: int = 0, words: tuple[str, ...] = ()) -> list[dict]:
+def skill_conversations(n: int, seed: int = 0, words: tuple[str, ...] = ()) -> list[Conversation]:
     """`n` short tool-less chat-mode turns (no system prompt) that drill the skills tool arguments
     need: copying text (`words`, e.g. place names, in any casing, mixed with numbers and codes),
     writing dates as YYYY-MM-DD, numbers in digits, worded arithmetic as expressions, unit names as
@@ -36,32 +37,31 @@ def skill_conversations(n: int, seed: int = 0, words: tuple[str, ...] = ()) -> l
     (sometimes all lower or upper case). No held-out phrasing appears here."""
     rng = random.Random(f"dsv32-skills|{seed}")
     pool = tuple(words) + P.CITIES["train"]
-    out = []
-    for i in range(n):
+
+    def item() -> tuple[str, str, str]:
         kind = rng.choice(("echo", "echo", "date", "number", "expression", "unit"))
-        if kind == "echo":
-            items = [_cased(rng, rng.choice(pool)) if rng.random() < 0.7
-                     else say_number(rng, operand(rng), 0.0) for _ in range(rng.randint(1, 3))]
-            x = answer = " ".join(items)
-        elif kind == "date":
-            day = date_in_split(rng, "train")
-            x, answer = write_date(day, rng.choice(DATE_STYLES)), day.isoformat()
-        elif kind == "number":
-            value = rng.randint(-100, 100) if rng.random() < 0.7 else rng.randint(100, 5000)
-            x, answer = say_number(rng, value, words=0.8), format_number(value)
-        elif kind == "expression":
-            _, _, x, answer, _ = verbal(rng, "train")
-        else:
-            unit = rng.choice(tuple(P.UNIT_WORDS))
-            x, answer = rng.choice(P.UNIT_WORDS[unit][rng.randint(0, 1)]), unit
-        frame = rng.choice(SKILL_FRAMES[kind])
-        if rng.random() < 0.3:                                  # lower-case wording (echo keeps x)
-            frame, x = frame.lower(), x if kind == "echo" else x.lower()
-        user = frame.format(x=x)
-        out.append({"id": f"skill-{seed}-{i}", "category": "skill", "thinking_mode": "chat", "tools": None,
-                    "messages": [{"role": "user", "content": user},
-                                 {"role": "assistant", "content": answer}]})
-    return out
+        return (kind, *_skill(rng, kind, pool))
+
+    return _drill_conversations(n, rng, f"skill-{seed}", 1, item)
+
+
+def _skill(rng: random.Random, kind: str, pool: tuple[str, ...]) -> tuple[str, str]:
+    """(what the user writes, the answer) of one drill of `kind`."""
+    if kind == "echo":
+        items = [_cased(rng, rng.choice(pool)) if rng.random() < 0.7
+                 else say_number(rng, operand(rng), 0.0) for _ in range(rng.randint(1, 3))]
+        return " ".join(items), " ".join(items)
+    if kind == "date":
+        day = date_in_split(rng, "train")
+        return write_date(day, rng.choice(DATE_STYLES)), day.isoformat()
+    if kind == "number":
+        value = rng.randint(-100, 100) if rng.random() < 0.7 else rng.randint(100, 5000)
+        return say_number(rng, value, words=0.8), format_number(value)
+    if kind == "expression":
+        _, _, phrase, expression, _ = verbal(rng, "train")
+        return phrase, expression
+    unit = rng.choice(tuple(P.UNIT_WORDS))
+    return rng.choice(P.UNIT_WORDS[unit][rng.randint(0, 1)]), unit
 
 
 def drill_number(rng: random.Random) -> str:
@@ -75,7 +75,7 @@ def drill_number(rng: random.Random) -> str:
     return ("-" if rng.random() < 0.1 else "") + text
 
 
-def number_conversations(n: int, seed: int = 0, turns: int = 6) -> list[dict]:
+def number_conversations(n: int, seed: int = 0, turns: int = 6) -> list[Conversation]:
     """`n` tool-less chat-mode conversations of `turns` echoes of 1-3 numbers ("Echo: 4905
     0.145" -> "4905 0.145"). A 3-digit token such as `905` is otherwise written only a few dozen
     times in the whole SFT data, too rarely for a small model to copy it reliably; tool arguments
@@ -85,7 +85,7 @@ def number_conversations(n: int, seed: int = 0, turns: int = 6) -> list[dict]:
                                lambda: " ".join(drill_number(rng) for _ in range(rng.randint(1, 3))))
 
 
-def conversion_conversations(n: int, seed: int = 0, turns: int = 6) -> list[dict]:
+def conversion_conversations(n: int, seed: int = 0, turns: int = 6) -> list[Conversation]:
     """`n` tool-less chat-mode conversations of `turns` conversions, each a number in words
     ("sixty-two" -> "62") or a worded calculation ("the sum of 12 and 7" -> "12 + 7"), as in the
     drills of `skill_conversations` but six to a conversation: a calculator argument is such a
@@ -104,7 +104,7 @@ def conversion_conversations(n: int, seed: int = 0, turns: int = 6) -> list[dict
 
 
 def _echo_conversations(n: int, rng: random.Random, prefix: str, turns: int,
-                        item: Callable[[], str]) -> list[dict]:
+                        item: Callable[[], str]) -> list[Conversation]:
     """`n` tool-less chat-mode conversations of `turns` echo turns: `item()` in an echo frame
     (sometimes lower-cased), answered by `item()` itself."""
     def echo() -> tuple[str, str, str]:
@@ -114,19 +114,14 @@ def _echo_conversations(n: int, rng: random.Random, prefix: str, turns: int,
 
 
 def _drill_conversations(n: int, rng: random.Random, prefix: str, turns: int,
-                         item: Callable[[], tuple[str, str, str]]) -> list[dict]:
+                         item: Callable[[], tuple[str, str, str]]) -> list[Conversation]:
     """`n` tool-less chat-mode conversations of `turns` drill turns; `item()` gives (kind, x,
     answer), x goes into a frame of that kind (sometimes lower-cased, x too unless it is echoed)."""
-    out = []
-    for i in range(n):
-        messages = []
-        for _ in range(turns):
-            kind, x, answer = item()
-            frame = rng.choice(SKILL_FRAMES[kind])
-            if rng.random() < 0.3:
-                frame, x = frame.lower(), x if kind == "echo" else x.lower()
-            messages += [{"role": "user", "content": frame.format(x=x)},
-                         {"role": "assistant", "content": answer}]
-        out.append({"id": f"{prefix}-{i}", "category": "skill", "thinking_mode": "chat", "tools": None,
-                    "messages": messages})
-    return out
+    def turn() -> tuple[str, str]:
+        kind, x, answer = item()
+        frame = rng.choice(SKILL_FRAMES[kind])
+        if rng.random() < 0.3:
+            frame, x = frame.lower(), x if kind == "echo" else x.lower()
+        return frame.format(x=x), answer
+
+    return [Conversation.drill(f"{prefix}-{i}", [turn() for _ in range(turns)]) for i in range(n)]

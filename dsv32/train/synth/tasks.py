@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 
 from dsv32.chat import encode_messages
 
+from ..conversation import Conversation
 from ..envs.numbers import format_number
 from ..envs.registry import execute_tool_call, tool_specs
 from ..envs.units import DISPLAY
@@ -57,10 +58,10 @@ class Task:
         """The GRPO reward of a completion (see `dsv32.train.envs.verify.reward`)."""
         return reward(self, completion_messages)
 
-    def conversation(self) -> dict:
-        """The full SFT conversation: messages (prompt + reference), tools, thinking_mode."""
-        return {"id": self.id, "category": self.category, "thinking_mode": self.thinking_mode,
-                "messages": _copy(self.messages + self.reference), "tools": self.tools}
+    def conversation(self) -> Conversation:
+        """The full SFT conversation: the prompt (tools in its system message) and the reference."""
+        messages = _copy(self.messages + self.reference)
+        return Conversation(messages, self.thinking_mode, self.category, self.id)
 
     def to_dict(self) -> dict:
         """Plain JSON-serialisable data."""
@@ -156,10 +157,9 @@ def generate_tasks(n: int, seed: int = 0, split: str = "train", thinking_ratio: 
 
 
 def sft_conversations(n: int, seed: int = 0, split: str = "train", thinking_ratio: float = 0.5,
-                      multi_turn: float = 0.2, categories: tuple[str, ...] = CATEGORIES) -> list[dict]:
-    """`n` reference conversations for SFT: {"id", "category", "thinking_mode", "messages",
-    "tools"}. messages[0] already carries the tools, so render with
-    `encode_messages(c["messages"], thinking_mode=c["thinking_mode"])` (not tools= again)."""
+                      multi_turn: float = 0.2, categories: tuple[str, ...] = CATEGORIES
+                      ) -> list[Conversation]:
+    """`n` reference conversations for SFT (`Task.conversation`)."""
     return [t.conversation() for t in generate_tasks(n, seed, split, thinking_ratio, multi_turn=multi_turn,
                                                      categories=categories)]
 
