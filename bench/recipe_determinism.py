@@ -1,6 +1,6 @@
 """Is the demo recipe the same after a refactor? Fingerprints of its data and of a short run.
 
-    python bench/recipe_determinism.py record OUT.json [--scale 0.05] [--no-run]
+    python bench/recipe_determinism.py record OUT.json [--scale 0.02] [--no-run]
     python bench/recipe_determinism.py compare BEFORE.json AFTER.json
 
 `record` writes, for the default `Recipe()` at full size, a SHA-256 of every stage's rows (token
@@ -59,17 +59,23 @@ def sample(tok, e) -> dict:
 
 def stage_data(tok):
     """{"rows": {name: examples}, "loaders": {stage: Loader}, "heldout": batches, "counts": {...}}
-    for the default recipe, built by the code under test."""
+    for the default recipe, built by the code under test: its data stage, then each training
+    stage's own loader (the stage's training replaced by keeping the loader)."""
     try:
         from dsv32.train import demo
     except ImportError:
         return _stage_data_at_dcf72a9(tok)
     from dsv32.train.recipe import Recipe
 
-    data = demo.prepare_data(Recipe(), tok)
-    loaders = demo.stage_loaders(Recipe(), data, tok)
-    rows = {"conversations": data.examples, **{name: ld.examples for name, ld in loaders.items()}}
-    return {"rows": rows, "loaders": loaders, "heldout": data.heldout_batches, "counts": data.counts()}
+    loaders = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        run = demo.data_stage(Path(tmp), Recipe(), progress=False)
+        run.train = lambda sc, loader: loaders.setdefault(sc.name, loader)
+        for stage in (demo.short_context_sft, demo.full_prompt_sft, demo.dsa_warmup, demo.dsa_sparse):
+            stage(run)
+    rows = {"conversations": run.data.examples, **{name: ld.examples for name, ld in loaders.items()}}
+    return {"rows": rows, "loaders": loaders, "heldout": run.data.heldout_batches,
+            "counts": run.data.counts()}
 
 
 def _stage_data_at_dcf72a9(tok):
@@ -194,7 +200,7 @@ def main() -> None:
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("record")
     r.add_argument("out", type=Path)
-    r.add_argument("--scale", type=float, default=0.05)
+    r.add_argument("--scale", type=float, default=0.02)
     r.add_argument("--no-run", action="store_true")
     c = sub.add_parser("compare")
     c.add_argument("before", type=Path)

@@ -247,6 +247,10 @@ class Loader:
         B = self.batch_size
         return [rows[i: i + B] for i in range(0, len(rows), B)]
 
+    def __len__(self) -> int:
+        """Batches in an epoch."""
+        return len(self._batches())
+
     def next(self) -> Batch:
         batches = self._batches()
         if self.cursor >= len(batches):

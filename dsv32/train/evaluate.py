@@ -183,6 +183,32 @@ def main_eval(model_dir: str, n: int = 160, seed: int = 0, split: str = "heldout
                     generate_batch=llm_generate_batch(llm, max_tokens))
 
 
+def evaluate_in_memory(model, tok, n: int, seed: int = 0, **kwargs) -> dict:
+    """`evaluate` over an engine on the in-memory model (as trained, not loaded from a directory);
+    `kwargs` go to `evaluate` (categories, unseen_cities)."""
+    from dsv32.chat.tokens import EOS
+    from dsv32.engine.sequence import SamplingParams
+
+    from .grpo import make_engine
+
+    engine = make_engine(model, tok, max_seqs=64)
+    params = SamplingParams(temperature=0.0, max_tokens=256, skip_special_tokens=False)
+
+    def generate_batch(prompts: list[str], modes: list[str]) -> list[str]:
+        for i, p in enumerate(prompts):
+            engine.add_request(f"eval-{id(prompts)}-{i}", p, params)
+        done = {}
+        while engine.has_unfinished():
+            for o in engine.step():
+                if o.finished:
+                    done[o.request_id] = o.outputs[0].text.split(EOS)[0]
+        return [done[f"eval-{id(prompts)}-{i}"] for i in range(len(prompts))]
+
+    model.eval()
+    with torch.no_grad():
+        return evaluate(n_tasks=n, seed=seed, split="heldout", generate_batch=generate_batch, **kwargs)
+
+
 # ---- teacher-forced diagnostic ------------------------------------------------------------------
 
 _VALUE = re.compile(PARAM_OPEN.pattern.encode() + rb"(.*?)" + re.escape(PARAM_CLOSE.encode()), re.S)

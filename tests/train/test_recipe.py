@@ -2,7 +2,8 @@
 import json
 
 from dsv32 import load_model
-from dsv32.train.recipe import Recipe, run_demo
+from dsv32.train.demo import run_demo
+from dsv32.train.recipe import Recipe
 
 STAGES = ("sft_short", "sft", "dsa_warmup", "dsa_sparse", "grpo")
 
@@ -35,7 +36,7 @@ def test_demo_recipe_runs_every_stage_and_resumes(tmp_path):
 
 
 def test_training_data_adds_plain_chat_conversations():
-    from dsv32.train.recipe import training_conversations
+    from dsv32.train.corpus import training_conversations
 
     recipe = Recipe(n_train=40, n_city=0, n_skill=0, n_numbers=0, n_chat=0)
     base = training_conversations(recipe)
@@ -54,15 +55,14 @@ REMOVED_KNOBS = {"invented": 0.0, "n_invented_words": 0, "n_spell": 0, "separate
 
 def test_the_default_recipe_is_the_one_that_trained_the_bundled_model():
     from dsv32.server.cli import BUNDLED_MODEL
-    from dsv32.train.recipe import _jsonable
 
     trained_with = json.loads((BUNDLED_MODEL / "summary.json").read_text())["recipe"]
     assert {k: trained_with.pop(k) for k in REMOVED_KNOBS} == REMOVED_KNOBS
-    assert _jsonable(Recipe()) == trained_with
+    assert Recipe().to_json() == trained_with
 
 
 def test_tool_subsets_keep_the_called_tools_and_vary_the_rest():
-    from dsv32.train.recipe import tool_subset_conversations
+    from dsv32.train.corpus import tool_subset_conversations
     from dsv32.train.synth import sft_conversations
 
     convs = sft_conversations(120, seed=2)

@@ -480,16 +480,16 @@ def test_conversion_drills_turn_number_words_and_worded_sums_into_digits():
 
 
 def test_city_augmentation_leaves_unseen_cities_out():
-    from dsv32.train.recipe import _weather_city, city_conversations, tz_cities
+    from dsv32.train.corpus import city_conversations, tz_cities, weather_city
 
     convs = sft_conversations(300, seed=5)
     extra = city_conversations(convs, 400, seed=5)
-    cities = {_weather_city(c).casefold() for c in extra}
+    cities = {weather_city(c).casefold() for c in extra}
     assert len(cities) > 100 and not cities & {c.casefold() for c in P.CITIES["unseen"]}
     for c in extra:                                  # the user names the swapped city, in any casing
         users = " ".join(m["content"] for m in c.messages if m["role"] == "user")
-        assert _weather_city(c).casefold() in users.casefold()
-        assert _weather_city(c) in tz_cities()       # and the call spells it as the list does
+        assert weather_city(c).casefold() in users.casefold()
+        assert weather_city(c) in tz_cities()       # and the call spells it as the list does
 
 
 def test_frame_words_leave_out_slot_words():
