@@ -69,6 +69,17 @@ def test_without_tools_keeps_the_turns_and_drops_the_tools_section():
     assert TOK.decode(sids).endswith(TOK.decode(ids)[TOK.decode(ids).index("<｜User｜>"):])
 
 
+def test_conversation_reads_its_tools_and_calls_and_copies_apart():
+    c = conv("thinking")
+    assert c.tools == TOOLS and c.called_tools() == {"calculator"}
+    assert c.values() == ["2+3", "5"]
+    assert c.without_tools().tools is None and c.offering([], id="x").tools == []
+    assert c.offering([], id="x").id == "x" and c.tools == TOOLS           # the original keeps its tools
+    drill = Conversation.drill("d-0", [("Echo: Oslo", "Oslo"), ("Echo: 7", "7")])
+    assert drill.tools is None and (drill.category, drill.thinking_mode) == ("skill", "chat")
+    assert [m["content"] for m in drill.messages] == ["Echo: Oslo", "Oslo", "Echo: 7", "7"]
+
+
 def test_collate_shared_prefix_and_packing():
     a, b = Example([5] * 40 + [1, 2], [0] * 40 + [1, 1]), Example([5] * 40 + [3], [0] * 40 + [1])
     batch = collate([a, b], min_prefix=8)
