@@ -115,7 +115,8 @@ def data_stage(out: Path, recipe: Recipe, progress: bool) -> Run:
                       tie_embeddings=recipe.tie_embeddings)
     data.vocab.sync(model.lm_head.weight.data)
     dropout = word_dropout(tok, data.vocab, recipe.word_dropout)
-    log.write(event="word_dropout", p=recipe.word_dropout, droppable_tokens=len(dropout.ids) if dropout else 0)
+    log.write(event="word_dropout", p=recipe.word_dropout,
+              droppable_tokens=len(dropout.ids) if dropout else 0)
     return Run(out, recipe, tok, log, data, model, dropout, progress, {"recipe": recipe.to_json()}, t0)
 
 
@@ -142,7 +143,8 @@ def dsa_sparse(run: Run) -> None:
     """Top-k attention on, on the same rows and copies of a share of the tool conversations that
     offer a random subset of their tools."""
     data, recipe = run.data, run.recipe
-    subsets = tool_subset_conversations(data.conversations + data.later, recipe.sparse_tool_subsets, recipe.seed)
+    subsets = tool_subset_conversations(data.conversations + data.later, recipe.sparse_tool_subsets,
+                                        recipe.seed)
     rows = data.examples + data.encode(subsets, run.tok)
     run.log.write(event="sparse_stage", rows=len(rows), tool_subsets=len(rows) - len(data.examples))
     run.train(recipe.sparse, run.loader(rows, seed=recipe.seed + 2))

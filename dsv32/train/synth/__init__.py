@@ -8,7 +8,7 @@ from .tasks import (
 )
 
 __all__ = [
-    "CATEGORIES", "MODES", "SKILL_FRAMES", "Task", "answer_stage", "completion_text", "conversion_conversations",
-    "generate_tasks", "make_task", "number_conversations", "reference_completions", "sft_conversations",
-    "skill_conversations",
+    "CATEGORIES", "MODES", "SKILL_FRAMES", "Task", "answer_stage", "completion_text",
+    "conversion_conversations", "generate_tasks", "make_task", "number_conversations",
+    "reference_completions", "sft_conversations", "skill_conversations",
 ]

@@ -6,8 +6,8 @@ from __future__ import annotations
 import random
 from typing import Callable
 
-from ..envs.dates import DATE_STYLES, write_date
 from ..conversation import Conversation
+from ..envs.dates import DATE_STYLES, write_date
 from ..envs.numbers import format_number
 from . import phrasings as P
 from .drafts import date_in_split, operand, say_number, verbal

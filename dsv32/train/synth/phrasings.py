@@ -6,10 +6,10 @@ How the split works. Every table keyed by split ("train", "heldout") is partitio
   the greetings: a held-out prompt always uses a frame that no training prompt uses;
 - dates (`date_split`, a hash of the ISO date).
 Shared by both splits, because a model trained from nothing cannot know a word it never saw:
-operator words ("times", "divided by"), unit names, number words, month names, date styles,
-openers and closers, casing, the cities of weather questions (`CITIES["train"]`), the countries,
-facts and terms that plain questions ask about, and the assistant-side templates (reasoning and
-answers, `replies`). `CITIES["unseen"]` are never written in a tool conversation (only echoed in drills):
+operator words ("times", "divided by"), unit names, number words, month names, date styles, openers
+and closers, casing, the cities of weather questions (`CITIES["train"]`), the countries, facts and
+terms that plain questions ask about, and the assistant-side templates (reasoning and answers,
+`replies`). `CITIES["unseen"]` are never written in a tool conversation (only echoed in drills):
 held-out tasks over them (`unseen_cities`) measure whether a place the model has never spelt in a
 call can be copied, reported apart from the evaluation.
 """

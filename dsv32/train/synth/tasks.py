@@ -4,10 +4,10 @@ verifiers (GRPO rewards).
 A task is a prompt (a system message carrying the tool specs, an optional earlier finished
 exchange, a user turn), the reference trajectory that follows it (thinking mode: reasoning + DSML
 call, the tool result, reasoning + an answer quoting the result; chat mode: the same without
-reasoning; plain chat: one answer, no call) and what the verifier checks. User phrasings vary a lot;
-the assistant side uses a few short templates. Train and held-out splits use disjoint sentence
-frames and entity values (see `phrasings`). Generation is deterministic: task i of
-a (seed, split) depends on nothing else, so `generate_tasks(n, s)[:k] == generate_tasks(k, s)`.
+reasoning; plain chat: one answer, no call) and what the verifier checks. User phrasings vary a
+lot; the assistant side uses a few short templates. Train and held-out splits use disjoint sentence
+frames and entity values (see `phrasings`). Generation is deterministic: task i of a (seed, split)
+depends on nothing else, so `generate_tasks(n, s)[:k] == generate_tasks(k, s)`.
 """
 from __future__ import annotations
 
