@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 
 import torch
 
@@ -16,6 +15,7 @@ from dsv32.parallel.context import SINGLE, ParallelContext
 
 from .block_manager import BlockManager
 from .cache import PagedCache
+from .config import DTYPES, EngineConfig
 from .guided import GrammarCompiler
 from .runner import ModelRunner
 from .sampler import Sampler
@@ -23,50 +23,12 @@ from .scheduler import Scheduler
 from .sequence import CompletionOutput, Failure, RequestOutput, SamplingParams, Sequence, Status
 
 log = logging.getLogger("dsv32.engine")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass
-class EngineConfig:
-    """Engine settings (the CLI and the server fill these in)."""
-
-    model: str
-    dtype: str = "float32"
-    device: str = "cpu"
-    max_model_len: int | None = None        # default: min(config max positions, 8192)
-    max_num_seqs: int = 32
-    max_num_batched_tokens: int = 2048
-    num_blocks: int | None = None           # default: enough for max_num_seqs full-length sequences
-    kv_cache_memory: int | None = None      # bytes; alternative way to size the cache
-    kv_cache_dtype: str = "auto"            # "auto" (compute dtype) or "fp8"
-    enable_prefix_caching: bool = True
-    fp8_storage: bool = False               # keep FP8 weights, dequantise per block on the fly
-    tensor_parallel_size: int = 1           # ranks sharing every layer (heads, inner dims, vocab)
-    enable_expert_parallel: bool = False    # partition routed experts across the ranks instead
-    num_speculative_tokens: int = 0         # 1: MTP speculative decoding (the model's MTP layer drafts)
 
 
 def load_engine_model(cfg: EngineConfig, pc: ParallelContext = SINGLE):
     """This rank's model (its tensor-parallel slice when `pc` is a group)."""
     return load_model(cfg.model, dtype=DTYPES[cfg.dtype], device=cfg.device,
                       fp8_storage=cfg.fp8_storage, progress=pc.rank == 0, pc=pc)
-
-
-def cache_blocks(cfg: EngineConfig, mc: ModelConfig, max_model_len: int) -> int:
-    """Number of 64-token cache blocks: given, from a memory budget, or max_num_seqs full sequences."""
-    bs = Sequence.block_size
-    blocks_per_seq = -(-max_model_len // bs)
-    num_blocks = cfg.num_blocks
-    if num_blocks is None and cfg.kv_cache_memory:
-        per_block = bs * (mc.num_hidden_layers + mc.num_nextn_predict_layers) * PagedCache.bytes_per_token(
-            mc.kv_lora_rank, mc.qk_rope_head_dim, mc.index_head_dim, DTYPES[cfg.dtype], cfg.kv_cache_dtype == "fp8")
-        num_blocks = cfg.kv_cache_memory // per_block
-    if num_blocks is None:
-        num_blocks = blocks_per_seq * cfg.max_num_seqs
-    if num_blocks < blocks_per_seq:
-        raise ValueError(f"KV cache of {num_blocks} blocks cannot hold one sequence of "
-                         f"max_model_len {max_model_len} ({blocks_per_seq} blocks)")
-    return num_blocks
 
 
 def build_cache(cfg: EngineConfig, mc: ModelConfig, num_blocks: int) -> PagedCache:
@@ -108,12 +70,9 @@ class LLMEngine:
         self.cfg = cfg
         mc = model.config if model is not None else ModelConfig.from_json(cfg.model)
         self.model_config = mc
-        self.max_model_len = cfg.max_model_len or min(mc.max_position_embeddings, 8192)
-        if self.max_model_len > mc.max_position_embeddings:
-            raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's "
-                             f"max_position_embeddings {mc.max_position_embeddings}")
-        num_blocks = cache_blocks(cfg, mc, self.max_model_len)
-        speculate = self._check_speculation(cfg, mc)      # before any worker process starts
+        self.max_model_len = cfg.model_len(mc)
+        num_blocks = cfg.cache_blocks(mc, self.max_model_len)
+        cfg.check_speculation(mc)                          # before any worker process starts
         pc, workers = SINGLE, []
         if cfg.tensor_parallel_size > 1:
             if model is not None:
@@ -141,17 +100,7 @@ class LLMEngine:
         self.requests: dict[str, RequestState] = {}
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "spec_draft_tokens": 0,
                       "spec_accepted_tokens": 0}
-        self.runner.speculate = speculate
-
-    @staticmethod
-    def _check_speculation(cfg: EngineConfig, mc: ModelConfig) -> bool:
-        if cfg.num_speculative_tokens not in (0, 1):
-            raise ValueError(f"num_speculative_tokens must be 0 or 1 (one MTP layer drafts one token), "
-                             f"not {cfg.num_speculative_tokens}")
-        if cfg.num_speculative_tokens and mc.num_nextn_predict_layers < 1:
-            raise ValueError("num_speculative_tokens 1 needs a model with an MTP layer "
-                             "(num_nextn_predict_layers >= 1)")
-        return cfg.num_speculative_tokens == 1
+        self.runner.speculate = cfg.speculative
 
     # ---- requests ------------------------------------------------------------------------------
     def prepare(self, prompt: str | list[int], params: SamplingParams) -> tuple[str | None, list[int]]:

@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from dsv32.engine.config import EngineConfig, add_engine_args
 from dsv32.model.bundled import BUNDLED_MODEL, default_model  # noqa: F401 (BUNDLED_MODEL: re-exported)
 
 log = logging.getLogger("dsv32.server")
@@ -15,40 +16,24 @@ log = logging.getLogger("dsv32.server")
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("serve", help="run the OpenAI/DeepSeek-compatible HTTP server",
                               description=__doc__)
-    p.add_argument("--model", type=Path, default=None,
-                   help="checkpoint directory (default: the bundled model, else a generated tiny one)")
+    add_engine_args(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", default=None, help="model id clients use (default: directory name)")
     p.add_argument("--api-key", action="append", default=[], metavar="KEY",
                    help="accept this bearer key (repeatable; also $DSV32_API_KEY, ignored when empty); "
                         "none: no auth")
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--max-num-seqs", type=int, default=32, help="sequences decoded together")
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--max-queue", type=int, default=256,
                    help="sequences allowed to wait beyond --max-num-seqs; more get HTTP 429")
     p.add_argument("--request-timeout", type=float, default=600.0,
                    help="seconds a request may run; then it ends with finish_reason "
                         "insufficient_system_resource (0: no limit)")
-    p.add_argument("--tensor-parallel-size", type=int, default=1,
-                   help="processes sharing every layer (started by the server, or by torchrun: docs/deploy.md)")
-    p.add_argument("--enable-expert-parallel", action="store_true",
-                   help="partition routed experts across the tensor-parallel ranks")
-    p.add_argument("--num-speculative-tokens", type=int, default=0, choices=[0, 1],
-                   help="1: MTP speculative decoding (same tokens, fewer steps when drafts are accepted)")
-    p.add_argument("--fp8-storage", action="store_true",
-                   help="keep FP8 checkpoint weights in FP8 (dequantised per block on the fly)")
     p.add_argument("--reasoning-only", action="store_true",
                    help="DeepSeek-V3.2-Speciale weights: thinking always on, requests with tools get 400")
     p.add_argument("--no-safety-net", action="store_true",
                    help="raw model behaviour: do not constrain answers that ask for nothing (tool calls may "
                         "then name tools never offered); JSON response_format, tool_choice required/named "
                         "and strict tools are still enforced")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
-    p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds SIGTERM waits for requests in flight before cutting them (a stream "
                         "then ends with an error event, a non-streamed request gets 503); exit status 0")
@@ -58,8 +43,6 @@ def add_parser(subparsers) -> None:
 
 def _main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from dsv32.engine.engine import EngineConfig
-
     from .app import create_app
     from .shutdown import DrainingServer, serve
     from .state import ServerConfig
@@ -73,13 +56,7 @@ def _main(args: argparse.Namespace) -> int:
     if not (Path(model) / "config.json").is_file():
         print(f"dsv32 serve: no checkpoint at {model} (config.json missing)", file=sys.stderr)
         return 2
-    engine = EngineConfig(model=str(model), dtype=args.dtype, device=args.device,
-                          max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-                          max_num_batched_tokens=args.max_num_batched_tokens,
-                          kv_cache_dtype=args.kv_cache_dtype, enable_prefix_caching=not args.no_prefix_caching,
-                          tensor_parallel_size=args.tensor_parallel_size,
-                          enable_expert_parallel=args.enable_expert_parallel, fp8_storage=args.fp8_storage,
-                          num_speculative_tokens=args.num_speculative_tokens)
+    engine = EngineConfig.from_args(args, str(model))
     cfg = ServerConfig(engine=engine, served_model_name=args.served_model_name or Path(model).resolve().name,
                        api_keys=keys, max_queue=args.max_queue,
                        request_timeout=args.request_timeout or None, reasoning_only=args.reasoning_only,
