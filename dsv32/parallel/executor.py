@@ -5,7 +5,7 @@ the model and a full copy of the paged latent cache (MLA's latent is shared by a
 step rank 0 broadcasts the padded batch, all ranks run the forward together (the collectives
 live in the model's blocks and heads) and rank 0 samples; with MTP speculation rank 0 then
 broadcasts the draft plan and all ranks run the MTP layer. The engine starts the workers itself
-(`LLM(..., tensor_parallel_size=N)`), or `torchrun` starts them (`python -m dsv32.parallel.launch`).
+(`LLM(..., tensor_parallel_size=N)`), or `torchrun` starts them (`python -m dsv32.launch`).
 """
 from __future__ import annotations
 
