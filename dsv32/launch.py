@@ -15,7 +15,8 @@ import sys
 import torch.distributed as dist
 
 from dsv32.cli import main as cli_main
-from dsv32.parallel.executor import TIMEOUT, backend_for, worker_loop
+from dsv32.engine.executor import serve_worker
+from dsv32.engine.group import TIMEOUT, backend_for
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     dist.init_process_group(backend_for(device), init_method="env://", timeout=TIMEOUT)
     if rank == 0:
         return cli_main(argv)
-    worker_loop(rank, world, local_rank)
+    serve_worker(rank, world, local_rank)
     dist.destroy_process_group()
     return 0
 

@@ -42,11 +42,6 @@ def _config(args) -> EngineConfig:
     return EngineConfig.from_args(args, _model(args))
 
 
-def _engine(args):
-    from .engine import LLMEngine
-    return LLMEngine(_config(args))
-
-
 def _params(args, **kw) -> SamplingParams:
     return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                           top_k=args.top_k, seed=args.seed, **kw)
@@ -96,10 +91,8 @@ def cmd_generate(args) -> int:
         else:
             plist.append(params)
         prompts.append(p)
-    try:
+    with llm:
         outs = llm.generate(prompts, plist, use_tqdm=sys.stderr.isatty())
-    finally:
-        llm.engine.shutdown()
     for out in outs:
         o = out.outputs[0]
         if args.json:
@@ -123,14 +116,13 @@ def _response_format(args) -> dict | None:
 
 def cmd_chat(args) -> int:
     """The terminal chat; 0 at /exit or end of input, 130 when Ctrl-C quits it."""
-    engine = _engine(args)
-    try:
-        return _chat_loop(engine, args)
-    except KeyboardInterrupt:       # a second Ctrl-C while an answer was being stopped
-        print(file=sys.stderr)
-        return EXIT_INTERRUPTED
-    finally:
-        engine.shutdown()
+    from .engine import LLMEngine
+    with LLMEngine(_config(args)) as engine:
+        try:
+            return _chat_loop(engine, args)
+        except KeyboardInterrupt:       # a second Ctrl-C while an answer was being stopped
+            print(file=sys.stderr)
+            return EXIT_INTERRUPTED
 
 
 def _chat_loop(engine, args) -> int:
@@ -198,13 +190,13 @@ def _stream(engine, request_id: str, parser):
     """The parser's events as the request generates; on Ctrl-C, aborts the request and raises _Stopped."""
     text = ""
     with _ctrl_c() as stop:
-        while engine.has_unfinished():
-            if stop.is_set():
-                engine.abort_request(request_id)
-                raise _Stopped
-            for out in engine.step():
+        for outputs in engine.steps():
+            for out in outputs:
                 new, text = out.outputs[0].text[len(text):], out.outputs[0].text
                 yield from parser.feed(new)
+            if stop.is_set() and engine.has_unfinished():
+                engine.abort_request(request_id)
+                raise _Stopped
     yield from parser.finish()
 
 
