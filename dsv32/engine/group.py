@@ -114,8 +114,9 @@ def _torchrun_group() -> bool:
     if dist.is_initialized() and _held():
         gc.collect()          # an engine dropped inside a reference cycle closes its group now
         if dist.is_initialized() and _held():
-            raise RuntimeError("this process already runs a tensor-parallel engine: shut it down "
-                               "(engine.shutdown(), or `with LLM(...)`) before starting another")
+            raise RuntimeError("this process already runs a tensor-parallel engine (one process group "
+                               "per process): shut it down first (llm.shutdown(), `del llm`, or "
+                               "`with LLM(...) as llm:`); rebinding `llm = LLM(...)` builds the new one first")
     return dist.is_initialized()
 
 
