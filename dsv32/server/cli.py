@@ -8,6 +8,7 @@ import ssl
 import sys
 from pathlib import Path
 
+from dsv32.engine.config import EngineConfig, add_engine_args
 from dsv32.model.bundled import BUNDLED_MODEL, default_model  # noqa: F401 (BUNDLED_MODEL: re-exported)
 
 from .tls import TLSConfig, cert_reqs
@@ -18,40 +19,24 @@ log = logging.getLogger("dsv32.server")
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("serve", help="run the OpenAI/DeepSeek-compatible HTTP server",
                               description=__doc__)
-    p.add_argument("--model", type=Path, default=None,
-                   help="checkpoint directory (default: the bundled model, else a generated tiny one)")
+    add_engine_args(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", default=None, help="model id clients use (default: directory name)")
     p.add_argument("--api-key", action="append", default=[], metavar="KEY",
                    help="accept this bearer key (repeatable; also $DSV32_API_KEY, ignored when empty); "
                         "none: no auth")
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--max-num-seqs", type=int, default=32, help="sequences decoded together")
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--max-queue", type=int, default=256,
                    help="sequences allowed to wait beyond --max-num-seqs; more get HTTP 429")
     p.add_argument("--request-timeout", type=float, default=600.0,
                    help="seconds a request may run; then it ends with finish_reason "
                         "insufficient_system_resource (0: no limit)")
-    p.add_argument("--tensor-parallel-size", type=int, default=1,
-                   help="processes sharing every layer (started by the server, or by torchrun: docs/deploy.md)")
-    p.add_argument("--enable-expert-parallel", action="store_true",
-                   help="partition routed experts across the tensor-parallel ranks")
-    p.add_argument("--num-speculative-tokens", type=int, default=0, choices=[0, 1],
-                   help="1: MTP speculative decoding (same tokens, fewer steps when drafts are accepted)")
-    p.add_argument("--fp8-storage", action="store_true",
-                   help="keep FP8 checkpoint weights in FP8 (dequantised per block on the fly)")
     p.add_argument("--reasoning-only", action="store_true",
                    help="DeepSeek-V3.2-Speciale weights: thinking always on, requests with tools get 400")
     p.add_argument("--no-safety-net", action="store_true",
                    help="raw model behaviour: do not constrain answers that ask for nothing (tool calls may "
                         "then name tools never offered); JSON response_format, tool_choice required/named "
                         "and strict tools are still enforced")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="auto", help="auto (default): cuda when present, else cpu")
-    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
-    p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds SIGTERM waits for requests in flight before cutting them (a stream "
                         "then ends with an error event, a non-streamed request gets 503); exit status 0")
@@ -62,9 +47,6 @@ def add_parser(subparsers) -> None:
 
 def _main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from dsv32.engine.device import resolve_device
-    from dsv32.engine.engine import EngineConfig
-
     from .app import create_app
     from .shutdown import DrainingServer, serve
     from .state import ServerConfig
@@ -79,14 +61,7 @@ def _main(args: argparse.Namespace) -> int:
     if not (Path(model) / "config.json").is_file():
         print(f"dsv32 serve: no checkpoint at {model} (config.json missing)", file=sys.stderr)
         return 2
-    device = resolve_device(args.device)
-    engine = EngineConfig(model=str(model), dtype=args.dtype, device=device,
-                          max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-                          max_num_batched_tokens=args.max_num_batched_tokens,
-                          kv_cache_dtype=args.kv_cache_dtype, enable_prefix_caching=not args.no_prefix_caching,
-                          tensor_parallel_size=args.tensor_parallel_size,
-                          enable_expert_parallel=args.enable_expert_parallel, fp8_storage=args.fp8_storage,
-                          num_speculative_tokens=args.num_speculative_tokens)
+    engine = EngineConfig.from_args(args, str(model))
     try:
         cfg = ServerConfig(engine=engine, served_model_name=args.served_model_name or Path(model).resolve().name,
                            api_keys=keys, max_queue=args.max_queue,
@@ -101,7 +76,7 @@ def _main(args: argparse.Namespace) -> int:
                             access_log=False, log_level=args.log_level, **tls.uvicorn_kwargs())
     state.on_load_error = lambda: setattr(server, "should_exit", True)
     log.info("serving %s as %r on %s://%s:%d (aliases deepseek-chat, deepseek-reasoner); device %s%s; %s",
-             model, cfg.served_model_name, "https" if tls.enabled else "http", args.host, args.port, device,
+             model, cfg.served_model_name, "https" if tls.enabled else "http", args.host, args.port, engine.device,
              " (auto)" if args.device == "auto" else "", access_summary(state, tls, len(args.api_key) < len(keys)))
     signalled = serve(server, on_hangup=state.reload_keys if cfg.api_key_file is not None else None)
     if state.load_error or not server.started:

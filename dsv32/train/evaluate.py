@@ -195,14 +195,8 @@ def evaluate_in_memory(model, tok, n: int, seed: int = 0, **kwargs) -> dict:
     params = SamplingParams(temperature=0.0, max_tokens=256, skip_special_tokens=False)
 
     def generate_batch(prompts: list[str], modes: list[str]) -> list[str]:
-        for i, p in enumerate(prompts):
-            engine.add_request(f"eval-{id(prompts)}-{i}", p, params)
-        done = {}
-        while engine.has_unfinished():
-            for o in engine.step():
-                if o.finished:
-                    done[o.request_id] = o.outputs[0].text.split(EOS)[0]
-        return [done[f"eval-{id(prompts)}-{i}"] for i in range(len(prompts))]
+        outputs = engine.generate(prompts, [params] * len(prompts))
+        return [o.outputs[0].text.split(EOS)[0] for o in outputs]
 
     model.eval()
     with torch.no_grad():
