@@ -54,6 +54,11 @@ def interpreted(x: torch.Tensor) -> bool:
     return x.device.type != "cuda"
 
 
+def stages(stage_bytes: int, limit: int = 160 * 1024, most: int = 4) -> int:
+    """Software-pipelining depth whose shared-memory stages (stage_bytes each) fit in `limit`."""
+    return max(1, min(most, limit // max(1, stage_bytes)))
+
+
 def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
 
@@ -89,5 +94,6 @@ def fp8_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
                     w_scale.stride(0), w_scale.stride(1), c.stride(0), c.stride(1), c.stride(2),
                     A_FP8=a_fp8, PREC="ieee" if x.dtype == torch.float32 else "tf32",
                     F32DOT=interpreted(x),
-                    BM=BM, BN=BN, BK=BLOCK, num_warps=4, num_stages=4)
+                    BM=BM, BN=BN, BK=BLOCK, num_warps=4,
+                    num_stages=stages(BM * BLOCK * x.element_size() + BLOCK * BN * w.element_size()))
     return c[0] if split == 1 else c.sum(0).to(out_dtype)

@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .fp8_gemm import interpreted
+from .fp8_gemm import interpreted, stages
 
 
 @triton.jit
@@ -68,5 +68,6 @@ def moe_gemm(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None, row
                     c.stride(0), c.stride(1),
                     HAS_SCALE=w_scale is not None, MUL_W=row_weight is not None,
                     F32DOT=interpreted(a), PREC="ieee" if a.dtype == torch.float32 else "tf32",
-                    BM=block_m, BN=BN, BK=128, num_warps=4, num_stages=4)
+                    BM=block_m, BN=BN, BK=128, num_warps=4,
+                    num_stages=stages(block_m * 128 * a.element_size() + 128 * BN * w.element_size()))
     return c
