@@ -45,7 +45,7 @@ def _dequant(w: torch.Tensor, s: torch.Tensor | None, dtype: torch.dtype) -> tor
 
 def _block_m(assignments: int, experts: int) -> int:
     per = assignments / max(1, min(experts, assignments))                 # rows per touched expert
-    return 16 if per <= 16 else 32 if per <= 32 else 64 if per <= 64 else 128
+    return 16 if per <= 16 else 32 if per <= 32 else 64   # 128 spills on sm_90 (bench/triton_sm90.py)
 
 
 class PackedExperts:

@@ -1,5 +1,6 @@
 """bench/gpu_layers.py cannot rot: its --small run (CPU, seconds) and its floors."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -41,3 +42,15 @@ def test_small_run(tmp_path):
         assert row["eager"] > 0 and row["fast"] > 0 and row["hbm_floor"] > 0 and row["flop_floor"] > 0
     assert len(data["prefill_dsa"]) == 1 and data["prefill_dsa"][0]["sparse_mla"] > 0
     assert "| decode | 2 | 96 |" in r.stdout
+
+
+def test_sm90_report_compiles_without_gpu():
+    """bench/triton_sm90.py: a kernel compiled for sm_90 on this machine (a process without the
+    interpreter), no spills reported."""
+    pytest.importorskip("triton", reason="triton is not installed (pip install dsv32[kernels])")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "triton_sm90.py"), "--only", "w8a16 BM16"],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    row = [line for line in r.stdout.splitlines() if "w8a16 BM16" in line]
+    assert len(row) == 1 and "| 0 / 0 |" in row[0] and "HMMA" in row[0], r.stdout

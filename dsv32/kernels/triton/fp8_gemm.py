@@ -1,7 +1,7 @@
 """Triton GEMM with DeepSeek's FP8 block-scaled weights: y = x W^T, W e4m3 [N, K] with one fp32
 scale per 128x128 block. Two activation modes:
-  * W8A16: x in bf16/fp16/fp32, each weight tile converted to x's dtype (exact for e4m3) and the
-    block scale applied to the fp32 partial product (decode: bound by reading W once);
+  * W8A16: x in bf16/fp16/fp32, each weight tile dequantised in registers to x's dtype (the
+    rounding of `block_dequant`) and fed to the MMA (decode: bound by reading W once);
   * W8A8: x quantised to e4m3 with one scale per 1x128 group (fp8 tensor cores; prefill).
 Split-K writes fp32 partials [S, M, N] summed afterwards (deterministic, no atomics).
 """
@@ -41,10 +41,12 @@ def _fp8_gemm(a_ptr, as_ptr, w_ptr, ws_ptr, c_ptr, M, N, K, K_SPLIT,
                 a, w = a.to(tl.float32), w.to(tl.float32)
             acc += tl.dot(a, w, input_precision=PREC) * xs[:, None] * ws[None, :]
         else:
-            w = w.to(a.dtype)
+            # the block scale folded into the weight tile: W rounded to x's dtype exactly as
+            # `block_dequant` rounds it, and the MMA accumulates in place (no second accumulator)
+            w = (w.to(tl.float32) * ws[None, :]).to(a.dtype)
             if F32DOT:
                 a, w = a.to(tl.float32), w.to(tl.float32)
-            acc += tl.dot(a, w, input_precision=PREC) * ws[None, :]
+            acc = tl.dot(a, w, acc, input_precision=PREC)
     c = c_ptr + pid_k * s_cs + rm[:, None] * s_cm + rn[None, :] * s_cn
     tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
@@ -59,6 +61,12 @@ def stages(stage_bytes: int, limit: int = 160 * 1024, most: int = 4) -> int:
     return max(1, min(most, limit // max(1, stage_bytes)))
 
 
+def gemm_launch(BM: int, BN: int, a_size: int, w_size: int) -> dict:
+    """num_warps / num_stages of a [BM, 128] x [128, BN] tile loop (also used by moe_gemm)."""
+    return dict(num_warps=8 if BM * BN >= 64 * 128 else 4,
+                num_stages=stages(BM * BLOCK * a_size + BLOCK * BN * w_size))
+
+
 def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
 
@@ -66,7 +74,7 @@ def _sm_count(device: torch.device) -> int:
 def config(M: int, N: int, K: int, sms: int) -> tuple[int, int, int]:
     """(BM, BN, split-K) for an [M, K] x [K, N] product on `sms` multiprocessors."""
     BM = 16 if M <= 16 else 32 if M <= 32 else 64 if M <= 64 else 128
-    BN = 64 if M <= 64 else 128
+    BN = 64                        # 128x128 spills on sm_90 (bench/triton_sm90.py); 128x64 does not
     tiles = triton.cdiv(M, BM) * triton.cdiv(N, BN)
     kb = triton.cdiv(K, BLOCK)
     split = 1
@@ -94,6 +102,5 @@ def fp8_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
                     w_scale.stride(0), w_scale.stride(1), c.stride(0), c.stride(1), c.stride(2),
                     A_FP8=a_fp8, PREC="ieee" if x.dtype == torch.float32 else "tf32",
                     F32DOT=interpreted(x),
-                    BM=BM, BN=BN, BK=BLOCK, num_warps=4,
-                    num_stages=stages(BM * BLOCK * x.element_size() + BLOCK * BN * w.element_size()))
+                    BM=BM, BN=BN, BK=BLOCK, **gemm_launch(BM, BN, x.element_size(), w.element_size()))
     return c[0] if split == 1 else c.sum(0).to(out_dtype)

@@ -14,6 +14,9 @@ import triton.language as tl
 from .fp8_gemm import _sm_count, interpreted
 
 
+LAUNCH = dict(num_warps=8, num_stages=3)     # for BT*BH >= 64 (the real model: 64 heads)
+
+
 @triton.jit
 def _indexer(q_ptr, w_ptr, pos_ptr, tab_ptr, k_ptr, ks_ptr, out_ptr,
              T, H, S, S_SPLIT, BS_CACHE,
@@ -84,5 +87,5 @@ def indexer_scores(q: torch.Tensor, w: torch.Tensor, cache, layer: int, tables: 
                    q.stride(0), q.stride(1), q.stride(2), w.stride(0), w.stride(1), positions.stride(0),
                    tables.stride(0), k.stride(0), ks.stride(0), out.stride(0), out.stride(1),
                    DI=Di, G=Di // 128 if fp8 else 1, FP8=fp8, F32DOT=interpreted(q),
-                   BT=BT, BH=BH, BS=block_s, num_warps=8 if BT * BH >= 128 else 4, num_stages=3)
+                   BT=BT, BH=BH, BS=block_s, **(LAUNCH if BT * BH >= 64 else dict(num_warps=4, num_stages=3)))
     return out

@@ -36,18 +36,22 @@ def _moe_gemm(a_ptr, w_ptr, ws_ptr, c_ptr, rows_ptr, bexp_ptr, rw_ptr,
                     mask=r_ok[:, None] & k_ok[None, :], other=0.0)           # [BM, BK]
         w = tl.load(w_ptr + e * s_we + kk[:, None] * s_wk + rn[None, :] * s_wn,
                     mask=k_ok[:, None] & n_ok[None, :], other=0.0)           # [BK, BN]
+        if HAS_SCALE:                           # block scale folded into the tile (block_dequant's rounding)
+            ws = tl.load(ws_ptr + e * s_wse + (rn // 128) * s_wsn + (k0 // 128) * s_wsk, mask=n_ok, other=0.0)
+            w = w.to(tl.float32) * ws[None, :]
         w = w.to(a.dtype)
         if F32DOT:
             a, w = a.to(tl.float32), w.to(tl.float32)
-        part = tl.dot(a, w, input_precision=PREC)
-        if HAS_SCALE:
-            ws = tl.load(ws_ptr + e * s_wse + (rn // 128) * s_wsn + (k0 // 128) * s_wsk, mask=n_ok, other=0.0)
-            part = part * ws[None, :]
-        acc += part
+        acc = tl.dot(a, w, acc, input_precision=PREC)
     if MUL_W:
         acc = acc * tl.load(rw_ptr + rows, mask=r_ok, other=0.0)[:, None]
     c = c_ptr + rows[:, None] * s_cm + rn[None, :] * s_cn
     tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=r_ok[:, None] & n_ok[None, :])
+
+
+def launch(block_m: int, a_size: int) -> dict:
+    """num_warps / num_stages for block_m rows (BN 64): 8 warps from 64 rows, else spills on sm_90."""
+    return dict(num_warps=8 if block_m >= 64 else 4, num_stages=stages(block_m * 128 * a_size + 128 * 64))
 
 
 def moe_gemm(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None, rows: torch.Tensor,
@@ -58,7 +62,7 @@ def moe_gemm(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None, row
     -> c [n_rows, N] in a's dtype (times row_weight [n_rows] when given)."""
     E, N, K = w.shape
     c = torch.empty(n_rows, N, device=a.device, dtype=a.dtype)
-    BN = 64 if block_m <= 32 else 128
+    BN = 64                                                               # see fp8_gemm.config
     ws = w_scale if w_scale is not None else w                            # unused without scales
     rw = row_weight if row_weight is not None else rows
     sws = ws.stride() if w_scale is not None else (0, 0, 0)
@@ -68,6 +72,5 @@ def moe_gemm(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None, row
                     c.stride(0), c.stride(1),
                     HAS_SCALE=w_scale is not None, MUL_W=row_weight is not None,
                     F32DOT=interpreted(a), PREC="ieee" if a.dtype == torch.float32 else "tf32",
-                    BM=block_m, BN=BN, BK=128, num_warps=4,
-                    num_stages=stages(block_m * 128 * a.element_size() + 128 * BN * w.element_size()))
+                    BM=block_m, BN=BN, BK=128, **launch(block_m, a.element_size()))
     return c

@@ -12,11 +12,14 @@ import triton.language as tl
 from .fp8_gemm import _sm_count, interpreted
 
 
+LAUNCH = dict(num_warps=8, num_stages=2)     # with BH=16, BK=16: no spills on sm_90 (bench/triton_sm90.py)
+
+
 @triton.jit
 def _sparse_mla(q_ptr, idx_ptr, tab_ptr, c_ptr, cs_ptr, pe_ptr, o_ptr, lse_ptr,
                 T, H, K, K_SPLIT, BS_CACHE, scale,
                 s_qbt, s_qh, s_ib, s_it, s_tb, s_c, s_cs, s_pe, s_obt, s_os, s_oh, s_lbt, s_ls,
-                C: tl.constexpr, R: tl.constexpr, FP8: tl.constexpr, F32DOT: tl.constexpr,
+                C: tl.constexpr, R: tl.constexpr, G: tl.constexpr, FP8: tl.constexpr, F32DOT: tl.constexpr,
                 BH: tl.constexpr, BK: tl.constexpr):
     pid_q, pid_h, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b = pid_q // T
@@ -39,9 +42,10 @@ def _sparse_mla(q_ptr, idx_ptr, tab_ptr, c_ptr, cs_ptr, pe_ptr, o_ptr, lse_ptr,
         key = tl.where(ok, key, 0)
         slot = tl.load(tab_ptr + b * s_tb + key // BS_CACHE, mask=ok, other=0) * BS_CACHE + key % BS_CACHE
         c = tl.load(c_ptr + slot[:, None] * s_c + rc[None, :], mask=ok[:, None], other=0.0)      # [BK, C]
-        if FP8:
-            cs = tl.load(cs_ptr + slot[:, None] * s_cs + rc[None, :] // 128, mask=ok[:, None], other=0.0)
-            c = (c.to(tl.float32) * cs).to(q_ptr.dtype.element_ty)
+        if FP8:                              # e4m3 x its group's fp32 scale, rounded to q's dtype
+            rg = tl.arange(0, G)
+            cs = tl.load(cs_ptr + slot[:, None] * s_cs + rg[None, :], mask=ok[:, None], other=0.0)  # [BK, G]
+            c = tl.reshape(tl.reshape(c.to(tl.float32), (BK, G, 128)) * cs[:, :, None], (BK, C))
             pe = tl.load(pe_ptr + slot[:, None] * s_pe + rr[None, :], mask=ok[:, None], other=0.0)
         else:
             pe = tl.load(c_ptr + slot[:, None] * s_c + C + rr[None, :], mask=ok[:, None], other=0.0)
@@ -68,7 +72,7 @@ def _sparse_mla(q_ptr, idx_ptr, tab_ptr, c_ptr, cs_ptr, pe_ptr, o_ptr, lse_ptr,
 
 
 def sparse_mla(q: torch.Tensor, idx: torch.Tensor, cache, layer: int, tables: torch.Tensor,
-               scale: float, block_h: int = 16, block_k: int = 32, splits: int | None = None
+               scale: float, block_h: int = 16, block_k: int = 16, splits: int | None = None
                ) -> torch.Tensor:
     """q [B, T, H, C+R], idx [B, T, K] (-1 = empty) -> o_lat [B, T, H, C] in q's dtype."""
     B, T, H, _ = q.shape
@@ -90,8 +94,8 @@ def sparse_mla(q: torch.Tensor, idx: torch.Tensor, cache, layer: int, tables: to
                       q.stride(1), q.stride(2), idx.stride(0), idx.stride(1),
                       tables.stride(0), c.stride(0), cs.stride(0), pe.stride(0),
                       o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1),
-                      C=C, R=R, FP8=cache.fp8, F32DOT=interpreted(q), BH=block_h, BK=block_k,
-                      num_warps=4, num_stages=2)
+                      C=C, R=R, G=max(1, C // 128), FP8=cache.fp8, F32DOT=interpreted(q), BH=block_h, BK=block_k,
+                      **LAUNCH)
     if splits == 1:
         return o[:, 0].view(B, T, H, C)
     wts = torch.softmax(lse, dim=1).nan_to_num_(0.0)                       # [BT, splits, H]
