@@ -233,6 +233,9 @@ def run(args) -> tuple[list[dict], list[dict], dict]:
                    flop_floor=w.flops / peak["bf16"], bytes=w.bytes, flops=w.flops)
         rows.append(row)
         print(fmt_row(row), flush=True)
+        if args.out:                                     # kept current: a timeout still leaves the rows
+            with open(args.out, "w") as f:
+                json.dump(dict(rows=rows, prefill_dsa=parts), f, indent=1)
         del sc, step
         if device.type == "cuda":
             torch.cuda.empty_cache()
