@@ -16,7 +16,6 @@ import torch
 
 from common import bench_model_dir, markdown_table
 
-STEP_ARGS = None   # filled in main (imports dsv32.kernels lazily)
 
 
 def engine_greedy(path, model, prompts, n, device):
@@ -55,7 +54,7 @@ def fast_greedy(model, prompts, n, device, backend):
     """Prefill each prompt with FastModel.step, then decode all rows together through graphs."""
     from dsv32.engine.cache import PagedCache
     from dsv32.kernels.graphs import GraphedStep
-    from dsv32.kernels.layer import FastModel
+    from dsv32.kernels.layer import STEP_ARGS, FastModel
     cfg = model.config
     cache = PagedCache(cfg.num_hidden_layers, 64, cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.index_head_dim,
                        dtype=model.model.embed_tokens.weight.dtype, device=device)
@@ -79,7 +78,7 @@ def fast_ms_per_token(model, L: int, steps: int, device, backend) -> float:
     token of host prep + graph replay + reading the token back."""
     from dsv32.engine.cache import PagedCache
     from dsv32.kernels.graphs import GraphedStep
-    from dsv32.kernels.layer import FastModel
+    from dsv32.kernels.layer import STEP_ARGS, FastModel
     cfg = model.config
     nb = (L + steps + 64) // 64 + 1
     cache = PagedCache(cfg.num_hidden_layers, nb, cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.index_head_dim,
@@ -97,7 +96,6 @@ def fast_ms_per_token(model, L: int, steps: int, device, backend) -> float:
 
 
 def main(argv=None) -> str:
-    global STEP_ARGS
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--contexts", type=lambda s: [int(x) for x in s.split(",")], default=[1024, 8192, 32768])
     ap.add_argument("--steps", type=int, default=32)
@@ -106,9 +104,7 @@ def main(argv=None) -> str:
     dev = args.device
     backend = "triton" if dev == "cuda" else "torch"
     torch.backends.cuda.matmul.allow_tf32 = False
-    from dsv32.kernels.graphs import Arg
     from dsv32.model.checkpoint import load_model
-    STEP_ARGS = [Arg(0), Arg(0), Arg(-1), Arg(0, width=True), Arg(0)]
     path = bench_model_dir()
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(1000, 100000, (n,), generator=g).tolist() for n in (40, 96)]

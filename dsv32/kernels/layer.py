@@ -19,6 +19,11 @@ from dsv32.model.moe import MoE
 
 from . import check_backend, paged
 from .fp8_gemm import fp8_linear
+from .graphs import Arg
+
+# how FastModel.step's inputs (ids, pos, slots, tables, last) pad into GraphedStep buckets:
+# padding rows decode token 0 at position 0 into no slot through block 0
+STEP_ARGS = (Arg(0), Arg(0), Arg(-1), Arg(0, width=True), Arg(0))
 
 
 class Batch(NamedTuple):

@@ -4,12 +4,11 @@ import torch
 
 from dsv32.engine.cache import PagedCache
 from dsv32.kernels.graphs import Arg, GraphedStep, bucket, pad
-from dsv32.kernels.layer import FastModel
+from dsv32.kernels.layer import STEP_ARGS, FastModel
 
 from .conftest import CUDA, DEVICE
 from .test_layer import BS, pack, tiny
 
-STEP_ARGS = [Arg(0), Arg(0), Arg(-1), Arg(0, width=True), Arg(0)]   # ids, pos, slots, tables, last
 
 
 def test_bucket_and_pad():
