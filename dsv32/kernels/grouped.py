@@ -81,13 +81,16 @@ class PackedExperts:
                              f"divisible by 128 (got {I})")
 
         def stack(lins: list[list[nn.Module]], attr: str):
-            t = torch.stack([torch.cat([getattr(l, attr) for l in ls], 0) for ls in lins])
-            for e, ls in enumerate(lins):                                  # re-point at the stack
+            first = [getattr(l, attr) for l in lins[0]]
+            rows = sum(p.shape[0] for p in first)
+            t = torch.empty(len(lins), rows, *first[0].shape[1:], dtype=first[0].dtype, device=first[0].device)
+            for e, ls in enumerate(lins):          # copy in, then re-point at the stack (no 2nd copy)
                 start = 0
                 for lin in ls:
-                    n = getattr(lin, attr).shape[0]
-                    setattr(lin, attr, nn.Parameter(t[e, start:start + n], requires_grad=False))
-                    start += n
+                    p = getattr(lin, attr)
+                    t[e, start:start + p.shape[0]].copy_(p)
+                    setattr(lin, attr, nn.Parameter(t[e, start:start + p.shape[0]], requires_grad=False))
+                    start += p.shape[0]
             return t
         gu = [[m.gate_proj, m.up_proj] for m in mlps]
         dn = [[m.down_proj] for m in mlps]
