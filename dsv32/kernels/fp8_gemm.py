@@ -66,7 +66,7 @@ def scaled_mm_variant(device: torch.device) -> str | None:
     for variant in ("plain", "pad_k4"):
         try:
             y = _scaled_mm(*act_quant(x), w, ws, torch.bfloat16, variant == "pad_k4").float()
-        except (RuntimeError, ValueError, NotImplementedError):
+        except Exception:            # noqa: BLE001 - any failure (also another torch's signature) = unsupported
             continue
         if ((y - ref).norm() / ref.norm()).item() < 2e-2:
             return variant
