@@ -11,6 +11,7 @@ at a high rate took demo23 from 100% to 94%.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 from pathlib import Path
@@ -35,9 +36,9 @@ def copy_top1(path: str, attention: str, numbers: int) -> tuple[float, int]:
     cases = [(t.conversation(), n) for t in tasks for n in rng.sample(range(100, 1000), numbers)]
     hits = total = 0
     for conv, n in tqdm(cases, desc=Path(path).name, leave=False):
-        at = next(i for i, m in enumerate(conv["messages"]) if m["role"] == "tool")
-        c = json.loads(json.dumps(conv).replace(conv["messages"][at]["content"], str(n)))
-        c["messages"] = c["messages"][: at + 2]                  # up to the answer that quotes it
+        at = next(i for i, m in enumerate(conv.messages) if m["role"] == "tool")
+        messages = json.loads(json.dumps(conv.messages).replace(conv.messages[at]["content"], str(n)))
+        c = dataclasses.replace(conv, messages=messages[: at + 2])   # up to the answer that quotes it
         ids, mask = encode_conversation(c, tok)
         (nid,) = tok.encode(str(n))
         pos = [i for i, t in enumerate(ids) if t == nid and mask[i]]

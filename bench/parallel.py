@@ -40,7 +40,8 @@ def run(path, tp: int, ep: bool, n: int, tokens: int) -> dict:
     t0 = time.perf_counter()
     outs = llm.generate(prompts, sp, use_tqdm=False)
     dt = time.perf_counter() - t0
-    rss = [peak_rss()] + [peak_rss(p.pid) for p in getattr(llm.engine.runner, "workers", [])]
+    group = llm.engine.executor.group
+    rss = [peak_rss()] + [peak_rss(p.pid) for p in (group.workers if group else [])]
     llm.engine.shutdown()
     return {"tok_s": sum(len(o.outputs[0].token_ids) for o in outs) / dt, "rss": rss,
             "tokens": [o.outputs[0].token_ids for o in outs]}

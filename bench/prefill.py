@@ -36,10 +36,10 @@ def child(L: int, chunk: int, fmt: str) -> None:
     prompt = torch.randint(1000, 100000, (L,)).tolist()
     eng.add_request("p", prompt, SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))
     t0 = time.perf_counter()
-    while eng.has_unfinished():
-        eng.step()
+    for _ in eng.steps():
+        pass
     dt = time.perf_counter() - t0
-    cache = sum(t.numel() * t.element_size() for t in (eng.cache.lat, eng.cache.ik))
+    cache = sum(t.numel() * t.element_size() for t in vars(eng.executor.cache).values() if isinstance(t, torch.Tensor))
     print(json.dumps({"seconds": dt, "peak_rss": peak_rss_bytes(), "after_load_rss": base,
                       "cache_bytes": cache}))
 

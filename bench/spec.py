@@ -28,9 +28,9 @@ def run(model, tok, path: str, prompts: list[str], batch: int, tokens: int, spec
     for i, p in enumerate(prompts):
         eng.add_request(f"r{i}", p, params)
     outs, steps, t0 = {}, 0, time.perf_counter()
-    while eng.has_unfinished():
+    for step_outputs in eng.steps():
         steps += 1
-        for o in eng.step():
+        for o in step_outputs:
             if o.finished:
                 outs[o.request_id] = o.outputs[0].token_ids
     wall = time.perf_counter() - t0

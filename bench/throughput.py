@@ -33,14 +33,14 @@ def run(model, tok, path, B: int, prompt_len: int, shared: int, tokens: int, pre
     params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
     if prefix:                                   # warm the prefix cache
         eng.add_request("warm", common + tail(), SamplingParams(temperature=0.0, max_tokens=1))
-        while eng.has_unfinished():
-            eng.step()
+        for _ in eng.steps():
+            pass
     for i in range(B):
         eng.add_request(f"r{i}", common + tail(), params)
     t0 = time.perf_counter()
     t_decode, produced, hits = None, 0, 0
-    while eng.has_unfinished():
-        for out in eng.step():
+    for outputs in eng.steps():
+        for out in outputs:
             if out.finished:
                 hits += out.num_cached_tokens
         running = eng.scheduler.running

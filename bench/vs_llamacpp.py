@@ -27,9 +27,13 @@ import llamacpp
 from common import ROOT, bench_model_dir, machine, markdown_table, write_section
 
 HEADING = "## dsv32 vs llama.cpp (bench/vs_llamacpp.py)"
-WIDE_DIMS = dict(layers=4, hidden=2048, heads=16, q_lora=512, kv_lora=256, nope=64, rope=32, v=64,
-                 inter=4096, moe_inter=512, experts=64, groups=8, topk_group=4, active=6, index_heads=8,
-                 index_dim=64, topk=256, vocab=8192)          # bench/load.py's model, bf16
+# A weight-bound model: hidden 2048, the real MLA and indexer dims, 2 dense layers (inter 16384)
+# and 2 MoE layers (16 experts of 2048, 2 active + 1 shared), the real vocabulary (llama.cpp's
+# converter needs every tokenizer id inside the vocabulary, so bench/load.py's 8192 cannot be
+# converted); ~585M parameters read per decode token, ~1.2B resident; bf16 checkpoint.
+WIDE_DIMS = dict(layers=4, hidden=2048, heads=16, q_lora=512, kv_lora=512, nope=128, rope=64, v=128,
+                 inter=16384, moe_inter=2048, experts=16, groups=4, topk_group=2, active=2, dense=2,
+                 index_heads=8, index_dim=128, topk=256)
 PRECISIONS = {"F32": ("f32", "fp32"), "F16": ("f16", "fp16"), "Q8_0": ("q8_0", "int8")}
 GIB = 1 << 30
 

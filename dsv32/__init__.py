@@ -21,7 +21,10 @@ def __getattr__(name):
     if name in ("AsyncLLM",):
         from .engine.async_engine import AsyncLLM
         return AsyncLLM
-    if name in ("EngineConfig", "LLMEngine"):
-        from .engine import engine
-        return getattr(engine, name)
+    if name == "EngineConfig":
+        from .engine.config import EngineConfig
+        return EngineConfig
+    if name == "LLMEngine":
+        from .engine.engine import LLMEngine
+        return LLMEngine
     raise AttributeError(f"module 'dsv32' has no attribute {name!r}")

@@ -8,7 +8,8 @@ import queue
 import threading
 from typing import AsyncIterator
 
-from .engine import BatchError, EngineConfig, LLMEngine
+from .config import EngineConfig
+from .engine import BatchError, LLMEngine
 from .sequence import RequestOutput, SamplingParams
 
 log = logging.getLogger("dsv32.engine")

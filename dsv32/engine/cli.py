@@ -14,30 +14,20 @@ from pathlib import Path
 
 from dsv32.model.bundled import default_model
 
+from .config import EngineConfig, add_engine_args
 from .sequence import SamplingParams
 
 EXIT_INTERRUPTED = 130      # the shell's status for a command ended by Ctrl-C
 
 
 def _engine_args(p) -> None:
-    p.add_argument("--model", default=None,
-                   help="checkpoint directory, HF layout "
-                        "(default: the bundled model, else a generated tiny one)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--max-model-len", type=int, default=4096)
-    p.add_argument("--max-num-seqs", type=int, default=16)
-    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
+    """The engine's flags (declared once, in engine/config.py) and the sampling flags."""
+    add_engine_args(p)
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=-1)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--tensor-parallel-size", type=int, default=1, help="processes sharing the model")
-    p.add_argument("--enable-expert-parallel", action="store_true",
-                   help="partition routed experts across the tensor-parallel ranks")
-    p.add_argument("--num-speculative-tokens", type=int, default=0, choices=[0, 1],
-                   help="1: MTP speculative decoding (same tokens, fewer steps when drafts are accepted)")
 
 
 def _model(args) -> str:
@@ -48,17 +38,8 @@ def _model(args) -> str:
     return str(model)
 
 
-def _engine(args):
-    from .engine import EngineConfig, LLMEngine
-    return LLMEngine(EngineConfig(**_engine_kwargs(args), model=_model(args)))
-
-
-def _engine_kwargs(args) -> dict:
-    return dict(dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-                max_num_seqs=args.max_num_seqs, kv_cache_dtype=args.kv_cache_dtype,
-                tensor_parallel_size=args.tensor_parallel_size,
-                enable_expert_parallel=args.enable_expert_parallel,
-                num_speculative_tokens=args.num_speculative_tokens)
+def _config(args) -> EngineConfig:
+    return EngineConfig.from_args(args, _model(args))
 
 
 def _params(args, **kw) -> SamplingParams:
@@ -88,11 +69,11 @@ def read_prompts(args) -> list:
 
 
 def cmd_generate(args) -> int:
-    from dataclasses import replace
+    from dataclasses import asdict, replace
 
     from .chat import ChatRequest, prepare_chat
     from .llm import LLM
-    llm = LLM(model=_model(args), **_engine_kwargs(args))
+    llm = LLM(**asdict(_config(args)))
     params, prompts, plist = _params(args), [], []
     for p in read_prompts(args):
         if isinstance(p, str) and args.chat:
@@ -110,10 +91,8 @@ def cmd_generate(args) -> int:
         else:
             plist.append(params)
         prompts.append(p)
-    try:
+    with llm:
         outs = llm.generate(prompts, plist, use_tqdm=sys.stderr.isatty())
-    finally:
-        llm.engine.shutdown()
     for out in outs:
         o = out.outputs[0]
         if args.json:
@@ -137,14 +116,13 @@ def _response_format(args) -> dict | None:
 
 def cmd_chat(args) -> int:
     """The terminal chat; 0 at /exit or end of input, 130 when Ctrl-C quits it."""
-    engine = _engine(args)
-    try:
-        return _chat_loop(engine, args)
-    except KeyboardInterrupt:       # a second Ctrl-C while an answer was being stopped
-        print(file=sys.stderr)
-        return EXIT_INTERRUPTED
-    finally:
-        engine.shutdown()
+    from .engine import LLMEngine
+    with LLMEngine(_config(args)) as engine:
+        try:
+            return _chat_loop(engine, args)
+        except KeyboardInterrupt:       # a second Ctrl-C while an answer was being stopped
+            print(file=sys.stderr)
+            return EXIT_INTERRUPTED
 
 
 def _chat_loop(engine, args) -> int:
@@ -212,13 +190,13 @@ def _stream(engine, request_id: str, parser):
     """The parser's events as the request generates; on Ctrl-C, aborts the request and raises _Stopped."""
     text = ""
     with _ctrl_c() as stop:
-        while engine.has_unfinished():
-            if stop.is_set():
-                engine.abort_request(request_id)
-                raise _Stopped
-            for out in engine.step():
+        for outputs in engine.steps():
+            for out in outputs:
                 new, text = out.outputs[0].text[len(text):], out.outputs[0].text
                 yield from parser.feed(new)
+            if stop.is_set() and engine.has_unfinished():
+                engine.abort_request(request_id)
+                raise _Stopped
     yield from parser.finish()
 
 

@@ -1,99 +1,32 @@
-"""The engine: owns model, paged cache, block manager, scheduler, runner and sampler, and turns
-requests into streamed outputs one step at a time."""
+"""The engine: owns the executor (model and paged cache, on one rank or a tensor-parallel group),
+block manager, scheduler, runner, sampler and output processor, and turns requests into streamed
+outputs one step at a time."""
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from itertools import count
 
 import torch
 
 from dsv32.chat.tokenizer import Tokenizer
-from dsv32.model.checkpoint import load_model
 from dsv32.model.config import ModelConfig
-from dsv32.model.formats import WeightFormat
-from dsv32.model.transformer import Transformer
-from dsv32.parallel.context import SINGLE, ParallelContext
 
 from .block_manager import BlockManager
-from .cache import PagedCache
+from .config import EngineConfig
+from .executor import Executor
 from .guided import GrammarCompiler
+from .observer import StepObserver
+from .output import OutputProcessor, RequestState
 from .runner import ModelRunner
 from .sampler import Sampler
 from .scheduler import Scheduler
-from .sequence import CompletionOutput, Failure, RequestOutput, SamplingParams, Sequence, Status
+from .sequence import Failure, RequestOutput, SamplingParams, Sequence, Status
+from .speculative import speculator_for
 
 log = logging.getLogger("dsv32.engine")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass
-class EngineConfig:
-    """Engine settings (the CLI and the server fill these in)."""
-
-    model: str
-    dtype: str = "float32"
-    device: str = "cpu"
-    max_model_len: int | None = None        # default: min(config max positions, 8192)
-    max_num_seqs: int = 32
-    max_num_batched_tokens: int = 2048
-    num_blocks: int | None = None           # default: enough for max_num_seqs full-length sequences
-    kv_cache_memory: int | None = None      # bytes; alternative way to size the cache
-    kv_cache_dtype: str = "auto"            # "auto" (compute dtype) or "fp8"
-    enable_prefix_caching: bool = True
-    fp8_storage: bool = False               # keep FP8 weights, dequantise per block on the fly
-    weight_format: WeightFormat = "fp32"    # CPU: fp32 | bf16 | fp16 | int8 | fp8 (model/formats.py)
-    tensor_parallel_size: int = 1           # ranks sharing every layer (heads, inner dims, vocab)
-    enable_expert_parallel: bool = False    # partition routed experts across the ranks instead
-    num_speculative_tokens: int = 0         # 1: MTP speculative decoding (the model's MTP layer drafts)
-
-
-def load_engine_model(cfg: EngineConfig, pc: ParallelContext = SINGLE):
-    """This rank's model (its tensor-parallel slice when `pc` is a group)."""
-    return load_model(cfg.model, dtype=DTYPES[cfg.dtype], device=cfg.device,
-                      fp8_storage=cfg.fp8_storage, progress=pc.rank == 0, pc=pc,
-                      weight_format=cfg.weight_format)
-
-
-def cache_blocks(cfg: EngineConfig, mc: ModelConfig, max_model_len: int) -> int:
-    """Number of 64-token cache blocks: given, from a memory budget, or max_num_seqs full sequences."""
-    bs = Sequence.block_size
-    blocks_per_seq = -(-max_model_len // bs)
-    num_blocks = cfg.num_blocks
-    if num_blocks is None and cfg.kv_cache_memory:
-        per_block = bs * (mc.num_hidden_layers + mc.num_nextn_predict_layers) * PagedCache.bytes_per_token(
-            mc.kv_lora_rank, mc.qk_rope_head_dim, mc.index_head_dim, DTYPES[cfg.dtype], cfg.kv_cache_dtype == "fp8")
-        num_blocks = cfg.kv_cache_memory // per_block
-    if num_blocks is None:
-        num_blocks = blocks_per_seq * cfg.max_num_seqs
-    if num_blocks < blocks_per_seq:
-        raise ValueError(f"KV cache of {num_blocks} blocks cannot hold one sequence of "
-                         f"max_model_len {max_model_len} ({blocks_per_seq} blocks)")
-    return num_blocks
-
-
-def build_cache(cfg: EngineConfig, mc: ModelConfig, num_blocks: int) -> PagedCache:
-    return PagedCache(mc.num_hidden_layers + mc.num_nextn_predict_layers, num_blocks, mc.kv_lora_rank,
-                      mc.qk_rope_head_dim, mc.index_head_dim, Sequence.block_size, DTYPES[cfg.dtype],
-                      cfg.device, fp8=cfg.kv_cache_dtype == "fp8")
-
-
-class RequestState:
-    """A request's sequences (n of them), detokenisation state and timing."""
-
-    def __init__(self, request_id: str, prompt: str | None, prompt_ids: list[int],
-                 params: SamplingParams, arrival: float):
-        self.request_id, self.prompt, self.prompt_ids = request_id, prompt, prompt_ids
-        self.params, self.arrival = params, arrival
-        self.seqs: list[Sequence] = []
-        self.texts: list[str] = [""] * params.n
-        self.detoks: list = []
-        self.first_token_time: float | None = None
-        self.num_cached_tokens = 0
-
-    @property
-    def finished(self) -> bool:
-        return all(s.is_finished for s in self.seqs)
+Rows = tuple[list[Sequence], list[torch.Tensor]]     # sequences and the logits row [V] each samples
 
 
 class BatchError(RuntimeError):
@@ -105,56 +38,33 @@ class BatchError(RuntimeError):
 
 
 class LLMEngine:
-    """Synchronous engine: `add_request`, then call `step()` until `has_unfinished()` is False."""
+    """Synchronous engine: `add_request`, then `step()` until `has_unfinished()` is False (or `generate`)."""
 
-    def __init__(self, cfg: EngineConfig, model=None, tokenizer: Tokenizer | None = None):
-        self.cfg = cfg
+    def __init__(self, cfg: EngineConfig, model=None, tokenizer: Tokenizer | None = None,
+                 observer: StepObserver | None = None):
         mc = model.config if model is not None else ModelConfig.from_json(cfg.model)
-        self.model_config = mc
-        self.max_model_len = cfg.max_model_len or min(mc.max_position_embeddings, 8192)
-        if self.max_model_len > mc.max_position_embeddings:
-            raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's "
-                             f"max_position_embeddings {mc.max_position_embeddings}")
-        num_blocks = cache_blocks(cfg, mc, self.max_model_len)
-        speculate = self._check_speculation(cfg, mc)      # before any worker process starts
-        pc, workers = SINGLE, []
-        if cfg.tensor_parallel_size > 1:
-            if model is not None:
-                raise ValueError("tensor_parallel_size > 1 loads the model on every rank: pass a path, not a model")
-            from dsv32.parallel.executor import start_group, share_setup
-            with torch.device("meta"):     # shapes that do not split fail here, before any process starts
-                Transformer(mc, pc=ParallelContext(0, cfg.tensor_parallel_size, cfg.enable_expert_parallel))
-            pc, workers = start_group(cfg)
-            share_setup(cfg, num_blocks)
-        self.model = model if model is not None else load_engine_model(cfg, pc)
+        self.cfg, self.model_config = cfg, mc
+        self.max_model_len = cfg.model_len(mc)
+        cfg.check_speculation(mc)                          # before any worker process starts
+        if observer is not None and cfg.speculative:
+            raise ValueError("a step observer (GRPO rollouts) needs num_speculative_tokens 0")
+        self.observer = observer or StepObserver()
         self.tokenizer = tokenizer if tokenizer is not None else Tokenizer.load(cfg.model)
-        self.eos_token_id = mc.eos_token_id
-        self.cache = build_cache(cfg, mc, num_blocks)
+        num_blocks = cfg.cache_blocks(mc, self.max_model_len)
+        self.executor = Executor.start(cfg, mc, num_blocks, model)
+        self.model = self.executor.model
         bs = Sequence.block_size
+        self.speculator = speculator_for(cfg.speculative, self.executor, bs)
         self.block_manager = BlockManager(num_blocks, bs, cfg.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens)
-        if pc.enabled:
-            from dsv32.parallel.executor import ParallelRunner
-            self.runner = ParallelRunner(self.model, self.cache, workers)
-        else:
-            self.runner = ModelRunner(self.model, self.cache)
+        self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens,
+                                   self.speculator)
+        self.runner = ModelRunner(self.executor, self.speculator, self.observer)
         self.sampler = Sampler()
+        self.output_processor = OutputProcessor(self.tokenizer, mc.eos_token_id, self.max_model_len)
         self.grammars = GrammarCompiler(self.tokenizer, mc.vocab_size)
-        self.recorder = None   # optional: gets every sampling step's logits and kept-token masks
         self.requests: dict[str, RequestState] = {}
-        self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "spec_draft_tokens": 0,
-                      "spec_accepted_tokens": 0}
-        self.runner.speculate = speculate
-
-    @staticmethod
-    def _check_speculation(cfg: EngineConfig, mc: ModelConfig) -> bool:
-        if cfg.num_speculative_tokens not in (0, 1):
-            raise ValueError(f"num_speculative_tokens must be 0 or 1 (one MTP layer drafts one token), "
-                             f"not {cfg.num_speculative_tokens}")
-        if cfg.num_speculative_tokens and mc.num_nextn_predict_layers < 1:
-            raise ValueError("num_speculative_tokens 1 needs a model with an MTP layer "
-                             "(num_nextn_predict_layers >= 1)")
-        return cfg.num_speculative_tokens == 1
+        self.stats = {"prompt_tokens": 0, "generation_tokens": 0}
+        self._ids = count()
 
     # ---- requests ------------------------------------------------------------------------------
     def prepare(self, prompt: str | list[int], params: SamplingParams) -> tuple[str | None, list[int]]:
@@ -186,13 +96,10 @@ class LLMEngine:
             raise ValueError(f"request_id {request_id!r} is already running")
         text, ids = prepared if prepared is not None else self.prepare(prompt, params)
         arrival = time.monotonic() if arrival is None else arrival
-        state = RequestState(request_id, text, ids, params, arrival)
-        state.seqs = [Sequence(request_id, ids, params, index=i, arrival=arrival) for i in range(params.n)]
-        state.detoks = [self.tokenizer.detokenizer(skip_special_tokens=params.skip_special_tokens)
-                        for _ in range(params.n)]
-        self.requests[request_id] = state
+        seqs = [Sequence(request_id, ids, params, index=i, arrival=arrival) for i in range(params.n)]
+        self.requests[request_id] = self.output_processor.track(request_id, text, ids, seqs)
         # n > 1: only the first sequence prefills; the others fork its blocks once it is done
-        self.scheduler.add(state.seqs[0])
+        self.scheduler.add(seqs[0])
         self.stats["prompt_tokens"] += len(ids)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
@@ -201,50 +108,56 @@ class LLMEngine:
         if state is None:
             return None
         self._end(state, "abort")
-        return self._output(state)
+        return self.output_processor.output(state)
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)
 
+    # ---- running until done ----------------------------------------------------------------------
+    def steps(self) -> Iterator[list[RequestOutput]]:
+        """Step until no request is left, yielding each step's outputs (the loop every caller runs)."""
+        while self.has_unfinished():
+            yield self.step()
+
+    def generate(self, prompts: list[str | list[int]], params: list[SamplingParams],
+                 on_finished: Callable[[RequestOutput], None] | None = None) -> list[RequestOutput]:
+        """Generate for every prompt (text or token ids) under its params; their final outputs in
+        order. `on_finished` sees each output as its request ends (a progress bar)."""
+        if len(params) != len(prompts):
+            raise ValueError(f"params: {len(params)} SamplingParams for {len(prompts)} prompts")
+        rids = []
+        for prompt, p in zip(prompts, params):
+            rids.append(f"gen-{next(self._ids)}")
+            self.add_request(rids[-1], prompt, p)
+        done: dict[str, RequestOutput] = {}
+        for outputs in self.steps():
+            for out in outputs:
+                if out.finished:
+                    done[out.request_id] = out
+                    if on_finished is not None:
+                        on_finished(out)
+        return [done[r] for r in rids]
+
     # ---- the step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Schedule, run one forward (per group), sample, and report every request that changed."""
-        if self.recorder is not None and self.runner.speculate:
-            raise RuntimeError("a sampling recorder (GRPO rollouts) needs num_speculative_tokens 0")
+        """Schedule, run the forward, sample, postprocess; report every request that changed."""
         batch = self.scheduler.schedule()
         if not batch:
             return []
-        logits = self._forward(batch)
-        for seq, _ in batch:
-            self.block_manager.commit(seq)
-        rows, seqs = self._rows(batch, logits)
+        logits = self._run(batch)
         changed: dict[str, RequestState] = {}
-        accepted = []
-        for seq, tok in self._sample(rows, seqs, changed):
-            draft, seq.draft = seq.draft, None
-            if draft is None or seq.is_finished:
-                continue
-            self.stats["spec_draft_tokens"] += 1
-            if tok == draft:              # the draft was this token: its logits are already computed
-                accepted.append(seq)
-            else:                         # its key in the cache belongs to another token
-                seq.num_computed_tokens -= 1
-        self.stats["spec_accepted_tokens"] += len(accepted)
-        self._sample([logits[seq.seq_id][1] for seq in accepted], accepted, changed)
-        if self.runner.speculate:
-            self.runner.draft()
-        outputs = []
-        for rid, state in changed.items():
-            outputs.append(self._output(state))
-            if state.finished:
-                del self.requests[rid]
-        return outputs
+        sampled = self._sample(*self._rows(batch, logits), changed)
+        # MTP drafts that the sampled token confirms: their second row is sampled too
+        accepted = [seq for seq, tok in sampled if self.speculator.verify(seq, tok)]
+        self._sample(accepted, [logits[seq.seq_id][1] for seq in accepted], changed)
+        self.speculator.propose()                          # the next drafts
+        return self._postprocess(changed)
 
-    def _forward(self, batch: list[tuple[Sequence, int]]) -> dict[int, torch.Tensor]:
-        """The batch's forward. If it raises, every request in the batch ends with "error" (blocks
+    def _run(self, batch: list[tuple[Sequence, int]]) -> dict[int, torch.Tensor]:
+        """The batch's forwards. If they raise, every request in the batch ends with "error" (blocks
         freed: the engine stays usable) and BatchError carries their last outputs."""
         try:
-            return self.runner.run(batch)
+            logits = self.runner.run(batch)
         except Exception as e:
             failure = Failure("model forward", e)
             rids = list(dict.fromkeys(seq.request_id for seq, _ in batch))
@@ -253,60 +166,66 @@ class LLMEngine:
             for rid in rids:
                 state = self.requests.pop(rid)
                 self._end(state, "error", str(failure))
-                outputs.append(self._output(state))
+                outputs.append(self.output_processor.output(state))
             raise BatchError(str(failure), outputs) from e
+        for seq, _ in batch:
+            self.block_manager.commit(seq)
+        return logits
 
-    def _rows(self, batch: list[tuple[Sequence, int]], logits: dict[int, torch.Tensor]
-              ) -> tuple[list[torch.Tensor], list[Sequence]]:
-        """The logits row [V] each sequence samples from: its own, or, for the n - 1 children of a
-        parent that just computed its prompt (forked here), the parent's."""
-        rows, seqs = [], []
+    def _rows(self, batch: list[tuple[Sequence, int]], logits: dict[int, torch.Tensor]) -> Rows:
+        """The sequences that sample now and the logits row [V] of each: its own, or, for the n - 1
+        children of a parent that just computed its prompt (forked here), the parent's."""
+        seqs, rows = [], []
         for seq, _ in batch:
             if seq.seq_id not in logits:
                 continue
             row = logits[seq.seq_id][0]
             state = self.requests[seq.request_id]
-            if seq.num_output_tokens == 0 and seq.index == 0 and len(state.seqs) > 1 \
-                    and state.seqs[1].status == Status.WAITING and not state.seqs[1].block_table:
+            if seq.num_output_tokens == 0 and seq.index == 0 and self._unforked(state):
                 self._fork(state)
-                rows += [row] * (len(state.seqs) - 1)
                 seqs += state.seqs[1:]
-            rows.append(row)
+                rows += [row] * (len(state.seqs) - 1)
             seqs.append(seq)
-        return rows, seqs
+            rows.append(row)
+        return seqs, rows
 
-    def _sample(self, rows: list[torch.Tensor], seqs: list[Sequence], changed: dict) -> list[tuple[Sequence, int]]:
-        """Sample one token per row and append it to its sequence; returns (seq, token) pairs."""
-        if not seqs:
-            return []
-        stacked = torch.stack(rows)
-        out = self.sampler(stacked, seqs, self.eos_token_id, return_kept=self.recorder is not None)
-        if self.recorder is not None:
-            self.recorder.sampled(seqs, stacked, out)
-        for i, (seq, tok, lp) in enumerate(zip(seqs, out.token_ids, out.logprobs)):
-            state = self.requests[seq.request_id]
-            if state.first_token_time is None:
-                state.first_token_time = time.monotonic()
-                state.num_cached_tokens = state.seqs[0].num_cached_tokens
-            if not seq.is_finished:                       # a sibling's failure may have ended it
-                self._settle(state, seq, tok, lp, out.failed.get(i))
-            changed[seq.request_id] = state
-        return list(zip(seqs, out.token_ids))
+    @staticmethod
+    def _unforked(state: RequestState) -> bool:
+        """The request has children that have not forked off the first sequence yet."""
+        return len(state.seqs) > 1 and state.seqs[1].status == Status.WAITING and not state.seqs[1].block_table
 
     def _fork(self, state: RequestState) -> None:
         """The children share the parent's blocks now, or wait to recompute (Scheduler.fork)."""
         parent = state.seqs[0]
         for child in state.seqs[1:]:
-            child.num_cached_tokens = parent.num_cached_tokens
-            child.prompt_logprobs = list(parent.prompt_logprobs)   # the prompt is computed already
-        self.runner.copy_blocks(self.scheduler.fork(parent, state.seqs[1:]))
+            child.fork_of(parent)
+        self.executor.copy_blocks(self.scheduler.fork(parent, state.seqs[1:]))
+
+    def _sample(self, seqs: list[Sequence], rows: list[torch.Tensor], changed: dict) -> list[tuple[Sequence, int]]:
+        """Sample one token per row and append it to its sequence; returns (seq, token) pairs."""
+        if not seqs:
+            return []
+        stacked = torch.stack(rows)
+        out = self.sampler(stacked, seqs, self.model_config.eos_token_id, return_kept=self.observer.wants_kept)
+        self.observer.sampled(seqs, stacked, out)
+        for i, (seq, tok, lp) in enumerate(zip(seqs, out.token_ids, out.logprobs)):
+            state = self.requests[seq.request_id]
+            state.sampled()
+            if not seq.is_finished:                       # a sibling's failure may have ended it
+                self._settle(state, seq, tok, lp, out.failed.get(i))
+            changed[seq.request_id] = state
+        return list(zip(seqs, out.token_ids))
 
     def _settle(self, state: RequestState, seq: Sequence, tok: int, lp, failure: Failure | None) -> None:
         """Append a sampled token (detokenise, check stops); if the sequence failed, in the sampler
         or here, its request ends with "error" and every other request goes on."""
         if failure is None:
             try:
-                self._append(state, seq, tok, lp)
+                self.stats["generation_tokens"] += 1
+                finish = self.output_processor.append(state, seq, tok, lp)
+                if finish is not None:
+                    self.scheduler.remove(seq)
+                    seq.finish(*finish)
                 return
             except Exception as e:
                 failure = Failure("detokenisation or stop check", e)
@@ -320,56 +239,27 @@ class LLMEngine:
                 self.scheduler.remove(seq)
                 seq.finish(reason, error=error)
 
-    def _append(self, state: RequestState, seq: Sequence, tok: int, lp) -> None:
-        p = seq.params
-        seq.token_ids.append(tok)
-        if lp is not None:
-            seq.logprobs.append(lp)
-        self.stats["generation_tokens"] += 1
-        i = seq.index
-        prev = len(state.texts[i])
-        state.texts[i] += state.detoks[i].add(tok)
-        reason, stop = None, None
-        if tok == self.eos_token_id and not p.ignore_eos:
-            reason = "stop"
-        elif tok in p.stop_token_ids:
-            reason, stop = "stop", tok
-        elif p.stop:
-            text = state.texts[i]
-            start = max(0, prev - max(len(s) for s in p.stop) + 1)
-            hits = [(text.find(s, start), s) for s in p.stop if text.find(s, start) >= 0]
-            if hits:
-                at, s = min(hits)
-                state.texts[i] = text[: at + len(s)] if p.include_stop_str_in_output else text[:at]
-                reason, stop = "stop", s
-        if reason is None and p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens:
-            reason = "length"
-        if reason is None and len(seq) >= self.max_model_len:
-            reason = "length"
-        if reason is not None:
-            self.scheduler.remove(seq)
-            seq.finish(reason, stop)
+    def _postprocess(self, changed: dict[str, RequestState]) -> list[RequestOutput]:
+        """The outputs of the requests that changed; the finished ones leave the engine."""
+        outputs = []
+        for rid, state in changed.items():
+            outputs.append(self.output_processor.output(state))
+            if state.finished:
+                del self.requests[rid]
+        return outputs
 
-    def _output(self, state: RequestState) -> RequestOutput:
-        outs = []
-        for seq, text in zip(state.seqs, state.texts):
-            outs.append(CompletionOutput(
-                index=seq.index, token_ids=seq.output_token_ids, text=text,
-                logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
-                finish_reason=seq.finish_reason, stop_reason=seq.stop_reason, error=seq.error))
-        first = state.seqs[0]
-        return RequestOutput(
-            request_id=state.request_id, prompt_token_ids=state.prompt_ids, outputs=outs,
-            finished=state.finished, num_cached_tokens=state.num_cached_tokens, prompt=state.prompt,
-            prompt_logprobs=list(first.prompt_logprobs) if first.params.prompt_logprobs is not None else None,
-            metrics={"arrival": state.arrival, "first_token": state.first_token_time})
-
+    # ---- lifetime and introspection --------------------------------------------------------------
     def shutdown(self) -> None:
-        """Stop tensor-parallel workers (nothing to do in one process)."""
-        if hasattr(self.runner, "shutdown"):
-            self.runner.shutdown()
+        """Stop tensor-parallel workers and end their group now (also on `with` exit, or when the
+        engine is garbage-collected; nothing to do in one process)."""
+        self.executor.shutdown()
 
-    # ---- introspection ---------------------------------------------------------------------------
+    def __enter__(self) -> LLMEngine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
     def metrics(self) -> dict:
         bm = self.block_manager
         return {
@@ -380,4 +270,5 @@ class LLMEngine:
             "prefix_cache_hits": bm.prefix_cache_hits,
             "num_preemptions": self.scheduler.num_preemptions,
             **self.stats,
+            **self.speculator.metrics(),
         }

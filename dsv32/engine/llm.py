@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from itertools import count
 
 from tqdm.auto import tqdm
 
 from .chat import ChatRequest, prepare_chat
-from .engine import EngineConfig, LLMEngine
+from .config import EngineConfig
+from .engine import LLMEngine
 from .sequence import RequestOutput, SamplingParams
 
 
@@ -15,9 +15,21 @@ class LLM:
     """Generate for a list of prompts (strings or {"prompt_token_ids": [...]}) with continuous batching."""
 
     def __init__(self, model: str, dtype: str = "float32", device: str = "cpu", **engine_kwargs):
+        """`engine_kwargs` are EngineConfig's. With tensor_parallel_size > 1 the LLM owns worker
+        processes: `shutdown()`, or leaving `with LLM(...) as llm:`, stops them (so does dropping
+        the LLM, once it is garbage-collected)."""
         self.engine = LLMEngine(EngineConfig(model=model, dtype=dtype, device=device, **engine_kwargs))
         self.tokenizer = self.engine.tokenizer
-        self._ids = count()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        """Stop the engine's tensor-parallel workers and end their group (nothing to do in one process)."""
+        self.engine.shutdown()
 
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
@@ -25,28 +37,8 @@ class LLM:
             prompts = [prompts]
         params = params or SamplingParams()
         plist = params if isinstance(params, list) else [params] * len(prompts)
-        if len(plist) != len(prompts):
-            raise ValueError(f"params: {len(plist)} SamplingParams for {len(prompts)} prompts")
-        order = []
-        for prompt, p in zip(prompts, plist):
-            rid = f"offline-{next(self._ids)}"
-            if isinstance(prompt, dict):
-                if "prompt_token_ids" in prompt:
-                    prompt = prompt["prompt_token_ids"]
-                elif "prompt" in prompt:
-                    prompt = prompt["prompt"]
-                else:
-                    raise ValueError("prompt dict needs 'prompt' or 'prompt_token_ids'")
-            self.engine.add_request(rid, prompt, p)
-            order.append(rid)
-        done: dict[str, RequestOutput] = {}
-        with tqdm(total=len(order), desc="generate", disable=not use_tqdm) as bar:
-            while self.engine.has_unfinished():
-                for out in self.engine.step():
-                    if out.finished:
-                        done[out.request_id] = out
-                        bar.update(1)
-        return [done[r] for r in order]
+        with tqdm(total=len(prompts), desc="generate", disable=not use_tqdm) as bar:
+            return self.engine.generate([_prompt(p) for p in prompts], plist, lambda _: bar.update(1))
 
     def chat(self, messages: list[dict] | list[list[dict]], params: SamplingParams | None = None, *,
              thinking: bool = False, tools: list[dict] | None = None, tool_choice=None,
@@ -67,3 +59,14 @@ class LLM:
             plist.append(replace(params, skip_special_tokens=False,
                                  logits_processors=params.logits_processors + prepared.processors))
         return self.generate(prompts, plist, use_tqdm=use_tqdm)
+
+
+def _prompt(prompt: str | list[int] | dict) -> str | list[int]:
+    """A prompt as the engine takes it: text or token ids ({"prompt"} or {"prompt_token_ids"})."""
+    if not isinstance(prompt, dict):
+        return prompt
+    if "prompt_token_ids" in prompt:
+        return prompt["prompt_token_ids"]
+    if "prompt" in prompt:
+        return prompt["prompt"]
+    raise ValueError("prompt dict needs 'prompt' or 'prompt_token_ids'")

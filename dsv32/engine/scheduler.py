@@ -6,13 +6,16 @@ from collections import deque
 
 from .block_manager import BlockManager
 from .sequence import Sequence, Status
+from .speculative import Speculator
 
 
 class Scheduler:
     """Decides which sequences run in the next step and how many new tokens each computes."""
 
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 speculator: Speculator | None = None):
         self.bm = block_manager
+        self.spec = speculator or Speculator()     # a draft is one more token to compute
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -33,6 +36,7 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.bm.free(seq)
+        self.spec.drop(seq)
 
     def fork(self, parent: Sequence, children: list[Sequence]) -> list[tuple[int, int]]:
         """Children of a parent that just computed its prompt join the running set on its blocks
@@ -56,23 +60,25 @@ class Scheduler:
         recompute its keys (prompt and generated tokens) when rescheduled."""
         self.running.remove(seq)
         self.bm.free(seq)
-        seq.draft = None
+        self.spec.drop(seq)
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
     def schedule(self) -> list[tuple[Sequence, int]]:
-        budget = self.max_num_batched_tokens
+        """The next step's (sequence, new tokens): running sequences first, then waiting ones."""
         batch: list[tuple[Sequence, int]] = []
-        # 1. running sequences, oldest first; the newest are preempted when blocks run out
+        budget = self._schedule_running(batch, self.max_num_batched_tokens)
+        self._admit_waiting(batch, budget)
+        return batch
+
+    def _schedule_running(self, batch: list, budget: int) -> int:
+        """Running sequences, oldest first; the newest are preempted when blocks run out. Returns
+        the token budget left."""
         for seq in sorted(self.running, key=lambda s: (s.arrival, s.seq_id)):
             if seq not in self.running or budget == 0:
                 continue
-            if seq.draft is not None and budget < 2:
-                seq.draft = None                                    # no room to verify it
-            n = min(len(seq) - seq.num_computed_tokens + (seq.draft is not None), budget)
-            if seq.draft is not None and not self.bm.can_allocate(seq, n):
-                seq.draft, n = None, n - 1                          # drop the draft before preempting
+            n = self._tokens_to_run(seq, budget)
             while not self.bm.can_allocate(seq, n):
                 victim = max(self.running, key=lambda s: (s.arrival, s.seq_id))
                 self._preempt(victim)
@@ -83,7 +89,21 @@ class Scheduler:
             self.bm.allocate(seq, n)
             batch.append((seq, n))
             budget -= n
-        # 2. waiting sequences in arrival order; stop at the first that does not fit (FIFO)
+        return budget
+
+    def _tokens_to_run(self, seq: Sequence, budget: int) -> int:
+        """A running sequence's new tokens within `budget`; its draft counts as one, and is dropped
+        when there is no room to verify it or its block would need a preemption."""
+        if self.spec.draft_of(seq) is not None and budget < 2:
+            self.spec.drop(seq)
+        n = min(len(seq) - seq.num_computed_tokens + (self.spec.draft_of(seq) is not None), budget)
+        if self.spec.draft_of(seq) is not None and not self.bm.can_allocate(seq, n):
+            self.spec.drop(seq)
+            n -= 1
+        return n
+
+    def _admit_waiting(self, batch: list, budget: int) -> None:
+        """Waiting sequences in arrival order; stop at the first that does not fit (FIFO)."""
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if seq.num_computed_tokens == 0 and not seq.block_table and not seq.wants_prompt_logprobs:
@@ -101,4 +121,3 @@ class Scheduler:
             self.running.append(seq)
             batch.append((seq, n))
             budget -= n
-        return batch

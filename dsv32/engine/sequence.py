@@ -123,7 +123,6 @@ class Sequence:
         self.num_cached_tokens = 0       # prompt tokens served from the prefix cache (first schedule)
         self.logprobs: list[TokenLogprob] = []
         self.prompt_logprobs: list[TokenLogprob | None] = [None]   # the first token has no context
-        self.draft: int | None = None    # MTP guess at the token after the last, verified next step
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
         self.error: str | None = None    # why it ended with finish_reason "error"
@@ -158,6 +157,12 @@ class Sequence:
 
     def block_tokens(self, i: int) -> list[int]:
         return self.token_ids[i * self.block_size:(i + 1) * self.block_size]
+
+    def fork_of(self, parent: Sequence) -> None:
+        """This child of `parent` starts where the parent's prompt was computed (its cache hits and
+        prompt logprobs are the parent's)."""
+        self.num_cached_tokens = parent.num_cached_tokens
+        self.prompt_logprobs = list(parent.prompt_logprobs)
 
     def finish(self, reason: str, stop: str | int | None = None, error: str | None = None) -> None:
         """Mark the sequence finished (its blocks are the scheduler's to free)."""

@@ -103,6 +103,15 @@ class MoE(nn.Module):
             MLP(cfg.hidden_size, cfg.moe_intermediate_size, dtype, expert_pc) if i in self.local else None
             for i in range(cfg.n_routed_experts))
         self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, dtype, pc)
+        self.packed = None   # PackedExperts after `pack_experts`: sync-free dispatch (GPU path)
+
+    def pack_experts(self, backend: str = "torch") -> None:
+        """Stack the experts' weights (their Linears become views: nothing is held twice) and
+        dispatch tokens on the device without host syncs (dsv32.kernels.grouped): "torch" gathers
+        each token's expert weights, "triton" runs the grouped GEMM. Call once the model is on its
+        device; `routed` (the per-expert loop) stays the reference."""
+        from dsv32.kernels.grouped import PackedExperts
+        self.packed = PackedExperts.from_moe(self, backend)
 
     def routed(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, run=None) -> torch.Tensor:
         """Sum of the local experts' outputs: x [N, D], weights/ids [N, k] -> [N, D]. `run(mlp,
@@ -126,6 +135,9 @@ class MoE(nn.Module):
         if hooks is not None and hooks.route is not None:
             lead = shape[:-1]                                             # [N, .] -> [B, T, .]
             hooks.route(self.layer_idx, RouteView(r.scores.unflatten(0, lead), r.ids.unflatten(0, lead)))
+        if self.packed is not None:
+            y = self.packed(x, r.weights, r.ids)
+            return (y if self.packed.shared_folded else y + self.shared_experts(x)).view(shape)
         return (self.routed(x, r.weights, r.ids) + self.shared_experts(x)).view(shape)
 
     def _replay(self, hooks: Hooks | None) -> torch.Tensor | None:

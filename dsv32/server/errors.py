@@ -1,7 +1,8 @@
 """Errors as `{"error": {"message", "type", "param", "code"}}` with the statuses of the API spec.
 
 400 malformed request (bad JSON, wrong types, unknown role, bad tools, prompt over the context),
-401 API key, 404 unknown model or route, 422 a value out of range, 429 queue full, 503 not ready.
+401 API key, 404 unknown model or route, 422 a value out of range, 429 queue full or a key's limit,
+503 not ready.
 """
 from __future__ import annotations
 
@@ -29,18 +30,19 @@ class APIError(Exception):
     """An error answer: HTTP status, message, and the OpenAI `type`, `param` and `code`."""
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type: str | None = None):
+                 type: str | None = None, retry_after: int | None = None):
         message = _printable(message)      # it may quote the request, lone surrogates included
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
         self.type = type or _TYPES.get(status, "invalid_request_error")
+        self.retry_after = retry_after     # seconds, for a 429 (default RETRY_AFTER_S)
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self, headers: dict | None = None) -> JSONResponse:
         if self.status == 429:
-            headers = {"Retry-After": str(RETRY_AFTER_S), **(headers or {})}
+            headers = {"Retry-After": str(self.retry_after or RETRY_AFTER_S), **(headers or {})}
         return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
 

@@ -25,24 +25,32 @@ TIMEOUT = "timeout"   # finish reason of a request cut by --request-timeout
 class Generation:
     """A request admitted to the engine: `await Generation.start(...)` tokenises and validates it
     off the event loop and counts it against the queue bound (APIError 400 / 429 / 503), then
-    `outputs()` streams it; `release()` is idempotent; `cut()` ends it at shutdown."""
+    `outputs()` streams it; `release()` is idempotent; `cut()` ends it at shutdown. Its tokens are
+    charged to the API key named `key` (the prompt once admitted, completion tokens as generated)."""
 
-    def __init__(self, state: ServerState, request_id: str, prompt_ids: list[int], params: SamplingParams):
+    def __init__(self, state: ServerState, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                 key: str | None = None):
         self.state, self.request_id, self.params, self.prompt_ids = state, request_id, params, prompt_ids
         self.llm = state.ready()
+        self.key = key
         self._released, self._cut = False, False
         state.admit(params.n, self)
+        self._charge(len(prompt_ids))
 
     @classmethod
     async def start(cls, state: ServerState, request_id: str, prompt: str | list[int],
-                    params: SamplingParams) -> "Generation":
+                    params: SamplingParams, key: str | None = None) -> "Generation":
         """Tokenise in a worker thread (a 10 MB prompt takes seconds), then admit."""
         llm = state.ready()
         try:
             ids = await asyncio.to_thread(_prepare, llm, prompt, params)
         except ValueError as e:
             raise bad_value(e) from None
-        return cls(state, request_id, ids, params)
+        return cls(state, request_id, ids, params, key)
+
+    def _charge(self, tokens: int) -> None:
+        if self.key is not None:
+            self.state.limiter.charge(self.key, tokens)
 
     def release(self) -> None:
         if not self._released:
@@ -63,7 +71,7 @@ class Generation:
         deadline = None if timeout is None else start + timeout
         agen = self.llm.generate(self.prompt_ids, self.params, self.request_id)
         last: RequestOutput | None = None
-        last_t, reason = None, "abort"
+        last_t, reason, charged = None, "abort", 0
         try:
             while True:
                 try:
@@ -89,6 +97,9 @@ class Generation:
                 else:
                     m.itl.observe(now - last_t)
                 last, last_t = out, now
+                generated = sum(len(o.token_ids) for o in out.outputs)
+                self._charge(generated - charged)
+                charged = generated
                 failed = next((o for o in out.outputs if o.finish_reason == "error"), None)
                 if failed is not None:      # an error for the client, never an empty answer
                     reason = "error"
@@ -112,6 +123,11 @@ class Generation:
             last = out
         assert last is not None
         return last
+
+
+def request_key(request: Request) -> str | None:
+    """The name of the API key the request came with (AccessMiddleware puts it in the scope)."""
+    return request.scope.get("state", {}).get("api_key")
 
 
 def _prepare(llm, prompt: str | list[int], params: SamplingParams) -> list[int]:

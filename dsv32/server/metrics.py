@@ -65,6 +65,8 @@ class Metrics:
                             ["path", "status"], registry=r)
         self.rejected = Counter("dsv32:requests_rejected", "Requests refused because the queue was full.",
                                 registry=r)
+        self.rate_limited = Counter("dsv32:requests_rate_limited", "Requests refused by a limit of their API key.",
+                                    ["key", "limit"], registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -22,7 +22,9 @@ from dsv32.engine.chat import ChatPrompt, ChatRequest, InvalidRequest, prepare_c
 from dsv32.engine.sequence import CompletionOutput, RequestOutput
 
 from .errors import APIError
-from .generation import KEEPALIVE, TIMEOUT, Generation, SSEResponse, sse, until_disconnect, with_keepalive
+from .generation import (
+    KEEPALIVE, TIMEOUT, Generation, SSEResponse, request_key, sse, until_disconnect, with_keepalive,
+)
 from .protocol import (
     ChatChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChatMessage, ChoiceLogprobs,
     ChunkChoice, Delta, DeltaFunctionCall, DeltaToolCall, FunctionCall, NamedToolChoice, ToolCall,
@@ -110,7 +112,7 @@ class ChatServing:
             logprobs=top if req.logprobs else None, skip_special_tokens=False,
             processors=prepared.processors)
         request_id = "chatcmpl-" + request.state.request_id
-        gen = await Generation.start(self.state, request_id, prompt, params)
+        gen = await Generation.start(self.state, request_id, prompt, params, request_key(request))
         ctx = _Context(request_id, model, int(time.time()), self.state.cfg.system_fingerprint, mode,
                        tok.think_end_id, TokenText(tok), top if req.logprobs else None)
         if req.stream:

@@ -17,7 +17,9 @@ from dsv32.chat.messages import check_unicode
 from dsv32.engine.sequence import RequestOutput
 
 from .errors import APIError
-from .generation import KEEPALIVE, TIMEOUT, Generation, SSEResponse, sse, until_disconnect, with_keepalive
+from .generation import (
+    KEEPALIVE, TIMEOUT, Generation, SSEResponse, request_key, sse, until_disconnect, with_keepalive,
+)
 from .protocol import Completion, CompletionChoice, CompletionRequest
 from .sampling import TokenText, sampling_params, usage
 
@@ -84,7 +86,7 @@ class CompletionServing:
         try:
             for i, prompt in enumerate(prompts):
                 gens.append(await Generation.start(self.state, base if len(prompts) == 1 else f"{base}-{i}",
-                                                   prompt.engine, params))
+                                                   prompt.engine, params, request_key(request)))
         except BaseException:
             for g in gens:
                 g.release()

@@ -1,5 +1,5 @@
 """Server settings and the state every handler shares: the engine (once loaded), model ids, the
-admission counter behind the bounded queue, and the metrics."""
+admission counter behind the bounded queue, the API keys and their limits, and the metrics."""
 from __future__ import annotations
 
 import asyncio
@@ -7,12 +7,15 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Protocol
 
 from dsv32.engine.async_engine import AsyncLLM
 from dsv32.engine.engine import EngineConfig, LLMEngine
 
 from .errors import APIError
+from .keys import KeyFileError, KeyRing, Limits, check_api_key, fixed_keys
+from .limits import KeyLimiter
 from .metrics import Metrics
 
 log = logging.getLogger("dsv32.server")
@@ -26,7 +29,7 @@ class ServerConfig:
 
     engine: EngineConfig
     served_model_name: str = "dsv32"
-    api_keys: list[str] = field(default_factory=list)
+    api_keys: list[str] = field(default_factory=list)   # named api-key-1, api-key-2, ... in the log
     max_queue: int = 256                  # sequences allowed to wait beyond max_num_seqs
     request_timeout: float | None = 600.0  # seconds from arrival; None: no limit
     reasoning_only: bool = False           # Speciale weights: thinking always on, no tools
@@ -34,19 +37,21 @@ class ServerConfig:
     system_fingerprint: str = "dsv32-0.1"
     sse_keepalive: float = 15.0            # seconds without output before a `: keep-alive` SSE comment
     max_body_bytes: int = 64 << 20         # larger request bodies get 413 (chunked ones too)
+    api_key_file: Path | None = None       # `NAME: KEY [options]` lines (keys.py); read again on SIGHUP
+    max_concurrent_per_key: int | None = None     # default of keys without their own max_concurrent
+    tokens_per_minute_per_key: int | None = None  # default of keys without their own tpm
+    metrics_public: bool = False           # /metrics answers without a key
 
     def __post_init__(self) -> None:
         for key in self.api_keys:
             check_api_key(key)
+        if self.key_limits != Limits() and not self.api_keys and self.api_key_file is None:
+            raise ValueError("per-key limits need API keys (--api-key-file, --api-key or $DSV32_API_KEY)")
 
-
-def check_api_key(key: str) -> None:
-    """ValueError for a key no client can send: empty, padded with spaces, or with control characters."""
-    if not isinstance(key, str) or not key.strip():
-        raise ValueError("an API key must not be empty (leave the key out to serve without one)")
-    if key != key.strip() or any(ord(c) < 32 or ord(c) == 127 for c in key):
-        raise ValueError("an API key must not start or end with whitespace or hold control characters "
-                         "(an HTTP header cannot carry them)")
+    @property
+    def key_limits(self) -> Limits:
+        """The limits of a key that sets none of its own."""
+        return Limits(self.max_concurrent_per_key, self.tokens_per_minute_per_key)
 
 
 class Cuttable(Protocol):
@@ -64,6 +69,8 @@ class ServerState:
         self.llm: AsyncLLM | None = None
         self.load_error: str | None = None
         self.created = int(time.time())
+        self.keys = KeyRing(fixed_keys(cfg.api_keys, cfg.key_limits), cfg.api_key_file, cfg.key_limits)
+        self.limiter = KeyLimiter()
         self.active = 0          # sequences admitted and not yet released
         self.metrics = Metrics(lambda: self.llm.metrics() if self.llm is not None else None)
         self.on_load_error: Callable[[], None] | None = None
@@ -94,6 +101,15 @@ class ServerState:
             return
         log.info("model loaded in %.1fs (max_model_len %d); ready", time.monotonic() - t0,
                  engine.max_model_len)
+
+    def reload_keys(self) -> None:
+        """SIGHUP: read the key file again; a bad file keeps the keys in use, and the log says why."""
+        try:
+            keys = self.keys.reload()
+        except KeyFileError as e:
+            log.error("API keys NOT reloaded (the %d in use stay): %s", len(self.keys.names()), e)
+            return
+        log.info("API keys reloaded from %s: %s", self.cfg.api_key_file, ", ".join(k.name for k in keys))
 
     def start_draining(self, timeout: float) -> None:
         """Shutdown began (on the event loop): refuse new generations, and cut the ones still

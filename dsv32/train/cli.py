@@ -32,7 +32,8 @@ def add_parser(subparsers) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .recipe import Recipe, run_demo
+    from .demo import run_demo
+    from .recipe import Recipe
 
     recipe = Recipe(seed=args.seed)
     if args.scale != 1.0:

@@ -1,13 +1,13 @@
 """Training data: chat-encoded conversations -> token ids + loss masks, batches, packing.
 
-A conversation is `{"messages": [...], "tools": [...] | None, "thinking_mode": "thinking"|"chat"}`.
-Loss masks cover exactly the assistant tokens (reasoning, `</think>`, content, DSML calls and the
-closing `<｜end▁of▁sentence｜>`): the text is rendered with dsv32's own encoder message by message,
-and an assistant span is trained only when rendering the conversation up to it is a prefix of the
-whole text (turns whose rendering changes later, e.g. dropped reasoning, stay unmasked). With
-`mark_values`, assistant tokens that spell a value of the conversation's tool calls or results
-(a city, a date, an operand, a result quoted in the answer) get mask 2 instead of 1, so a stage
-can weight them (`StageConfig.value_weight`).
+A conversation is a `Conversation` (dsv32.train.conversation). Loss masks cover exactly the
+assistant tokens (reasoning, `</think>`, content, DSML calls and the closing
+`<｜end▁of▁sentence｜>`): the text is rendered with dsv32's own encoder message by message, and an
+assistant span is trained only when rendering the conversation up to it is a prefix of the whole
+text (turns whose rendering changes later, e.g. dropped reasoning, stay unmasked). With
+`mark_values`, assistant tokens that spell a value of the conversation's tool calls or results (a
+city, a date, an operand, a result quoted in the answer) get mask 2 instead of 1, so a stage can
+weight them (`StageConfig.value_weight`).
 
 Batches come in two shapes:
   * shared-prefix batches: conversations padded on the right, with the length of the token prefix
@@ -20,28 +20,27 @@ model never read (held-out wording) is an input it has learnt to read past.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 import torch
 
 from dsv32.chat import Tokenizer, encode_messages
 
+from .conversation import Conversation
 
-def encode_conversation(conv: dict, tok: Tokenizer, mark_values: bool = False
+
+def encode_conversation(conv: Conversation, tok: Tokenizer, mark_values: bool = False
                         ) -> tuple[list[int], list[int]]:
     """Token ids and a loss mask of one conversation: 1 = assistant token, 0 = other; with
     `mark_values`, 2 = assistant token that spells a tool-call or tool-result value."""
-    msgs = conv["messages"]
-    tools = None if msgs and msgs[0].get("tools") else conv.get("tools")   # tools given once
-    mode = conv.get("thinking_mode", "thinking")
-    full = encode_messages(msgs, thinking_mode=mode, tools=tools)
+    msgs, mode = conv.messages, conv.thinking_mode
+    full = encode_messages(msgs, thinking_mode=mode)
     cuts, spans = [0], []
     for i, m in enumerate(msgs):
         if m["role"] != "assistant":
             continue
-        before = encode_messages(msgs[:i], thinking_mode=mode, tools=tools) if i else ""
-        upto = encode_messages(msgs[: i + 1], thinking_mode=mode, tools=tools)
+        before = encode_messages(msgs[:i], thinking_mode=mode) if i else ""
+        upto = encode_messages(msgs[: i + 1], thinking_mode=mode)
         if full.startswith(upto) and upto.startswith(before) and len(before) >= cuts[-1]:
             cuts += [len(before), len(upto)]
             spans.append(len(cuts) - 2)          # the piece between cuts[-2] and cuts[-1]
@@ -52,34 +51,8 @@ def encode_conversation(conv: dict, tok: Tokenizer, mark_values: bool = False
         ids += piece
         mask += [1 if j in spans else 0] * len(piece)
     if mark_values:
-        mask = mark_value_tokens(ids, mask, value_strings(conv), tok)
+        mask = mark_value_tokens(ids, mask, conv.values(), tok)
     return ids, mask
-
-
-def value_strings(conv: dict) -> list[str]:
-    """The values a conversation's assistant turns copy or quote: every tool-call argument and
-    every tool-result field (numbers as JSON writes them)."""
-    out: list[str] = []
-
-    def add(v) -> None:
-        if isinstance(v, dict):
-            for x in v.values():
-                add(x)
-        elif isinstance(v, str):
-            out.append(v)
-        elif isinstance(v, (int, float)) and not isinstance(v, bool):
-            out.append(json.dumps(v))
-
-    for m in conv["messages"]:
-        for call in m.get("tool_calls") or []:
-            add(json.loads(call["function"]["arguments"]))
-        if m["role"] == "tool":
-            try:
-                content = json.loads(m["content"])
-            except (json.JSONDecodeError, TypeError):
-                content = m["content"]
-            add(content if isinstance(content, dict) else m["content"])
-    return [v for v in dict.fromkeys(out) if v.strip()]
 
 
 def mark_value_tokens(ids: list[int], mask: list[int], values: list[str], tok: Tokenizer) -> list[int]:
@@ -234,16 +207,14 @@ class Loader:
 
     With `bucket_id` (e.g. the `<｜User｜>` token id) rows are grouped by the tokens before its
     first occurrence (system prompt + tools), so every batch shares that prefix and the trainer
-    runs it once. With `sort_window` > 1, each run of `sort_window` batches' worth of shuffled rows
-    is sorted by length before it is cut into batches, so rows of a batch have similar lengths and
-    little padding. The batches of an epoch are then shuffled together. `dropout` (a `WordDropout`)
+    runs it once; the batches of an epoch are then shuffled together. `dropout` (a `WordDropout`)
     is drawn afresh for every batch from (seed, epoch, step), so resuming replays it.
     """
 
     def __init__(self, examples: list[Example], batch_size: int, seed: int = 0, pad_id: int = 1,
-                 bucket_id: int | None = None, sort_window: int = 1, dropout: WordDropout | None = None):
+                 bucket_id: int | None = None, dropout: WordDropout | None = None):
         self.examples, self.batch_size, self.seed = examples, batch_size, seed
-        self.pad_id, self.bucket_id, self.sort_window = pad_id, bucket_id, sort_window
+        self.pad_id, self.bucket_id = pad_id, bucket_id
         self.dropout = dropout
         self.epoch, self.cursor = 0, 0
         self._cache: tuple[int, list[list[int]]] | None = None
@@ -266,19 +237,19 @@ class Loader:
             for i in order:
                 buckets.setdefault(self._key(self.examples[i]), []).append(i)
             batches = [b for v in buckets.values() for b in self._cut(v)]
-        if self.bucket_id is not None or self.sort_window > 1:
             perm = torch.randperm(len(batches), generator=g).tolist()
             batches = [batches[i] for i in perm]
         self._cache = (self.epoch, batches)
         return batches
 
     def _cut(self, rows: list[int]) -> list[list[int]]:
-        """Shuffled row indices -> batches (length-sorted within each window of rows)."""
-        B, W = self.batch_size, self.batch_size * max(1, self.sort_window)
-        if W > B:
-            length = lambda i: len(self.examples[i].ids)   # noqa: E731
-            rows = [i for w in range(0, len(rows), W) for i in sorted(rows[w: w + W], key=length)]
+        """Shuffled row indices -> batches."""
+        B = self.batch_size
         return [rows[i: i + B] for i in range(0, len(rows), B)]
+
+    def __len__(self) -> int:
+        """Batches in an epoch."""
+        return len(self._batches())
 
     def next(self) -> Batch:
         batches = self._batches()
@@ -300,20 +271,12 @@ class Loader:
         self.epoch, self.cursor, self.seed = state["epoch"], state["cursor"], state["seed"]
 
 
-def without_tools(conv: dict) -> dict:
-    """The conversation with no tools section in its prompt: the same turns, calls and results,
-    ~650 fewer tokens for the demo's three tools (the short-context curriculum stage)."""
-    msgs = [{k: v for k, v in m.items() if not (m["role"] == "system" and k == "tools")}
-            for m in conv["messages"]]
-    return {**conv, "messages": msgs, "tools": None}
-
-
-def encode_all(convs: list[dict], tok: Tokenizer, max_len: int | None = None,
+def encode_all(convs: list[Conversation], tok: Tokenizer, max_len: int | None = None,
                mark_values: bool = False) -> list[Example]:
     """Tokenise conversations, dropping those longer than `max_len` or without assistant tokens."""
     out = []
     for c in convs:
         ids, mask = encode_conversation(c, tok, mark_values)
         if sum(mask) and (max_len is None or len(ids) <= max_len):
-            out.append(Example(ids, mask, c.get("category", "")))
+            out.append(Example(ids, mask, c.category))
     return out

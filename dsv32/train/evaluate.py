@@ -18,6 +18,7 @@ from dsv32.chat import ChatFormatError, Tokenizer, encode_messages, parse_comple
 from dsv32.chat.dsml import PARAM_OPEN
 from dsv32.chat.tokens import PARAM_CLOSE
 
+from .conversation import Conversation
 from .data import byte_spans, encode_conversation
 from .envs.registry import tool_messages
 from .envs.verify import score_answer, score_call, score_plain
@@ -128,7 +129,7 @@ def evaluate(generate_fn: GenerateFn | None = None, n_tasks: int = 160, seed: in
     """Run the agent loop on `n_tasks` tasks and score them. Give `generate_fn(prompt,
     thinking_mode) -> completion text` or the batched `generate_batch(prompts, modes)`.
     `categories` restricts the tasks; `unseen_cities` asks weather questions about cities that no
-    training conversation names (a probe reported apart: see `dsv32.train.envs.phrasings`);
+    training conversation names (a probe reported apart: see `dsv32.train.synth.phrasings`);
     `one_tool` offers each tool task only the tool it needs (another probe).
     Returns {"split", "seed", "n", "cells": {"category/mode": summary}, "overall", "table",
     "episodes"}; each summary holds n and the rate of every metric (None where none applies)."""
@@ -182,6 +183,26 @@ def main_eval(model_dir: str, n: int = 160, seed: int = 0, split: str = "heldout
                     generate_batch=llm_generate_batch(llm, max_tokens))
 
 
+def evaluate_in_memory(model, tok, n: int, seed: int = 0, **kwargs) -> dict:
+    """`evaluate` over an engine on the in-memory model (as trained, not loaded from a directory);
+    `kwargs` go to `evaluate` (categories, unseen_cities)."""
+    from dsv32.chat.tokens import EOS
+    from dsv32.engine.sequence import SamplingParams
+
+    from .grpo import make_engine
+
+    engine = make_engine(model, tok, max_seqs=64)
+    params = SamplingParams(temperature=0.0, max_tokens=256, skip_special_tokens=False)
+
+    def generate_batch(prompts: list[str], modes: list[str]) -> list[str]:
+        outputs = engine.generate(prompts, [params] * len(prompts))
+        return [o.outputs[0].text.split(EOS)[0] for o in outputs]
+
+    model.eval()
+    with torch.no_grad():
+        return evaluate(n_tasks=n, seed=seed, split="heldout", generate_batch=generate_batch, **kwargs)
+
+
 # ---- teacher-forced diagnostic ------------------------------------------------------------------
 
 _VALUE = re.compile(PARAM_OPEN.pattern.encode() + rb"(.*?)" + re.escape(PARAM_CLOSE.encode()), re.S)
@@ -204,7 +225,8 @@ def argument_tokens(ids: list[int], mask: list[int], tok: Tokenizer) -> list[lis
 
 
 @torch.no_grad()
-def argument_accuracy(model, conversations: list[dict], tok: Tokenizer, attention: str = "served") -> dict:
+def argument_accuracy(model, conversations: list[Conversation], tok: Tokenizer,
+                      attention: str = "served") -> dict:
     """Teacher-forced top-1 accuracy on tool-call argument tokens. `attention` "served" runs the
     model as the engine does (DSA top-k when the prompt is longer than index_topk), "dense" runs
     full causal attention (what the SFT stage trains, before the indexer has learnt anything).

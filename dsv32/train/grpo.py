@@ -9,15 +9,20 @@ forward replays the recorded routing and renormalises its distribution over the 
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 from dataclasses import dataclass, field
 
 import torch
 
 from dsv32.chat import Tokenizer, encode_messages, parse_completion
 from dsv32.chat.tokens import EOS
-from dsv32.engine.engine import EngineConfig, LLMEngine
+from dsv32.engine.config import EngineConfig
+from dsv32.engine.engine import LLMEngine
+from dsv32.engine.observer import StepObserver
 from dsv32.engine.sequence import SamplingParams
+from dsv32.model.hooks import Hooks, RouteView
 from dsv32.model.moe import MoE
 
 from . import dsa
@@ -25,39 +30,43 @@ from .dsa import Stage
 from .losses import grpo_loss, group_advantages
 
 
-class RolloutRecorder:
-    """Engine hook: routing of every computed token and (log-prob, kept set) of every sampled one,
-    keyed by (request id, sequence index)."""
+class RolloutRecorder(StepObserver):
+    """The rollout engine's step observer: while `recording()`, the routing of every computed token
+    (Keep Routing, through the model's route hook) and the (log-prob, kept set) of every sampled
+    one (Keep Sampling Mask), keyed by (request id, sequence index)."""
 
     def __init__(self, model):
         self.layers = [b.layer_idx for b in model.model.layers[: model.n_layers] if isinstance(b.mlp, MoE)]
         self.routing: dict[tuple, dict[int, list]] = {}
         self.samples: dict[tuple, list] = {}
-        self._rows = None
-        self._hooks = [model.model.layers[i].mlp.gate.register_forward_hook(self._hook(i))
-                       for i in self.layers]
+        self._on = False
 
-    def close(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
+    @contextlib.contextmanager
+    def recording(self):
+        """Record from nothing while open (the engine's other requests are not seen)."""
+        self.routing, self.samples, self._on = {}, {}, True
+        try:
+            yield self
+        finally:
+            self._on = False
 
-    def begin_forward(self, rows) -> None:
-        self._rows = rows
+    @property
+    def wants_kept(self) -> bool:
+        return self._on
 
-    def _hook(self, layer: int):
-        def hook(module, inputs, output):
-            if self._rows is None:
-                return
-            ids = output[1]
-            ids = ids.view(len(self._rows), -1, ids.shape[-1])
-            for b, (seq, start, n) in enumerate(self._rows):
-                key = (seq.request_id, seq.index)
-                self.routing.setdefault(key, {}).setdefault(layer, []).append((start, ids[b, :n].clone()))
-        return hook
+    def forward(self, rows) -> Hooks | None:
+        return Hooks(route=functools.partial(self._route, rows)) if self._on else None
+
+    def _route(self, rows, layer: int, view: RouteView) -> None:
+        if layer not in self.layers:
+            return
+        for b, (seq, start, n) in enumerate(rows):
+            key = (seq.request_id, seq.index)
+            self.routing.setdefault(key, {}).setdefault(layer, []).append((start, view.ids[b, :n].clone()))
 
     def sampled(self, seqs, logits, out) -> None:
-        self._rows = None
+        if not self._on:
+            return
         for i, seq in enumerate(seqs):
             kept = out.kept[i]
             x = logits[i].float() / (seq.params.temperature or 1.0)
@@ -122,44 +131,33 @@ class GRPOConfig:
 
 
 def make_engine(model, tok: Tokenizer, max_seqs: int = 64) -> LLMEngine:
-    """An engine over the in-memory model; no prefix cache (weights change between rollouts)."""
+    """An engine over the in-memory model, recording rollouts (RolloutRecorder); no prefix cache
+    (weights change between rollouts)."""
     return LLMEngine(EngineConfig(model="<in-memory>", max_model_len=2048, max_num_seqs=max_seqs,
                                   max_num_batched_tokens=4096, enable_prefix_caching=False),
-                     model=model, tokenizer=tok)
+                     model=model, tokenizer=tok, observer=RolloutRecorder(model))
 
 
 def rollout(engine: LLMEngine, prompts: list[list[int]], gc: GRPOConfig, seed: int) -> list[list[Rollout]]:
     """G completions per prompt from the engine, with recorded routing, kept sets and pi_old."""
-    rec = RolloutRecorder(engine.model)
-    engine.recorder = rec
-    engine.runner.recorder = rec
-    try:
-        rids = []
-        for i, ids in enumerate(prompts):
-            rid = f"grpo-{seed}-{i}"
-            engine.add_request(rid, ids, SamplingParams(
-                n=gc.group_size, temperature=1.0, top_p=gc.top_p, top_k=gc.top_k,
-                max_tokens=gc.max_tokens, skip_special_tokens=False, seed=seed * 1000 + i))
-            rids.append(rid)
-        done = {}
-        while engine.has_unfinished():
-            for out in engine.step():
-                if out.finished:
-                    done[out.request_id] = out
-    finally:
-        engine.recorder = None
-        engine.runner.recorder = None
-        rec.close()
+    rec = engine.observer
+    if not isinstance(rec, RolloutRecorder):
+        raise TypeError("rollout needs an engine from make_engine (its step observer records the rollouts)")
+    params = [SamplingParams(n=gc.group_size, temperature=1.0, top_p=gc.top_p, top_k=gc.top_k,
+                             max_tokens=gc.max_tokens, skip_special_tokens=False, seed=seed * 1000 + i)
+              for i in range(len(prompts))]
+    with rec.recording():
+        outs = engine.generate(prompts, params)
     groups = []
-    for rid, ids in zip(rids, prompts):
+    for out, ids in zip(outs, prompts):
         group = []
-        for c in done[rid].outputs:
-            samples = rec.samples.get((rid, c.index), [])
+        for c in out.outputs:
+            samples = rec.samples.get((out.request_id, c.index), [])
             comp = list(c.token_ids)
             n = min(len(comp), len(samples))
             comp = comp[:n]
             group.append(Rollout(list(ids), comp, [s[0] for s in samples[:n]], [s[1] for s in samples[:n]],
-                                 rec.routing_for(rid, c.index, len(ids) + n, len(ids)), c.text))
+                                 rec.routing_for(out.request_id, c.index, len(ids) + n, len(ids)), c.text))
         groups.append(group)
     return groups
 

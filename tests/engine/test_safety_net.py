@@ -178,16 +178,17 @@ def test_drafts_the_grammar_refuses_are_never_accepted(ckpt, model, tok):  # noq
     ref = run(eng, [prompt], params)[0]
     spec_eng = make_engine(ckpt, model, num_speculative_tokens=1)
     wanted = {o.index: o.token_ids for o in ref.outputs}
-    draft, steps = spec_eng.runner.draft, [0]
+    spec = spec_eng.speculator
+    propose, steps = spec.propose, [0]
 
     def oracle():
-        draft()
+        propose()
         for state in spec_eng.requests.values():
             for seq in state.seqs:
-                if seq.draft is not None and seq.num_output_tokens < len(wanted[seq.index]) - 1:
+                if spec.draft_of(seq) is not None and seq.num_output_tokens < len(wanted[seq.index]) - 1:
                     steps[0] += 1
-                    seq.draft = wanted[seq.index][seq.num_output_tokens] if steps[0] % 2 else tok.eos_id
-    spec_eng.runner.draft = oracle
+                    spec.drafts[seq.seq_id] = wanted[seq.index][seq.num_output_tokens] if steps[0] % 2 else tok.eos_id
+    spec.propose = oracle
     got = run(spec_eng, [prompt], params)[0]
     assert [o.token_ids for o in got.outputs] == [o.token_ids for o in ref.outputs]
     for o in got.outputs:

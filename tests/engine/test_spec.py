@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from dsv32.engine.engine import EngineConfig, LLMEngine
-from dsv32.engine.runner import ModelRunner
 from dsv32.engine.sequence import SamplingParams
+from dsv32.engine.speculative import MTPSpeculator
 from dsv32.model.init_tiny import init_tiny
 
 from .test_engine import ckpt, greedy, make_engine, model, prompts_of, run  # noqa: F401
@@ -17,31 +17,31 @@ class OracleDrafts:
     def __init__(self, reference: dict[tuple[int, ...], list[int]]):
         self.reference, self.calls = reference, 0
 
-    def install(self, runner: ModelRunner) -> None:
-        """Run after every `runner.draft()`, on the sequences of the forwards it drafted for."""
-        draft = runner.draft
+    def install(self, spec: MTPSpeculator) -> None:
+        """Run after every `spec.propose()`, on the sequences of the forwards it drafted for."""
+        propose = spec.propose
 
         def patched():
-            seqs = [s for group, _ in runner._computed for s, _ in group]
-            draft()
-            self(runner, seqs)
-        runner.draft = patched
+            seqs = [s for group, _ in spec.forwards for s, _ in group]
+            propose()
+            self(spec, seqs)
+        spec.propose = patched
 
-    def __call__(self, runner: ModelRunner, seqs) -> None:
+    def __call__(self, spec: MTPSpeculator, seqs) -> None:
         for seq in seqs:
-            if seq.draft is None:
+            if spec.draft_of(seq) is None:
                 continue
             ref = self.reference[tuple(seq.token_ids[: seq.num_prompt_tokens])]
             at = seq.num_output_tokens
             if at < len(ref):
                 self.calls += 1
-                seq.draft = ref[at] if self.calls % 3 else (ref[at] + 1) % 1000 + 2
+                spec.drafts[seq.seq_id] = ref[at] if self.calls % 3 else (ref[at] + 1) % 1000 + 2
 
 
 def spec_run(ckpt, model, prompts, params, oracle=None, **kw):
     eng = make_engine(ckpt, model, num_speculative_tokens=1, **kw)
     if oracle is not None:
-        oracle.install(eng.runner)
+        oracle.install(eng.speculator)
     return run(eng, prompts, params), eng
 
 
@@ -83,11 +83,12 @@ def test_mtp_drafts_equal_a_full_forward_of_the_mtp_layer(ckpt, model):
     checked = 0
     while eng.has_unfinished():
         eng.step()
-        if seq.draft is not None:
+        draft = eng.speculator.draft_of(seq)
+        if draft is not None:
             ids = torch.tensor([seq.token_ids])
             with torch.no_grad():
                 want = model.mtp_logits(model.hidden(ids), ids)[0, -1]
-            assert seq.draft == int(want.argmax()) or want.max() - want[seq.draft] < 1e-4
+            assert draft == int(want.argmax()) or want.max() - want[draft] < 1e-4
             checked += 1
     assert checked >= 5
 

@@ -52,7 +52,7 @@ def test_tp2_with_mtp_speculation_equals_single_process(ckpts):
     tokens and logprobs of plain single-process decoding."""
     single, _ = generate(ckpts["fp8"])
     oracle = OracleDrafts({tuple(p): o.token_ids for p, o in zip(PROMPTS, single)})
-    tp, m = generate(ckpts["fp8"], lambda llm: oracle.install(llm.engine.runner),
+    tp, m = generate(ckpts["fp8"], lambda llm: oracle.install(llm.engine.speculator),
                      tensor_parallel_size=2, num_speculative_tokens=1)
     same(single, tp)
     assert 0 < m["spec_accepted_tokens"] < m["spec_draft_tokens"]
@@ -60,7 +60,7 @@ def test_tp2_with_mtp_speculation_equals_single_process(ckpts):
 
 def test_a_dying_worker_stops_the_group_with_a_clear_error(ckpts):
     llm = LLM(model=str(ckpts["bf16"]), max_model_len=256, tensor_parallel_size=2)
-    worker = llm.engine.runner.workers[0]
+    worker = llm.engine.executor.group.workers[0]
     os.kill(worker.pid, signal.SIGKILL)
     worker.join(timeout=10)
     t0 = time.monotonic()

@@ -82,16 +82,17 @@ def server_model(server_ckpt):
 
 
 class RunningServer:
-    """A uvicorn server in a background thread; `url`, `client()`, `async_client()`, `stop()`."""
+    """A uvicorn server in a background thread; `url`, `client()`, `async_client()`, `stop()`.
+    With `ssl` (uvicorn's ssl_* arguments) it serves HTTPS, and its own calls use `verify`."""
 
-    def __init__(self, app, api_key: str = "none"):
-        self.app, self.api_key = app, api_key
+    def __init__(self, app, api_key: str = "none", ssl: dict | None = None, verify=True):
+        self.app, self.api_key, self.verify = app, api_key, verify
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if ssl else 'http'}://127.0.0.1:{self.port}"
         self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
-                                                    timeout_graceful_shutdown=5))
+                                                    timeout_graceful_shutdown=5, **(ssl or {})))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.thread.start()
 
@@ -103,7 +104,7 @@ class RunningServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                if httpx.get(self.url + "/health", timeout=2, verify=self.verify).status_code == 200:
                     return self
             time.sleep(0.05)
         raise TimeoutError("server did not become ready")
@@ -118,7 +119,8 @@ class RunningServer:
         """Sample name (with labels) -> value from /metrics."""
         from prometheus_client.parser import text_string_to_metric_families
 
-        text = httpx.get(self.url + "/metrics", timeout=10).text
+        text = httpx.get(self.url + "/metrics", headers={"Authorization": f"Bearer {self.api_key}"}, timeout=10,
+                         verify=self.verify).text
         return {s.name + (str(sorted(s.labels.items())) if s.labels else ""): s.value
                 for fam in text_string_to_metric_families(text) for s in fam.samples}
 

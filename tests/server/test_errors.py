@@ -102,7 +102,8 @@ def keyed(server_ckpt, server_model):
 
 def test_api_keys(keyed):
     assert httpx.get(keyed.url + "/health").status_code == 200          # no key needed
-    assert httpx.get(keyed.url + "/metrics").status_code == 200
+    error_of(httpx.get(keyed.url + "/metrics"), 401)                      # behind the key (issue 35)
+    assert httpx.get(keyed.url + "/metrics", headers={"Authorization": "Bearer sk-one"}).status_code == 200
     assert httpx.get(keyed.url + "/").status_code == 200
     err = error_of(httpx.get(keyed.url + "/v1/models"), 401)
     assert err["type"] == "authentication_error"

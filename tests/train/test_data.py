@@ -1,8 +1,10 @@
 """Loss masks from the chat encoding, batching, packing and resumable shuffling."""
 
+from dataclasses import replace
+
 from dsv32.chat import Tokenizer, encode_messages
-from dsv32.train.data import (Example, Loader, collate, encode_all, encode_conversation, pack,
-                              without_tools)
+from dsv32.train.conversation import Conversation
+from dsv32.train.data import Example, Loader, collate, encode_all, encode_conversation, pack
 
 TOK = Tokenizer.load()
 TOOLS = [{"type": "function", "function": {"name": "calculator", "description": "math",
@@ -21,12 +23,12 @@ def conv(mode):
     if mode == "chat":
         for m in msgs:
             m.pop("reasoning_content", None)
-    return {"messages": msgs, "thinking_mode": mode}
+    return Conversation(msgs, thinking_mode=mode)
 
 
 def assistant_text(c):
     """The assistant renderings, each cut between the prompt before it and the prompt after it."""
-    msgs, mode, out = c["messages"], c["thinking_mode"], ""
+    msgs, mode, out = c.messages, c.thinking_mode, ""
     for i, m in enumerate(msgs):
         if m["role"] == "assistant":
             before = encode_messages(msgs[:i], thinking_mode=mode)
@@ -38,7 +40,7 @@ def test_masks_cover_exactly_the_assistant_tokens():
     for mode in ("thinking", "chat"):
         c = conv(mode)
         ids, mask = encode_conversation(c, TOK)
-        assert TOK.decode(ids) == encode_messages(c["messages"], thinking_mode=mode)
+        assert TOK.decode(ids) == encode_messages(c.messages, thinking_mode=mode)
         assert TOK.decode([i for i, m in zip(ids, mask) if m]) == assistant_text(c)
         assert TOK.decode([i for i, m in zip(ids, mask) if not m]).endswith("<function_results>\n<result>5</result>\n</function_results>\n\n" + ("<think>" if mode == "thinking" else "</think>"))
         assert mask[-1] == 1 and ids[-1] == TOK.eos_id            # the closing EOS is trained
@@ -49,8 +51,8 @@ def test_masks_cover_exactly_the_assistant_tokens():
 
 def test_earlier_turn_with_dropped_reasoning_is_not_trained():
     c = conv("thinking")
-    c["messages"] = c["messages"] + [{"role": "user", "content": "thanks"},
-                                     {"role": "assistant", "content": "ok", "reasoning_content": "r"}]
+    c = replace(c, messages=c.messages + [{"role": "user", "content": "thanks"},
+                                          {"role": "assistant", "content": "ok", "reasoning_content": "r"}])
     ids, mask = encode_conversation(c, TOK)
     assert TOK.decode([i for i, m in zip(ids, mask) if m]) == "r</think>ok<｜end▁of▁sentence｜>"
 
@@ -58,13 +60,24 @@ def test_earlier_turn_with_dropped_reasoning_is_not_trained():
 def test_without_tools_keeps_the_turns_and_drops_the_tools_section():
     c = conv("thinking")
     ids, mask = encode_conversation(c, TOK)
-    short = without_tools(c)
+    short = c.without_tools()
     sids, smask = encode_conversation(short, TOK)
     assert "## Tools" in TOK.decode(ids) and "## Tools" not in TOK.decode(sids)
-    assert len(sids) < len(ids) and "tools" in c["messages"][0]          # the original is untouched
+    assert len(sids) < len(ids) and "tools" in c.messages[0]             # the original is untouched
     trained = lambda i, m: TOK.decode([t for t, k in zip(i, m) if k])    # noqa: E731
     assert trained(sids, smask) == trained(ids, mask)                    # same assistant tokens
     assert TOK.decode(sids).endswith(TOK.decode(ids)[TOK.decode(ids).index("<｜User｜>"):])
+
+
+def test_conversation_reads_its_tools_and_calls_and_copies_apart():
+    c = conv("thinking")
+    assert c.tools == TOOLS and c.called_tools() == {"calculator"}
+    assert c.values() == ["2+3", "5"]
+    assert c.without_tools().tools is None and c.offering([], id="x").tools == []
+    assert c.offering([], id="x").id == "x" and c.tools == TOOLS           # the original keeps its tools
+    drill = Conversation.drill("d-0", [("Echo: Oslo", "Oslo"), ("Echo: 7", "7")])
+    assert drill.tools is None and (drill.category, drill.thinking_mode) == ("skill", "chat")
+    assert [m["content"] for m in drill.messages] == ["Echo: Oslo", "Oslo", "Echo: 7", "7"]
 
 
 def test_collate_shared_prefix_and_packing():
@@ -90,31 +103,13 @@ def test_loader_is_deterministic_and_resumes():
         assert len({tuple(r[:2]) for r in batch}) == 1
 
 
-def test_loader_sort_window_cuts_padding_and_keeps_every_row():
-    rng = __import__("random").Random(0)
-    ex = [Example([0, 9] + [i] * rng.randint(1, 60), [0, 0] + [1] * 1) for i in range(2, 98)]
-    for e in ex:
-        e.mask = [0, 0] + [1] * (len(e.ids) - 2)
-
-    def epoch(loader):
-        batches = [loader.next() for _ in range(96 // 4)]
-        rows = sorted(r[2] for b in batches for r in b.ids.tolist())
-        return rows, sum(b.ids.numel() for b in batches), [b.ids.tolist() for b in batches]
-
-    plain_rows, plain_cells, _ = epoch(Loader(ex, 4, seed=3, bucket_id=9))
-    rows, cells, seq = epoch(Loader(ex, 4, seed=3, bucket_id=9, sort_window=8))
-    assert rows == plain_rows == list(range(2, 98))          # every row once per epoch
-    assert cells < 0.8 * plain_cells                         # similar lengths share a batch
-    assert epoch(Loader(ex, 4, seed=3, bucket_id=9, sort_window=8))[2] == seq
-
-
 def test_encode_all_filters():
-    ex = encode_all([conv("chat"), {"messages": [{"role": "user", "content": "hi"}]}], TOK)
+    ex = encode_all([conv("chat"), Conversation([{"role": "user", "content": "hi"}])], TOK)
     assert len(ex) == 1
 
 
 def test_encode_all_keeps_the_category():
-    drill = {**conv("chat"), "category": "skill"}
+    drill = replace(conv("chat"), category="skill")
     assert [e.category for e in encode_all([drill, conv("thinking")], TOK)] == ["skill", ""]
 
 
@@ -131,8 +126,8 @@ def test_word_dropout_swaps_only_frame_words_of_user_turns():
     import torch
 
     c = conv("thinking")
-    c["messages"][0]["content"] = "what is brief?"           # frame words outside a user turn stay
-    c["messages"][1]["content"] = "what is 2+3? is it 5"     # " 5": a token the answer copies
+    c.messages[0]["content"] = "what is brief?"           # frame words outside a user turn stay
+    c.messages[1]["content"] = "what is 2+3? is it 5"     # " 5": a token the answer copies
     ids, mask = encode_conversation(c, TOK)
     e = Example(ids, mask)
     drop = _dropout(1.0)
@@ -175,8 +170,8 @@ def marked(c):
 
 def test_value_marks_cover_the_copied_argument_and_result_tokens():
     c = conv("thinking")
-    c["messages"][2]["reasoning_content"] = "Add 2+3 now."
-    c["messages"][4]["content"] = "It is 5, not 15 or 5.5."
+    c.messages[2]["reasoning_content"] = "Add 2+3 now."
+    c.messages[4]["content"] = "It is 5, not 15 or 5.5."
     # the call's "2+3" in the reasoning and the DSML value; the result "5" once in the answer and
     # once in its reasoning ("Got 5."); "15" and "5.5" contain a 5 but are other numbers
     assert "".join(marked(c)) == "2+3" + "2+3" + "5" + "5"
@@ -184,10 +179,10 @@ def test_value_marks_cover_the_copied_argument_and_result_tokens():
 
 def test_value_marks_of_a_json_tool_result_and_numbers():
     c = conv("chat")
-    call = c["messages"][2]["tool_calls"][0]["function"]
+    call = c.messages[2]["tool_calls"][0]["function"]
     call["name"], call["arguments"] = "get_weather", '{"city": "Oslo", "date": "2024-05-01"}'
-    c["messages"][3]["content"] = '{"city": "Oslo", "high_c": -3, "condition": "sunny"}'
-    c["messages"][4]["content"] = "In Oslo: sunny, high -3°C (Oslofjord 13)."
+    c.messages[3]["content"] = '{"city": "Oslo", "high_c": -3, "condition": "sunny"}'
+    c.messages[4]["content"] = "In Oslo: sunny, high -3°C (Oslofjord 13)."
     got = "".join(marked(c))
     assert got == "Oslo" + "2024-05-01" + " Oslo" + " sunny" + " -3", got
 

@@ -15,7 +15,7 @@ TOK = Tokenizer.load()
 
 
 def _tool_convs(n=40, seed=2):
-    return [c for c in sft_conversations(n, seed=seed, split="heldout") if c["category"] != "chat"]
+    return [c for c in sft_conversations(n, seed=seed, split="heldout") if c.category != "chat"]
 
 
 def _values(message):
@@ -30,7 +30,7 @@ def test_argument_tokens_cover_the_call_values_and_nothing_else():
     for conv in _tool_convs():
         ids, mask = encode_conversation(conv, TOK)
         turns = argument_tokens(ids, mask, TOK)
-        last = [m for m in conv["messages"] if m["role"] == "assistant" and m.get("tool_calls")][-1]
+        last = [m for m in conv.messages if m["role"] == "assistant" and m.get("tool_calls")][-1]
         pieces = [TOK.decode([ids[i]]) for i in turns[-1]]
         values = _values(last)
         text = "".join(pieces)

@@ -19,7 +19,8 @@ def test_rollout_records_routing_kept_sets_and_logprobs():
     gc = G.GRPOConfig(group_size=3, max_tokens=6, top_p=0.9, top_k=20)
     prompts = [[0] + list(range(20, 40)), [0] + list(range(50, 66))]
     groups = G.rollout(engine, prompts, gc, seed=1)
-    assert engine.recorder is None and engine.runner.recorder is None        # hooks removed
+    assert not any(m._forward_hooks for m in model.modules())               # no hooks left
+    assert engine.observer.forward([]) is None                             # recording ended
     assert [len(g) for g in groups] == [3, 3]
     for group in groups:
         r = group[0]

@@ -4,7 +4,8 @@ from __future__ import annotations
 import datetime as dt
 import re
 
-from .phrasings import MONTHS
+MONTHS = ("January February March April May June July August September October November "
+          "December").split()
 
 _MONTH_NUMBERS = {**{m.lower(): i for i, m in enumerate(MONTHS, 1)},
                   **{m[:3].lower(): i for i, m in enumerate(MONTHS, 1)}, "sept": 9}

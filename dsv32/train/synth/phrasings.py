@@ -1,15 +1,15 @@
-"""Language tables of the task generator: user phrasings split into train and held-out sets, the
-shared vocabulary, and the short reasoning and answer templates of the reference trajectories.
+"""What the users of the task generator write: phrasings split into train and held-out sets, and
+the vocabulary both splits share (the assistant's side is in `replies`).
 
 How the split works. Every table keyed by split ("train", "heldout") is partitioned by hand:
 - sentence frames (the wording around the slots) of every task kind, the plain-chat questions and
   the greetings: a held-out prompt always uses a frame that no training prompt uses;
 - dates (`date_split`, a hash of the ISO date).
 Shared by both splits, because a model trained from nothing cannot know a word it never saw:
-operator words ("times", "divided by"), unit names, number words, month names, date styles,
-openers and closers, casing, the cities of weather questions (`CITIES["train"]`), the countries,
-facts and terms that plain questions ask about, and the assistant-side templates (reasoning and
-answers). `CITIES["unseen"]` are never written in a tool conversation (only echoed in drills):
+operator words ("times", "divided by"), unit names, number words, month names, date styles, openers
+and closers, casing, the cities of weather questions (`CITIES["train"]`), the countries, facts and
+terms that plain questions ask about, and the assistant-side templates (reasoning and answers,
+`replies`). `CITIES["unseen"]` are never written in a tool conversation (only echoed in drills):
 held-out tasks over them (`unseen_cities`) measure whether a place the model has never spelt in a
 call can be copied, reported apart from the evaluation.
 """
@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import hashlib
 import re
+
+from ..envs.dates import MONTHS
+from .replies import CAPITALS, TERMS
 
 SPLITS = ("train", "heldout")
 
@@ -220,15 +223,6 @@ SMALL_TALK = {   # kind: (train utterances, held-out utterances, answers, expect
                 ("goodbye", "bye")),
 }
 
-CAPITALS = (
-    ("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"),
-    ("Japan", "Tokyo"), ("Canada", "Ottawa"), ("Australia", "Canberra"), ("Egypt", "Cairo"),
-    ("India", "New Delhi"), ("China", "Beijing"), ("Russia", "Moscow"), ("Kenya", "Nairobi"),
-    ("Argentina", "Buenos Aires"), ("Portugal", "Lisbon"), ("Greece", "Athens"), ("Norway", "Oslo"),
-    ("Sweden", "Stockholm"), ("Peru", "Lima"), ("Turkey", "Ankara"), ("South Korea", "Seoul"),
-    ("Poland", "Warsaw"), ("Ireland", "Dublin"), ("Austria", "Vienna"), ("Thailand", "Bangkok"),
-)
-
 FACTS = (   # (train questions, held-out questions, answer, expected)
     (("how many days are in a week?",
       "how many days does a week have?", "days in a week?", "how many days make up a week?",
@@ -292,26 +286,11 @@ FACTS = (   # (train questions, held-out questions, answer, expected)
      ("name the largest ocean on Earth",), "The Pacific Ocean is the largest ocean.", "Pacific"),
 )
 
-TERMS = (   # (term, article form, definition, expected)
-    ("noun", "a noun", "A noun is a word that names a person, place or thing.", "names a person"),
-    ("verb", "a verb", "A verb is a word that describes an action.", "action"),
-    ("triangle", "a triangle", "A triangle is a shape with three sides.", "three sides"),
-    ("prime number", "a prime number",
-     "A prime number is a number greater than 1 whose only divisors are 1 and itself.", "divisors"),
-    ("planet", "a planet", "A planet is a large body that orbits a star.", "orbits a star"),
-    ("atom", "an atom", "An atom is the smallest unit of a chemical element.", "smallest unit"),
-    ("synonym", "a synonym", "A synonym is a word with the same meaning as another word.", "same meaning"),
-    ("mammal", "a mammal", "A mammal is a warm-blooded animal that feeds its young with milk.", "milk"),
-)
-
 # -- shared vocabulary ------------------------------------------------------------------------------
 
 OPENERS = ("", "", "", "", "hey, ", "hi, ", "quick question: ", "ok, ", "hello! ", "um, ", "so ")
 CLOSERS = ("", "", "", "", " please", " thanks", " thank you", " thx", " :)")
 OPENERS_FOR_COMMANDS = ("", "", "", "hey, ", "ok, ", "hi! ")
-
-MONTHS = ("January February March April May June July August September October November "
-          "December").split()
 
 # The user's way of writing each operator in a symbolic expression.
 SYMBOLS = {"*": ("*", "*", "x", "×"), "/": ("/", "/", "÷"), "**": ("**", "^"), "+": ("+",), "-": ("-",)}
@@ -369,53 +348,6 @@ UNIT_WORDS = {
 }
 # The target unit after "in"/"to"/"how many": plural words or codes.
 TARGET_UNIT_WORDS = {unit: plural for unit, (_, plural) in UNIT_WORDS.items()}
-
-# -- assistant side (shared; keep short) -------------------------------------------------------------
-
-REASON_CALL = {
-    "calculator": ("I need to compute {expression}. I will use the calculator.",
-                   "The user wants {expression}. I will call calculator."),
-    "get_weather": ("The user wants the weather in {city} on {date}. I will call get_weather.",),
-    "convert_units": ("The user wants {value} {from_unit} in {to_unit}. I will call convert_units.",),
-}
-REASON_ANSWER = {
-    "calculator": ("The calculator returned {result}.",),
-    "get_weather": ("The forecast is {condition}, high {high}°C, low {low}°C.",),
-    "convert_units": ("The tool returned {result} {to}.",),
-}
-ANSWER = {
-    "calculator": ("{expression} = {result}.", "The answer is {result}."),
-    "get_weather": ("In {city} on {date} it will be {condition}, with a high of {high}°C and a low of "
-                    "{low}°C.",
-                    "The forecast for {city} on {date}: {condition}, high {high}°C, low {low}°C."),
-    "convert_units": ("{value} {from} is {result} {to}.", "{value} {from} = {result} {to}."),
-}
-REASON_PLAIN = {
-    "greeting": "The user greets me. No tool is needed.",
-    "thanks": "The user thanks me. No tool is needed.",
-    "identity": "The user asks about me. No tool is needed.",
-    "goodbye": "The user says goodbye. No tool is needed.",
-    "capital": "The user asks for the capital of {country}. No tool is needed.",
-    "fact": "This is a simple fact. No tool is needed.",
-    "definition": "The user wants a definition of {term}. No tool is needed.",
-}
-CAPITAL_ANSWER = "The capital of {country} is {capital}."
-
-SYSTEM_PROMPTS = ("", "", "", "You are a helpful assistant.",
-                  "You are a helpful assistant. Use the tools when they help.",
-                  "You are a concise assistant.")
-
-
-def vocabulary() -> tuple[str, ...]:
-    """Every word and city name the tables above can write (both splits), for the echo drills.
-
-    The held-out split tests sentence frames, tool-call arguments and plain questions that no
-    training task uses, not words the model has never read: a model trained from nothing has no
-    embedding for those (their rows stay pooled), just as it would not know a word missing from
-    its pretraining corpus. The drills only echo the words, one to three at a time."""
-    tables = [v for k, v in globals().items() if k.isupper() and k != "SPLITS" and isinstance(v, (tuple, dict))]
-    return tuple(dict.fromkeys(CITIES["train"] + CITIES["unseen"] + tuple(_words(tables))))
-
 
 def _words(value, pattern: str = r"[A-Za-z]+(?:'[a-z]+)?"):
     """The words, in order, of every string in `value` (nested dicts, tuples and lists), with the

@@ -1,6 +1,6 @@
 """Memory per rank for a config and a parallel layout, computed from the model itself.
 
-    python -m dsv32.parallel.plan [CONFIG.json | MODEL_DIR] --tp 8 [--ep] [--kv-fp8] [--tokens 131072]
+    python -m dsv32.plan [CONFIG.json | MODEL_DIR] --tp 8 [--ep] [--kv-fp8] [--tokens 131072]
 
 Without a config it uses the published DeepSeek-V3.2 shape. The model is built on the meta device
 with rank 0's ParallelContext, so the numbers follow exactly the sharding the engine uses:
@@ -13,11 +13,12 @@ import argparse
 
 import torch
 
+from dsv32.engine.cache import PagedCache
 from dsv32.model.checkpoint import checkpoint_layout
 from dsv32.model.config import ModelConfig, QuantConfig, RopeScaling
 from dsv32.model.layers import Linear
-
-from .context import ParallelContext
+from dsv32.model.transformer import Transformer
+from dsv32.parallel.context import ParallelContext
 
 GIB = 1 << 30
 
@@ -29,7 +30,6 @@ def published_config() -> ModelConfig:
 
 def weight_bytes_per_rank(cfg: ModelConfig, tp: int, ep: bool) -> int:
     """Bytes of rank 0's weights in FP8 storage mode (rank 0 holds the largest slice)."""
-    from dsv32.model.transformer import Transformer
     with torch.device("meta"):
         model = Transformer(cfg, dtype=torch.bfloat16, pc=ParallelContext(0, tp, ep))
     layout = checkpoint_layout(cfg)
@@ -46,7 +46,6 @@ def weight_bytes_per_rank(cfg: ModelConfig, tp: int, ep: bool) -> int:
 
 
 def kv_bytes_per_token(cfg: ModelConfig, fp8: bool) -> int:
-    from dsv32.engine.cache import PagedCache
     per_layer = PagedCache.bytes_per_token(cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.index_head_dim,
                                            torch.bfloat16, fp8)
     return per_layer * (cfg.num_hidden_layers + cfg.num_nextn_predict_layers)

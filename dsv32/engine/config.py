@@ -1,0 +1,118 @@
+"""Engine settings: the `EngineConfig` dataclass, the command-line flags that fill it (declared here
+once for `dsv32 serve`, `generate` and `chat`, with the dataclass's defaults), and what follows
+from it once the model's config is known (context length, cache blocks, speculation)."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+import torch
+
+from dsv32.model.config import ModelConfig
+from dsv32.model.formats import WeightFormat
+
+from .device import AUTO, resolve_device
+
+from .cache import PagedCache
+from .sequence import Sequence
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_MAX_MODEL_LEN = 8192    # when not given: min(this, the model's max_position_embeddings)
+
+
+@dataclass
+class EngineConfig:
+    """Engine settings (the CLIs fill these in from `add_engine_args`)."""
+
+    model: str
+    dtype: str = "float32"
+    device: str = "cpu"
+    max_model_len: int | None = None        # default: min(config max positions, 8192)
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 2048
+    num_blocks: int | None = None           # default: enough for max_num_seqs full-length sequences
+    kv_cache_memory: int | None = None      # bytes; alternative way to size the cache
+    kv_cache_dtype: str = "auto"            # "auto" (compute dtype) or "fp8"
+    enable_prefix_caching: bool = True
+    fp8_storage: bool = False               # keep FP8 weights, dequantise per block on the fly
+    weight_format: WeightFormat = "fp32"    # CPU: fp32 | bf16 | fp16 | int8 | fp8 (model/formats.py)
+    tensor_parallel_size: int = 1           # ranks sharing every layer (heads, inner dims, vocab)
+    enable_expert_parallel: bool = False    # partition routed experts across the ranks instead
+    num_speculative_tokens: int = 0         # 1: MTP speculative decoding (the model's MTP layer drafts)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, model: str) -> EngineConfig:
+        """The settings `add_engine_args` parsed, for the checkpoint `model`."""
+        return cls(model=model, dtype=args.dtype, device=resolve_device(args.device), max_model_len=args.max_model_len,
+                   max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                   kv_cache_dtype=args.kv_cache_dtype, enable_prefix_caching=not args.no_prefix_caching,
+                   fp8_storage=args.fp8_storage, tensor_parallel_size=args.tensor_parallel_size,
+                   enable_expert_parallel=args.enable_expert_parallel,
+                   num_speculative_tokens=args.num_speculative_tokens)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def speculative(self) -> bool:
+        """MTP speculative decoding is on."""
+        return self.num_speculative_tokens == 1
+
+    def model_len(self, mc: ModelConfig) -> int:
+        """The longest sequence (prompt + output) the engine serves for this model."""
+        n = self.max_model_len or min(mc.max_position_embeddings, DEFAULT_MAX_MODEL_LEN)
+        if n > mc.max_position_embeddings:
+            raise ValueError(f"max_model_len {n} exceeds the model's "
+                             f"max_position_embeddings {mc.max_position_embeddings}")
+        return n
+
+    def cache_blocks(self, mc: ModelConfig, max_model_len: int) -> int:
+        """Number of 64-token cache blocks: given, from a memory budget, or max_num_seqs full sequences."""
+        bs = Sequence.block_size
+        blocks_per_seq = -(-max_model_len // bs)
+        num_blocks = self.num_blocks
+        if num_blocks is None and self.kv_cache_memory:
+            per_block = bs * (mc.num_hidden_layers + mc.num_nextn_predict_layers) * PagedCache.bytes_per_token(
+                mc.kv_lora_rank, mc.qk_rope_head_dim, mc.index_head_dim, self.torch_dtype,
+                self.kv_cache_dtype == "fp8")
+            num_blocks = self.kv_cache_memory // per_block
+        if num_blocks is None:
+            num_blocks = blocks_per_seq * self.max_num_seqs
+        if num_blocks < blocks_per_seq:
+            raise ValueError(f"KV cache of {num_blocks} blocks cannot hold one sequence of "
+                             f"max_model_len {max_model_len} ({blocks_per_seq} blocks)")
+        return num_blocks
+
+    def check_speculation(self, mc: ModelConfig) -> None:
+        """ValueError unless speculation is off, or one token drafted by a model that has an MTP layer."""
+        if self.num_speculative_tokens not in (0, 1):
+            raise ValueError(f"num_speculative_tokens must be 0 or 1 (one MTP layer drafts one token), "
+                             f"not {self.num_speculative_tokens}")
+        if self.num_speculative_tokens and mc.num_nextn_predict_layers < 1:
+            raise ValueError("num_speculative_tokens 1 needs a model with an MTP layer "
+                             "(num_nextn_predict_layers >= 1)")
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """The engine's flags (defaults: EngineConfig's); `EngineConfig.from_args` reads them back."""
+    d = EngineConfig
+    p.add_argument("--model", default=None,
+                   help="checkpoint directory, HF layout (default: the bundled model, else a generated tiny one)")
+    p.add_argument("--dtype", default=d.dtype, choices=list(DTYPES))
+    p.add_argument("--device", default=AUTO, help="cpu, cuda, cuda:N, or auto (default): cuda when present, else cpu")
+    p.add_argument("--max-model-len", type=int, default=d.max_model_len,
+                   help=f"longest prompt + output (default: the model's, at most {DEFAULT_MAX_MODEL_LEN})")
+    p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="sequences decoded together")
+    p.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens,
+                   help="tokens computed in one step (prefills are chunked to fit)")
+    p.add_argument("--kv-cache-dtype", default=d.kv_cache_dtype, choices=["auto", "fp8"])
+    p.add_argument("--no-prefix-caching", action="store_true", help="do not reuse cached prompt blocks")
+    p.add_argument("--fp8-storage", action="store_true",
+                   help="keep FP8 checkpoint weights in FP8 (dequantised per block on the fly)")
+    p.add_argument("--tensor-parallel-size", type=int, default=d.tensor_parallel_size,
+                   help="processes sharing every layer (started by the engine, or by torchrun: docs/deploy.md)")
+    p.add_argument("--enable-expert-parallel", action="store_true",
+                   help="partition routed experts across the tensor-parallel ranks")
+    p.add_argument("--num-speculative-tokens", type=int, default=d.num_speculative_tokens, choices=[0, 1],
+                   help="1: MTP speculative decoding (same tokens, fewer steps when drafts are accepted)")

@@ -1,0 +1,1 @@
+"""Triton kernels (imported only on request: importing this package imports triton)."""
