@@ -90,7 +90,8 @@ def run_shape(N: int, K: int, rounds: int, bw: float) -> list[list]:
     times = {name: [] for name in cands}
     for _ in range(rounds):                       # interleaved: each round times every candidate
         for name, (f, _) in cands.items():
-            n = 3
+            n = 5
+            f()                                   # untimed: threads and caches settle after the previous one
             t = time.perf_counter()
             for _ in range(n):
                 f()
