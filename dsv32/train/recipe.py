@@ -53,6 +53,7 @@ class Recipe:
     n_eval: int = 160
     n_unseen: int = 40              # weather tasks about unseen cities, a probe reported apart
     n_heldout_lm: int = 48
+    n_users: int | None = None      # tasks of the user-written set evaluated (None: all; issue 34)
 
     def scaled(self, f: float) -> "Recipe":
         """The same recipe with every step count (and data size) multiplied by f (smoke tests)."""
