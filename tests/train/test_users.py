@@ -1,20 +1,21 @@
 """The user-written evaluation set: what it holds, that its wording shares no sentence frame with
 the training data, and that its scoring reaches 100% on perfect answers and 0% on wrong ones."""
 import json
-import re
 
 import pytest
 
 from dsv32.chat import encode_messages
 from dsv32.chat.tokens import EOS
-from dsv32.train.corpus import tz_cities
 from dsv32.train.envs.jsonfmt import answer_schema, json_answer, schema_errors
-from dsv32.train.envs.numbers import ONES, TENS, numbers_in_text
+from dsv32.train.envs.numbers import numbers_in_text
 from dsv32.train.envs.registry import tool_messages
 from dsv32.train.evaluate import evaluate_users
-from dsv32.train.synth import generate_tasks, phrasings as P, reference_completions
-from dsv32.train.synth.replies import CAPITALS, TERMS
+from dsv32.train.synth import generate_tasks, reference_completions
+from dsv32.train.synth.json_answers import json_tasks
+from dsv32.train.synth.requests import multi_call_tasks, no_tool_tasks
 from dsv32.train.users import USER_CATEGORIES, user_items, user_tasks
+
+from .frames import clauses, frames_regex, has_words, shared
 
 jsonschema = pytest.importorskip("jsonschema")
 
@@ -42,98 +43,26 @@ def test_the_set_covers_every_category_in_both_modes():
     assert kinds == {"json_object", "json_schema"}
 
 
-# -- no shared sentence frame ------------------------------------------------------------------------
-# A sentence frame is the wording around a task's slots (a city, a date, an expression, a value and
-# its units, a country, a term) or a fixed utterance (small talk, a plain question). A user text
-# shares one with training when one of its clauses (the whole text, or a part between punctuation,
-# " - ", "and", "also", "then" or "plus") is a training frame with its slots filled, in any casing,
-# with an apostrophe dropped or other punctuation, with or without the generator's openers and
-# closers. Frames with no words (a bare expression) carry no wording and are left out.
-
-SEP = r"[\s?!.,:;\-–—]*"
-NUMBER_WORDS = set(ONES) | set(TENS[2:]) | {"hundred", "thousand", "and", "minus"}
-
-
-def _alt(words) -> str:
-    return "(?:" + "|".join(re.escape(w) for w in sorted(set(words), key=len, reverse=True)) + ")"
-
-
-def _slots() -> dict[str, str]:
-    operators = {w.casefold() for w in P._words([P.BINARY_WORDS, P.IMPERATIVE_WORDS, P.UNARY_WORDS,
-                                                 P.COMPOUND_WORDS])} | NUMBER_WORDS | {"then"}
-    words = r"\b" + _alt(operators) + r"\b"
-    expr = (rf"(?:[(\s-]|{words})*(?:\d|\b{_alt(NUMBER_WORDS - {'and'})}\b)"
-            rf"(?:[\d.,()*/+^×÷x%=\s-]|{words})*")
-    number = r"(?:minus\s+)?-?(?:\d{1,3}(?:,\d{3})+|\d+)?(?:\.\d+)?"
-    unit = _alt(w for singular, plural in P.UNIT_WORDS.values() for w in singular + plural)
-    term = _alt([t[0] for t in TERMS] + [t[1] for t in TERMS])
-    months = r"[a-z]{3,9}\.?"
-    return {
-        "city": _alt(set(P.CITIES["train"]) | set(P.CITIES["unseen"]) | set(tz_cities())),
-        "date": (rf"(?:\d{{4}}[-/.]\d{{1,2}}[-/.]\d{{1,2}}|(?:the\s+)?\d{{1,2}}(?:st|nd|rd|th)?\s+"
-                 rf"(?:of\s+)?{months},?\s+\d{{4}}|{months}\s+\d{{1,2}}(?:st|nd|rd|th)?,?\s+\d{{4}})"),
-        "expr": expr, "imp": expr, "from": unit, "to": unit, "term": term, "a_term": term,
-        "value": rf"(?:(?=[-.\d]|minus){number}|(?:minus\s+)?(?:{_alt(NUMBER_WORDS)}[\s-]*)+)",
-        "country": _alt(c for c, _ in CAPITALS),
-    }
-
-
-def _literal(text: str) -> str:
-    pieces = re.split(r"([\s?!.,:;\-–—]+)", text)
-    return "".join(SEP if re.fullmatch(r"[\s?!.,:;\-–—]+", p) else
-                   "".join("'?" if c in "'’" else re.escape(c) for c in p) for p in pieces if p)
-
-
-def _frame_regex(frame: str, slots: dict[str, str]) -> str:
-    parts = re.split(r"\{(\w+)\}", frame)
-    return "".join(_literal(p) if i % 2 == 0 else slots[p] for i, p in enumerate(parts))
-
-
-def _has_words(frame: str) -> bool:
-    return re.search(r"[A-Za-z]", re.sub(r"\{\w+\}", "", frame)) is not None
-
-
-def training_frames() -> list[str]:
-    """Every sentence frame and fixed utterance that training conversations put in a user turn."""
-    tables = (P.WEATHER_FRAMES, P.CALC_FRAMES, P.IMPERATIVE_FRAMES, P.UNITS_FRAMES, P.CAPITAL_FRAMES,
-              P.DEFINITION_FRAMES)
-    frames = [f for table in tables for f in table["train"]]
-    frames += [u for talk in P.SMALL_TALK.values() for u in talk[0]]
-    frames += [q for fact in P.FACTS for q in fact[0]]
-    return [f for f in frames if _has_words(f)]
-
+# -- no shared sentence frame (frames.py says what sharing one is) ---------------------------------
 
 @pytest.fixture(scope="module")
 def training_regex():
-    slots = _slots()
-    dress = lambda texts: "(?:" + "|".join(_literal(t) for t in texts if t) + ")?"  # noqa: E731
-    frames = "|".join(_frame_regex(f, slots) for f in training_frames())
-    return re.compile(SEP + dress(P.OPENERS + P.OPENERS_FOR_COMMANDS) + f"(?:{frames})" + dress(P.CLOSERS)
-                      + SEP, re.IGNORECASE)
-
-
-BOUNDARY = re.compile(r"[,.](?=\s|$)\s*|[;:?!]\s*|\s-\s|\b(?:and|also|then|plus)\b\s*", re.IGNORECASE)
-
-
-def clauses(text: str) -> set[str]:
-    """The whole text and every part of it between clause boundaries."""
-    marks = [m.span() for m in BOUNDARY.finditer(text)]
-    starts = {0} | {p for span in marks for p in span}
-    ends = {len(text)} | {p for span in marks for p in span}
-    return {text[i:j] for i in starts for j in ends if i < j and re.search("[A-Za-z]", text[i:j])}
+    return frames_regex("train")
 
 
 def test_no_user_text_shares_a_sentence_frame_with_training(training_regex):
-    shared = {i["id"]: sorted(c for c in clauses(i["user"]) if training_regex.fullmatch(c))
-              for i in user_items()}
-    assert {k: v for k, v in shared.items() if v} == {}
+    found = {i["id"]: shared(i["user"], training_regex) for i in user_items()}
+    assert {k: v for k, v in found.items() if v} == {}
 
 
 def test_the_frame_check_finds_the_training_wording(training_regex):
     tasks = generate_tasks(1500, seed=4)
     missed = [t.messages[-1]["content"] for t in tasks
-              if _has_words(t.frame) and not training_regex.fullmatch(t.messages[-1]["content"])]
+              if has_words(t.frame) and not training_regex.fullmatch(t.messages[-1]["content"])]
     assert missed == []
+    new = multi_call_tasks(300, seed=4) + json_tasks(300, seed=4) + no_tool_tasks(300, seed=4)
+    assert [t.messages[-1]["content"] for t in new
+            if has_words(t.frame) and not shared(t.messages[-1]["content"], training_regex)] == []
     clause = "what's 15 times 4"                            # a training frame inside a longer text
     assert clause in clauses(f"two things: {clause}, and the rest") and training_regex.fullmatch(clause)
     heldout = generate_tasks(300, seed=4, split="heldout")
