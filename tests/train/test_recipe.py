@@ -42,9 +42,9 @@ def test_demo_recipe_runs_every_stage_and_resumes(tmp_path):
 def test_training_data_adds_plain_chat_conversations():
     from dsv32.train.corpus import training_conversations
 
-    recipe = Recipe(n_train=40, n_city=0, n_skill=0, n_numbers=0, n_chat=0)
-    base = training_conversations(recipe)
-    more = training_conversations(Recipe(n_train=40, n_city=0, n_skill=0, n_numbers=0, n_chat=30))
+    none = dict(n_train=40, n_city=0, n_skill=0, n_numbers=0, n_multi_call=0, n_json=0)
+    base = training_conversations(Recipe(**none, n_chat=0))
+    more = training_conversations(Recipe(**none, n_chat=30))
     assert more[:len(base)] == base and len(more) == len(base) + 30
     assert {c.category for c in more[len(base):]} == {"chat"}
     assert not {c.id for c in base} & {c.id for c in more[len(base):]}
@@ -61,8 +61,8 @@ REMOVED_KNOBS = {"invented": 0.0, "n_invented_words": 0, "n_spell": 0, "separate
 # with the value that turns each off (what demo33 was trained with), and the values it changed,
 # with demo33's. The retrain that issue 34 asks for writes the new recipe into the bundle's summary;
 # until then the bundle is the default recipe with these undone.
-ADDED_KNOBS = {"n_users": None}
-CHANGED_KNOBS = {}
+ADDED_KNOBS = {"n_no_tools": 0, "n_multi_call": 0, "n_json": 0, "n_users": None}
+CHANGED_KNOBS = {"n_train": 20000}
 
 
 def test_the_default_recipe_is_the_one_that_trained_the_bundled_model():

@@ -9,11 +9,13 @@ import pytest
 
 from dsv32.chat import encode_messages, parse_completion
 from dsv32.chat.tokens import CALLS_OPEN, DSML, EOS, INVOKE_OPEN_HEAD
+from dsv32.train.corpus import later_conversations, training_conversations
 from dsv32.train.envs import score_answer, score_plain, tool_messages
 from dsv32.train.envs.jsonfmt import answer_schema, json_answer
 from dsv32.train.envs.registry import execute_tool_call
 from dsv32.train.envs.verify import NO_TOOL_WORDS, mentioned_conditions
 from dsv32.train.evaluate import score_episode
+from dsv32.train.recipe import Recipe
 from dsv32.train.synth import reference_completions
 from dsv32.train.synth.json_answers import json_tasks
 from dsv32.train.synth.requests import mental, multi_call_tasks, no_tool_tasks
@@ -124,6 +126,18 @@ def test_json_answers_parse_and_follow_the_schema():
     assert any(len(t.reference_calls) > 1 for t in tasks)
     names = {t.messages[0]["response_format"].get("json_schema", {}).get("name") for t in tasks}
     assert len(names) > 10
+
+
+def test_the_recipe_places_the_new_conversations():
+    recipe = Recipe(n_train=40, n_city=0, n_chat=0, n_skill=0, n_numbers=0, n_conversions=0,
+                    n_no_tools=10, n_multi_call=12, n_json=14)
+    convs, later = training_conversations(recipe), later_conversations(recipe)
+    count = lambda cs, c: sum(x.category == c for x in cs)  # noqa: E731
+    assert (count(convs, "multi-call"), count(convs, "json"), count(convs, "no-tools")) == (12, 14, 0)
+    assert count(later, "no-tools") == 10 and len(later) == 10      # not in the short-context stage
+    assert all(not c.tools for c in later)
+    small = Recipe().scaled(0.01)
+    assert (small.n_no_tools, small.n_multi_call, small.n_json) == (30, 30, 30)
 
 
 def test_the_new_wording_keeps_the_heldout_frames_unseen():
