@@ -31,7 +31,8 @@ class Recipe:
                                     # conversions, in the full-prompt and later stages only (demo20)
     n_no_tools: int = 3000          # questions asked with no tool offered, answered without DSML, in
                                     # the full-prompt and later stages only (issue 34)
-    n_multi_call: int = 3000        # requests that need 2-3 calls in one turn (issue 34)
+    n_multi_call: int = 3000        # requests that need 2-3 calls in one turn, in the full-prompt and
+                                    # later stages only (issue 34)
     n_json: int = 3000              # requests whose response_format asks for JSON (issue 34)
     sparse_tool_subsets: float = 0.25  # share of the conversations offering tools that the sparse
                                     # stage also sees offering a random subset of them (demo33)

@@ -133,9 +133,8 @@ def test_the_recipe_places_the_new_conversations():
                     n_no_tools=10, n_multi_call=12, n_json=14)
     convs, later = training_conversations(recipe), later_conversations(recipe)
     count = lambda cs, c: sum(x.category == c for x in cs)  # noqa: E731
-    assert (count(convs, "multi-call"), count(convs, "json"), count(convs, "no-tools")) == (12, 14, 0)
-    assert count(later, "no-tools") == 10 and len(later) == 10      # not in the short-context stage
-    assert all(not c.tools for c in later)
+    assert (count(convs, "multi-call"), count(convs, "json"), count(convs, "no-tools")) == (0, 14, 0)
+    assert (count(later, "no-tools"), count(later, "multi-call"), len(later)) == (10, 12, 22)
     small = Recipe().scaled(0.01)
     assert (small.n_no_tools, small.n_multi_call, small.n_json) == (30, 30, 30)
 
