@@ -114,8 +114,8 @@ def score_episode(task: Task, transcript: list[dict]) -> dict:
 
 def writes_dsml(assistants: list[dict]) -> bool:
     """Whether the assistant messages call a tool or spell DSML markup in their text."""
-    return any(m["tool_calls"] or DSML.strip("｜") in (m.get("content") or "") + (m.get("reasoning_content") or "")
-               for m in assistants)
+    texts = [(m.get("content") or "") + (m.get("reasoning_content") or "") for m in assistants]
+    return any(m["tool_calls"] for m in assistants) or any(DSML.strip("｜") in text for text in texts)
 
 
 def _summary(rows: list[dict]) -> dict:

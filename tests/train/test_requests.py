@@ -61,7 +61,8 @@ def test_no_tool_conversations_never_write_dsml():
         elif task.kind == "calculator":                      # the value, computed, of a sum done mentally
             expression = _expression(task)
             assert task.expected[0] in answer and (expression is None or (
-                mental(expression) and task.expected == [execute_tool_call("calculator", {"expression": expression})]))
+                mental(expression)
+                and task.expected == [execute_tool_call("calculator", {"expression": expression})]))
             named += expression is not None
         row = score_episode(task, _transcript(task))
         assert row["success"] and row["no_dsml"], task.id
@@ -83,7 +84,8 @@ def test_multi_call_conversations_answer_every_call():
     tasks = multi_call_tasks(300, seed=2)
     for task in tasks:
         (_, completion), *_ = reference_completions(task)
-        assert completion.count(CALLS_OPEN) == 1 and completion.count(INVOKE_OPEN_HEAD) == len(task.reference_calls)
+        assert completion.count(CALLS_OPEN) == 1
+        assert completion.count(INVOKE_OPEN_HEAD) == len(task.reference_calls)
         first = task.reference[0]
         parsed = parse_completion(completion.removesuffix(EOS), task.thinking_mode)
         assert _calls(parsed) == _calls(first) == [(c["name"], c["arguments"]) for c in task.reference_calls]
@@ -92,7 +94,8 @@ def test_multi_call_conversations_answer_every_call():
         results = task.reference[1:-1]                       # one tool message per call, in order
         assert [m["role"] for m in results] == ["tool"] * len(first["tool_calls"])
         assert [m["tool_call_id"] for m in results] == [c["id"] for c in first["tool_calls"]]
-        assert [m["content"] for m in results] == task.results == [m["content"] for m in tool_messages(first["tool_calls"])]
+        executed = tool_messages(first["tool_calls"])
+        assert [m["content"] for m in results] == task.results == [m["content"] for m in executed]
         assert score_answer(task, task.reference[-1]["content"]) == 1.0      # every result's values
         row = score_episode(task, _transcript(task))
         assert row["success"] and row["right_args"], task.id
