@@ -11,9 +11,8 @@ import torch
 from dsv32.model.config import ModelConfig
 from dsv32.model.formats import WeightFormat
 
-from .device import AUTO, resolve_device
-
 from .cache import PagedCache
+from .device import AUTO, resolve_device
 from .sequence import Sequence
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -39,6 +38,7 @@ class EngineConfig:
     tensor_parallel_size: int = 1           # ranks sharing every layer (heads, inner dims, vocab)
     enable_expert_parallel: bool = False    # partition routed experts across the ranks instead
     num_speculative_tokens: int = 0         # 1: MTP speculative decoding (the model's MTP layer drafts)
+    kernels: str = "off"                    # "torch" / "triton": decode and prefill through dsv32.kernels
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, model: str) -> EngineConfig:
@@ -48,7 +48,7 @@ class EngineConfig:
                    kv_cache_dtype=args.kv_cache_dtype, enable_prefix_caching=not args.no_prefix_caching,
                    fp8_storage=args.fp8_storage, tensor_parallel_size=args.tensor_parallel_size,
                    enable_expert_parallel=args.enable_expert_parallel,
-                   num_speculative_tokens=args.num_speculative_tokens)
+                   num_speculative_tokens=args.num_speculative_tokens, kernels=args.kernels)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -116,3 +116,6 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="partition routed experts across the tensor-parallel ranks")
     p.add_argument("--num-speculative-tokens", type=int, default=d.num_speculative_tokens, choices=[0, 1],
                    help="1: MTP speculative decoding (same tokens, fewer steps when drafts are accepted)")
+    p.add_argument("--kernels", default=d.kernels, choices=["off", "torch", "triton"],
+                   help="the fast paths (dsv32.kernels: FP8 GEMMs, paged DSA, packed experts; CUDA graphs on "
+                        "a GPU) for plain forwards; off: the eager reference")

@@ -55,6 +55,7 @@ class Executor:
         self.keep_hidden = cfg.speculative      # the MTP drafts read each forward's hidden states
         self.hiddens: list[torch.Tensor] = []   # [B, T, D] of each forward since the last `mtp`
         self.group = group
+        self.fast = None if cfg.kernels == "off" else FastStep(self.model, self.cache, cfg)
 
     @classmethod
     def start(cls, cfg: EngineConfig, mc: ModelConfig, num_blocks: int,
@@ -94,6 +95,8 @@ class Executor:
         ([B, T, V] of every new token when `x.every`). `hooks` stay on this rank."""
         with self._on_every_rank("compute", x):
             dev = self.device
+            if self.fast is not None and hooks is None and not x.every and not self.keep_hidden:
+                return self.fast(x)
             kv = PagedKV(self.cache, x.tables.to(dev), x.ctx.to(dev), x.slots.to(dev))
             h = self.model.hidden(x.ids.to(dev), x.pos.to(dev), kv, hooks=hooks)          # [B, T, D]
             if self.keep_hidden:
@@ -145,6 +148,28 @@ class Executor:
         """Stop the group's workers and end the group (nothing to do in one process)."""
         if self.group is not None:
             self.group.close()
+
+
+class FastStep:
+    """Plain forwards (no hooks, last-token logits, no hidden states kept) through `dsv32.kernels`:
+    decodes replayed as CUDA graphs on a GPU (padded to batch and table-width buckets), prefill
+    chunks run directly. Imported only when asked for, so a CPU install never loads Triton."""
+
+    def __init__(self, model: Transformer, cache: PagedCache, cfg: EngineConfig):
+        if cfg.tensor_parallel_size > 1:
+            raise ValueError("kernels: the fast paths run on one device (tensor_parallel_size 1)")
+        from dsv32.kernels.graphs import BATCH_BUCKETS, GraphedStep
+        from dsv32.kernels.layer import STEP_ARGS, FastModel
+        self.model = FastModel(model, cache, cfg.kernels)
+        widths = [1 << i for i in range(max(1, (cfg.max_model_len or 8192) // cache.block_size).bit_length() + 1)]
+        self.graphed = GraphedStep(self.model.step, STEP_ARGS, [b for b in BATCH_BUCKETS if b <= cfg.max_num_seqs]
+                                   or [1], widths, use_graphs=str(cfg.device).startswith("cuda"))
+        self.device = next(model.parameters()).device
+
+    def __call__(self, x: StepInput) -> torch.Tensor:
+        ids, pos, slots, tables, last = (t.to(self.device) for t in (x.ids, x.pos, x.slots, x.tables, x.last))
+        step = self.graphed if x.ids.shape[1] == 1 else self.model.step
+        return step(ids, pos, slots, tables, last)
 
 
 def serve_worker(rank: int, world: int, local_rank: int) -> None:

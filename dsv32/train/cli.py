@@ -27,6 +27,10 @@ def add_parser(subparsers) -> None:
                    help="only weather tasks, about cities no training conversation names")
     e.add_argument("--one-tool", action="store_true",
                    help="only tool tasks, each offered only the tool it needs")
+    e.add_argument("--no-users", action="store_true",
+                   help="leave out the user-written set (run beside the held-out tasks otherwise, "
+                        "not with the probes)")
+    e.add_argument("--md", type=Path, default=None, help="also write the tables here (an eval.md)")
     e.add_argument("--json", type=Path, default=None, help="also write the summary here")
     e.set_defaults(func=_eval)
 
@@ -45,12 +49,18 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .evaluate import main_eval
+    from .evaluate import main_eval, report_markdown
 
     probe = {"categories": ("weather",), "unseen_cities": True} if args.unseen_cities else {}
     if args.one_tool:
         probe.update(one_tool=True, categories=probe.get("categories", ("calculator", "weather", "units")))
-    res = main_eval(str(args.model_dir), n=args.n, seed=args.seed, **probe)
+    res = main_eval(str(args.model_dir), n=args.n, seed=args.seed, users=not (probe or args.no_users),
+                    **probe)
+    if args.md:
+        args.md.write_text(report_markdown(res, users=res.get("users")))
     if args.json:
-        args.json.write_text(json.dumps({k: v for k, v in res.items() if k != "episodes"}, indent=2))
+        summary = {k: v for k, v in res.items() if k not in ("episodes", "users")}
+        if "users" in res:
+            summary["users"] = {k: v for k, v in res["users"].items() if k != "episodes"}
+        args.json.write_text(json.dumps(summary, indent=2))
     return 0

@@ -8,6 +8,7 @@ import json
 import random
 import re
 import zoneinfo
+from collections import Counter
 from dataclasses import dataclass
 
 from dsv32.chat import Tokenizer
@@ -18,6 +19,8 @@ from .data import Batch, Example, Loader, WordDropout, encode_all
 from .losses import TiedVocab
 from .recipe import Recipe
 from .synth import conversion_conversations, number_conversations, sft_conversations, skill_conversations
+from .synth.json_answers import json_tasks
+from .synth.requests import multi_call_tasks, no_tool_tasks
 from .synth.phrasings import CITIES, frame_words
 
 MAX_LEN = 1536                   # longer conversations are left out
@@ -28,7 +31,8 @@ class Data:
     """The conversations every stage draws on, their token rows, and the vocabulary seen in them."""
 
     conversations: list[Conversation]   # tool conversations and drills, from the short-context stage on
-    later: list[Conversation]           # conversion drills, from the full-prompt stage on
+    later: list[Conversation]           # conversion drills, no-tool and multi-call conversations, from
+                                        # the full-prompt stage on
     examples: list[Example]             # both, tokenised (tool values marked when a stage weights them)
     heldout: list[Conversation]         # held-out conversations of the LM diagnostics
     heldout_batches: list[Batch]
@@ -41,8 +45,9 @@ class Data:
 
     def counts(self) -> dict:
         """What the log's "data" event reports."""
-        rows = self.examples
-        return dict(conversations=len(self.conversations) + len(self.later), examples=len(rows),
+        rows, convs = self.examples, self.conversations + self.later
+        return dict(conversations=len(convs), categories=dict(Counter(c.category for c in convs)),
+                    examples=len(rows),
                     tokens=sum(len(e.ids) for e in rows),
                     loss_tokens=sum(len(e.mask) - e.mask.count(0) for e in rows),
                     value_tokens=sum(e.mask.count(2) for e in rows), seen_vocab=len(self.vocab.seen))
@@ -74,17 +79,23 @@ def word_dropout(tok: Tokenizer, vocab: TiedVocab, p: float) -> WordDropout | No
 
 def training_conversations(recipe: Recipe) -> list[Conversation]:
     """The SFT data: tool conversations, extra weather and plain-chat conversations, skill and
-    number drills."""
+    number drills, requests that ask for JSON."""
     convs = sft_conversations(recipe.n_train, seed=recipe.seed)
     convs += city_conversations(convs, recipe.n_city, recipe.seed)
     convs += sft_conversations(recipe.n_chat, seed=recipe.seed + 13, categories=("chat",))
     convs += skill_conversations(recipe.n_skill, recipe.seed, words=tz_cities())
-    return convs + number_conversations(recipe.n_numbers, recipe.seed)
+    convs += number_conversations(recipe.n_numbers, recipe.seed)
+    return convs + [t.conversation() for t in json_tasks(recipe.n_json, recipe.seed)]
 
 
 def later_conversations(recipe: Recipe) -> list[Conversation]:
-    """The data of the full-prompt and later stages only: conversion drills."""
-    return conversion_conversations(recipe.n_conversions, recipe.seed)
+    """The data of the full-prompt and later stages only: conversion drills, tool questions asked
+    with no tool offered (in the short-context stage every prompt lacks its tools section, and most
+    of those conversations call a tool) and requests that need several calls (in the short-context
+    stage they share batches with the one-call conversations and pad them: ~20% more tokens a step)."""
+    convs = conversion_conversations(recipe.n_conversions, recipe.seed)
+    extra = no_tool_tasks(recipe.n_no_tools, recipe.seed) + multi_call_tasks(recipe.n_multi_call, recipe.seed)
+    return convs + [t.conversation() for t in extra]
 
 
 @functools.cache

@@ -32,13 +32,14 @@ from dsv32.model.transformer import Transformer
 from . import grpo as G
 from .corpus import Data, prepare_data, tool_subset_conversations, word_dropout
 from .data import Example, Loader, WordDropout
-from .evaluate import argument_accuracy, evaluate_in_memory
+from .evaluate import ALL_METRICS, argument_accuracy, evaluate_in_memory, report_markdown
 from .export import export_bundle, fp8_round_trip
 from .plots import plot_log
 from .recipe import Recipe
 from .synth import Task, answer_stage, generate_tasks
 from .trainer import (JsonLog, StageConfig, eval_lm, load_into, make_optimizer, new_model, save,
                       set_trainable, train_stage)
+from .users import user_tasks
 
 
 def run_demo(out: str | Path, recipe: Recipe | None = None, progress: bool = True,
@@ -227,8 +228,8 @@ def export_stage(run: Run) -> None:
 
 
 def evaluation_stage(run: Run) -> None:
-    """Held-out tool use of the model as exported (FP8) and the unseen-city probe: the summary,
-    OUT/eval.md and OUT/eval_episodes.jsonl."""
+    """Held-out tool use of the model as exported (FP8), the unseen-city probe and the
+    user-written set: the summary, OUT/eval.md and OUT/eval_episodes.jsonl."""
     model, tok, recipe = run.model, run.tok, run.recipe
     fp8_round_trip(model)
     res = evaluate_in_memory(model, tok, recipe.n_eval, seed=recipe.seed)
@@ -236,10 +237,11 @@ def evaluation_stage(run: Run) -> None:
     probe = evaluate_in_memory(model, tok, recipe.n_unseen, seed=recipe.seed, categories=("weather",),
                                unseen_cities=True)
     run.summary["eval_unseen_cities"] = {"overall": probe["overall"], "cells": probe["cells"]}
-    (run.out / "eval.md").write_text(res["table"] + "\n\nWeather about cities no training conversation "
-                                     "names (a probe, not in the table above):\n\n" + probe["table"] + "\n")
+    users = evaluate_in_memory(model, tok, 0, tasks=user_tasks(n=recipe.n_users), columns=ALL_METRICS)
+    run.summary["eval_users"] = {k: users[k] for k in ("overall", "categories", "cells")}
+    (run.out / "eval.md").write_text(report_markdown(res, probe, users))
     with (run.out / "eval_episodes.jsonl").open("w") as f:
-        for e in res["episodes"] + probe["episodes"]:
+        for e in res["episodes"] + probe["episodes"] + users["episodes"]:
             f.write(json.dumps(e, ensure_ascii=False) + "\n")
 
 

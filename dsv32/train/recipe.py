@@ -21,13 +21,19 @@ class Recipe:
 
     seed: int = 0
     model: dict = field(default_factory=lambda: dict(DEMO_MODEL))
-    n_train: int = 20000
+    n_train: int = 17000            # tool and plain-chat conversations (20000 until issue 34 gave
+                                    # 3000 of them to the multi-call, JSON and no-tool requests)
     n_city: int = 5000              # extra weather conversations over IANA city names
     n_chat: int = 4000              # extra plain-chat conversations (demo14; docs/training.md)
     n_skill: int = 20000            # short drills: copying, dates, numbers, expressions, unit codes
     n_numbers: int = 8000           # conversations of 6 echoes of uniformly drawn numbers
     n_conversions: int = 4000       # conversations of 6 number-word and worded-calculation
                                     # conversions, in the full-prompt and later stages only (demo20)
+    n_no_tools: int = 3000          # questions asked with no tool offered, answered without DSML, in
+                                    # the full-prompt and later stages only (issue 34)
+    n_multi_call: int = 3000        # requests that need 2-3 calls in one turn, in the full-prompt and
+                                    # later stages only (issue 34)
+    n_json: int = 3000              # requests whose response_format asks for JSON (issue 34)
     sparse_tool_subsets: float = 0.25  # share of the conversations offering tools that the sparse
                                     # stage also sees offering a random subset of them (demo33)
     tie_embeddings: bool = True     # LM head shares the input embedding while training
@@ -53,6 +59,7 @@ class Recipe:
     n_eval: int = 160
     n_unseen: int = 40              # weather tasks about unseen cities, a probe reported apart
     n_heldout_lm: int = 48
+    n_users: int | None = None      # tasks of the user-written set evaluated (None: all; issue 34)
 
     def scaled(self, f: float) -> "Recipe":
         """The same recipe with every step count (and data size) multiplied by f (smoke tests)."""
@@ -68,6 +75,9 @@ class Recipe:
         r.n_skill = int(self.n_skill * f)
         r.n_numbers = int(self.n_numbers * f)
         r.n_conversions = int(self.n_conversions * f)
+        r.n_no_tools = int(self.n_no_tools * f)
+        r.n_multi_call = int(self.n_multi_call * f)
+        r.n_json = int(self.n_json * f)
         return r
 
     def to_json(self) -> dict:

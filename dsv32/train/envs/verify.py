@@ -3,7 +3,8 @@
 A task is anything with the attributes of `dsv32.train.synth.Task`: `category` ("calculator",
 "weather", "units", "chat"), `stage` ("call": the prompt ends with the user turn; "answer": it
 ends with the reference call's results), `reference_calls` ([{"name", "arguments": dict}]),
-`results` (the reference calls' tool results) and `expected` (strings a plain answer must contain).
+`results` (the reference calls' tool results), `expected` (strings a plain answer must contain),
+and for plain answers `kind` and `tools` (the specs offered; None when none are).
 """
 from __future__ import annotations
 
@@ -21,6 +22,9 @@ from .units import UnitError, normalize_unit, to_number
 from .weather import CONDITIONS, normalize_city
 
 ERROR_WORDS = ("error", "cannot", "can't", "unable", "not possible", "undefined", "invalid")
+# What an answer says when the request offers no tool that could answer it (no-tool tasks).
+NO_TOOL_WORDS = ("no tool", "no weather tool", "no conversion tool", "don't have", "do not have",
+                 "can't", "cannot", "unable", "not able", "no access")
 ISO_DATES = re.compile(r"\d{4}-\d{2}-\d{2}")
 
 # Reward weights: (format, call, answer) for each kind of task.
@@ -156,15 +160,30 @@ def score_answer(task, final_text: str | None, tool_result: str | list[str] | No
 
 
 def score_plain(task, final_text: str | None, tool_calls: list | None = None) -> float:
-    """1 when a plain-chat answer uses no tool and contains one of the expected strings."""
+    """1 when a plain answer uses no tool and contains one of the expected strings (a number
+    expected is matched by value, as `quotes_number` does); a weather question asked without a
+    weather tool (kind "weather", no tools offered) must not name a condition (a made-up forecast)."""
     if tool_calls:
         return 0.0
     text = final_text or ""
+    no_tools = not getattr(task, "tools", None)
+    if getattr(task, "kind", "") == "weather" and no_tools and mentioned_conditions(text):
+        return 0.0
     for expected in task.expected:
+        if _is_number(expected) and quotes_number(text, float(expected)):
+            return 1.0
         pattern = r"(?<![\w.])" + re.escape(expected) + r"(?![\w]|\.\d)"
         if re.search(pattern, text, re.IGNORECASE):
             return 1.0
     return 0.0
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def format_score(completion_messages: list[dict], thinking_mode: str) -> float:

@@ -46,8 +46,12 @@ def say_number(rng: random.Random, value: int | float, words: float = 0.35) -> s
     return format_number(value)
 
 
-def _dress(rng: random.Random, core: str, fillers: bool = True, command: bool = False) -> str:
-    """Opener, closer, punctuation and casing around a phrasing."""
+def _dress(rng: random.Random, core: str, fillers: bool = True, command: bool = False,
+           dress: bool = True) -> str:
+    """Opener, closer, punctuation and casing around a phrasing; `dress` False leaves the phrasing
+    as it is (a part of a longer request, dressed as a whole) and draws nothing."""
+    if not dress:
+        return core
     end = core[-1] if core[-1] in "?." else ""
     body = core[:-1] if end else core
     if end and rng.random() < 0.3:
@@ -153,7 +157,7 @@ def verbal(rng: random.Random, split: str) -> tuple[str, str, str, str, bool]:
     return kind, rng.choice(frames[split]), phrase, expression, frames is P.IMPERATIVE_FRAMES
 
 
-def _draft_calculator(rng: random.Random, split: str) -> Draft:
+def _draft_calculator(rng: random.Random, split: str, dress: bool = True) -> Draft:
     for _ in range(100):
         if rng.random() < 0.45:
             phrase, expression = _symbolic(rng)
@@ -161,7 +165,7 @@ def _draft_calculator(rng: random.Random, split: str) -> Draft:
         else:
             kind, frame, phrase, expression, command = verbal(rng, split)
         if _nice_result(expression):
-            user = _dress(rng, frame.format(expr=phrase, imp=phrase), command=command)
+            user = _dress(rng, frame.format(expr=phrase, imp=phrase), command=command, dress=dress)
             return Draft(kind, frame, user, ("calculator", {"expression": expression}),
                           {"expression": expression})
     raise RuntimeError("no calculation with a short result found")
@@ -177,12 +181,12 @@ def date_in_split(rng: random.Random, split: str) -> dt.date:
             return day
 
 
-def _draft_weather(rng: random.Random, split: str, unseen_cities: bool = False) -> Draft:
+def _draft_weather(rng: random.Random, split: str, unseen_cities: bool = False, dress: bool = True) -> Draft:
     city = rng.choice(P.CITIES["unseen" if unseen_cities else "train"])
     day = date_in_split(rng, split)
     written = write_date(day, rng.choice(DATE_STYLES))
     frame = rng.choice(P.WEATHER_FRAMES[split])
-    user = _dress(rng, frame.format(city=city, date=written))
+    user = _dress(rng, frame.format(city=city, date=written), dress=dress)
     # The call names the city as the forecast does ("Istanbul" for "istanbul", "ISTANBUL"): one
     # spelling per city to learn, where copying the user's casing needed four (the tool folds case).
     return Draft("weather", frame, user, ("get_weather", {"city": city, "date": day.isoformat()}),
@@ -202,7 +206,7 @@ def _unit_value(rng: random.Random, dimension: str) -> int | float:
     return rng.randint(1000, 5000)
 
 
-def _draft_units(rng: random.Random, split: str) -> Draft:
+def _draft_units(rng: random.Random, split: str, dress: bool = True) -> Draft:
     dimensions = ("length", "length", "mass", "temperature", "volume")
     while True:
         dimension = rng.choice(dimensions)
@@ -219,45 +223,50 @@ def _draft_units(rng: random.Random, split: str) -> Draft:
     arguments = {"value": value, "from_unit": from_unit, "to_unit": to_unit}
     slots = {"value": format_number(value), "from_unit": from_unit, "to_unit": to_unit,
              "from": DISPLAY[from_unit], "to": DISPLAY[to_unit]}
-    return Draft("units", frame, _dress(rng, core), ("convert_units", arguments), slots)
+    return Draft("units", frame, _dress(rng, core, dress=dress), ("convert_units", arguments), slots)
 
 
 # -- plain chat ------------------------------------------------------------------------------------
 
-def _draft_chat(rng: random.Random, split: str) -> Draft:
+def _draft_chat(rng: random.Random, split: str, dress: bool = True) -> Draft:
     roll = rng.random()
     column = 0 if split == "train" else 1
     if roll < 0.35:
         kind = rng.choice(tuple(P.SMALL_TALK))
         table = P.SMALL_TALK[kind]
         utterance = rng.choice(table[column])
-        return Draft(kind, utterance, _dress(rng, utterance, fillers=False), answer=rng.choice(table[2]),
-                      reasoning=R.REASON_PLAIN[kind], expected=table[3])
+        user = _dress(rng, utterance, fillers=False, dress=dress)
+        answer = rng.choice(table[2])
+        return Draft(kind, utterance, user, answer=answer, reasoning=R.REASON_PLAIN[kind], expected=table[3],
+                      slots={"reply": answer})
     if roll < 0.6:
         country, capital = rng.choice(R.CAPITALS)
         frame = rng.choice(P.CAPITAL_FRAMES[split])
-        return Draft("capital", frame, _dress(rng, frame.format(country=country)),
+        return Draft("capital", frame, _dress(rng, frame.format(country=country), dress=dress),
                       answer=R.CAPITAL_ANSWER.format(country=country, capital=capital),
-                      reasoning=R.REASON_PLAIN["capital"].format(country=country), expected=(capital,))
+                      reasoning=R.REASON_PLAIN["capital"].format(country=country), expected=(capital,),
+                      slots={"country": country, "capital": capital})
     if roll < 0.8:
         questions = rng.choice(P.FACTS)
         question = rng.choice(questions[column])
-        return Draft("fact", question, _dress(rng, question), answer=questions[2],
-                      reasoning=R.REASON_PLAIN["fact"], expected=(questions[3],))
+        return Draft("fact", question, _dress(rng, question, dress=dress), answer=questions[2],
+                      reasoning=R.REASON_PLAIN["fact"], expected=(questions[3],), slots={"answer": questions[2]})
     term, a_term, definition, expected = rng.choice(R.TERMS)
     frame = rng.choice(P.DEFINITION_FRAMES[split])
-    return Draft("definition", frame, _dress(rng, frame.format(term=term, a_term=a_term)),
+    return Draft("definition", frame, _dress(rng, frame.format(term=term, a_term=a_term), dress=dress),
                   answer=definition, reasoning=R.REASON_PLAIN["definition"].format(term=term),
-                  expected=(expected,))
+                  expected=(expected,), slots={"term": term, "definition": definition})
 
 
 DRAFTERS = {"calculator": _draft_calculator, "weather": _draft_weather, "units": _draft_units,
             "chat": _draft_chat}
 
 
-def draft(rng: random.Random, category: str, split: str, unseen_cities: bool = False) -> Draft:
+def draft(rng: random.Random, category: str, split: str, unseen_cities: bool = False,
+          dress: bool = True) -> Draft:
     """A task of `category` as a user in `split` asks it; `unseen_cities` (weather) asks about
-    the cities no tool conversation names."""
+    the cities no tool conversation names; `dress` False leaves out openers, closers and casing
+    (a part of a longer request)."""
     if category == "weather":
-        return _draft_weather(rng, split, unseen_cities)
-    return DRAFTERS[category](rng, split)
+        return _draft_weather(rng, split, unseen_cities, dress)
+    return DRAFTERS[category](rng, split, dress)

@@ -59,3 +59,24 @@ CAPITAL_ANSWER = "The capital of {country} is {capital}."
 SYSTEM_PROMPTS = ("", "", "", "You are a helpful assistant.",
                   "You are a helpful assistant. Use the tools when they help.",
                   "You are a concise assistant.")
+
+# -- requests with no tool offered, several calls, JSON answers (issue 34) ---------------------------
+
+REASON_NO_TOOL_HARD = "No calculator is offered, and {expression} is too long to work out reliably."
+REASON_NO_TOOL = {
+    "calculator": ("No tools are offered, so I work out {expression} myself.",
+                   "There is no calculator here; {expression} is simple enough to do in my head."),
+    "get_weather": ("The user wants the weather in {city} on {date}, but no weather tool is offered.",),
+    "convert_units": ("The user wants {value} {from} in {to}, but no conversion tool is offered.",),
+}
+NO_TOOL_ANSWER = {
+    "calculator": ("I have no calculator here, so I can't work out {expression} exactly.",
+                   "Without a calculator I can't compute {expression} reliably."),
+    "get_weather": ("I have no weather tool here, so I can't look up the forecast for {city} on {date}.",
+                    "I can't check the weather for {city} on {date}: no weather tool is available to me."),
+    "convert_units": ("I have no conversion tool here, so I can't convert {value} {from} to {to} exactly.",
+                      "I can't convert {value} {from} to {to} reliably without a conversion tool."),
+}
+IDENTITY_NO_TOOLS = "I am a helpful assistant. Ask me a question and I will do my best to answer it."
+REASON_MULTI = "The user asks for {count} things at once, so I will make {count} calls together."
+REASON_JSON = "The answer must be a JSON object."
