@@ -6,7 +6,10 @@ from dataclasses import replace
 from tqdm.auto import tqdm
 
 from .chat import ChatRequest, prepare_chat
+from dsv32.model.bundled import default_model
+
 from .config import EngineConfig
+from .device import AUTO, resolve_device
 from .engine import LLMEngine
 from .sequence import RequestOutput, SamplingParams
 
@@ -14,11 +17,14 @@ from .sequence import RequestOutput, SamplingParams
 class LLM:
     """Generate for a list of prompts (strings or {"prompt_token_ids": [...]}) with continuous batching."""
 
-    def __init__(self, model: str, dtype: str = "float32", device: str = "cpu", **engine_kwargs):
-        """`engine_kwargs` are EngineConfig's. With tensor_parallel_size > 1 the LLM owns worker
+    def __init__(self, model: str | None = None, dtype: str = "float32", device: str = AUTO, **engine_kwargs):
+        """`model`: a checkpoint directory (default: the bundled model); `device`: cpu, cuda[:N] or
+        auto (cuda when present). `engine_kwargs` are EngineConfig's. With tensor_parallel_size > 1 the LLM owns worker
         processes: `shutdown()`, or leaving `with LLM(...) as llm:`, stops them (so does dropping
         the LLM, once it is garbage-collected)."""
-        self.engine = LLMEngine(EngineConfig(model=model, dtype=dtype, device=device, **engine_kwargs))
+        model = str(default_model()) if model is None else model
+        self.engine = LLMEngine(EngineConfig(model=model, dtype=dtype, device=resolve_device(device),
+                                             **engine_kwargs))
         self.tokenizer = self.engine.tokenizer
 
     def __enter__(self) -> LLM:

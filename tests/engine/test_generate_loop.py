@@ -58,3 +58,13 @@ def test_every_caller_runs_the_shared_loop(ckpt, model, loops, monkeypatch, caps
     monkeypatch.setattr(evaluation, "evaluate", lambda generate_batch, **kw: generate_batch(["Hi"], ["chat"]))
     assert len(evaluate_in_memory(model, tok, n=1)) == 1
     assert len(loops) == 5
+
+
+def test_llm_without_a_model_loads_the_bundled_one_on_the_auto_device(ckpt, monkeypatch):  # noqa: F811
+    from dsv32.engine import llm as llm_module
+    asked = []
+    monkeypatch.setattr(llm_module, "default_model", lambda: asked.append(1) or ckpt)
+    monkeypatch.setattr(llm_module, "resolve_device", lambda d: asked.append(d) or "cpu")
+    with LLM(max_model_len=256) as llm:
+        assert llm.engine.cfg.model == str(ckpt) and llm.engine.cfg.device == "cpu"
+    assert asked == [1, "auto"]
