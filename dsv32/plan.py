@@ -14,7 +14,7 @@ import argparse
 import torch
 
 from dsv32.engine.cache import PagedCache
-from dsv32.model.checkpoint import checkpoint_layout
+from dsv32.model.layout import checkpoint_layout
 from dsv32.model.config import ModelConfig, QuantConfig, RopeScaling
 from dsv32.model.layers import Linear
 from dsv32.model.transformer import Transformer

@@ -19,8 +19,8 @@ from torch import nn
 from .config import ModelConfig
 from .fp8 import act_quant_dequant
 from .hooks import Hooks, IndexView
-from .kernels.absorb import absorb
-from .kernels.indexer import causal_topk, index_scores, runs_of
+from .cpu.absorb import absorb
+from .cpu.indexer import causal_topk, index_scores, runs_of
 from .layers import Linear, RMSNorm, hadamard, rope_half, rope_interleaved
 from dsv32.parallel.context import SINGLE, ParallelContext
 
@@ -121,7 +121,7 @@ class Indexer(nn.Module):
     def select(self, q: torch.Tensor, w: torch.Tensor, keys, positions: torch.Tensor,
                doc: torch.Tensor | None = None, S: int | None = None) -> torch.Tensor:
         """Top-k key ids [B, T, K] per query among its visible keys (see `visible_keys`); -1 marks
-        empty slots. `keys`: [B, S, Di], or per row its key runs (kernels/indexer.py) of `S` keys
+        empty slots. `keys`: [B, S, Di], or per row its key runs (cpu/indexer.py) of `S` keys
         in all, read in place. Scored a chunk of queries and a cache-sized block of keys at a time."""
         B, T, H, _ = q.shape
         if isinstance(keys, torch.Tensor):

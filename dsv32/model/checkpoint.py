@@ -1,238 +1,24 @@
-"""The published checkpoint layout, and reading / writing sharded (FP8) safetensors checkpoints."""
+"""Reading a checkpoint in the published layout (sharded safetensors, FP8 with block scales, ue8m0
+too) into a model, dequantised, kept in FP8, or packed in a CPU weight format."""
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections import defaultdict, deque
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import ModelConfig, QuantConfig
+from .config import ModelConfig
 from .formats import check_format, packed_storage
 from .fp8 import FP8, block_dequant, block_quant, scale_shape
-from .kernels.compile import require_compiler
-from .kernels.packed import quantize_int8
+from .cpu.compile import require_compiler
+from .cpu.packed import quantize_int8
+from .layout import (FLOAT_DTYPES, FP8_DTYPES, INDEX_FILE, MAP_WINDOW, SCALE_SUFFIX, SINGLE_FILE, CheckpointError, TensorSpec,
+                     block_size, checkpoint_layout, is_fp8_vocab, is_fp32_pinned, mtp_vocab_sources, scale_name)
 
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
-SCALE_SUFFIX = "_scale_inv"          # "x.weight" -> "x.weight_scale_inv"
-MAP_WINDOW = 64 << 20               # bytes read from one mapping of a shard before re-mapping it
-FP8_VOCAB = ("embed_tokens.weight", "lm_head.weight", "shared_head.head.weight")
-FP32_PINNED = ("mlp.gate.e_score_correction_bias", "self_attn.indexer.weights_proj.weight")
-
-# safetensors dtype strings we accept: plain floats, and e4m3 for block-quantised weights
-_FLOAT = ("BF16", "F16", "F32")
-_FP8 = ("F8_E4M3",)
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be loaded: the message names the tensor and the file."""
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """One published tensor: its shape, its dtype on disk, whether FP8 checkpoints block-quantise it."""
-
-    shape: tuple[int, ...]
-    dtype: torch.dtype = torch.bfloat16
-    quantised: bool = False
-
-
-def scale_name(weight_name: str) -> str:
-    return weight_name + SCALE_SUFFIX
-
-
-def is_fp8_vocab(name: str) -> bool:
-    """Embeddings and LM heads: bf16 in the published checkpoint, but a small model may store them
-    in FP8 with block scales too (its vocabulary is nearly all of its bytes); they load dequantised."""
-    return name.endswith(FP8_VOCAB)
-
-
-def is_fp32_pinned(name: str) -> bool:
-    """Tensors the model keeps in fp32 whatever the compute dtype (routing bias, indexer head weights)."""
-    return name.endswith(FP32_PINNED)
-
-
-# ---------------------------------------------------------------------------------------------
-# Layout
-# ---------------------------------------------------------------------------------------------
-
-def _decoder_layer(cfg: ModelConfig, p: str, moe: bool) -> dict[str, TensorSpec]:
-    h, H = cfg.hidden_size, cfg.num_attention_heads
-    Q = lambda *s: TensorSpec(tuple(s), quantised=True)    # noqa: E731  block-quantised linear
-    B = lambda *s: TensorSpec(tuple(s))                    # noqa: E731  plain bf16
-    a = p + "self_attn."
-    out = {
-        p + "input_layernorm.weight": B(h),
-        p + "post_attention_layernorm.weight": B(h),
-        a + "q_a_proj.weight": Q(cfg.q_lora_rank, h),
-        a + "q_a_layernorm.weight": B(cfg.q_lora_rank),
-        a + "q_b_proj.weight": Q(H * cfg.qk_head_dim, cfg.q_lora_rank),
-        a + "kv_a_proj_with_mqa.weight": Q(cfg.kv_lora_rank + cfg.qk_rope_head_dim, h),
-        a + "kv_a_layernorm.weight": B(cfg.kv_lora_rank),
-        a + "kv_b_proj.weight": Q(H * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank),
-        a + "o_proj.weight": Q(h, H * cfg.v_head_dim),
-        a + "indexer.wq_b.weight": Q(cfg.index_n_heads * cfg.index_head_dim, cfg.q_lora_rank),
-        a + "indexer.wk.weight": Q(cfg.index_head_dim, h),
-        a + "indexer.k_norm.weight": B(cfg.index_head_dim),
-        a + "indexer.k_norm.bias": B(cfg.index_head_dim),
-        a + "indexer.weights_proj.weight": B(cfg.index_n_heads, h),
-    }
-
-    def mlp(q: str, inter: int) -> None:
-        out[q + "gate_proj.weight"] = Q(inter, h)
-        out[q + "up_proj.weight"] = Q(inter, h)
-        out[q + "down_proj.weight"] = Q(h, inter)
-
-    if not moe:
-        mlp(p + "mlp.", cfg.intermediate_size)
-        return out
-    out[p + "mlp.gate.weight"] = B(cfg.n_routed_experts, h)
-    out[p + "mlp.gate.e_score_correction_bias"] = TensorSpec((cfg.n_routed_experts,), torch.float32)
-    for j in range(cfg.n_routed_experts):
-        mlp(f"{p}mlp.experts.{j}.", cfg.moe_intermediate_size)
-    mlp(p + "mlp.shared_experts.", cfg.moe_intermediate_size * cfg.n_shared_experts)
-    return out
-
-
-def checkpoint_layout(cfg: ModelConfig) -> dict[str, TensorSpec]:
-    """Every tensor of the published HF checkpoint (scales excluded), in file order."""
-    h, V = cfg.hidden_size, cfg.vocab_size
-    out = {"model.embed_tokens.weight": TensorSpec((V, h))}
-    for i in range(cfg.num_hidden_layers):
-        out.update(_decoder_layer(cfg, f"model.layers.{i}.", cfg.is_moe_layer(i)))
-    for k in range(cfg.num_nextn_predict_layers):   # MTP: layers after the main stack
-        i = cfg.num_hidden_layers + k
-        p = f"model.layers.{i}."
-        out[p + "embed_tokens.weight"] = TensorSpec((V, h))
-        out[p + "enorm.weight"] = TensorSpec((h,))
-        out[p + "hnorm.weight"] = TensorSpec((h,))
-        out[p + "eh_proj.weight"] = TensorSpec((h, 2 * h))
-        out.update(_decoder_layer(cfg, p, cfg.is_moe_layer(i)))
-        out[p + "shared_head.norm.weight"] = TensorSpec((h,))
-        out[p + "shared_head.head.weight"] = TensorSpec((V, h))
-    out["model.norm.weight"] = TensorSpec((h,))
-    out["lm_head.weight"] = TensorSpec((V, h))
-    return out
-
-
-def mtp_vocab_sources(cfg: ModelConfig) -> dict[str, str]:
-    """The MTP layers' embedding and output head -> the main model's tensor they equal. The paper
-    shares them; the published checkpoint stores copies, which a checkpoint may leave out (the
-    loader then reads the main tensor)."""
-    out = {}
-    for k in range(cfg.num_nextn_predict_layers):
-        p = f"model.layers.{cfg.num_hidden_layers + k}."
-        out[p + "embed_tokens.weight"] = "model.embed_tokens.weight"
-        out[p + "shared_head.head.weight"] = "lm_head.weight"
-    return out
-
-
-def _block(cfg: ModelConfig) -> tuple[int, int]:
-    q = cfg.quantization_config
-    return tuple(q.weight_block_size) if q else (128, 128)
-
-
-# ---------------------------------------------------------------------------------------------
-# Saving
-# ---------------------------------------------------------------------------------------------
-
-def _plan_shards(names: list[str], sizes: dict[str, int], shards: int) -> list[list[str]]:
-    """Split `names` (in order) into `shards` contiguous groups of about equal bytes."""
-    shards = max(1, min(shards, len(names)))
-    total, groups, acc = sum(sizes.values()), [[]], 0
-    for i, n in enumerate(names):
-        left_names, left_groups = len(names) - i, shards - len(groups)
-        full = acc >= total * len(groups) / shards
-        if groups[-1] and left_groups > 0 and (full or left_names <= left_groups):
-            groups.append([])
-        groups[-1].append(n)
-        acc += sizes[n]
-    return groups
-
-
-def save_checkpoint(state: Mapping[str, torch.Tensor], cfg: ModelConfig, path: str | Path,
-                    shards: int = 1, fp8: bool = False, ue8m0: bool = False,
-                    progress: bool = False, desc: str = "saving", share_mtp_vocab: bool = False) -> Path:
-    """Write config.json, the index and `shards` safetensors files in the published layout.
-
-    `state` maps every layout name to a tensor (it may be a lazy Mapping: tensors are fetched one
-    shard at a time). With `fp8`, quantised tensors are block-quantised to e4m3 (ue8m0: power-of-two
-    scales) and get a `weight_scale_inv` sibling; tensors that are already FP8 must come with theirs.
-    `share_mtp_vocab` leaves out the MTP layers' copies of the embedding and head (they must equal
-    the main ones; the loader reads those instead).
-    """
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    quant = QuantConfig(scale_fmt="ue8m0" if ue8m0 else None) if fp8 else None
-    cfg = dataclasses.replace(cfg, quantization_config=quant)
-    layout, block = checkpoint_layout(cfg), _block(cfg)
-    shared = mtp_vocab_sources(cfg) if share_mtp_vocab else {}
-    for n, main in shared.items():
-        if n in state and not torch.equal(state[n], state[main]):
-            raise CheckpointError(f"save_checkpoint: share_mtp_vocab, but {n} differs from {main}")
-        layout.pop(n)
-    missing = [n for n in layout if n not in state]
-    extra = [n for n in state if n not in layout and n not in shared
-             and not (n.endswith(SCALE_SUFFIX) and n[: -len(SCALE_SUFFIX)] in layout)]
-    if missing or extra:
-        raise CheckpointError(f"save_checkpoint({path}): state does not match the layout: "
-                              f"missing {missing[:5]}, unexpected {extra[:5]}")
-
-    def nbytes(n: str, s: TensorSpec) -> int:
-        numel = torch.Size(s.shape).numel()
-        return numel if (fp8 and s.quantised) else numel * s.dtype.itemsize
-
-    names = list(layout)
-    groups = _plan_shards(names, {n: nbytes(n, s) for n, s in layout.items()}, shards)
-    weight_map, total = {}, 0
-    bar = tqdm(total=len(names), desc=desc, unit="tensor", disable=not progress)
-    for k, group in enumerate(groups):
-        fname = f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
-        tensors, ptrs = {}, set()
-        for n in group:
-            t, spec = state[n], layout[n]
-            if tuple(t.shape) != spec.shape:
-                raise CheckpointError(f"save_checkpoint: tensor {n}: shape {tuple(t.shape)}, "
-                                      f"layout says {spec.shape}")
-            t = t.detach().cpu()
-            if t.dtype == torch.int8:
-                raise CheckpointError(f"save_checkpoint: tensor {n} is packed int8 (a CPU weight_format); "
-                                      f"save from a model loaded with weight_format='fp32'")
-            if t.dtype == FP8 and fp8:                 # already quantised: keep it and its scale
-                tensors[scale_name(n)] = state[scale_name(n)].detach().cpu().float().contiguous()
-            elif t.dtype == FP8:                        # FP8-stored weight into a plain checkpoint
-                t = block_dequant(t, state[scale_name(n)].cpu(), block)  # fp32: lossless
-            elif fp8 and spec.quantised:
-                t, s = block_quant(t, block, ue8m0=ue8m0)
-                tensors[scale_name(n)] = s
-            t = t.contiguous()
-            # tied tensors (the MTP embedding/head loaded as the main ones) are written as copies
-            tensors[n] = t.clone() if t.data_ptr() in ptrs else t
-            ptrs.add(t.data_ptr())
-            bar.update()
-        save_file(tensors, str(path / fname), metadata={"format": "pt"})
-        for n, t in tensors.items():
-            weight_map[n] = fname
-            total += t.numel() * t.element_size()
-        del tensors
-    bar.close()
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (path / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-    (path / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-    return path
-
-
-# ---------------------------------------------------------------------------------------------
-# Loading
-# ---------------------------------------------------------------------------------------------
 
 def _weight_map(path: Path) -> dict[str, Path]:
     """Tensor name -> shard file, from the index (or the single file's header)."""
@@ -413,7 +199,7 @@ def load_checkpoint(model: nn.Module, path: str | Path, dtype: torch.dtype | Non
         require_compiler()                          # fail at load, not at the first decode step
     path = Path(path)
     cfg = ModelConfig.from_json(path)
-    layout, block = checkpoint_layout(cfg), _block(cfg)
+    layout, block = checkpoint_layout(cfg), block_size(cfg)
     where = _weight_map(path)
     src_desc = path / INDEX_FILE if (path / INDEX_FILE).exists() else path / SINGLE_FILE
 
@@ -514,7 +300,7 @@ def _read(f, file: Path, name: str, spec: TensorSpec, where: dict[str, Path], bl
     if shape != spec.shape:
         raise CheckpointError(f"tensor {name} in {file}: wrong shape {shape}, expected {spec.shape}")
     sname = scale_name(name)
-    if dt in _FP8:
+    if dt in FP8_DTYPES:
         if not spec.quantised and not is_fp8_vocab(name):
             raise CheckpointError(f"tensor {name} in {file}: dtype {dt} is not allowed for a tensor "
                                   f"that is never quantised")
@@ -526,7 +312,7 @@ def _read(f, file: Path, name: str, spec: TensorSpec, where: dict[str, Path], bl
             b = block[dim]
             scale = scale.narrow(dim, start // b, -(-stop // b) - start // b)
         return _get(f, file, name, shard), scale
-    if dt not in _FLOAT:
+    if dt not in FLOAT_DTYPES:
         kind = "weight dtype / quantisation" if spec.quantised else "dtype"
         raise CheckpointError(f"tensor {name} in {file}: unsupported {kind} {dt} "
                               f"(expected BF16/F16/F32{' or F8_E4M3 with block scales' if spec.quantised else ''})")
@@ -542,7 +328,7 @@ def _read_scale(f, file: Path, sname: str, wshape: tuple[int, int], block) -> to
             return _read_scale(g, file, sname, wshape, block)
     sl = f.get_slice(sname)
     dt, shape, want = sl.get_dtype(), tuple(sl.get_shape()), scale_shape(wshape, block)
-    if dt not in _FLOAT:
+    if dt not in FLOAT_DTYPES:
         raise CheckpointError(f"tensor {sname} in {file}: unsupported scale dtype {dt} (expected F32)")
     if shape != want:
         raise CheckpointError(f"tensor {sname} in {file}: scale shape {shape} does not match the "

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .attention import Attention
-from .kernels.compile import dynamic, kernel
+from .cpu.compile import dynamic, kernel
 from .moe import MLP, MoE
 
 

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import TensorSpec, checkpoint_layout, mtp_vocab_sources, save_checkpoint
+from .layout import TensorSpec, checkpoint_layout, mtp_vocab_sources
+
+from .save import save_checkpoint
 from .config import ModelConfig, RopeScaling
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")

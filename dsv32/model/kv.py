@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .kernels.indexer import runs_of
+from .cpu.indexer import runs_of
 
 
 class FreshKV:

@@ -9,7 +9,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .fp8 import FP8, act_quant_dequant, block_dequant, block_quant, scale_shape
-from .kernels.packed import dequantize, embedding_rows, group_size, packed_linear, quantize_int8
+from .cpu.packed import dequantize, embedding_rows, group_size, packed_linear, quantize_int8
 
 PACKED = {"int8": torch.int8, "bf16": torch.bfloat16, "fp16": torch.float16}   # packed storage dtypes
 

@@ -9,7 +9,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from dsv32.model.checkpoint import INDEX_FILE, checkpoint_layout, is_fp8_vocab, save_checkpoint, scale_name
+from dsv32.model.layout import INDEX_FILE, checkpoint_layout, is_fp8_vocab, scale_name
+
+from dsv32.model.save import save_checkpoint
 from dsv32.model.fp8 import block_dequant, block_quant
 
 

@@ -12,7 +12,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from dsv32.model.checkpoint import load_checkpoint, save_checkpoint
+from dsv32.model.checkpoint import load_checkpoint
+
+from dsv32.model.save import save_checkpoint
 from dsv32.model.config import ModelConfig
 from dsv32.model.moe import MoE
 from dsv32.model.transformer import Transformer

@@ -7,8 +7,8 @@ from dsv32.engine.cache import MIN_RUN_BLOCKS, PagedCache, PagedKV
 from dsv32.model import attention
 from dsv32.model.attention import Attention, Indexer
 from dsv32.model.init_tiny import tiny_config
-from dsv32.model.kernels import indexer as kindexer
-from dsv32.model.kernels.indexer import index_scores, runs_of
+from dsv32.model.cpu import indexer as kindexer
+from dsv32.model.cpu.indexer import index_scores, runs_of
 from dsv32.model.transformer import Transformer
 
 G = torch.Generator().manual_seed(0)

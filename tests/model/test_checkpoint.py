@@ -10,8 +10,9 @@ from safetensors.torch import load_file, save_file
 import dsv32
 from dsv32.cli import main as cli_main
 from dsv32.model import checkpoint as ck
-from dsv32.model.checkpoint import (CheckpointError, checkpoint_layout, load_checkpoint, load_model,
-                                    save_checkpoint)
+from dsv32.model.checkpoint import load_checkpoint, load_model
+from dsv32.model.layout import CheckpointError, checkpoint_layout
+from dsv32.model.save import save_checkpoint
 from dsv32.model.config import ModelConfig
 from dsv32.model.fp8 import FP8, block_dequant, block_quant
 from dsv32.model.init_tiny import RandomState, init_tiny, tiny_config

@@ -2,11 +2,11 @@
 import pytest
 import torch
 
-from dsv32.model import checkpoint
+from dsv32.model import save
 from dsv32.model.checkpoint import load_model
-from dsv32.model.kernels import compile as kcompile
-from dsv32.model.kernels.absorb import absorb, absorb_reference
-from dsv32.model.kernels.packed import (GEMV_MAX_ROWS, dequantize, packed_linear, packed_linear_reference,
+from dsv32.model.cpu import compile as kcompile
+from dsv32.model.cpu.absorb import absorb, absorb_reference
+from dsv32.model.cpu.packed import (GEMV_MAX_ROWS, dequantize, packed_linear, packed_linear_reference,
                                         quantize_int8)
 from dsv32.model.block import Block
 from dsv32.model.kv import ContiguousKV
@@ -158,5 +158,5 @@ def test_fp8_format_on_a_plain_checkpoint_quantises_to_e4m3_first(tiny_bf16, tin
 
 def test_packed_model_save_is_refused_with_reason(tiny_bf16, tmp_path):
     model = load_model(tiny_bf16, progress=False, weight_format="int8")
-    with pytest.raises(checkpoint.CheckpointError):
-        checkpoint.save_checkpoint(model.state_dict(), model.config, tmp_path)
+    with pytest.raises(save.CheckpointError):
+        save.save_checkpoint(model.state_dict(), model.config, tmp_path)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import dsv32
-from dsv32.model.checkpoint import CheckpointError, save_checkpoint
+from dsv32.model.layout import CheckpointError
+from dsv32.model.save import save_checkpoint
 from dsv32.model.init_tiny import tiny_config
 from dsv32.train.data import Example, Loader, collate
 from dsv32.train.export import export_bundle, fp8_round_trip
