@@ -57,7 +57,7 @@ def e4m3_arith(b: torch.Tensor) -> torch.Tensor:
 def candidates(N: int, K: int) -> dict:
     """name -> (callable, stored bytes) for y = x W^T with W [N, K]."""
     from dsv32.model.fp8 import block_dequant, block_quant
-    from dsv32.model.kernels.packed import _gemv, quantize_int8
+    from dsv32.model.cpu.packed import _gemv, quantize_int8
     x = torch.randn(1, K)
     w = torch.randn(N, K) / K ** 0.5
     q, s = quantize_int8(w)
@@ -108,7 +108,7 @@ def run_shape(N: int, K: int, rounds: int, bw: float) -> list[list]:
 
 def gemv_vs_tiled(K: int = 2048, N: int = 4096, rounds: int = 5) -> list[list]:
     """Activation rows M: compiled GEMV (reads W once for all M) vs tiled dequantise + fp32 GEMM."""
-    from dsv32.model.kernels.packed import _gemm_tiled, _gemv, quantize_int8
+    from dsv32.model.cpu.packed import _gemm_tiled, _gemv, quantize_int8
     q, s = quantize_int8(torch.randn(N, K) / K ** 0.5)
     rows = []
     for M in (1, 2, 4, 8, 16):
