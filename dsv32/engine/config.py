@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from dsv32.model.config import ModelConfig
-from dsv32.model.formats import WeightFormat
+from dsv32.model.formats import WEIGHT_FORMATS, WeightFormat
 
 from .cache import PagedCache
 from .device import AUTO, resolve_device
@@ -48,7 +48,8 @@ class EngineConfig:
                    kv_cache_dtype=args.kv_cache_dtype, enable_prefix_caching=not args.no_prefix_caching,
                    fp8_storage=args.fp8_storage, tensor_parallel_size=args.tensor_parallel_size,
                    enable_expert_parallel=args.enable_expert_parallel,
-                   num_speculative_tokens=args.num_speculative_tokens, kernels=args.kernels)
+                   num_speculative_tokens=args.num_speculative_tokens, kernels=args.kernels,
+                   weight_format=args.weight_format)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -110,6 +111,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prefix-caching", action="store_true", help="do not reuse cached prompt blocks")
     p.add_argument("--fp8-storage", action="store_true",
                    help="keep FP8 checkpoint weights in FP8 (dequantised per block on the fly)")
+    p.add_argument("--weight-format", default=d.weight_format, choices=list(WEIGHT_FORMATS),
+                   help="how matrices are stored for fp32 compute on CPU: fp32 (exact), bf16/fp16 (2 bytes), "
+                        "int8 (~1 byte, group scales), fp8 (the checkpoint's FP8 as int8); see README")
     p.add_argument("--tensor-parallel-size", type=int, default=d.tensor_parallel_size,
                    help="processes sharing every layer (started by the engine, or by torchrun: docs/deploy.md)")
     p.add_argument("--enable-expert-parallel", action="store_true",

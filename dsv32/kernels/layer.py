@@ -20,6 +20,7 @@ from dsv32.model.moe import MoE
 from . import check_backend, paged
 from .fp8_gemm import fp8_linear
 from .graphs import Arg
+from .grouped import PackedExperts
 
 # how FastModel.step's inputs (ids, pos, slots, tables, last) pad into GraphedStep buckets:
 # padding rows decode token 0 at position 0 into no slot through block 0
@@ -100,7 +101,7 @@ class FastBlock:
         self.block, self.L = block, linears
         self.attn = FastMLA(block.self_attn, linears, dtype)
         if isinstance(block.mlp, MoE) and block.mlp.packed is None:
-            block.mlp.pack_experts(linears.backend)
+            block.mlp.pack_experts(PackedExperts.from_moe(block.mlp, linears.backend))
 
     def ffn(self, x: torch.Tensor) -> torch.Tensor:
         mlp, L = self.block.mlp, self.L

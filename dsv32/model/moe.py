@@ -105,13 +105,11 @@ class MoE(nn.Module):
         self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, dtype, pc)
         self.packed = None   # PackedExperts after `pack_experts`: sync-free dispatch (GPU path)
 
-    def pack_experts(self, backend: str = "torch") -> None:
-        """Stack the experts' weights (their Linears become views: nothing is held twice) and
-        dispatch tokens on the device without host syncs (dsv32.kernels.grouped): "torch" gathers
-        each token's expert weights, "triton" runs the grouped GEMM. Call once the model is on its
-        device; `routed` (the per-expert loop) stays the reference."""
-        from dsv32.kernels.grouped import PackedExperts
-        self.packed = PackedExperts.from_moe(self, backend)
+    def pack_experts(self, packed) -> None:
+        """Dispatch routed tokens through `packed` (dsv32.kernels.grouped.PackedExperts: the experts'
+        weights stacked, tokens dispatched on the device without host syncs) instead of the
+        per-expert loop `routed`, which stays the reference."""
+        self.packed = packed
 
     def routed(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, run=None) -> torch.Tensor:
         """Sum of the local experts' outputs: x [N, D], weights/ids [N, k] -> [N, D]. `run(mlp,

@@ -33,8 +33,10 @@ def test_the_flags_fill_every_field_they_name():
     args = build_parser().parse_args(
         ["serve", "--dtype", "bfloat16", "--device", "cuda", "--max-model-len", "4096", "--max-num-seqs", "16",
          "--max-num-batched-tokens", "512", "--kv-cache-dtype", "fp8", "--no-prefix-caching", "--fp8-storage",
-         "--tensor-parallel-size", "8", "--enable-expert-parallel", "--num-speculative-tokens", "1"])
+         "--tensor-parallel-size", "8", "--enable-expert-parallel", "--num-speculative-tokens", "1",
+         "--weight-format", "int8", "--kernels", "torch"])
     assert EngineConfig.from_args(args, "m") == EngineConfig(
         model="m", dtype="bfloat16", device="cuda", max_model_len=4096, max_num_seqs=16,
         max_num_batched_tokens=512, kv_cache_dtype="fp8", enable_prefix_caching=False, fp8_storage=True,
-        tensor_parallel_size=8, enable_expert_parallel=True, num_speculative_tokens=1)
+        tensor_parallel_size=8, enable_expert_parallel=True, num_speculative_tokens=1,
+        weight_format="int8", kernels="torch")

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from dsv32.kernels.grouped import PackedExperts
 from tests.model.test_moe_dispatch import moe
 
 from .conftest import CUDA, DEVICE, needs_triton, rel_err
@@ -14,7 +15,7 @@ def test_triton_experts_equal_loop(fp8, N):
     x = torch.randn(N, 256, device=DEVICE)
     with torch.no_grad():
         ref = m(x)
-        m.pack_experts("triton")
+        m.pack_experts(PackedExperts.from_moe(m, "triton"))
         got = m(x)
         gathered = m.packed.gathered(x, *m.packed.assignments(*m.gate(x)[:2]))
     assert rel_err(got, ref) < 1e-5
@@ -31,7 +32,7 @@ def test_triton_experts_bf16(gen):
     x = torch.randn(6, 256, device=DEVICE, generator=gen).bfloat16()
     with torch.no_grad():
         ref = m(x).double()
-        m.pack_experts("triton")
+        m.pack_experts(PackedExperts.from_moe(m, "triton"))
         got = m(x)
     assert got.dtype == torch.bfloat16 and rel_err(got, ref) < 2e-2
 
@@ -40,7 +41,7 @@ def test_triton_experts_bf16(gen):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_packed_moe_never_syncs(backend):
     m = moe(fp8=True).to(DEVICE)
-    m.pack_experts(backend)
+    m.pack_experts(PackedExperts.from_moe(m, backend))
     x = torch.randn(4, 256, device=DEVICE)
     with torch.no_grad():
         m(x)                                      # compile / warm up outside the check

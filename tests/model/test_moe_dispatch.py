@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from dsv32.kernels.grouped import align_by_expert
+from dsv32.kernels.grouped import PackedExperts, align_by_expert
 from dsv32.model.config import ModelConfig
 from dsv32.model.hooks import Hooks
 from dsv32.model.moe import MoE
@@ -59,7 +59,7 @@ def test_packed_equals_expert_loop(fp8, shared):
     x = torch.randn(2, 5, 256)
     with torch.no_grad():
         ref = m(x)
-        m.pack_experts("torch")
+        m.pack_experts(PackedExperts.from_moe(m, "torch"))
         assert m.packed.shared_folded == (shared == 1)
         got = m(x)
     assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
@@ -72,7 +72,7 @@ def test_packing_keeps_one_copy_and_the_loop_unchanged():
     with torch.no_grad():
         r = m.gate(x)
         before = m.routed(x, r.weights, r.ids)
-        m.pack_experts("torch")
+        m.pack_experts(PackedExperts.from_moe(m, "torch"))
         after = m.routed(x, r.weights, r.ids)
     assert torch.equal(before, after)
     w13 = m.packed.w13
@@ -89,11 +89,12 @@ def test_packed_follows_replayed_routing():
     replay = torch.tensor([[[0, 1, 2], [-1, -1, -1], [7, 6, 5], [3, -1, 4]]])
     with torch.no_grad():
         ref = m(x, Hooks(replay={1: replay}))
-        m.pack_experts("torch")
+        m.pack_experts(PackedExperts.from_moe(m, "torch"))
         got = m(x, Hooks(replay={1: replay}))
     assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
 def test_pack_rejects_unaligned_fp8_inner_size():
     with pytest.raises(ValueError, match="inner size"):
-        moe(fp8=True, moe_intermediate_size=96).pack_experts()
+        m = moe(fp8=True, moe_intermediate_size=96)
+        m.pack_experts(PackedExperts.from_moe(m, "torch"))
