@@ -50,31 +50,11 @@ def test_training_data_adds_plain_chat_conversations():
     assert not {c.id for c in base} & {c.id for c in more[len(base):]}
 
 
-# Knobs removed after runs found they did not help (docs/training.md, "Removed knobs"), each at
-# the value that turned it off, which is what the bundled model was trained with.
-REMOVED_KNOBS = {"invented": 0.0, "n_invented_words": 0, "n_spell": 0, "separated": 0.0,
-                 "drill_vocabulary": False, "n_full_tasks": 0, "full_tasks": ["calculator", "units", "chat"],
-                 "full_drills": 1.0, "sort_window": 1}
-
-
-# Issue 34 changed the default recipe after the bundle was trained (demo33): the knobs it added,
-# with the value that turns each off (what demo33 was trained with), and the values it changed,
-# with demo33's. The retrain that issue 34 asks for writes the new recipe into the bundle's summary;
-# until then the bundle is the default recipe with these undone.
-ADDED_KNOBS = {"n_no_tools": 0, "n_multi_call": 0, "n_json": 0, "n_users": None}
-CHANGED_KNOBS = {"n_train": 20000}
-
-
 def test_the_default_recipe_is_the_one_that_trained_the_bundled_model():
     from dsv32.server.cli import BUNDLED_MODEL
 
     trained_with = json.loads((BUNDLED_MODEL / "summary.json").read_text())["recipe"]
-    assert {k: trained_with.pop(k) for k in REMOVED_KNOBS} == REMOVED_KNOBS
-    recipe = Recipe().to_json()
-    if not set(ADDED_KNOBS) <= set(trained_with):            # the bundle predates issue 34
-        recipe.update(ADDED_KNOBS | CHANGED_KNOBS)
-        assert {k: recipe.pop(k) for k in ADDED_KNOBS} == ADDED_KNOBS
-    assert recipe == trained_with
+    assert Recipe().to_json() == trained_with
 
 
 def test_tool_subsets_keep_the_called_tools_and_vary_the_rest():
