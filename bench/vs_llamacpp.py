@@ -54,7 +54,9 @@ def decode_bytes(model) -> int:
     """Weight bytes one decode token reads: every matrix and its scales except the embedding table
     and the MTP layer, and of the routed experts only the active ones' share."""
     cfg, total = model.config, 0
-    for name, p in model.named_parameters():
+    # every name: the MTP layer shares the main head's tensor, and named_parameters() would list
+    # that tensor once, under the MTP layer's name, which is skipped here
+    for name, p in model.named_parameters(remove_duplicate=False):
         if p.dim() != 2 or "embed_tokens" in name or ".layers.%d." % cfg.num_hidden_layers in name:
             continue
         share = cfg.num_experts_per_tok / cfg.n_routed_experts if ".mlp.experts." in name else 1.0

@@ -35,7 +35,7 @@ def bandwidth_gbs(gib: float = 1.0, rounds: int = 5) -> float:
 
 def gemm_gflops(m: int = 512, k: int = 128, n: int = 4096, rounds: int = 20) -> float:
     """fp32 GEMM rate (GFLOP/s, best of `rounds`) on the indexer's block shape: [t*H, Di] x [Di, n]
-    (kernels/indexer.py), the compute bound of the indexer in prefill."""
+    (model/cpu/indexer.py), the compute bound of the indexer in prefill."""
     a, b = torch.randn(m, k), torch.randn(k, n)
     out = torch.empty(m, n)
     best = float("inf")

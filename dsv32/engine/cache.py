@@ -162,7 +162,7 @@ class PagedKV:
     def index_runs(self, layer: int) -> list[list[tuple]]:
         """Per row, (first position, keys [n, Di]) over runs of consecutive blocks: views of the
         cache, no copy; the keys of short runs gathered as one (positions, keys) pair (see
-        kernels/indexer.py)."""
+        model/cpu/indexer.py)."""
         out = []
         for runs, short in self.spans():
             row = [(p, self.cache.index_span(layer, f, f + k)) for p, f, k in runs]

@@ -42,7 +42,7 @@ class Linear(nn.Module):
     cost is about one byte per parameter. `fp8_act` simulates dynamic per-128 activation
     quantisation (deployment numerics); it is off by default (exact arithmetic).
     Packed (`pack`): int8 with per-(row, 128 columns) scales, or bf16/fp16, for fp32 compute: read
-    once per call by the kernels in kernels/packed.py, never dequantised whole.
+    once per call by the kernels in cpu/packed.py, never dequantised whole.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
