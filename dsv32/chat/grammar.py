@@ -7,7 +7,8 @@ encoder (`dsv32.chat.encoding`) byte for byte, so that the completion parser
 
 - thinking (the prompt ends with `<think>`): reasoning text, then the `</think>` token, then the
   answer. Reasoning and plain answer text are free except for markup: they cannot spell `<think>`,
-  `</think>`, a DSML tag or the end-of-sentence text (the official parser rejects stray markup);
+  `</think>`, `｜DSML` (a DSML tag, or a near miss of one) or the end-of-sentence text (the
+  official parser rejects stray markup);
 - json_object / json_schema: the answer is one JSON value under the schema (json_object: any
   object), nothing before or after it; the schema is always enforced; at each place JSON allows
   whitespace there is at most a space, or one line break and 32 spaces or tabs, so a model cannot
@@ -47,8 +48,9 @@ from .tokens import (
 
 # At each place JSON allows whitespace: nothing, a space, or one line break and some indentation.
 JSON_WHITESPACE = r"(?:\r?\n[ \t]{0,32}| )?"
-# Text that free reasoning and answers may not spell.
-MARKUP = (DSML, THINK_START, THINK_END, EOS)
+# Text that free reasoning and answers may not spell. DSML without its closing bar: a small model
+# writes near misses such as `<｜DSMLfunction_calls>`, which are no call and no text either.
+MARKUP = (DSML.rstrip("｜"), THINK_START, THINK_END, EOS)
 # Parameters of one tool a grammar can enforce: the optional ones chain one rule per parameter, and
 # llguidance walks that chain recursively (about 3 KB of stack each: ~2,600 overflowed an 8 MB stack
 # and killed the process with SIGSEGV; threads may get 2 MB).

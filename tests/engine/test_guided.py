@@ -268,6 +268,16 @@ def accepts(proc, tok, text: str) -> bool:
     return all(proc.allowed(ids[:i])[ids[i]] for i in range(len(ids))) and proc.allowed(ids)[tok.eos_id]
 
 
+def test_free_text_cannot_spell_markup_or_a_near_miss_of_it(tok):
+    """Seen from the bundled model at temperature 1: `<｜DSMLfunction_calls>` (one bar short), which
+    is neither a call nor text a client can show."""
+    for kw in ({}, {"tools": TOOLS}):
+        proc = one(tok, **kw)
+        assert accepts(proc, tok, "The answer is 84.")
+        for bad in ("<｜DSMLfunction_calls>", "a ｜DSML b", "say </think> now", "<think>", "x｜DSML｜y"):
+            assert not accepts(proc, tok, bad), (kw, bad)
+
+
 def test_non_strict_arguments_follow_the_schema_leniently(tok):
     """The safety net reads a non-strict tool's schema (types, required names); without it, a request
     that only has a strict tool among non-strict ones leaves their arguments free."""
