@@ -19,19 +19,11 @@ from common import bench_model_dir, markdown_table
 
 
 def step_inputs(rows, tables, device):
-    """rows: (first position, tokens) per sequence -> ids, pos, slots, tables, last, ctx (the
-    runner's _pack, block size 64), built on the host and copied like the runner's."""
-    B, T = len(rows), max(len(t) for _, t in rows)
-    ids = torch.zeros(B, T, dtype=torch.long)
-    pos = torch.zeros(B, T, dtype=torch.long)
-    slots = torch.full((B, T), -1, dtype=torch.long)
-    last, ctx = torch.zeros(B, dtype=torch.long), torch.zeros(B, dtype=torch.long)
-    for b, (s, toks) in enumerate(rows):
-        n = len(toks)
-        p = torch.arange(s, s + n)
-        ids[b, :n], pos[b, :n], pos[b, n:], last[b], ctx[b] = torch.tensor(toks), p, s + n - 1, n - 1, s + n
-        slots[b, :n] = tables[b][p // 64] * 64 + p % 64
-    return [t.to(device, non_blocking=True) for t in (ids, pos, slots, tables, last, ctx)]
+    """rows: (first position, tokens) per sequence -> ids, pos, slots, tables, last, ctx, packed as
+    the runner packs them (block size 64) on the host and copied like the runner's."""
+    from dsv32.engine.batch import pack_tables
+    x = pack_tables([(tables[b].tolist(), s, toks) for b, (s, toks) in enumerate(rows)], 64)
+    return [t.to(device, non_blocking=True) for t in (x.ids, x.pos, x.slots, x.tables, x.last, x.ctx)]
 
 
 class Eager:

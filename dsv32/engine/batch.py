@@ -25,20 +25,26 @@ class StepInput(NamedTuple):
 def pack(rows: list[tuple[Sequence, int, list[int]]], block_size: int) -> StepInput:
     """Pad rows of (sequence, first position, tokens) to [B, T]: token ids, positions, cache slots,
     block tables, lengths."""
+    return pack_tables([(seq.block_table, start, toks) for seq, start, toks in rows], block_size)
+
+
+def pack_tables(rows: list[tuple[list[int], int, list[int]]], block_size: int) -> StepInput:
+    """`pack` over rows of (block table, first position, tokens): for callers without Sequences
+    (kernel tests, GPU benchmarks)."""
     B, T = len(rows), max(len(toks) for _, _, toks in rows)
     ids = torch.zeros(B, T, dtype=torch.long)
     pos = torch.zeros(B, T, dtype=torch.long)
     slots = torch.full((B, T), -1, dtype=torch.long)
     ctx = torch.zeros(B, dtype=torch.long)
-    tables = torch.zeros(B, max(len(seq.block_table) for seq, _, _ in rows), dtype=torch.long)
+    tables = torch.zeros(B, max(len(table) for table, _, _ in rows), dtype=torch.long)
     last = torch.zeros(B, dtype=torch.long)
-    for b, (seq, start, toks) in enumerate(rows):
+    for b, (block_table, start, toks) in enumerate(rows):
         n = len(toks)
         p = torch.arange(start, start + n)
         ids[b, :n] = torch.tensor(toks)
         pos[b, :n] = p
         pos[b, n:] = start + n - 1                 # padding repeats the last position
-        table = torch.tensor(seq.block_table, dtype=torch.long)
+        table = torch.tensor(block_table, dtype=torch.long)
         tables[b, : len(table)] = table
         slots[b, :n] = table[p // block_size] * block_size + p % block_size
         ctx[b] = start + n

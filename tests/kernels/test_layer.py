@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from dsv32.engine.batch import pack_tables
 from dsv32.engine.cache import PagedCache, PagedKV
 from dsv32.kernels.layer import FastModel
 from dsv32.model.config import ModelConfig
@@ -38,19 +39,10 @@ def tiny(fp8=True, seed=0) -> Transformer:
 
 
 def pack(rows, tables):
-    """rows: (start, tokens) per sequence -> ids, pos, slots [B, T], ctx [B], last [B]."""
-    B, T = len(rows), max(len(t) for _, t in rows)
-    ids = torch.zeros(B, T, dtype=torch.long)
-    pos = torch.zeros(B, T, dtype=torch.long)
-    slots = torch.full((B, T), -1, dtype=torch.long)
-    ctx, last = torch.zeros(B, dtype=torch.long), torch.zeros(B, dtype=torch.long)
-    for b, (s, toks) in enumerate(rows):
-        n = len(toks)
-        p = torch.arange(s, s + n)
-        ids[b, :n], pos[b, :n], pos[b, n:] = torch.tensor(toks), p, s + n - 1
-        slots[b, :n] = tables[b].cpu()[p // BS] * BS + p % BS
-        ctx[b], last[b] = s + n, n - 1
-    return [t.to(DEVICE) for t in (ids, pos, slots, ctx, last)]
+    """rows: (start, tokens) per sequence -> ids, pos, slots [B, T], ctx [B], last [B] (the
+    engine's packing, block size BS)."""
+    x = pack_tables([(tables[b].tolist(), s, toks) for b, (s, toks) in enumerate(rows)], BS)
+    return [t.to(DEVICE) for t in (x.ids, x.pos, x.slots, x.ctx, x.last)]
 
 
 def run_both(backend, fp8_cache, steps, seed=0):
