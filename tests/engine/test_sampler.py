@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from dsv32.engine.sampler import Sampler
+from dsv32.engine.sampler import Sampler, first_argmax
 from dsv32.engine.sequence import SamplingParams, Sequence
 
 EOS = 9
@@ -42,6 +42,22 @@ def test_greedy_argmax_and_ties_to_lowest_id():
             [seq(temperature=0) for _ in range(3)], EOS)
     assert out.token_ids == [1, 0, 4]
     assert out.logprobs == [None] * 3 and out.kept == [None] * 3
+
+
+def test_first_argmax_matches_torch_with_ties_and_nan():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 4, (64, 1000), generator=g).float()        # many tied maxima per row
+    x[3, 17] = float("nan")
+    x[5, [2, 900]] = float("nan")
+    for rows in (x, x[::2], x[:, :500], x.t().contiguous().t()):   # strided views too
+        assert torch.equal(first_argmax(rows), rows.argmax(-1))
+        assert first_argmax(rows).tolist() == [first_max(r) for r in rows.tolist()]
+
+
+def first_max(row: list[float]) -> int:
+    """The slow obvious answer: the first NaN if any, else the first maximum."""
+    nans = [j for j, v in enumerate(row) if v != v]
+    return nans[0] if nans else row.index(max(row))
 
 
 def test_input_logits_not_modified():
