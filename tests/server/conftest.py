@@ -129,13 +129,32 @@ class RunningServer:
         self.thread.join(timeout=30)
 
 
-def start_server(ckpt, model, tokenizer=None, engine_kw: dict | None = None, factory=None, **cfg_kw) -> RunningServer:
+def start_server(ckpt, model, tokenizer=None, engine_kw: dict | None = None, factory=None,
+                 client_key: str | None = None, **cfg_kw) -> RunningServer:
+    """A server over `model`; its own calls (`client()`, `metrics()`) use `client_key`, by default
+    the first `api_keys` entry."""
     engine_cfg = EngineConfig(model=str(ckpt), **{"max_model_len": 1024, "max_num_seqs": 16, **(engine_kw or {})})
     cfg = ServerConfig(engine=engine_cfg, served_model_name="tiny", **cfg_kw)
     factory = factory or (lambda: LLMEngine(engine_cfg, model=model))
     app = create_app(cfg, engine_factory=factory,
                      extra_processors=force_hook(tokenizer) if tokenizer is not None else None)
-    return RunningServer(app, api_key=(cfg.api_keys or ["none"])[0])
+    return RunningServer(app, api_key=client_key or (cfg.api_keys or ["none"])[0])
+
+
+def keyed_server(directory, ckpt, model, keys: str, client_key: str, engine_kw: dict,
+                 **cfg_kw) -> RunningServer:
+    """A ready server whose keys come from a key file with the text `keys` (mode 600, in
+    `directory`)."""
+    path = directory / "keys.txt"
+    path.write_text(keys)
+    path.chmod(0o600)
+    return start_server(ckpt, model, engine_kw=engine_kw, client_key=client_key, api_key_file=path,
+                        **cfg_kw).wait_ready()
+
+
+def key_client(server: RunningServer, key: str) -> openai.OpenAI:
+    """An official client of `server` that sends `key`."""
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0, timeout=60)
 
 
 @pytest.fixture(scope="session")

@@ -1,20 +1,17 @@
 """Limits per API key (issue 35): requests in flight and tokens per minute, over the limit a 429
 with Retry-After and the OpenAI error body, while the other keys are served; the sliding window."""
 import json
-import os
 import time
 
 import httpx
 import openai
 import pytest
 
-from dsv32.engine.engine import EngineConfig, LLMEngine
-from dsv32.server import ServerConfig, create_app
 from dsv32.server.errors import APIError
 from dsv32.server.keys import ApiKey, Limits
 from dsv32.server.limits import KeyLimiter
 
-from .conftest import RunningServer
+from .conftest import key_client, keyed_server
 
 USER = [{"role": "user", "content": "Hi"}]
 # carol has the server's default (--max-concurrent-per-key 1), dave a small token budget
@@ -63,20 +60,10 @@ def test_concurrency_slots():
 
 @pytest.fixture(scope="module")
 def limited(server_ckpt, server_model, tmp_path_factory):
-    path = tmp_path_factory.mktemp("limits") / "keys.txt"
-    path.write_text(KEYS)
-    os.chmod(path, 0o600)
-    engine_cfg = EngineConfig(model=str(server_ckpt), max_model_len=4096, max_num_seqs=8)
-    app = create_app(ServerConfig(engine=engine_cfg, served_model_name="tiny", api_key_file=path,
-                                  max_concurrent_per_key=1),
-                     engine_factory=lambda: LLMEngine(engine_cfg, model=server_model))
-    s = RunningServer(app, api_key="sk-bob").wait_ready()
+    s = keyed_server(tmp_path_factory.mktemp("limits"), server_ckpt, server_model, KEYS, "sk-bob",
+                     dict(max_model_len=4096, max_num_seqs=8), max_concurrent_per_key=1)
     yield s
     s.stop()
-
-
-def client(server, key: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0, timeout=60)
 
 
 def rate_limited(server, name: str, limit: str) -> float:
@@ -84,7 +71,7 @@ def rate_limited(server, name: str, limit: str) -> float:
 
 
 def test_concurrency_limit_while_another_key_is_served(limited):
-    carol = client(limited, "sk-carol")
+    carol = key_client(limited, "sk-carol")
     long = dict(model="tiny", messages=USER, max_tokens=3000, stream=True, extra_body={"ignore_eos": True})
     before = rate_limited(limited, "carol", "concurrency_limit_exceeded")
     stream = carol.chat.completions.create(**long)
@@ -98,10 +85,10 @@ def test_concurrency_limit_while_another_key_is_served(limited):
         assert err["type"] == "rate_limit_error" and err["code"] == "concurrency_limit_exceeded", err
         assert "'carol' has 1 request(s) in flight (limit 1)" in err["message"]
         assert int(e.value.response.headers["retry-after"]) >= 1
-    bob = client(limited, "sk-bob")
+    bob = key_client(limited, "sk-bob")
     assert bob.chat.completions.create(model="tiny", messages=USER, max_tokens=2).usage.completion_tokens == 2
     assert len(bob.models.list().data) == 3        # carol's other routes are not limited
-    assert client(limited, "sk-carol").models.list().data
+    assert key_client(limited, "sk-carol").models.list().data
     stream.close()                                 # carol's slot comes back
     assert rate_limited(limited, "carol", "concurrency_limit_exceeded") == before + 2
     for _ in range(50):
@@ -121,7 +108,7 @@ def test_tokens_per_minute_while_another_key_is_served(limited):
     with httpx.stream("POST", url, json=body, headers={"Authorization": "Bearer sk-dave"}, timeout=60) as r:
         usage = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")][-1]["usage"]
     assert usage["completion_tokens"] == 40 and usage["total_tokens"] > 40
-    dave = client(limited, "sk-dave")
+    dave = key_client(limited, "sk-dave")
     with pytest.raises(openai.RateLimitError) as e:
         dave.chat.completions.create(model="tiny", messages=USER, max_tokens=1)
     err = e.value.body
@@ -130,6 +117,6 @@ def test_tokens_per_minute_while_another_key_is_served(limited):
     assert 1 <= int(e.value.response.headers["retry-after"]) <= 61
     with pytest.raises(openai.RateLimitError):     # completions share the budget
         dave.completions.create(model="tiny", prompt="x", max_tokens=1)
-    bob = client(limited, "sk-bob")
+    bob = key_client(limited, "sk-bob")
     assert bob.completions.create(model="tiny", prompt="x", max_tokens=3).usage.completion_tokens == 3
     assert limited.state.limiter.used("bob") >= 3 and limited.state.limiter.used("dave") == usage["total_tokens"]

@@ -2,18 +2,15 @@
 `--api-key` keys through the real server, the key's name (never the key) in the access log, and
 /metrics behind the key unless --metrics-public."""
 import logging
-import os
 
 import httpx
 import openai
 import pytest
 
 from dsv32.cli import main
-from dsv32.engine.engine import EngineConfig, LLMEngine
-from dsv32.server import ServerConfig, create_app
 from dsv32.server.keys import KeyFileError, KeyRing, Limits, fixed_keys, parse_key_file
 
-from .conftest import RunningServer
+from .conftest import key_client, keyed_server, start_server
 from .test_shutdown import free_port
 
 USER = [{"role": "user", "content": "Hi"}]
@@ -84,29 +81,19 @@ def test_malformed_key_file_is_a_startup_error(server_ckpt, tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def keyed(server_ckpt, server_model, tmp_path_factory):
-    path = tmp_path_factory.mktemp("keys") / "keys.txt"
-    path.write_text(KEY_FILE)
-    os.chmod(path, 0o600)
-    engine_cfg = EngineConfig(model=str(server_ckpt), max_model_len=512, max_num_seqs=4)
-    app = create_app(ServerConfig(engine=engine_cfg, served_model_name="tiny", api_keys=[SECRETS["flag"]],
-                                  api_key_file=path),
-                     engine_factory=lambda: LLMEngine(engine_cfg, model=server_model))
-    s = RunningServer(app, api_key=SECRETS["alice"]).wait_ready()
+    s = keyed_server(tmp_path_factory.mktemp("keys"), server_ckpt, server_model, KEY_FILE, SECRETS["alice"],
+                     dict(max_model_len=512, max_num_seqs=4), api_keys=[SECRETS["flag"]])
     yield s
     s.stop()
-
-
-def client(server, key: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0, timeout=60)
 
 
 def test_keys_from_file_and_flag_named_in_the_log(keyed, caplog):
     caplog.set_level(logging.DEBUG)
     for who in ("alice", "bob", "flag"):
-        r = client(keyed, SECRETS[who]).chat.completions.create(model="tiny", messages=USER, max_tokens=2)
+        r = key_client(keyed, SECRETS[who]).chat.completions.create(model="tiny", messages=USER, max_tokens=2)
         assert r.usage.completion_tokens == 2
     with pytest.raises(openai.AuthenticationError):
-        client(keyed, "sk-alice").models.list()
+        key_client(keyed, "sk-alice").models.list()
     assert httpx.get(keyed.url + "/v1/models", headers={"x-api-key": SECRETS["bob"].encode()}).status_code == 200
     lines = [rec.getMessage() for rec in caplog.records if rec.name == "dsv32.server.access"]
     assert any(' alice "POST /v1/chat/completions" 200 ' in line for line in lines), lines
@@ -124,10 +111,8 @@ def test_metrics_behind_the_key(keyed, server_ckpt, server_model):
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
     ok = httpx.get(keyed.url + "/metrics", headers={"Authorization": f"Bearer {SECRETS['bob']}".encode()})
     assert ok.status_code == 200 and "dsv32:http_requests_total" in ok.text
-    engine_cfg = EngineConfig(model=str(server_ckpt), max_model_len=256, max_num_seqs=2)
-    app = create_app(ServerConfig(engine=engine_cfg, api_keys=["sk-x"], metrics_public=True),
-                     engine_factory=lambda: LLMEngine(engine_cfg, model=server_model))
-    public = RunningServer(app, api_key="sk-x").wait_ready()
+    public = start_server(server_ckpt, server_model, engine_kw=dict(max_model_len=256, max_num_seqs=2),
+                          api_keys=["sk-x"], metrics_public=True).wait_ready()
     try:
         assert httpx.get(public.url + "/metrics").status_code == 200
         assert httpx.get(public.url + "/v1/models").status_code == 401
