@@ -349,7 +349,7 @@ def _get(f, file: Path, name: str, shard=None) -> torch.Tensor:
 
 def _quantize_into(dst: torch.Tensor, dst_scale: torch.Tensor, w: torch.Tensor,
                    scale: torch.Tensor | None, block, offset: tuple[int, int], fp8_first: bool,
-                   chunk: int = 1 << 24) -> None:
+                   chunk: int = 1 << 20) -> None:
     """dst, dst_scale = int8 groups of the real weight (FP8 blocks dequantised exactly first;
     `fp8_first`: a plain weight is block-quantised to e4m3 first), a few row blocks at a time so
     the fp32 temporaries stay near `chunk` elements."""

@@ -402,3 +402,17 @@ def test_dequant_into_chunks_and_edge_blocks(chunk):
     out = torch.empty(300, 200)
     ck._dequant_into(out, q, s, (128, 128), chunk=chunk)
     assert torch.equal(out, dequant_by_hand(q, s))
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_quantize_into_is_the_same_in_any_chunk(fp8):
+    """Packing to int8 a few row blocks at a time (small fp32 temporaries) changes no bit."""
+    from dsv32.model.cpu.packed import quantize_int8
+    w = torch.randn(300, 256)
+    q, s = block_quant(w, ue8m0=False) if fp8 else (w, None)
+    real = dequant_by_hand(q, s) if fp8 else w
+    want = quantize_int8(real)
+    for chunk in (1, 128 * 256, 1 << 24):          # one row block a step, one block, everything
+        dst, dst_scale = torch.empty(300, 256, dtype=torch.int8), torch.empty_like(want[1])
+        ck._quantize_into(dst, dst_scale, q, s, (128, 128), (0, 0), False, chunk=chunk)
+        assert torch.equal(dst, want[0]) and torch.equal(dst_scale, want[1])
