@@ -245,10 +245,11 @@ class MLA(nn.Module):
         """Absorbed queries q [B, t, H, C+R] over the gathered latent rows sel [B, t, K] (-1 =
         empty) -> o_lat [B, t, H, C] (before W_uv)."""
         rows = kv.gather_latent(self.layer_idx, sel.clamp(min=0))       # [B, t, K, C+R]
-        s = torch.einsum("bthd,btkd->bthk", q, rows).float() * self.scale
+        # matmul, not einsum: the same batched GEMMs without einsum's ~15 us of planning a call
+        s = torch.matmul(q, rows.transpose(-1, -2)).float() * self.scale  # [B, t, H, K]
         s = s.masked_fill((sel < 0).unsqueeze(2), float("-inf"))
         p = s.softmax(dim=-1).to(rows.dtype)
-        return torch.einsum("bthk,btkc->bthc", p, rows[..., : self.kv_rank])
+        return torch.matmul(p, rows[..., : self.kv_rank])               # [B, t, H, C]
 
     def decode_select(self, iq: torch.Tensor, iw: torch.Tensor, kv, positions: torch.Tensor) -> torch.Tensor:
         """SERVED top-k key ids [B, 1, K] of one new token per row (all visible keys while they
