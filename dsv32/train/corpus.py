@@ -31,8 +31,8 @@ class Data:
     """The conversations every stage draws on, their token rows, and the vocabulary seen in them."""
 
     conversations: list[Conversation]   # tool conversations and drills, from the short-context stage on
-    later: list[Conversation]           # conversion drills, no-tool and multi-call conversations, from
-                                        # the full-prompt stage on
+    later: list[Conversation]           # conversion drills and no-tool conversations, from the
+                                        # full-prompt stage on
     examples: list[Example]             # both, tokenised (tool values marked when a stage weights them)
     heldout: list[Conversation]         # held-out conversations of the LM diagnostics
     heldout_batches: list[Batch]
@@ -79,23 +79,22 @@ def word_dropout(tok: Tokenizer, vocab: TiedVocab, p: float) -> WordDropout | No
 
 def training_conversations(recipe: Recipe) -> list[Conversation]:
     """The SFT data: tool conversations, extra weather and plain-chat conversations, skill and
-    number drills, requests that ask for JSON."""
+    number drills, requests that ask for JSON and requests that need several calls."""
     convs = sft_conversations(recipe.n_train, seed=recipe.seed)
     convs += city_conversations(convs, recipe.n_city, recipe.seed)
     convs += sft_conversations(recipe.n_chat, seed=recipe.seed + 13, categories=("chat",))
     convs += skill_conversations(recipe.n_skill, recipe.seed, words=tz_cities())
     convs += number_conversations(recipe.n_numbers, recipe.seed)
-    return convs + [t.conversation() for t in json_tasks(recipe.n_json, recipe.seed)]
+    extra = json_tasks(recipe.n_json, recipe.seed) + multi_call_tasks(recipe.n_multi_call, recipe.seed)
+    return convs + [t.conversation() for t in extra]
 
 
 def later_conversations(recipe: Recipe) -> list[Conversation]:
-    """The data of the full-prompt and later stages only: conversion drills, tool questions asked
+    """The data of the full-prompt and later stages only: conversion drills and tool questions asked
     with no tool offered (in the short-context stage every prompt lacks its tools section, and most
-    of those conversations call a tool) and requests that need several calls (in the short-context
-    stage they share batches with the one-call conversations and pad them: ~20% more tokens a step)."""
+    of those conversations call a tool)."""
     convs = conversion_conversations(recipe.n_conversions, recipe.seed)
-    extra = no_tool_tasks(recipe.n_no_tools, recipe.seed) + multi_call_tasks(recipe.n_multi_call, recipe.seed)
-    return convs + [t.conversation() for t in extra]
+    return convs + [t.conversation() for t in no_tool_tasks(recipe.n_no_tools, recipe.seed)]
 
 
 @functools.cache

@@ -31,8 +31,8 @@ class Recipe:
                                     # conversions, in the full-prompt and later stages only (demo20)
     n_no_tools: int = 3000          # questions asked with no tool offered, answered without DSML, in
                                     # the full-prompt and later stages only (issue 34)
-    n_multi_call: int = 3000        # requests that need 2-3 calls in one turn, in the full-prompt and
-                                    # later stages only (issue 34)
+    n_multi_call: int = 5000        # requests that need 2-3 calls in one turn, from the short-context
+                                    # stage on (demo36; demo34 had 3000 from the full-prompt stage on)
     n_json: int = 3000              # requests whose response_format asks for JSON (issue 34)
     sparse_tool_subsets: float = 0.25  # share of the conversations offering tools that the sparse
                                     # stage also sees offering a random subset of them (demo33)

@@ -136,10 +136,10 @@ def test_the_recipe_places_the_new_conversations():
                     n_no_tools=10, n_multi_call=12, n_json=14)
     convs, later = training_conversations(recipe), later_conversations(recipe)
     count = lambda cs, c: sum(x.category == c for x in cs)  # noqa: E731
-    assert (count(convs, "multi-call"), count(convs, "json"), count(convs, "no-tools")) == (0, 14, 0)
-    assert (count(later, "no-tools"), count(later, "multi-call"), len(later)) == (10, 12, 22)
+    assert (count(convs, "multi-call"), count(convs, "json"), count(convs, "no-tools")) == (12, 14, 0)
+    assert (count(later, "no-tools"), count(later, "multi-call"), len(later)) == (10, 0, 10)
     small = Recipe().scaled(0.01)
-    assert (small.n_no_tools, small.n_multi_call, small.n_json) == (30, 30, 30)
+    assert (small.n_no_tools, small.n_multi_call, small.n_json) == (30, 50, 30)
 
 
 def test_the_new_wording_keeps_the_heldout_frames_unseen():
