@@ -22,14 +22,14 @@ from common import bench_model_dir, machine, markdown_table, write_section
 HEADING = "## Decode at long context (bench/decode_longctx.py)"
 
 
-def dsv32_ms_per_token(model, tokenizer, path, L: int, steps: int) -> float:
+def dsv32_ms_per_token(model, tokenizer, path, L: int, steps: int, kv_cache_dtype: str = "auto") -> float:
     from dsv32.engine.engine import EngineConfig, LLMEngine
     from dsv32.engine.sequence import SamplingParams
     p = next(model.parameters())
     dtype = {torch.float32: "float32", torch.bfloat16: "bfloat16"}[model.model.norm.weight.dtype]
     eng = LLMEngine(EngineConfig(model=str(path), max_model_len=L + steps + 64, max_num_seqs=1,
                                  num_blocks=(L + steps + 64) // 64 + 2, enable_prefix_caching=False,
-                                 device=str(p.device), dtype=dtype),
+                                 device=str(p.device), dtype=dtype, kv_cache_dtype=kv_cache_dtype),
                     model=model, tokenizer=tokenizer)
     prompt = torch.randint(1000, 100000, (L,)).tolist()
     eng.add_request("d", prompt, SamplingParams(temperature=0.0, max_tokens=steps + 2, ignore_eos=True))
@@ -72,6 +72,8 @@ def main() -> None:
     ap.add_argument("--hf-max", type=int, default=8192, help="largest context to run transformers at")
     ap.add_argument("--weight-format", default="fp32", choices=["fp32", "bf16", "fp16", "int8", "fp8"],
                     help="dsv32's weight format (transformers stays fp32)")
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
+                    help="dsv32's cache: the compute dtype, or FP8 latents and indexer keys")
     ap.add_argument("--write-readme", action="store_true")
     args = ap.parse_args()
 
@@ -85,7 +87,7 @@ def main() -> None:
 
     rows, base = [], None
     for L in tqdm(args.contexts, desc="contexts"):
-        ours = dsv32_ms_per_token(model, tok, path, L, args.steps)
+        ours = dsv32_ms_per_token(model, tok, path, L, args.steps, args.kv_cache_dtype)
         base = base or ours
         theirs = hf_ms_per_token(hf, L, args.steps) if L <= args.hf_max else None
         rows.append([L, f"{ours:.1f}", f"{ours / base:.2f}x",
