@@ -22,7 +22,9 @@ from common import bench_model_dir, machine, markdown_table, write_section
 HEADING = "## Decode at long context (bench/decode_longctx.py)"
 
 
-def dsv32_ms_per_token(model, tokenizer, path, L: int, steps: int, kv_cache_dtype: str = "auto") -> float:
+def engine_at_depth(model, tokenizer, path, L: int, steps: int, kv_cache_dtype: str = "auto"):
+    """An engine with one greedy request whose cache "holds" its first L-1 prompt tokens (blocks
+    allocated and marked computed, values never computed), room for `steps` more decode steps."""
     from dsv32.engine.engine import EngineConfig, LLMEngine
     from dsv32.engine.sequence import SamplingParams
     p = next(model.parameters())
@@ -35,7 +37,12 @@ def dsv32_ms_per_token(model, tokenizer, path, L: int, steps: int, kv_cache_dtyp
     eng.add_request("d", prompt, SamplingParams(temperature=0.0, max_tokens=steps + 2, ignore_eos=True))
     seq = eng.scheduler.waiting[0]
     eng.block_manager.allocate(seq, L - 1)
-    seq.num_computed_tokens = L - 1          # the cache "holds" the first L-1 tokens already
+    seq.num_computed_tokens = L - 1
+    return eng
+
+
+def dsv32_ms_per_token(model, tokenizer, path, L: int, steps: int, kv_cache_dtype: str = "auto") -> float:
+    eng = engine_at_depth(model, tokenizer, path, L, steps, kv_cache_dtype)
     eng.step()                               # last prompt token (a one-token step) + first sample
     eng.step()                               # warm-up decode
     t0 = time.perf_counter()

@@ -12,11 +12,13 @@ from __future__ import annotations
 import argparse
 import collections
 import functools
+import json
+import subprocess
+import sys
 import time
 
-import torch
-
 from common import bench_model_dir, machine, markdown_table, write_section
+from decode_longctx import engine_at_depth
 
 HEADING = "## Decode step, part by part (bench/decode_parts.py)"
 
@@ -81,23 +83,13 @@ class Timers:
 def run(fmt: str, depth: int, steps: int) -> tuple[float, dict[str, tuple[float, float]]]:
     """ms per step and {label: (ms per step, calls per step)} for one weight format."""
     from dsv32.chat import Tokenizer
-    from dsv32.engine.engine import EngineConfig, LLMEngine
-    from dsv32.engine.sequence import SamplingParams
     from dsv32.model.checkpoint import load_model
 
     timers = Timers()
     timers.install()
     path = bench_model_dir()
     model, tok = load_model(path, weight_format=fmt, progress=False), Tokenizer.load(path)
-    n = depth + 2 * steps + 64
-    eng = LLMEngine(EngineConfig(model=str(path), max_model_len=n, max_num_seqs=1, num_blocks=n // 64 + 2,
-                                 enable_prefix_caching=False, device="cpu", dtype="float32"),
-                    model=model, tokenizer=tok)
-    eng.add_request("d", torch.randint(1000, 100000, (depth,)).tolist(),
-                    SamplingParams(temperature=0.0, max_tokens=2 * steps, ignore_eos=True))
-    seq = eng.scheduler.waiting[0]
-    eng.block_manager.allocate(seq, depth - 1)
-    seq.num_computed_tokens = depth - 1          # the cache "holds" the first depth-1 tokens
+    eng = engine_at_depth(model, tok, path, depth, steps + 6)
     for _ in range(6):                           # last prompt token, then compiles and warm-up
         eng.step()
     timers.seconds.clear()
@@ -110,15 +102,11 @@ def run(fmt: str, depth: int, steps: int) -> tuple[float, dict[str, tuple[float,
 
 
 def child(fmt: str, depth: int, steps: int) -> None:
-    import json
     total, parts = run(fmt, depth, steps)
     print(json.dumps({"total": total, "parts": parts}))
 
 
 def main() -> None:
-    import json
-    import subprocess
-    import sys
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--formats", nargs="+", default=["fp32", "int8"])
     ap.add_argument("--depth", type=int, default=1024)
