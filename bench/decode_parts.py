@@ -37,6 +37,7 @@ PARTS = [
     (3, "compiled: W_uv, o_proj, MLP", "kernel", "_attn_out"),
     (3, "compiled: W_uv, o_proj, router, shared expert", "kernel", "_attn_out_moe"),
     (3, "routed experts", "dsv32.model.moe:MoE", "routed"),
+    (3, "routed experts of one row", "dsv32.model.decode", "_routed_row"),
     (2, "LM head", "dsv32.model.transformer:Transformer", "logits"),
     (1, "sampling", "dsv32.engine.engine:LLMEngine", "_sample"),
     (1, "detokenise, stops, outputs", "dsv32.engine.engine:LLMEngine", "_postprocess"),

@@ -6,6 +6,7 @@ import torch
 
 from dsv32.model import decode
 from dsv32.model.block import Block
+from dsv32.model.cpu.compile import kernel
 from dsv32.model.checkpoint import load_model
 from dsv32.model.init_tiny import init_tiny
 
@@ -30,3 +31,18 @@ def test_int8_engine_decode_equals_full_forward(ckpt, monkeypatch):
             m.forward = m.reference                      # full forwards: eager, T > 1 anyway
     for p, o in zip(prompts, outs):
         check_against_full_forward(model, p, o)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp16"])
+def test_one_row_decode_runs_the_direct_graphs_and_equals_full_forward(ckpt, fmt):
+    """One row: static shapes, so every kernel runs its own traced graph (cpu/compile.py) instead
+    of torch.compile's dynamic one."""
+    model = load_model(ckpt, weight_format=fmt, progress=False)
+    prompts = prompts_of([30])
+    outs = run(make_engine(ckpt, model), prompts, [greedy(6)])
+    k = kernel(decode._attn_in, "Block", True)
+    assert k.graphs and k._dynamo is None
+    for m in model.modules():
+        if isinstance(m, Block):
+            m.forward = m.reference
+    check_against_full_forward(model, prompts[0], outs[0])

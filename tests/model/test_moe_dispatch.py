@@ -98,3 +98,17 @@ def test_pack_rejects_unaligned_fp8_inner_size():
     with pytest.raises(ValueError, match="inner size"):
         m = moe(fp8=True, moe_intermediate_size=96)
         m.pack_experts(PackedExperts.from_moe(m, "torch"))
+
+
+def test_one_row_decode_routing_equals_the_loop_bit_for_bit():
+    """model/decode.py's one-row routed sum (no dispatch ops) against MoE.routed, packed experts."""
+    from dsv32.model.decode import _routed_row, _run_expert
+    m = moe(seed=4)
+    for mod in m.modules():
+        if hasattr(mod, "pack"):
+            mod.pack("int8")
+    with torch.inference_mode():
+        for seed in range(4):
+            x = torch.randn(1, 256, generator=torch.Generator().manual_seed(seed))
+            r = m.gate(x)
+            assert torch.equal(_routed_row(m, x, r.weights, r.ids), m.routed(x, r.weights, r.ids, _run_expert))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .compile import dynamic, kernel
+from .compile import dynamic, kernel, tracing
 from .packed import GEMV_MAX_ROWS, TILE_ELEMS, dequantize
 
 
@@ -59,7 +59,7 @@ def absorb(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, nope: i
     lead, H = x.shape[:-2], x.shape[-2]
     x3 = x.reshape(-1, H, x.shape[-1]).float().contiguous()              # [M, H, .]
     M = x3.shape[0]
-    if torch.compiler.is_compiling():               # traced into a larger graph (model/decode.py)
+    if tracing():               # traced into a larger graph (model/decode.py)
         y = _q_kernel(x3, w, scale) if query else _o_kernel(x3, w, scale, nope)
     elif M > GEMV_MAX_ROWS:
         y = _tiled(x3, w, scale, nope, query)

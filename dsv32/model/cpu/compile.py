@@ -1,19 +1,27 @@
-"""torch.compile (inductor) for the kernels: one compiled function per static key, and a clear
-error naming what is missing when inductor cannot build a kernel (it needs a C++ compiler at run
-time)."""
+"""Compiled CPU kernels (inductor): one `Kernel` per function and static key, and a clear error
+naming what is missing when inductor cannot build one (it needs a C++ compiler at run time).
+
+A call with static shapes (every decode of one row) runs a graph that `Kernel` traced itself
+(make_fx, the modules' weights as inputs) and built with inductor, called directly: ~5 us of
+dispatch, where a torch.compile'd function spends ~30 us a call in dynamo's cache lookup and
+wrappers (bench/README.md, "Decode step"). Graphs are cached by what the traced code depends on:
+the shapes, strides and dtypes of the tensors, the values of other arguments. A call with a dim
+marked `dynamic` (batched decode: one graph for every batch size) goes through torch.compile.
+"""
 from __future__ import annotations
 
 import types
+import weakref
 from typing import Callable
 
 import torch
+from torch import nn
+
+_kernels: dict[tuple, "Kernel"] = {}
 
 
 class KernelError(RuntimeError):
     """A compiled kernel could not be built; the message names what is missing."""
-
-
-_compiled: dict[tuple, Callable] = {}
 
 
 def require_compiler() -> None:
@@ -28,29 +36,122 @@ def require_compiler() -> None:
             f"{e}") from e
 
 
-def kernel(fn: Callable, *key) -> Callable:
+def kernel(fn: Callable, *key) -> "Kernel":
     """`fn` compiled for one static `key` (e.g. the reduction sizes). Every key gets its own code
     object, so its own dynamo cache: different keys never count against one recompile limit, and
     dims that stay static in a key are never turned dynamic by a later call."""
     k = (fn.__module__, fn.__qualname__, *key)
-    f = _compiled.get(k)
+    f = _kernels.get(k)
     if f is None:
         require_compiler()
         name = f"{fn.__name__}__" + "_".join(str(p) for p in key)
         code = fn.__code__.replace(co_name=name)
-        clone = types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
-        f = _compiled[k] = _explained(torch.compile(clone, dynamic=False, fullgraph=True), name)
+        f = _kernels[k] = Kernel(types.FunctionType(code, fn.__globals__, name, fn.__defaults__,
+                                                    fn.__closure__), name)
     return f
 
 
-def _explained(f: Callable, name: str) -> Callable:
-    def call(*args):
+def _meta(t: torch.Tensor) -> tuple:
+    return t.shape, t.stride(), t.dtype, t.device
+
+
+def _tensors_of(module: nn.Module) -> list[tuple[dict, str]]:
+    """Where each tensor of `module` lives: (its submodule's parameter or buffer dict, name)."""
+    return [(d, n) for m in module.modules() for d in (m._parameters, m._buffers)
+            for n, t in d.items() if t is not None]
+
+
+class _Bound:
+    """A graph as one module calls it: the module tensors it reads (fetched fresh at every call;
+    while they are the objects it was built with, no other check is needed) and the graph."""
+
+    def __init__(self, where: list[tuple[dict, str]], graph: Callable):
+        self.where, self.graph = where, graph
+        self.tensors = [d[n] for d, n in where]
+
+    def inputs(self) -> list[torch.Tensor] | None:
+        now = [d[n] for d, n in self.where]
+        return now if all(a is b for a, b in zip(now, self.tensors)) else None
+
+
+class Kernel:
+    """A function of at most one module, tensors and other (static) values, compiled by inductor."""
+
+    def __init__(self, fn: Callable, name: str):
+        self.fn, self.name = fn, name
+        # (state meta of the module, call signature) -> (indices of the module tensors read, graph):
+        # modules of one shape (the layers of a stack) share a graph
+        self.graphs: dict[tuple, tuple[list[int], Callable]] = {}
+        self.bound: weakref.WeakKeyDictionary[nn.Module, dict[tuple, _Bound]] = weakref.WeakKeyDictionary()
+        self.plain: dict[tuple, Callable] = {}              # no module argument: by call signature
+        self._dynamo: Callable | None = None
+
+    def __call__(self, *args):
+        if any(isinstance(a, torch.Tensor) and hasattr(a, "_dynamo_dynamic_indices") for a in args):
+            return self._dynamic(*args)
+        sig = (torch.is_grad_enabled(),) + tuple(
+            _meta(a) if isinstance(a, torch.Tensor) else None if isinstance(a, nn.Module) else a
+            for a in args)
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        modules = [a for a in args if isinstance(a, nn.Module)]
+        if not modules:
+            graph = self.plain.get(sig)
+            if graph is None:
+                graph = self.plain[sig] = self._build(args, tensors, len(tensors))[1]
+            return graph(*tensors)
+        (module,) = modules
+        per_module = self.bound.setdefault(module, {})
+        b = per_module.get(sig)
+        state = None if b is None else b.inputs()
+        if state is None:
+            b = per_module[sig] = self._bind(module, sig, args, tensors)
+            state = b.tensors
+        return b.graph(*state, *tensors)
+
+    def _bind(self, module: nn.Module, sig: tuple, args: tuple, tensors: list) -> _Bound:
+        where = _tensors_of(module)
+        state = [d[n] for d, n in where]
+        key = (tuple(_meta(t) for t in state), sig)
+        built = self.graphs.get(key)
+        if built is None:
+            built = self.graphs[key] = self._build(args, state + tensors, len(tensors))
+        return _Bound([where[i] for i in built[0]], built[1])
+
+    def _build(self, args: tuple, inputs: list[torch.Tensor], n_args: int) -> tuple[list[int], Callable]:
+        """Trace fn with the module's tensors and the tensor arguments as graph inputs (make_fx in
+        real mode knows a tensor by its identity: the module's own parameters are those inputs),
+        drop the module tensors it does not read, build the rest; -> (module tensors read, graph)."""
+        from torch._inductor.compile_fx import compile_fx
+        from torch.fx.experimental.proxy_tensor import make_fx
         try:
-            return f(*args)
-        except (torch._dynamo.exc.BackendCompilerFailed, OSError) as e:
-            raise KernelError(f"inductor could not build kernel {name} (a C++ compiler and the "
+            gm = make_fx(lambda *_: self.fn(*args))(*inputs)
+            n_state = len(inputs) - n_args
+            placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+            keep = [i for i, n in enumerate(placeholders) if i >= n_state or n.users]
+            for i, n in enumerate(placeholders):
+                if i not in keep:
+                    gm.graph.erase_node(n)
+            gm.recompile()
+            return [i for i in keep if i < n_state], compile_fx(gm, [inputs[i] for i in keep])
+        except Exception as e:                              # noqa: BLE001  (re-raised, explained)
+            raise KernelError(f"inductor could not build kernel {self.name} (a C++ compiler and the "
                               f"Python headers are needed at run time): {e}") from e
-    return call
+
+    def _dynamic(self, *args):
+        if self._dynamo is None:
+            self._dynamo = torch.compile(self.fn, dynamic=False, fullgraph=True)
+        try:
+            return self._dynamo(*args)
+        except (torch._dynamo.exc.BackendCompilerFailed, OSError) as e:
+            raise KernelError(f"inductor could not build kernel {self.name} (a C++ compiler and the "
+                              f"Python headers are needed at run time): {e}") from e
+
+
+def tracing() -> bool:
+    """Whether the caller is being traced into a larger compiled graph (dynamo, or `kernel`'s own
+    make_fx trace): a kernel then inlines its math instead of calling its own compiled function."""
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode
+    return torch.compiler.is_compiling() or get_proxy_mode() is not None
 
 
 def dynamic(t: torch.Tensor, *dims: int) -> torch.Tensor:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .compile import dynamic, kernel
+from .compile import dynamic, kernel, tracing
 
 GROUP = 128                # int8: one scale per GROUP columns of a row
 GEMV_MAX_ROWS = 4          # activation rows up to which the dequantise-and-reduce kernel runs
@@ -90,7 +90,7 @@ def packed_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None,
     """y = x W^T (+ bias) for a packed weight W [N, K]; computed in fp32, returned in x's dtype."""
     lead, K = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, K).float()                                        # [M, K]
-    if torch.compiler.is_compiling():               # traced into a larger graph (model/decode.py)
+    if tracing():               # traced into a larger graph (model/decode.py)
         y = (_gemv_half(x2, w) if scale is None else _gemv_int8(x2, w, scale)).t()
     elif x2.shape[0] == 0:
         y = x2.new_empty(0, w.shape[0])
