@@ -28,8 +28,8 @@ PARTS = [
     (1, "runner: inputs", "dsv32.engine.runner:ModelRunner", "prepare"),
     (1, "model forward", "dsv32.engine.executor:Executor", "compute"),
     (2, "cache view (PagedKV)", "dsv32.engine.cache:PagedKV", "__init__"),
-    (2, "blocks (2 layers)", "dsv32.model.decode", "step"),
-    (2, "blocks, eager (2 layers)", "dsv32.model.block:Block", "reference"),
+    (2, "blocks", "dsv32.model.decode", "step"),
+    (2, "blocks, eager", "dsv32.model.block:Block", "reference"),
     (3, "compiled: norms, projections, rope, absorbed q", "kernel", "_attn_in"),
     (3, "cache writes", "dsv32.engine.cache:PagedKV", "write"),
     (3, "indexer scores + top-k", "dsv32.model.attention:MLA", "decode_select"),
@@ -81,14 +81,13 @@ class Timers:
             setattr(obj, name, self.timed(label, getattr(obj, name)))
 
 
-def run(fmt: str, depth: int, steps: int) -> tuple[float, dict[str, tuple[float, float]]]:
+def run(fmt: str, depth: int, steps: int, path) -> tuple[float, dict[str, tuple[float, float]]]:
     """ms per step and {label: (ms per step, calls per step)} for one weight format."""
     from dsv32.chat import Tokenizer
     from dsv32.model.checkpoint import load_model
 
     timers = Timers()
     timers.install()
-    path = bench_model_dir()
     model, tok = load_model(path, weight_format=fmt, progress=False), Tokenizer.load(path)
     eng = engine_at_depth(model, tok, path, depth, steps + 6)
     for _ in range(6):                           # last prompt token, then compiles and warm-up
@@ -102,8 +101,8 @@ def run(fmt: str, depth: int, steps: int) -> tuple[float, dict[str, tuple[float,
     return total, {k: (v / steps * 1e3, timers.calls[k] / steps) for k, v in timers.seconds.items()}
 
 
-def child(fmt: str, depth: int, steps: int) -> None:
-    total, parts = run(fmt, depth, steps)
+def child(fmt: str, depth: int, steps: int, path) -> None:
+    total, parts = run(fmt, depth, steps, path)
     print(json.dumps({"total": total, "parts": parts}))
 
 
@@ -112,15 +111,17 @@ def main() -> None:
     ap.add_argument("--formats", nargs="+", default=["fp32", "int8"])
     ap.add_argument("--depth", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--model", default=None, help="checkpoint directory (default: the common benchmark model)")
     ap.add_argument("--write-readme", action="store_true")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        return child(args.child, args.depth, args.steps)
+        return child(args.child, args.depth, args.steps, args.model or bench_model_dir())
     results = {}
     for fmt in args.formats:                     # each format in a fresh process (wrappers, compiles)
         out = subprocess.run([sys.executable, __file__, "--child", fmt, "--depth", str(args.depth),
-                              "--steps", str(args.steps)], check=True, capture_output=True, text=True).stdout
+                              "--steps", str(args.steps)]
+                             + (["--model", args.model] if args.model else []), check=True, capture_output=True, text=True).stdout
         results[fmt] = json.loads(out.strip().splitlines()[-1])
     rows = []
     for level, label, _, _ in PARTS:

@@ -4,8 +4,9 @@ every candidate alike), median ms and the ratio to the bandwidth floor of its st
 
     python bench/weight_kernels.py [--rounds 7] [--threads 2] [--write-readme]
 
-Shapes: the common benchmark model's output head (129280 x 256) and a "wide" expert matrix
-(4096 x 2048, bench/load.py's dims). Also: activation rows up to which the compiled GEMV beats the
+Shapes: the common benchmark model's output head (129280 x 256: 33 MB in int8, it stays in this
+host's L3), a "wide" expert matrix (4096 x 2048, bench/load.py's dims) and the wide model's head
+(129280 x 2048: read from memory). Also: activation rows up to which the compiled GEMV beats the
 tiled GEMM (packed.GEMV_MAX_ROWS).
 """
 from __future__ import annotations
@@ -57,6 +58,7 @@ def e4m3_arith(b: torch.Tensor) -> torch.Tensor:
 def candidates(N: int, K: int) -> dict:
     """name -> (callable, stored bytes) for y = x W^T with W [N, K]."""
     from dsv32.model.fp8 import block_dequant, block_quant
+    from dsv32.model.cpu.native import gemv
     from dsv32.model.cpu.packed import _gemv, quantize_int8
     x = torch.randn(1, K)
     w = torch.randn(N, K) / K ** 0.5
@@ -69,18 +71,36 @@ def candidates(N: int, K: int) -> dict:
     row_k = torch.compile(lambda x, q, s: (x.view(1, -1, K) * q.view(N, 1, K).float()).sum(-1) * s.view(N, 1))
     fp8_k = torch.compile(lambda x, b, s: ((x.view(1, 1, K // 128, 128) * e4m3_arith(b).view(N, 1, K // 128, 128))
                                           .sum(-1) * s.view(N, 1, -1)).sum(-1))
+    slow = {} if N * K > 1 << 26 else {    # ~2 s a call on the wide head: left out there
+        "bf16 F.linear (bf16 activations)": (lambda: F.linear(x.bfloat16(), wb16), 2 * N * K)}
     return {
         "fp32 F.linear": (lambda: F.linear(x, w), 4 * N * K),
         "fp16 F.linear (fp16 activations)": (lambda: F.linear(xh, w16), 2 * N * K),
-        "bf16 F.linear (bf16 activations)": (lambda: F.linear(x.bfloat16(), wb16), 2 * N * K),
-        "bf16, compiled upcast-and-reduce [chosen: bf16]": (lambda: _gemv(x, wb16, None), 2 * N * K),
-        "fp16, compiled upcast-and-reduce [chosen: fp16]": (lambda: _gemv(x, w16, None), 2 * N * K),
-        "int8 + scale per (row, 128), compiled [chosen: int8, fp8]": (lambda: _gemv(x, q, s), N * K + 4 * s.numel()),
+        **slow,
+        "bf16, compiled upcast-and-reduce": (lambda: _gemv(x, wb16, None), 2 * N * K),
+        "bf16, native (cpu/gemv.cpp) [chosen: bf16]": (lambda: gemv(x, wb16, None), 2 * N * K),
+        "fp16, compiled upcast-and-reduce": (lambda: _gemv(x, w16, None), 2 * N * K),
+        "fp16, native [chosen: fp16]": (lambda: gemv(x, w16, None), 2 * N * K),
+        "int8 + scale per (row, 128), compiled": (lambda: _gemv(x, q, s), N * K + 4 * s.numel()),
+        "int8 + scale per (row, 128), native [chosen: int8, fp8]": (lambda: gemv(x, q, s), N * K + 4 * s.numel()),
         "int8 + scale per row, compiled": (lambda: row_k(x, qrow, srow), N * K + 4 * N),
+        "int8 per row, activations int8 per tensor (fbgemm dynamic; other numerics)":
+            (dynamic_int8(w), N * K + 4 * N),
         "int8, torch._weight_int8pack_mm": (lambda: torch._weight_int8pack_mm(x, qrow, srow), N * K + 4 * N),
         "fp8 e4m3 decoded in the compiled kernel": (lambda: fp8_k(x, b8, s8rows), N * K + 4 * s8rows.numel()),
         "fp8 e4m3 dequantised per call, F.linear": (lambda: F.linear(x, block_dequant(w8, s8)), N * K),
     }
+
+
+def dynamic_int8(w: torch.Tensor):
+    """torch's dynamically quantised linear (fbgemm: int8 weights per row, activations quantised to
+    8 bits per tensor at each call, integer dot products): a speed reference, not our numerics."""
+    N, K = w.shape
+    lin = torch.ao.nn.quantized.dynamic.Linear(K, N, bias_=False, dtype=torch.qint8)
+    scale = (w.abs().amax(1) / 127).clamp(min=1e-8)
+    lin.set_weight_bias(torch.quantize_per_channel(w, scale, torch.zeros(N, dtype=torch.long), 0, torch.qint8), None)
+    x = torch.randn(1, K)
+    return lambda: lin(x)
 
 
 def run_shape(N: int, K: int, rounds: int, bw: float) -> list[list]:
@@ -107,8 +127,9 @@ def run_shape(N: int, K: int, rounds: int, bw: float) -> list[list]:
 
 
 def gemv_vs_tiled(K: int = 2048, N: int = 4096, rounds: int = 5) -> list[list]:
-    """Activation rows M: compiled GEMV (reads W once for all M) vs tiled dequantise + fp32 GEMM."""
-    from dsv32.model.cpu.packed import _gemm_tiled, _gemv, quantize_int8
+    """Activation rows M: native GEMV (reads W once for all M) vs tiled dequantise + fp32 GEMM."""
+    from dsv32.model.cpu.native import gemv as _gemv
+    from dsv32.model.cpu.packed import _gemm_tiled, quantize_int8
     q, s = quantize_int8(torch.randn(N, K) / K ** 0.5)
     rows = []
     for M in (1, 2, 4, 8, 16):
@@ -135,9 +156,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     bw = bandwidth_gbs()
-    rows = run_shape(129280, 256, args.rounds, bw) + run_shape(4096, 2048, args.rounds, bw)
+    rows = [r for N, K in ((129280, 256), (4096, 2048), (129280, 2048)) for r in run_shape(N, K, args.rounds, bw)]
     table = markdown_table(["W", "kernel", "stored MiB", "ms", "floor ms", "vs floor", "vs fp32"], rows)
-    m_table = markdown_table(["rows M (int8, 4096x2048)", "compiled GEMV ms", "tiled GEMM ms", "faster"],
+    m_table = markdown_table(["rows M (int8, 4096x2048)", "native GEMV ms", "tiled GEMM ms", "faster"],
                              gemv_vs_tiled())
     text = (f"Read bandwidth {bw:.1f} GB/s (best of 5 sums over 1 GiB); floor = stored bytes / bandwidth; "
             f"{machine()}.\n\n{table}\n\n{m_table}")

@@ -1,8 +1,9 @@
 """Packed weights for fp32 compute: int8 with one fp32 scale per (row, 128 columns), or 16-bit
-(bf16 / fp16). A matrix-vector product (decode: a few rows of activations) runs a compiled
-dequantise-and-reduce kernel that reads every stored byte once and never materialises a
-dequantised weight; a matrix-matrix product (prefill) dequantises one cache-sized tile of output
-rows at a time into fp32 and multiplies it (fp32 GEMM: bf16 GEMM is far slower on CPU).
+(bf16 / fp16). A matrix-vector product (decode: a few rows of activations) runs a dequantise-and-
+reduce kernel that reads every stored byte once and never materialises a dequantised weight (the
+native one of native.py where the shapes allow, else a compiled one); a matrix-matrix product
+(prefill) dequantises one cache-sized tile of output rows at a time into fp32 and multiplies it
+(fp32 GEMM: bf16 GEMM is far slower on CPU).
 
 `dequantize` is the slow obvious reference: the whole weight in fp32.
 """
@@ -11,11 +12,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import native
 from .compile import dynamic, kernel, tracing
 
 GROUP = 128                # int8: one scale per GROUP columns of a row
 GEMV_MAX_ROWS = 4          # activation rows up to which the dequantise-and-reduce kernel runs
 TILE_ELEMS = 1 << 18       # GEMM path: fp32 elements of one dequantised tile (1 MiB)
+NATIVE_IN_GRAPH = 1 << 20  # weight elements from which a traced graph calls the native GEMV (its
+                           # dispatch costs ~10 us; below, the graph's own fused reduction is cheaper)
 HALF = (torch.bfloat16, torch.float16)
 
 
@@ -91,11 +95,14 @@ def packed_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None,
     lead, K = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, K).float()                                        # [M, K]
     if tracing():               # traced into a larger graph (model/decode.py)
-        y = (_gemv_half(x2, w) if scale is None else _gemv_int8(x2, w, scale)).t()
+        if w.numel() >= NATIVE_IN_GRAPH and native.supports(x2, w, scale):
+            y = torch.ops.dsv32.packed_gemv(x2, w, scale)
+        else:
+            y = (_gemv_half(x2, w) if scale is None else _gemv_int8(x2, w, scale)).t()
     elif x2.shape[0] == 0:
         y = x2.new_empty(0, w.shape[0])
     elif x2.shape[0] <= GEMV_MAX_ROWS:
-        y = _gemv(x2.contiguous(), w, scale)
+        y = native.gemv(x2, w, scale) if native.supports(x2, w, scale) else _gemv(x2.contiguous(), w, scale)
     else:
         y = _gemm_tiled(x2, w, scale)
     if bias is not None:

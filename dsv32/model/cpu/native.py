@@ -1,0 +1,77 @@
+"""The packed-weight GEMV of decode as native code (gemv.cpp, built on first use by inductor's C++
+toolchain): reads int8 / fp16 / bf16 weights at the memory's bandwidth with fp32 activations,
+where inductor's generated reduction reaches ~60% of it on large matrices (bench/README.md,
+"Weight-format kernels").
+
+`gemv` is called directly (eager decode, the LM head); inside a traced graph the same code runs as
+the custom op `dsv32::packed_gemv` (~10 us of dispatch, so model/cpu/packed.py uses it there for
+large matrices only). The slow obvious reference is packed.packed_linear_reference.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from .compile import KernelError, require_compiler
+
+DEFINES = {torch.int8: "INT8", torch.float16: "HALF_FP16", torch.bfloat16: "HALF_BF16"}
+ALIGN = 32                  # K (and the int8 group size) must be multiples of this
+_built: dict[tuple[torch.dtype, int | None], Callable] = {}
+
+
+def supports(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None) -> bool:
+    """Whether `gemv` computes x [M, K] fp32 with the packed weight w [N, K] on this device."""
+    K = w.shape[1]
+    return (x.device.type == "cpu" and w.device.type == "cpu" and x.dtype == torch.float32
+            and w.dtype in DEFINES and K % ALIGN == 0
+            and (scale is None) == (w.dtype != torch.int8)
+            and (scale is None or (K // scale.shape[1]) % ALIGN == 0))
+
+
+def binding(dtype: torch.dtype, isa: int | None = None) -> Callable:
+    """The built kernel for weights of `dtype`; `isa` 512 / 256 / 1 forces AVX-512, AVX2 or the
+    scalar code (default: the best the compiler targets on this machine)."""
+    f = _built.get((dtype, isa))
+    if f is None:
+        require_compiler()
+        from torch._inductor.codecache import CppPythonBindingsCodeCache
+        source = (f"#define {DEFINES[dtype]}\n" + ("" if isa is None else f"#define ISA {isa}\n")
+                  + (Path(__file__).parent / "gemv.cpp").read_text())
+        wt = "const int8_t*" if dtype == torch.int8 else "const uint16_t*"
+        args = (["const float*", wt, "const float*", "float*"] + ["const int64_t"] * 4 if dtype == torch.int8
+                else ["const float*", wt, "float*"] + ["const int64_t"] * 3)
+        try:
+            f = _built[dtype, isa] = CppPythonBindingsCodeCache.load_pybinding(args, source)
+        except Exception as e:                              # noqa: BLE001  (re-raised, explained)
+            raise KernelError(f"could not build the native GEMV (dsv32/model/cpu/gemv.cpp) with "
+                              f"inductor's C++ toolchain: {e}") from e
+    return f
+
+
+def gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, isa: int | None = None
+         ) -> torch.Tensor:
+    """x [M, K] fp32, packed w [N, K] (+ int8 scales [N, K/G]) -> x W^T [M, N] fp32."""
+    if not supports(x, w, scale):
+        raise ValueError(f"native gemv: unsupported x {tuple(x.shape)} {x.dtype}, w {tuple(w.shape)} "
+                         f"{w.dtype} (K and the int8 group must be multiples of {ALIGN})")
+    x, w = x.contiguous(), w.contiguous()
+    (M, K), N = x.shape, w.shape[0]
+    y = x.new_empty(M, N)
+    if scale is None:
+        binding(w.dtype, isa)(x, w, y, M, N, K)
+    else:
+        binding(w.dtype, isa)(x, w, scale.contiguous(), y, M, N, K, K // scale.shape[1])
+    return y
+
+
+@torch.library.custom_op("dsv32::packed_gemv", mutates_args=())
+def packed_gemv(x: torch.Tensor, w: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
+    """`gemv` as an operator, so traced graphs can call it."""
+    return gemv(x, w, scale)
+
+
+@packed_gemv.register_fake
+def _(x, w, scale):
+    return x.new_empty(x.shape[0], w.shape[0])

@@ -1,0 +1,90 @@
+"""model/cpu/native.py: the native packed GEMV (each instruction-set variant) against the slow
+reference (dequantise, then F.linear), and where packed_linear uses it."""
+import pytest
+import torch
+from torch import nn
+
+from dsv32.model.cpu import native, packed
+from dsv32.model.cpu.compile import dynamic, kernel
+from dsv32.model.cpu.packed import packed_linear, packed_linear_reference, quantize_int8
+from dsv32.model.layers import Linear
+
+G = torch.Generator().manual_seed(0)
+CAPS = torch.backends.cpu.get_cpu_capability()
+ISAS = [None, 1] + ([256] if CAPS in ("AVX2", "AVX512") else []) + ([512] if CAPS == "AVX512" else [])
+
+
+def weights(fmt: str, N: int, K: int):
+    w = torch.randn(N, K, generator=G) * 0.05
+    if fmt == "int8":
+        return quantize_int8(w)
+    return w.to(dict(fp16=torch.float16, bf16=torch.bfloat16)[fmt]), None
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt", ["int8", "fp16", "bf16"])
+@pytest.mark.parametrize("N,K", [(37, 256), (300, 160), (5, 32)])      # 160: one int8 group a row
+def test_native_gemv_equals_reference(fmt, N, K, isa):
+    w, s = weights(fmt, N, K)
+    for M in (1, 3, 4):
+        x = torch.randn(M, K, generator=G)
+        torch.testing.assert_close(native.gemv(x, w, s, isa), packed_linear_reference(x, w, s),
+                                   rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_fp16_special_values(isa):
+    """Subnormals, the largest finite value, inf and signed zeros convert exactly (row i holds
+    value i in column 3, zeros elsewhere; x picks column 3)."""
+    vals = torch.tensor([0.0, -0.0, 6e-8, -3e-6, 65504.0, float("inf"), float("-inf"), -2.5], dtype=torch.float16)
+    w = torch.zeros(8, 32, dtype=torch.float16)
+    w[:, 3] = vals
+    x = torch.zeros(1, 32)
+    x[0, 3] = 1.0
+    assert torch.equal(native.gemv(x, w, None, isa)[0], vals.float())
+
+
+def test_unsupported_shapes_use_the_compiled_kernel():
+    w, s = weights("int8", 16, 40)                       # K not a multiple of 32
+    x = torch.randn(1, 40, generator=G)
+    assert not native.supports(x, w, s)
+    with pytest.raises(ValueError, match="multiples of 32"):
+        native.gemv(x, w, s)
+    torch.testing.assert_close(packed_linear(x, w, s), packed_linear_reference(x, w, s), rtol=1e-5, atol=1e-5)
+
+
+class Big(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.small, self.big = Linear(64, 64), Linear(64, packed.NATIVE_IN_GRAPH // 64)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=G) * 0.1)
+        for lin in (self.small, self.big):
+            lin.pack("int8")
+
+
+def _two(m: Big, x: torch.Tensor) -> torch.Tensor:
+    return m.big(torch.relu(m.small(x)))
+
+
+def test_traced_graphs_call_the_native_gemv_for_large_weights_only(monkeypatch):
+    m, x = Big(), torch.randn(1, 64, generator=G)
+    calls = []
+    real = native.gemv
+    monkeypatch.setattr(native, "gemv", lambda x, w, s, isa=None: calls.append(w.shape) or real(x, w, s))
+    with torch.inference_mode():
+        ref = packed_linear_reference(torch.relu(packed_linear_reference(x, m.small.weight, m.small.weight_scale_inv)),
+                                      m.big.weight, m.big.weight_scale_inv)
+        calls.clear()
+        out = kernel(_two, "native-test")(m, x)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert calls and all(s == m.big.weight.shape for s in calls)    # the small one stayed inlined
+    x3 = torch.randn(3, 64, generator=G)                            # batched: torch.compile's graph
+    calls.clear()
+    with torch.inference_mode():
+        out = kernel(_two, "native-test")(m, dynamic(x3.clone(), 0))
+        ref = packed_linear_reference(torch.relu(packed_linear_reference(x3, m.small.weight, m.small.weight_scale_inv)),
+                                      m.big.weight, m.big.weight_scale_inv)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert calls
