@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from .config import ModelConfig
 from .formats import check_format, packed_storage
 from .fp8 import FP8, block_dequant, block_quant, scale_shape
+from .cpu import native
 from .cpu.compile import require_compiler
 from .cpu.packed import quantize_int8
 from .layout import (FLOAT_DTYPES, FP8_DTYPES, INDEX_FILE, MAP_WINDOW, SCALE_SUFFIX, SINGLE_FILE, CheckpointError, TensorSpec,
@@ -197,6 +198,9 @@ def load_checkpoint(model: nn.Module, path: str | Path, dtype: torch.dtype | Non
             raise ValueError(f"weight_format={weight_format!r} packs weights for fp32 compute on CPU; "
                              f"got dtype {dtype}, device {device}")
         require_compiler()                          # fail at load, not at the first decode step
+        from .layers import PACKED
+        for storage in {packed_storage(weight_format, q) for q in (True, False)}:
+            native.binding(PACKED[storage])         # built (or read from inductor's disk cache) now
     path = Path(path)
     cfg = ModelConfig.from_json(path)
     layout, block = checkpoint_layout(cfg), block_size(cfg)

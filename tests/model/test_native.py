@@ -88,3 +88,17 @@ def test_traced_graphs_call_the_native_gemv_for_large_weights_only(monkeypatch):
                                       m.big.weight, m.big.weight_scale_inv)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     assert calls
+
+
+def test_a_failed_build_fails_the_load_with_a_clear_error(monkeypatch, tiny_bf16):
+    from torch._inductor.codecache import CppPythonBindingsCodeCache
+
+    from dsv32.model.checkpoint import load_model
+    from dsv32.model.cpu.compile import KernelError
+
+    def broken(*a, **k):
+        raise RuntimeError("cc1plus: fatal error")
+    monkeypatch.setattr(native, "_built", {})
+    monkeypatch.setattr(CppPythonBindingsCodeCache, "load_pybinding", broken)
+    with pytest.raises(KernelError, match="gemv.cpp.*cc1plus"):
+        load_model(tiny_bf16, weight_format="int8", progress=False)
