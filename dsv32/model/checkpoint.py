@@ -12,10 +12,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import ModelConfig
-from .formats import check_format, packed_storage
+from .formats import packed_storage, prepare_load
 from .fp8 import FP8, block_dequant, block_quant, scale_shape
-from .cpu import native
-from .cpu.compile import require_compiler
 from .cpu.packed import quantize_int8
 from .layout import (FLOAT_DTYPES, FP8_DTYPES, INDEX_FILE, MAP_WINDOW, SCALE_SUFFIX, SINGLE_FILE, CheckpointError, TensorSpec,
                      block_size, checkpoint_layout, is_fp8_vocab, is_fp32_pinned, mtp_vocab_sources, scale_name)
@@ -189,18 +187,7 @@ def load_checkpoint(model: nn.Module, path: str | Path, dtype: torch.dtype | Non
     fp32 compute on CPU; each tensor is converted as it is read. Raises CheckpointError naming the
     tensor and the file.
     """
-    check_format(weight_format)
-    if weight_format != "fp32":
-        if fp8_storage:
-            raise ValueError(f"weight_format={weight_format!r} and fp8_storage=True exclude each other "
-                             f"(fp8_storage keeps e4m3 weights and dequantises them per call)")
-        if dtype not in (None, torch.float32) or torch.device(device).type != "cpu":
-            raise ValueError(f"weight_format={weight_format!r} packs weights for fp32 compute on CPU; "
-                             f"got dtype {dtype}, device {device}")
-        require_compiler()                          # fail at load, not at the first decode step
-        from .layers import PACKED
-        for storage in {packed_storage(weight_format, q) for q in (True, False)}:
-            native.binding(PACKED[storage])         # built (or read from inductor's disk cache) now
+    prepare_load(weight_format, fp8_storage, dtype, device)
     path = Path(path)
     cfg = ModelConfig.from_json(path)
     layout, block = checkpoint_layout(cfg), block_size(cfg)

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
+import torch
+
 WeightFormat = Literal["fp32", "bf16", "fp16", "int8", "fp8"]
 WEIGHT_FORMATS: tuple[str, ...] = get_args(WeightFormat)
 
@@ -36,3 +38,22 @@ def packed_storage(fmt: str, quantised: bool) -> str | None:
     if fmt == "fp8":
         return "int8" if quantised else "bf16"
     return fmt
+
+
+def prepare_load(fmt: str, fp8_storage: bool, dtype: torch.dtype | None, device) -> None:
+    """Check a load's `weight_format` against its other options and, for a packed format, build
+    its kernels now (a missing C++ toolchain fails the load with KernelError, not the first step)."""
+    check_format(fmt)
+    if fmt == "fp32":
+        return
+    if fp8_storage:
+        raise ValueError(f"weight_format={fmt!r} and fp8_storage=True exclude each other "
+                         f"(fp8_storage keeps e4m3 weights and dequantises them per call)")
+    if dtype not in (None, torch.float32) or torch.device(device).type != "cpu":
+        raise ValueError(f"weight_format={fmt!r} packs weights for fp32 compute on CPU; "
+                         f"got dtype {dtype}, device {device}")
+    from .cpu import native
+    from .cpu.compile import require_compiler
+    require_compiler()
+    for storage in {packed_storage(fmt, q) for q in (True, False)}:
+        native.binding(native.STORAGE[storage])     # built, or read from inductor's disk cache

@@ -17,6 +17,7 @@ import torch
 from .compile import KernelError, require_compiler
 
 DEFINES = {torch.int8: "INT8", torch.float16: "HALF_FP16", torch.bfloat16: "HALF_BF16"}
+STORAGE = {"int8": torch.int8, "fp16": torch.float16, "bf16": torch.bfloat16}   # formats.packed_storage
 ALIGN = 32                  # K (and the int8 group size) must be multiples of this
 _built: dict[tuple[torch.dtype, int | None], Callable] = {}
 
