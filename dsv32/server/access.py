@@ -15,7 +15,7 @@ from .state import ServerState
 
 access_log = logging.getLogger("dsv32.server.access")
 # no key needed (`/metrics` too with --metrics-public); the chat page asks the user for one
-OPEN_PATHS = frozenset({"/", "/health", "/openapi.json", "/docs", "/redoc", "/favicon.ico"})
+OPEN_PATHS = frozenset({"/", "/static/tools.js", "/health", "/openapi.json", "/docs", "/redoc", "/favicon.ico"})
 GENERATION_PATHS = frozenset({"/v1/chat/completions", "/chat/completions", "/beta/chat/completions",
                               "/v1/completions", "/completions", "/beta/completions"})
 

@@ -56,6 +56,10 @@ def create_app(cfg: ServerConfig, engine_factory: Callable[[], LLMEngine] | None
     async def index():
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
+    @app.get("/static/tools.js", include_in_schema=False)
+    async def tools_js():
+        return FileResponse(STATIC / "tools.js", media_type="text/javascript")
+
     @app.get("/health", responses={503: {"model": ErrorResponse}})
     async def health():
         """200 once the model is loaded, 503 before (or when loading failed)."""

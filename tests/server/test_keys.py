@@ -107,6 +107,10 @@ def test_keys_from_file_and_flag_named_in_the_log(keyed, caplog):
 
 def test_metrics_behind_the_key(keyed, server_ckpt, server_model):
     assert httpx.get(keyed.url + "/health").status_code == 200
+    page = httpx.get(keyed.url + "/")                    # the chat page and its script need no key
+    tools = httpx.get(keyed.url + "/static/tools.js")
+    assert page.status_code == tools.status_code == 200 and '<script src="/static/tools.js">' in page.text
+    assert tools.headers["content-type"].startswith("text/javascript") and "function" in tools.text
     r = httpx.get(keyed.url + "/metrics")
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
     ok = httpx.get(keyed.url + "/metrics", headers={"Authorization": f"Bearer {SECRETS['bob']}".encode()})
