@@ -190,3 +190,10 @@ class PagedKV:
 
     def gather_latent(self, layer: int, idx: torch.Tensor) -> torch.Tensor:
         return self.cache.read_latent(layer, self._slots(idx))                           # [B, T, K, C+R]
+
+    def latent_pool(self, layer: int, idx: torch.Tensor):
+        """(the layer's latent pool [slots, C+R], the cache slots of idx, -1 kept), or None for an
+        FP8 cache (its rows are dequantised as they are gathered)."""
+        if self.cache.fp8:
+            return None
+        return self.cache.lat[layer], self._slots(idx.clamp(min=0)).masked_fill_(idx < 0, -1)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from .attention import Attention
+from .cpu import native
 from .cpu.compile import dynamic, kernel
 from .moe import MLP, MoE
 
@@ -68,6 +69,16 @@ def _routed_row(moe: MoE, x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor) -
     return y
 
 
+def _attend_row(a, q: torch.Tensor, kv, sel: torch.Tensor) -> torch.Tensor:
+    """`a.attend_latent` of one row, q [1, 1, H, C+R] -> [1, 1, H, C], by the native kernel over the
+    latent rows where the key store keeps them (no gathered copy)."""
+    rows = kv.latent_pool(a.layer_idx, sel)
+    if rows is None:                                # an FP8 cache: gathering dequantises the rows
+        return a.attend_latent(q, kv, sel)
+    pool, slots = rows
+    return native.sparse_attention(q[0, 0], pool, slots.reshape(-1), a.scale, a.kv_rank).view(1, 1, -1, a.kv_rank)
+
+
 def step(block, h: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv
          ) -> torch.Tensor:
     """`block`'s forward of one new token per row: h [B, 1, D] -> [B, 1, D]."""
@@ -78,7 +89,8 @@ def step(block, h: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin
     a = block.self_attn
     q, latent, index_k, iq, iw = kernel(_attn_in, *key)(block, h, cos, sin)
     kv.write(a.layer_idx, latent, index_k)
-    o_lat = a.attend_latent(q, kv, a.decode_select(iq, iw, kv, positions))       # [B, 1, H, C]
+    sel = a.decode_select(iq, iw, kv, positions)                                # [B, 1, K]
+    o_lat = _attend_row(a, q, kv, sel) if h.shape[0] == 1 else a.attend_latent(q, kv, sel)   # [B, 1, H, C]
     if h.shape[0] > 1:
         dynamic(o_lat, 0)
     if not isinstance(block.mlp, MoE):

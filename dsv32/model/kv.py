@@ -39,6 +39,11 @@ class FreshKV:
     def gather_latent(self, layer: int, idx: torch.Tensor) -> torch.Tensor:
         return gather_rows(self.latents[layer], idx)
 
+    def latent_pool(self, layer: int, idx: torch.Tensor):
+        """Where one row's selected latents lie, to be read in place: (pool [N, C+R], slots of idx
+        [1, T, K], -1 kept), or None when the rows must be gathered (a quantised store)."""
+        return self.latents[layer][0].contiguous(), idx
+
 
 class PrefixKV(FreshKV):
     """Keys of a batch-1 prefix shared by every row (a FreshKV its forward wrote), then the rows'
@@ -92,6 +97,9 @@ class ContiguousKV:
 
     def gather_latent(self, layer: int, idx: torch.Tensor) -> torch.Tensor:
         return gather_rows(self.lat[layer, : idx.shape[0], : self.end_pos], idx)
+
+    def latent_pool(self, layer: int, idx: torch.Tensor):
+        return self.lat[layer, 0, : self.end_pos], idx
 
 
 def gather_rows(keys: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

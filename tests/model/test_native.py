@@ -102,3 +102,29 @@ def test_a_failed_build_fails_the_load_with_a_clear_error(monkeypatch, tiny_bf16
     monkeypatch.setattr(CppPythonBindingsCodeCache, "load_pybinding", broken)
     with pytest.raises(KernelError, match="gemv.cpp.*cc1plus"):
         load_model(tiny_bf16, weight_format="int8", progress=False)
+
+
+@pytest.mark.parametrize("H,K", [(4, 256), (3, 17), (16, 64)])
+def test_native_sparse_attention_equals_attend_latent(H, K):
+    """One row over selected rows of a pool (some slots empty) against MLA.attend_latent's math."""
+    from dsv32.model.attention import MLA
+    from dsv32.model.config import ModelConfig
+    from dsv32.model.kv import FreshKV
+    C, R, N = 64, 16, 300
+    cfg = ModelConfig.from_dict(dict(
+        model_type="deepseek_v32", vocab_size=64, hidden_size=64, intermediate_size=64, moe_intermediate_size=32,
+        num_hidden_layers=1, first_k_dense_replace=1, num_attention_heads=H, num_key_value_heads=H, n_routed_experts=4, n_group=1,
+        topk_group=1, num_experts_per_tok=2, kv_lora_rank=C, q_lora_rank=32, qk_rope_head_dim=R,
+        qk_nope_head_dim=16, v_head_dim=16, index_n_heads=2, index_head_dim=32, index_topk=8))
+    a = MLA(cfg, 0)
+    pool = torch.randn(N, C + R, generator=G)
+    q = torch.randn(1, 1, H, C + R, generator=G)
+    sel = torch.randperm(N, generator=G)[:K].view(1, 1, K)
+    sel[0, 0, ::5] = -1                                  # empty selections
+    kv = FreshKV()
+    kv.write(0, pool[None], torch.zeros(1, N, 8))
+    ref = a.attend_latent(q, kv, sel)
+    out = native.sparse_attention(q[0, 0], pool, sel.view(-1), a.scale, C)
+    torch.testing.assert_close(out, ref[0, 0], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="sparse_attention"):
+        native.sparse_attention(q[0, 0], pool[:, :32], sel.view(-1), a.scale, C)

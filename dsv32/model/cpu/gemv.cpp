@@ -1,28 +1,13 @@
 // Packed-weight GEMV for decode: y[m, n] = sum_k x[m, k] * W[n, k], fp32 activations, W stored as
 // int8 with one fp32 scale per (row, G columns) (INT8), or as fp16 / bf16 (HALF_FP16 / HALF_BF16).
-// Built by dsv32/model/cpu/native.py with one of those defined, and ISA 512, 256 or 1 (AVX-512,
-// AVX2 + FMA + F16C, or portable scalar code) when the default, the best the compiler targets, is
-// not wanted (tests build all three).
+// Built by dsv32/model/cpu/native.py after vec.h, with one of those defined (and ISA, see vec.h,
+// when the tests build each variant).
 //
 // Each weight row is read once, in order, for all M activation rows; two accumulators per group
 // hide the FMA latency and the group's scale multiplies the vector sum (one horizontal sum a row).
 // A software prefetch 16 KiB ahead keeps the stream at the memory's bandwidth (without it, ~17
 // GB/s of ~26 on the machine this was measured on). Rows are split across OpenMP threads.
 // Callers guarantee K % 32 == 0 and (INT8) G % 32 == 0, K % G == 0.
-#include <cstdint>
-#include <cstring>
-#if !defined(ISA)
-#if defined(__AVX512F__)
-#define ISA 512
-#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#define ISA 256
-#else
-#define ISA 1
-#endif
-#endif
-#if ISA > 1
-#include <immintrin.h>
-#endif
 
 #if defined(INT8)
 typedef int8_t wt;
@@ -32,15 +17,8 @@ typedef uint16_t wt;
 
 static const int64_t PREFETCH_BYTES = 16384;
 
+// WIDTH weights as fp32
 #if ISA == 512
-#define WIDTH 16
-typedef __m512 vf;
-static inline vf vzero() { return _mm512_setzero_ps(); }
-static inline vf vload(const float* p) { return _mm512_loadu_ps(p); }
-static inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
-static inline vf vadd(vf a, vf b) { return _mm512_add_ps(a, b); }
-static inline vf vset1(float s) { return _mm512_set1_ps(s); }
-static inline float vsum(vf a) { return _mm512_reduce_add_ps(a); }
 static inline vf wload(const wt* p) {
 #if defined(INT8)
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
@@ -51,19 +29,6 @@ static inline vf wload(const wt* p) {
 #endif
 }
 #elif ISA == 256
-#define WIDTH 8
-typedef __m256 vf;
-static inline vf vzero() { return _mm256_setzero_ps(); }
-static inline vf vload(const float* p) { return _mm256_loadu_ps(p); }
-static inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
-static inline vf vadd(vf a, vf b) { return _mm256_add_ps(a, b); }
-static inline vf vset1(float s) { return _mm256_set1_ps(s); }
-static inline float vsum(vf a) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
 static inline vf wload(const wt* p) {
 #if defined(INT8)
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
@@ -74,14 +39,6 @@ static inline vf wload(const wt* p) {
 #endif
 }
 #else
-#define WIDTH 1
-typedef float vf;
-static inline vf vzero() { return 0.f; }
-static inline vf vload(const float* p) { return *p; }
-static inline vf vfma(vf a, vf b, vf c) { return a * b + c; }
-static inline vf vadd(vf a, vf b) { return a + b; }
-static inline vf vset1(float s) { return s; }
-static inline float vsum(vf a) { return a; }
 static inline float bits_to_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
 static inline vf wload(const wt* p) {
 #if defined(INT8)

@@ -1,11 +1,16 @@
-"""The packed-weight GEMV of decode as native code (gemv.cpp, built on first use by inductor's C++
-toolchain): reads int8 / fp16 / bf16 weights at the memory's bandwidth with fp32 activations,
-where inductor's generated reduction reaches ~60% of it on large matrices (bench/README.md,
-"Weight-format kernels").
+"""Native decode kernels (C++ beside this file, built on first use by inductor's C++ toolchain):
 
-`gemv` is called directly (eager decode, the LM head); inside a traced graph the same code runs as
-the custom op `dsv32::packed_gemv` (~10 us of dispatch, so model/cpu/packed.py uses it there for
-large matrices only). The slow obvious reference is packed.packed_linear_reference.
+  gemv.cpp              the packed-weight GEMV: reads int8 / fp16 / bf16 weights at the memory's
+                        bandwidth with fp32 activations, where inductor's generated reduction
+                        reaches ~60% of it on large matrices (bench/README.md, "Weight-format
+                        kernels"). Called directly (eager decode, the LM head); inside a traced
+                        graph as the custom op `dsv32::packed_gemv` (~10 us of dispatch, so
+                        model/cpu/packed.py uses it there for large matrices only). Reference:
+                        packed.packed_linear_reference.
+  (vec.h: the float vector operations both use, for AVX-512, AVX2 or plain C)
+  sparse_attention.cpp  one decode row's absorbed attention over its selected latent rows, read in
+                        place from the cache pool (one call instead of a gather and ~10 eager ops).
+                        Reference: MLA.attend_latent.
 """
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ from .compile import KernelError, require_compiler
 DEFINES = {torch.int8: "INT8", torch.float16: "HALF_FP16", torch.bfloat16: "HALF_BF16"}
 STORAGE = {"int8": torch.int8, "fp16": torch.float16, "bf16": torch.bfloat16}   # formats.packed_storage
 ALIGN = 32                  # K (and the int8 group size) must be multiples of this
-_built: dict[tuple[torch.dtype, int | None], Callable] = {}
+_built: dict[tuple, Callable] = {}
 
 
 def supports(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None) -> bool:
@@ -31,24 +36,46 @@ def supports(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None) -> bo
             and (scale is None or (K // scale.shape[1]) % ALIGN == 0))
 
 
-def binding(dtype: torch.dtype, isa: int | None = None) -> Callable:
-    """The built kernel for weights of `dtype`; `isa` 512 / 256 / 1 forces AVX-512, AVX2 or the
-    scalar code (default: the best the compiler targets on this machine)."""
-    f = _built.get((dtype, isa))
+def _build(file: str, defines: list[str], args: list[str]) -> Callable:
+    """The `kernel` of `file` (beside this module) with `defines`, as a Python callable."""
+    key = (file, *defines)
+    f = _built.get(key)
     if f is None:
         require_compiler()
         from torch._inductor.codecache import CppPythonBindingsCodeCache
-        source = (f"#define {DEFINES[dtype]}\n" + ("" if isa is None else f"#define ISA {isa}\n")
-                  + (Path(__file__).parent / "gemv.cpp").read_text())
-        wt = "const int8_t*" if dtype == torch.int8 else "const uint16_t*"
-        args = (["const float*", wt, "const float*", "float*"] + ["const int64_t"] * 4 if dtype == torch.int8
-                else ["const float*", wt, "float*"] + ["const int64_t"] * 3)
+        here = Path(__file__).parent
+        source = "".join(f"#define {d}\n" for d in defines) + (here / "vec.h").read_text() + (here / file).read_text()
         try:
-            f = _built[dtype, isa] = CppPythonBindingsCodeCache.load_pybinding(args, source)
+            f = _built[key] = CppPythonBindingsCodeCache.load_pybinding(args, source)
         except Exception as e:                              # noqa: BLE001  (re-raised, explained)
-            raise KernelError(f"could not build the native GEMV (dsv32/model/cpu/gemv.cpp) with "
+            raise KernelError(f"could not build the native kernel dsv32/model/cpu/{file} with "
                               f"inductor's C++ toolchain: {e}") from e
     return f
+
+
+def binding(dtype: torch.dtype, isa: int | None = None) -> Callable:
+    """The built GEMV for weights of `dtype`; `isa` 512 / 256 / 1 forces AVX-512, AVX2 or the
+    scalar code (default: the best the compiler targets on this machine)."""
+    wt = "const int8_t*" if dtype == torch.int8 else "const uint16_t*"
+    args = (["const float*", wt, "const float*", "float*"] + ["const int64_t"] * 4 if dtype == torch.int8
+            else ["const float*", wt, "float*"] + ["const int64_t"] * 3)
+    return _build("gemv.cpp", [DEFINES[dtype]] + ([] if isa is None else [f"ISA {isa}"]), args)
+
+
+def sparse_attention(q: torch.Tensor, pool: torch.Tensor, slots: torch.Tensor, scale: float, C: int
+                     ) -> torch.Tensor:
+    """One row's absorbed queries q [H, D] over the latent rows pool[slots] (pool [N, D] fp32,
+    contiguous: read in place, never copied; slots [K], -1 = empty) -> o_lat [H, C]: softmax(scale q . row) weighted sum of row[:C]."""
+    if not (q.dtype == pool.dtype == torch.float32 and slots.dtype == torch.int64 and pool.dim() == 2
+            and pool.is_contiguous() and q.shape[1] == pool.shape[1] and C <= pool.shape[1]):
+        raise ValueError(f"native sparse_attention: unsupported q {tuple(q.shape)} {q.dtype}, pool "
+                         f"{tuple(pool.shape)} {pool.dtype}, slots {slots.dtype}")
+    (H, D), K = q.shape, slots.numel()
+    f = _build("sparse_attention.cpp", [], ["const float*", "const float*", "const int64_t*", "float*",
+                                            "float*"] + ["const int64_t"] * 4 + ["const float"])
+    o, scratch = q.new_empty(H, C), q.new_empty(H, K)
+    f(q.contiguous(), pool, slots.contiguous(), o, scratch, H, K, D, C, float(scale))
+    return o
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, isa: int | None = None

@@ -1,0 +1,53 @@
+// Float vector operations for the native kernels (prepended to each by native.py): ISA 512 (AVX-512),
+// 256 (AVX2 + FMA + F16C) or 1 (portable scalar code); by default the best the compiler targets.
+#include <cstdint>
+#include <cstring>
+#if !defined(ISA)
+#if defined(__AVX512F__)
+#define ISA 512
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define ISA 256
+#else
+#define ISA 1
+#endif
+#endif
+#if ISA > 1
+#include <immintrin.h>
+#endif
+
+#if ISA == 512
+#define WIDTH 16
+typedef __m512 vf;
+static inline vf vzero() { return _mm512_setzero_ps(); }
+static inline vf vload(const float* p) { return _mm512_loadu_ps(p); }
+static inline void vstore(float* p, vf a) { _mm512_storeu_ps(p, a); }
+static inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+static inline vf vadd(vf a, vf b) { return _mm512_add_ps(a, b); }
+static inline vf vset1(float s) { return _mm512_set1_ps(s); }
+static inline float vsum(vf a) { return _mm512_reduce_add_ps(a); }
+#elif ISA == 256
+#define WIDTH 8
+typedef __m256 vf;
+static inline vf vzero() { return _mm256_setzero_ps(); }
+static inline vf vload(const float* p) { return _mm256_loadu_ps(p); }
+static inline void vstore(float* p, vf a) { _mm256_storeu_ps(p, a); }
+static inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+static inline vf vadd(vf a, vf b) { return _mm256_add_ps(a, b); }
+static inline vf vset1(float s) { return _mm256_set1_ps(s); }
+static inline float vsum(vf a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#else
+#define WIDTH 1
+typedef float vf;
+static inline vf vzero() { return 0.f; }
+static inline vf vload(const float* p) { return *p; }
+static inline void vstore(float* p, vf a) { *p = a; }
+static inline vf vfma(vf a, vf b, vf c) { return a * b + c; }
+static inline vf vadd(vf a, vf b) { return a + b; }
+static inline vf vset1(float s) { return s; }
+static inline float vsum(vf a) { return a; }
+#endif
