@@ -33,6 +33,7 @@ PARTS = [
     (3, "compiled: norms, projections, rope, absorbed q", "kernel", "_attn_in"),
     (3, "cache writes", "dsv32.engine.cache:PagedKV", "write"),
     (3, "indexer scores + top-k", "dsv32.model.attention:MLA", "decode_select"),
+    (3, "indexer scores + top-k of one row (native, keys read in place)", "dsv32.model.decode", "_select_row"),
     (3, "sparse attention over the gathered latents", "dsv32.model.attention:MLA", "attend_latent"),
     (3, "sparse attention of one row (native, rows read in place)", "dsv32.model.decode", "_attend_row"),
     (3, "compiled: W_uv, o_proj, MLP", "kernel", "_attn_out"),

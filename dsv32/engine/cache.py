@@ -197,3 +197,8 @@ class PagedKV:
         if self.cache.fp8:
             return None
         return self.cache.lat[layer], self._slots(idx.clamp(min=0)).masked_fill_(idx < 0, -1)
+
+    def index_pool(self, layer: int):
+        """(the layer's indexer key pool [slots, Di], row 0's key slots [S]), or None for an FP8
+        cache."""
+        return None if self.cache.fp8 else (self.cache.ik[layer], self.key_slots[0])

@@ -69,6 +69,16 @@ def _routed_row(moe: MoE, x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor) -
     return y
 
 
+def _select_row(a, iq: torch.Tensor, iw: torch.Tensor, kv, positions: torch.Tensor) -> torch.Tensor:
+    """`a.decode_select` of one row (iq [1, 1, Hi, Di], iw [1, 1, Hi]) past index_topk keys by the
+    native kernel over the keys where the key store keeps them -> key ids [1, 1, K]."""
+    S = kv.num_keys(a.layer_idx)
+    keys = kv.index_pool(a.layer_idx) if S > a.topk and int(positions[0, 0]) == S - 1 else None
+    if keys is None:                # all keys fit, a query not at the end, or an FP8 cache
+        return a.decode_select(iq, iw, kv, positions)
+    return native.index_topk(iq[0, 0].float(), iw[0, 0].float(), *keys, a.topk).view(1, 1, -1)
+
+
 def _attend_row(a, q: torch.Tensor, kv, sel: torch.Tensor) -> torch.Tensor:
     """`a.attend_latent` of one row, q [1, 1, H, C+R] -> [1, 1, H, C], by the native kernel over the
     latent rows where the key store keeps them (no gathered copy)."""
@@ -89,8 +99,9 @@ def step(block, h: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin
     a = block.self_attn
     q, latent, index_k, iq, iw = kernel(_attn_in, *key)(block, h, cos, sin)
     kv.write(a.layer_idx, latent, index_k)
-    sel = a.decode_select(iq, iw, kv, positions)                                # [B, 1, K]
-    o_lat = _attend_row(a, q, kv, sel) if h.shape[0] == 1 else a.attend_latent(q, kv, sel)   # [B, 1, H, C]
+    one = h.shape[0] == 1
+    sel = _select_row(a, iq, iw, kv, positions) if one else a.decode_select(iq, iw, kv, positions)  # [B, 1, K]
+    o_lat = _attend_row(a, q, kv, sel) if one else a.attend_latent(q, kv, sel)  # [B, 1, H, C]
     if h.shape[0] > 1:
         dynamic(o_lat, 0)
     if not isinstance(block.mlp, MoE):

@@ -44,6 +44,12 @@ class FreshKV:
         [1, T, K], -1 kept), or None when the rows must be gathered (a quantised store)."""
         return self.latents[layer][0].contiguous(), idx
 
+    def index_pool(self, layer: int):
+        """Where one row's indexer keys lie, to be read in place: (pool [N, Di], the slot of each
+        key [S]), or None when they must be dequantised (a quantised store)."""
+        keys = self.index_k[layer][0].contiguous()
+        return keys, torch.arange(keys.shape[0], device=keys.device)
+
 
 class PrefixKV(FreshKV):
     """Keys of a batch-1 prefix shared by every row (a FreshKV its forward wrote), then the rows'
@@ -100,6 +106,9 @@ class ContiguousKV:
 
     def latent_pool(self, layer: int, idx: torch.Tensor):
         return self.lat[layer, 0, : self.end_pos], idx
+
+    def index_pool(self, layer: int):
+        return self.idx[layer, 0, : self.end_pos], torch.arange(self.end_pos, device=self.idx.device)
 
 
 def gather_rows(keys: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

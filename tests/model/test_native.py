@@ -128,3 +128,19 @@ def test_native_sparse_attention_equals_attend_latent(H, K):
     torch.testing.assert_close(out, ref[0, 0], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="sparse_attention"):
         native.sparse_attention(q[0, 0], pool[:, :32], sel.view(-1), a.scale, C)
+
+
+@pytest.mark.parametrize("H,S,k", [(16, 1000, 256), (8, 300, 300), (16, 64, 5)])
+def test_native_index_topk_equals_the_reference_selection(H, S, k):
+    """Scores and top-k of one row against Indexer.scores + Indexer.top (16 heads: no exact ties)."""
+    from dsv32.model.attention import Indexer
+    D, N = 64, 1200
+    pool = torch.randn(N, D, generator=G)
+    slots = torch.randperm(N, generator=G)[:S]
+    q, w = torch.randn(H, D, generator=G), torch.randn(H, generator=G)
+    scores = Indexer.scores(q[None, None], w[None, None], pool[slots][None])[0, 0]          # [S]
+    ref = scores.topk(k).indices
+    out = native.index_topk(q, w, pool, slots, k)
+    assert torch.equal(out, ref)
+    with pytest.raises(ValueError, match="index_topk"):
+        native.index_topk(q, w, pool, slots, S + 1)

@@ -11,6 +11,8 @@
   sparse_attention.cpp  one decode row's absorbed attention over its selected latent rows, read in
                         place from the cache pool (one call instead of a gather and ~10 eager ops).
                         Reference: MLA.attend_latent.
+  index_topk.cpp        one decode row's indexer scores over every earlier key, read in place, and
+                        their top-k. Reference: Indexer.scores + Indexer.top.
 """
 from __future__ import annotations
 
@@ -103,3 +105,20 @@ def packed_gemv(x: torch.Tensor, w: torch.Tensor, scale: Optional[torch.Tensor])
 @packed_gemv.register_fake
 def _(x, w, scale):
     return x.new_empty(x.shape[0], w.shape[0])
+
+
+def index_topk(q: torch.Tensor, w: torch.Tensor, pool: torch.Tensor, slots: torch.Tensor, k: int) -> torch.Tensor:
+    """One row's index queries q [H, Di] and head weights w [H] over the keys pool[slots] (pool
+    [N, Di] fp32, contiguous: read in place; slots [S], key s at slots[s]) -> the ids (0..S-1) of
+    the k best `sum_h w[h] relu(q[h] . key)` scores [k], best first, ties to the lower id."""
+    S = slots.numel()
+    if not (q.dtype == w.dtype == pool.dtype == torch.float32 and slots.dtype == torch.int64
+            and pool.dim() == 2 and pool.is_contiguous() and q.shape[1] == pool.shape[1] and 0 < k <= S):
+        raise ValueError(f"native index_topk: unsupported q {tuple(q.shape)} {q.dtype}, pool "
+                         f"{tuple(pool.shape)} {pool.dtype}, slots {slots.dtype}, k {k} of {S}")
+    (H, D) = q.shape
+    f = _build("index_topk.cpp", [], ["const float*", "const float*", "const float*", "const int64_t*",
+                                      "float*", "int64_t*"] + ["const int64_t"] * 4)
+    scores, out = q.new_empty(S), torch.empty(k, dtype=torch.int64)
+    f(q.contiguous(), w.contiguous(), pool, slots.contiguous(), scores, out, H, D, S, k)
+    return out
