@@ -6,18 +6,6 @@
 #include <numeric>
 #include <vector>
 
-static inline float dot(const float* q, const float* r, int64_t D) {
-    vf a0 = vzero(), a1 = vzero();
-    int64_t d = 0;
-    for (; d + 2 * WIDTH <= D; d += 2 * WIDTH) {
-        a0 = vfma(vload(q + d), vload(r + d), a0);
-        a1 = vfma(vload(q + d + WIDTH), vload(r + d + WIDTH), a1);
-    }
-    float acc = vsum(vadd(a0, a1));
-    for (; d < D; ++d) acc += q[d] * r[d];
-    return acc;
-}
-
 extern "C" void kernel(const float* q, const float* w, const float* pool, const int64_t* slots, float* scores,
                        int64_t* out, const int64_t H, const int64_t D, const int64_t S, const int64_t K) {
     #pragma omp parallel for schedule(static)

@@ -51,3 +51,16 @@ static inline vf vadd(vf a, vf b) { return a + b; }
 static inline vf vset1(float s) { return s; }
 static inline float vsum(vf a) { return a; }
 #endif
+
+// q . r over D values (two accumulators, scalar tail)
+static inline float dot(const float* q, const float* r, int64_t D) {
+    vf a0 = vzero(), a1 = vzero();
+    int64_t d = 0;
+    for (; d + 2 * WIDTH <= D; d += 2 * WIDTH) {
+        a0 = vfma(vload(q + d), vload(r + d), a0);
+        a1 = vfma(vload(q + d + WIDTH), vload(r + d + WIDTH), a1);
+    }
+    float acc = vsum(vadd(a0, a1));
+    for (; d < D; ++d) acc += q[d] * r[d];
+    return acc;
+}
