@@ -92,20 +92,18 @@ def _attend_row(a, q: torch.Tensor, kv, sel: torch.Tensor) -> torch.Tensor:
 def step(block, h: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv
          ) -> torch.Tensor:
     """`block`'s forward of one new token per row: h [B, 1, D] -> [B, 1, D]."""
-    key = (type(block).__name__, h.shape[0] == 1)
-    if h.shape[0] > 1:                              # one graph for every batch size above 1
+    one = h.shape[0] == 1
+    key = (type(block).__name__, one)
+    if not one:                                     # one graph for every batch size above 1
         for t in (h, cos, sin):
             dynamic(t, 0)
     a = block.self_attn
     q, latent, index_k, iq, iw = kernel(_attn_in, *key)(block, h, cos, sin)
     kv.write(a.layer_idx, latent, index_k)
-    one = h.shape[0] == 1
     sel = _select_row(a, iq, iw, kv, positions) if one else a.decode_select(iq, iw, kv, positions)  # [B, 1, K]
-    o_lat = _attend_row(a, q, kv, sel) if one else a.attend_latent(q, kv, sel)  # [B, 1, H, C]
-    if h.shape[0] > 1:
-        dynamic(o_lat, 0)
+    o_lat = _attend_row(a, q, kv, sel) if one else dynamic(a.attend_latent(q, kv, sel), 0)  # [B, 1, H, C]
     if not isinstance(block.mlp, MoE):
         return kernel(_attn_out, *key)(block, h, o_lat)
     h, x, w, ids, shared = kernel(_attn_out_moe, *key)(block, h, o_lat)
-    routed = _routed_row(block.mlp, x, w, ids) if h.shape[0] == 1 else block.mlp.routed(x, w, ids, _run_expert)
+    routed = _routed_row(block.mlp, x, w, ids) if one else block.mlp.routed(x, w, ids, _run_expert)
     return h + (routed + shared).view(h.shape)

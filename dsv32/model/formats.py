@@ -54,6 +54,7 @@ def prepare_load(fmt: str, fp8_storage: bool, dtype: torch.dtype | None, device)
                          f"got dtype {dtype}, device {device}")
     from .cpu import native
     from .cpu.compile import require_compiler
+    from .layers import PACKED
     require_compiler()
     for storage in {packed_storage(fmt, q) for q in (True, False)}:
-        native.binding(native.STORAGE[storage])     # built, or read from inductor's disk cache
+        native.binding(PACKED[storage])             # built, or read from inductor's disk cache

@@ -24,9 +24,14 @@ import torch
 from .compile import KernelError, require_compiler
 
 DEFINES = {torch.int8: "INT8", torch.float16: "HALF_FP16", torch.bfloat16: "HALF_BF16"}
-STORAGE = {"int8": torch.int8, "fp16": torch.float16, "bf16": torch.bfloat16}   # formats.packed_storage
 ALIGN = 32                  # K (and the int8 group size) must be multiples of this
 _built: dict[tuple, Callable] = {}
+# the C signatures of each kernel's entry point (pointers to tensors' data, then sizes)
+GEMV_ARGS = {torch.int8: ["const float*", "const int8_t*", "const float*", "float*"] + ["const int64_t"] * 4,
+             torch.float16: ["const float*", "const uint16_t*", "float*"] + ["const int64_t"] * 3}
+GEMV_ARGS[torch.bfloat16] = GEMV_ARGS[torch.float16]
+ATTENTION_ARGS = ["const float*", "const float*", "const int64_t*", "float*", "float*"] + ["const int64_t"] * 4 + ["const float"]
+TOPK_ARGS = ["const float*", "const float*", "const float*", "const int64_t*", "float*", "int64_t*"] + ["const int64_t"] * 4
 
 
 def supports(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None) -> bool:
@@ -58,23 +63,20 @@ def _build(file: str, defines: list[str], args: list[str]) -> Callable:
 def binding(dtype: torch.dtype, isa: int | None = None) -> Callable:
     """The built GEMV for weights of `dtype`; `isa` 512 / 256 / 1 forces AVX-512, AVX2 or the
     scalar code (default: the best the compiler targets on this machine)."""
-    wt = "const int8_t*" if dtype == torch.int8 else "const uint16_t*"
-    args = (["const float*", wt, "const float*", "float*"] + ["const int64_t"] * 4 if dtype == torch.int8
-            else ["const float*", wt, "float*"] + ["const int64_t"] * 3)
-    return _build("gemv.cpp", [DEFINES[dtype]] + ([] if isa is None else [f"ISA {isa}"]), args)
+    return _build("gemv.cpp", [DEFINES[dtype]] + ([] if isa is None else [f"ISA {isa}"]), GEMV_ARGS[dtype])
 
 
 def sparse_attention(q: torch.Tensor, pool: torch.Tensor, slots: torch.Tensor, scale: float, C: int
                      ) -> torch.Tensor:
     """One row's absorbed queries q [H, D] over the latent rows pool[slots] (pool [N, D] fp32,
-    contiguous: read in place, never copied; slots [K], -1 = empty) -> o_lat [H, C]: softmax(scale q . row) weighted sum of row[:C]."""
+    contiguous: read in place, never copied; slots [K], -1 = empty) -> o_lat [H, C]: the
+    softmax(scale q . row) weighted sum of row[:C]."""
     if not (q.dtype == pool.dtype == torch.float32 and slots.dtype == torch.int64 and pool.dim() == 2
             and pool.is_contiguous() and q.shape[1] == pool.shape[1] and C <= pool.shape[1]):
         raise ValueError(f"native sparse_attention: unsupported q {tuple(q.shape)} {q.dtype}, pool "
                          f"{tuple(pool.shape)} {pool.dtype}, slots {slots.dtype}")
     (H, D), K = q.shape, slots.numel()
-    f = _build("sparse_attention.cpp", [], ["const float*", "const float*", "const int64_t*", "float*",
-                                            "float*"] + ["const int64_t"] * 4 + ["const float"])
+    f = _build("sparse_attention.cpp", [], ATTENTION_ARGS)
     o, scratch = q.new_empty(H, C), q.new_empty(H, K)
     f(q.contiguous(), pool, slots.contiguous(), o, scratch, H, K, D, C, float(scale))
     return o
@@ -117,8 +119,7 @@ def index_topk(q: torch.Tensor, w: torch.Tensor, pool: torch.Tensor, slots: torc
         raise ValueError(f"native index_topk: unsupported q {tuple(q.shape)} {q.dtype}, pool "
                          f"{tuple(pool.shape)} {pool.dtype}, slots {slots.dtype}, k {k} of {S}")
     (H, D) = q.shape
-    f = _build("index_topk.cpp", [], ["const float*", "const float*", "const float*", "const int64_t*",
-                                      "float*", "int64_t*"] + ["const int64_t"] * 4)
+    f = _build("index_topk.cpp", [], TOPK_ARGS)
     scores, out = q.new_empty(S), torch.empty(k, dtype=torch.int64)
     f(q.contiguous(), w.contiguous(), pool, slots.contiguous(), scores, out, H, D, S, k)
     return out
