@@ -30,23 +30,19 @@ def pack(rows: list[tuple[Sequence, int, list[int]]], block_size: int) -> StepIn
 
 def pack_tables(rows: list[tuple[list[int], int, list[int]]], block_size: int) -> StepInput:
     """`pack` over rows of (block table, first position, tokens): for callers without Sequences
-    (kernel tests, GPU benchmarks)."""
-    B, T = len(rows), max(len(toks) for _, _, toks in rows)
-    ids = torch.zeros(B, T, dtype=torch.long)
-    pos = torch.zeros(B, T, dtype=torch.long)
-    slots = torch.full((B, T), -1, dtype=torch.long)
-    ctx = torch.zeros(B, dtype=torch.long)
-    tables = torch.zeros(B, max(len(table) for table, _, _ in rows), dtype=torch.long)
-    last = torch.zeros(B, dtype=torch.long)
-    for b, (block_table, start, toks) in enumerate(rows):
-        n = len(toks)
-        p = torch.arange(start, start + n)
-        ids[b, :n] = torch.tensor(toks)
-        pos[b, :n] = p
-        pos[b, n:] = start + n - 1                 # padding repeats the last position
-        table = torch.tensor(block_table, dtype=torch.long)
-        tables[b, : len(table)] = table
-        slots[b, :n] = table[p // block_size] * block_size + p % block_size
-        ctx[b] = start + n
-        last[b] = n - 1
-    return StepInput(ids, pos, slots, ctx, tables, last)
+    (kernel tests, GPU benchmarks). Built as Python lists, one tensor per field (a decode step's
+    few rows cost ~10 us, not ~30 small tensor ops per row)."""
+    T = max(len(toks) for _, _, toks in rows)
+    nb = max(len(table) for table, _, _ in rows)
+    ids, pos, slots, ctx, tables, last = [], [], [], [], [], []
+    for table, start, toks in rows:
+        n, pad = len(toks), T - len(toks)
+        p = list(range(start, start + n))
+        ids.append(list(toks) + [0] * pad)
+        pos.append(p + [start + n - 1] * pad)                # padding repeats the last position
+        slots.append([table[q // block_size] * block_size + q % block_size for q in p] + [-1] * pad)
+        ctx.append(start + n)
+        tables.append(list(table) + [0] * (nb - len(table)))
+        last.append(n - 1)
+    t = lambda v: torch.tensor(v, dtype=torch.long)
+    return StepInput(t(ids), t(pos), t(slots), t(ctx), t(tables), t(last))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from dsv32.model.cpu.native import Pages
 from dsv32.model.fp8 import FP8, FP8_MAX
 
 QUANT_GROUP = 128
@@ -80,8 +81,8 @@ class PagedCache:
             self.pe[layer, slots] = latent[:, self.kv_rank:].to(torch.bfloat16)
             self.ik[layer, slots], self.ik_scale[layer, slots] = quantize_groups(index_k)
         else:
-            self.lat[layer, slots] = latent.to(self.dtype)
-            self.ik[layer, slots] = index_k.to(self.dtype)
+            self.lat[layer].index_copy_(0, slots, latent.to(self.dtype))
+            self.ik[layer].index_copy_(0, slots, index_k.to(self.dtype))
 
     def read_latent(self, layer: int, slots: torch.Tensor) -> torch.Tensor:
         """slots [...] -> latent rows [..., C+R] in the compute dtype."""
@@ -121,17 +122,28 @@ class PagedKV:
         # write_slots [B, T] flat slot of each new token, -1 for padding
         self.cache, self.bs = cache, cache.block_size
         self.block_tables = block_tables
-        valid = write_slots >= 0
-        self.write_rows = valid.reshape(-1)
-        self.write_slots = write_slots.reshape(-1)[self.write_rows]
-        S = int(context_lens.max())
-        j = torch.arange(S, device=block_tables.device)
-        key_slots = self._slots(j.expand(block_tables.shape[0], S))                      # [B, S]
-        # rows shorter than S point their tail at slot 0: the causal mask never selects those
-        self.key_slots = key_slots.masked_fill(j >= context_lens.unsqueeze(1), 0)
-        self.S = S
         self.context_lens = context_lens.tolist()
+        self.S = max(self.context_lens)
+        flat = write_slots.reshape(-1)
+        if write_slots.shape[1] == 1 or bool((flat >= 0).all()):      # no padding (every decode)
+            self.write_rows, self.write_slots = None, flat
+        else:
+            self.write_rows = torch.nonzero(flat >= 0).flatten()
+            self.write_slots = flat[self.write_rows]
+        self._key_slots: torch.Tensor | None = None
         self._spans: list | None = None
+
+    @property
+    def key_slots(self) -> torch.Tensor:
+        """[B, S] the cache slot of every key of each row (rows shorter than S point their tail at
+        slot 0: the causal mask never selects those); computed on first use (the native decode
+        kernels read the block table instead)."""
+        if self._key_slots is None:
+            B, S = self.block_tables.shape[0], self.S
+            j = torch.arange(S, device=self.block_tables.device)
+            ks = self._slots(j.expand(B, S))
+            self._key_slots = ks.masked_fill(j >= torch.tensor(self.context_lens, device=ks.device)[:, None], 0)
+        return self._key_slots
 
     def spans(self) -> list[tuple[list[tuple[int, int, int]], tuple | None]]:
         """Per row, its keys as runs of consecutive blocks in its table: (first position, first
@@ -178,9 +190,10 @@ class PagedKV:
         return blocks * self.bs + pos % self.bs
 
     def write(self, layer: int, latent: torch.Tensor, index_k: torch.Tensor) -> None:
-        rows = self.write_rows
-        self.cache.write(layer, self.write_slots, latent.reshape(-1, latent.shape[-1])[rows],
-                         index_k.reshape(-1, index_k.shape[-1])[rows])
+        latent, index_k = latent.reshape(-1, latent.shape[-1]), index_k.reshape(-1, index_k.shape[-1])
+        if self.write_rows is not None:                                   # padded rows: skip those
+            latent, index_k = latent[self.write_rows], index_k[self.write_rows]
+        self.cache.write(layer, self.write_slots, latent, index_k)
 
     def index_keys(self, layer: int) -> torch.Tensor:
         return self.cache.read_index(layer, self.key_slots)                               # [B, S, Di]
@@ -191,14 +204,8 @@ class PagedKV:
     def gather_latent(self, layer: int, idx: torch.Tensor) -> torch.Tensor:
         return self.cache.read_latent(layer, self._slots(idx))                           # [B, T, K, C+R]
 
-    def latent_pool(self, layer: int, idx: torch.Tensor):
-        """(the layer's latent pool [slots, C+R], the cache slots of idx, -1 kept), or None for an
-        FP8 cache (its rows are dequantised as they are gathered)."""
-        if self.cache.fp8:
-            return None
-        return self.cache.lat[layer], self._slots(idx.clamp(min=0)).masked_fill_(idx < 0, -1)
-
-    def index_pool(self, layer: int):
-        """(the layer's indexer key pool [slots, Di], row 0's key slots [S]), or None for an FP8
-        cache."""
-        return None if self.cache.fp8 else (self.cache.ik[layer], self.key_slots[0])
+    def pages(self, layer: int) -> Pages | None:
+        """Row 0's keys in the cache's pools, through its block table, or None for an FP8 cache (its
+        rows are quantised as they are written and dequantised as they are gathered)."""
+        c = self.cache
+        return None if c.fp8 or c.dtype != torch.float32 else Pages(c.lat[layer], c.ik[layer], self.block_tables[0], self.bs)

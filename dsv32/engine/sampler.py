@@ -304,11 +304,16 @@ class Sampler:
         lp_rows = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
         logprobs = _take(logits, lp_rows).log_softmax(-1) if lp_rows else None
 
-        tokens = torch.empty(B, dtype=torch.long, device=dev)
         kept = torch.zeros(B, V, dtype=torch.bool, device=dev) if any(want_kept) else None
         greedy = [i for i, s in enumerate(seqs) if s.params.greedy]
         rand = [i for i, s in enumerate(seqs) if not s.params.greedy]
-        if greedy:
+        if len(greedy) == B:                         # every row greedy: no scatter into `tokens`
+            tokens = first_argmax(logits)
+            if kept is not None:
+                kept[torch.arange(B, device=dev), tokens] = True
+        else:
+            tokens = torch.empty(B, dtype=torch.long, device=dev)
+        if greedy and rand:
             idx = torch.tensor(greedy, device=dev)
             tokens[idx] = first_argmax(_take(logits, greedy))
             if kept is not None:

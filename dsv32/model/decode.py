@@ -1,9 +1,11 @@
-"""Fast decode for packed weights: one new token per row, SERVED attention. Around the eager
-top-k selection and latent gather over the cache, everything a block computes runs as compiled
-graphs (inductor; the packed reductions inline): the projections into attention (input norm,
-MLA and indexer projections, rope, the absorbed query) in one call, and everything after it
-(W_uv, o_proj, residual, post norm, the MLP, or the MoE router and shared expert) in another,
-instead of ~100 eager ops per layer. Each routed expert of a MoE layer is one call too.
+"""Fast decode for packed weights: one new token per row, SERVED attention. Around the attention
+over the cache, everything a block computes runs as compiled graphs (inductor; the packed
+reductions inline): the projections into attention (input norm, MLA and indexer projections,
+rope, the absorbed query) in one call, and everything after it (W_uv, o_proj, residual, post
+norm, the MLP, or the MoE router and shared expert) in another, instead of ~100 eager ops per
+layer. Each routed expert of a MoE layer is one call too. One row's attention (cache write,
+indexer top-k, sparse attention) is one native call over the paged cache (cpu/native.py); a
+batch's runs eagerly (top-k selection, latent gather).
 
 The slow reference is the ordinary eager `Block.forward`, which tests hold this to.
 """
@@ -22,6 +24,15 @@ def applies(block, h: torch.Tensor, attention: Attention, doc, hooks) -> bool:
     hooks, one process, packed weights (which need inductor anyway)."""
     return (h.shape[1] == 1 and attention is Attention.SERVED and doc is None and hooks is None
             and not block.pc.enabled and block.self_attn.q_a_proj.packed is not None)
+
+
+def _norm(norm, h: torch.Tensor) -> torch.Tensor:
+    return norm(h)
+
+
+def norm(norm, h: torch.Tensor) -> torch.Tensor:
+    """The final RMSNorm of h [B, 1, D] as one compiled call (~7 eager ops)."""
+    return kernel(_norm, h.shape[0] == 1)(norm, h if h.shape[0] == 1 else dynamic(h, 0))
 
 
 def _attn_in(block, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
@@ -69,24 +80,18 @@ def _routed_row(moe: MoE, x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor) -
     return y
 
 
-def _select_row(a, iq: torch.Tensor, iw: torch.Tensor, kv, positions: torch.Tensor) -> torch.Tensor:
-    """`a.decode_select` of one row (iq [1, 1, Hi, Di], iw [1, 1, Hi]) past index_topk keys by the
-    native kernel over the keys where the key store keeps them -> key ids [1, 1, K]."""
+def _attention_row(a, q, latent, index_k, iq, iw, kv, positions: torch.Tensor) -> torch.Tensor | None:
+    """The cache write, `a.decode_select` and `a.attend_latent` of one row (q [1, 1, H, C+R]) in one
+    native call over the key store's own storage -> o_lat [1, 1, H, C]; None where the store
+    offers none (a quantised cache, a store of the forward's tensors) or the query is not the
+    last key (then the eager path runs)."""
     S = kv.num_keys(a.layer_idx)
-    keys = kv.index_pool(a.layer_idx) if S > a.topk and int(positions[0, 0]) == S - 1 else None
-    if keys is None:                # all keys fit, a query not at the end, or an FP8 cache
-        return a.decode_select(iq, iw, kv, positions)
-    return native.index_topk(iq[0, 0].float(), iw[0, 0].float(), *keys, a.topk).view(1, 1, -1)
-
-
-def _attend_row(a, q: torch.Tensor, kv, sel: torch.Tensor) -> torch.Tensor:
-    """`a.attend_latent` of one row, q [1, 1, H, C+R] -> [1, 1, H, C], by the native kernel over the
-    latent rows where the key store keeps them (no gathered copy)."""
-    rows = kv.latent_pool(a.layer_idx, sel)
-    if rows is None:                                # an FP8 cache: gathering dequantises the rows
-        return a.attend_latent(q, kv, sel)
-    pool, slots = rows
-    return native.sparse_attention(q[0, 0], pool, slots.reshape(-1), a.scale, a.kv_rank).view(1, 1, -1, a.kv_rank)
+    pages = kv.pages(a.layer_idx)
+    if pages is None or int(positions[0, 0]) != S - 1:
+        return None
+    o = native.decode_attention(latent.view(-1), index_k.view(-1), q[0, 0], iq[0, 0], iw[0, 0], pages, S,
+                                a.topk, a.scale, a.kv_rank)
+    return o.view(1, 1, -1, a.kv_rank)
 
 
 def step(block, h: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv
@@ -99,9 +104,13 @@ def step(block, h: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin
             dynamic(t, 0)
     a = block.self_attn
     q, latent, index_k, iq, iw = kernel(_attn_in, *key)(block, h, cos, sin)
-    kv.write(a.layer_idx, latent, index_k)
-    sel = _select_row(a, iq, iw, kv, positions) if one else a.decode_select(iq, iw, kv, positions)  # [B, 1, K]
-    o_lat = _attend_row(a, q, kv, sel) if one else dynamic(a.attend_latent(q, kv, sel), 0)  # [B, 1, H, C]
+    o_lat = _attention_row(a, q, latent, index_k, iq, iw, kv, positions) if one else None  # [1, 1, H, C]
+    if o_lat is None:
+        kv.write(a.layer_idx, latent, index_k)
+        sel = a.decode_select(iq, iw, kv, positions)                                      # [B, 1, K]
+        o_lat = a.attend_latent(q, kv, sel)                                               # [B, 1, H, C]
+        if not one:
+            dynamic(o_lat, 0)
     if not isinstance(block.mlp, MoE):
         return kernel(_attn_out, *key)(block, h, o_lat)
     h, x, w, ids, shared = kernel(_attn_out_moe, *key)(block, h, o_lat)

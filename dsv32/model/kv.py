@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from .cpu.indexer import runs_of
+from .cpu.native import Pages
 
 
 class FreshKV:
@@ -39,16 +40,11 @@ class FreshKV:
     def gather_latent(self, layer: int, idx: torch.Tensor) -> torch.Tensor:
         return gather_rows(self.latents[layer], idx)
 
-    def latent_pool(self, layer: int, idx: torch.Tensor):
-        """Where one row's selected latents lie, to be read in place: (pool [N, C+R], slots of idx
-        [1, T, K], -1 kept), or None when the rows must be gathered (a quantised store)."""
-        return self.latents[layer][0].contiguous(), idx
-
-    def index_pool(self, layer: int):
-        """Where one row's indexer keys lie, to be read in place: (pool [N, Di], the slot of each
-        key [S]), or None when they must be dequantised (a quantised store)."""
-        keys = self.index_k[layer][0].contiguous()
-        return keys, torch.arange(keys.shape[0], device=keys.device)
+    def pages(self, layer: int) -> Pages | None:
+        """Row 0's keys in this store's own storage, for a native kernel to read and write in
+        place, or None (here: the store keeps the forward's tensors, not storage; the paged cache
+        returns None when it is quantised)."""
+        return None
 
 
 class PrefixKV(FreshKV):
@@ -104,11 +100,11 @@ class ContiguousKV:
     def gather_latent(self, layer: int, idx: torch.Tensor) -> torch.Tensor:
         return gather_rows(self.lat[layer, : idx.shape[0], : self.end_pos], idx)
 
-    def latent_pool(self, layer: int, idx: torch.Tensor):
-        return self.lat[layer, 0, : self.end_pos], idx
-
-    def index_pool(self, layer: int):
-        return self.idx[layer, 0, : self.end_pos], torch.arange(self.end_pos, device=self.idx.device)
+    def pages(self, layer: int) -> Pages | None:
+        if self.quantize is not None or self.lat.dtype != torch.float32:
+            return None
+        return Pages(self.lat[layer, 0], self.idx[layer, 0], torch.zeros(1, dtype=torch.int64, device=self.lat.device),
+                     self.lat.shape[2])
 
 
 def gather_rows(keys: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

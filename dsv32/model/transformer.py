@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import decode
 from .attention import Attention
 from .block import Block
 from .config import ModelConfig
@@ -78,6 +79,8 @@ class Transformer(nn.Module):
         cos, sin = self.rotary(positions)
         for layer in self.model.layers[: self.n_layers]:
             h = layer(h, positions, cos, sin, kv, attention, doc, hooks)
+        if decode.applies(self.model.layers[0], h, attention, doc, hooks):    # one token per row:
+            return decode.norm(self.model.norm, h)                           # one compiled call
         return self.model.norm(h)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, kv=None,

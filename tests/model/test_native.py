@@ -71,8 +71,12 @@ def _two(m: Big, x: torch.Tensor) -> torch.Tensor:
 def test_traced_graphs_call_the_native_gemv_for_large_weights_only(monkeypatch):
     m, x = Big(), torch.randn(1, 64, generator=G)
     calls = []
-    real = native.gemv
-    monkeypatch.setattr(native, "gemv", lambda x, w, s, isa=None: calls.append(w.shape) or real(x, w, s))
+    real = native.binding
+
+    def counted(dtype, isa=None):                  # the built GEMV, recording each weight's shape
+        f = real(dtype, isa)
+        return lambda x, w, *rest: calls.append(w.shape) or f(x, w, *rest)
+    monkeypatch.setattr(native, "binding", counted)
     with torch.inference_mode():
         ref = packed_linear_reference(torch.relu(packed_linear_reference(x, m.small.weight, m.small.weight_scale_inv)),
                                       m.big.weight, m.big.weight_scale_inv)
@@ -104,43 +108,49 @@ def test_a_failed_build_fails_the_load_with_a_clear_error(monkeypatch, tiny_bf16
         load_model(tiny_bf16, weight_format="int8", progress=False)
 
 
-@pytest.mark.parametrize("H,K", [(4, 256), (3, 17), (16, 64)])
-def test_native_sparse_attention_equals_attend_latent(H, K):
-    """One row over selected rows of a pool (some slots empty) against MLA.attend_latent's math."""
+def _paged(latents: torch.Tensor, index_keys: torch.Tensor, block: int) -> native.Pages:
+    """Keys [S, .] in position order spread over the blocks of larger pools in shuffled order, as
+    the paged cache keeps them; the last key's row left as noise (the kernel writes it)."""
+    S = latents.shape[0]
+    nb = -(-S // block)
+    table = torch.randperm(nb + 3, generator=G)[:nb]
+    pools = [torch.randn((nb + 3) * block, t.shape[1], generator=G) for t in (latents, index_keys)]
+    for i, t in enumerate(table.tolist()):
+        for pool, keys in zip(pools, (latents, index_keys)):
+            part = keys[i * block:min((i + 1) * block, S - 1)]
+            pool[t * block:t * block + part.shape[0]] = part
+    return native.Pages(*pools, table, block)
+
+
+@pytest.mark.parametrize("H,Hi,S,topk,block", [(4, 16, 1000, 256, 64), (3, 17, 130, 7, 64), (16, 16, 300, 300, 300),
+                                               (5, 16, 40, 64, 16), (4, 16, 1, 8, 64)])
+def test_native_decode_attention_equals_the_eager_path(H, Hi, S, topk, block):
+    """One row at key position S - 1 over keys read through a block table: the cache rows it wrote,
+    and its output against MLA.decode_select + MLA.attend_latent (16+ indexer heads: no ties)."""
     from dsv32.model.attention import MLA
     from dsv32.model.config import ModelConfig
     from dsv32.model.kv import FreshKV
-    C, R, N = 64, 16, 300
+    C, R, Di = 64, 16, 32
     cfg = ModelConfig.from_dict(dict(
         model_type="deepseek_v32", vocab_size=64, hidden_size=64, intermediate_size=64, moe_intermediate_size=32,
         num_hidden_layers=1, first_k_dense_replace=1, num_attention_heads=H, num_key_value_heads=H, n_routed_experts=4, n_group=1,
         topk_group=1, num_experts_per_tok=2, kv_lora_rank=C, q_lora_rank=32, qk_rope_head_dim=R,
-        qk_nope_head_dim=16, v_head_dim=16, index_n_heads=2, index_head_dim=32, index_topk=8))
+        qk_nope_head_dim=16, v_head_dim=16, index_n_heads=Hi, index_head_dim=Di, index_topk=topk))
     a = MLA(cfg, 0)
-    pool = torch.randn(N, C + R, generator=G)
-    q = torch.randn(1, 1, H, C + R, generator=G)
-    sel = torch.randperm(N, generator=G)[:K].view(1, 1, K)
-    sel[0, 0, ::5] = -1                                  # empty selections
+    latents, index_keys = torch.randn(S, C + R, generator=G) * 3, torch.randn(S, Di, generator=G)
+    q, iq, iw = torch.randn(H, C + R, generator=G), torch.randn(Hi, Di, generator=G), torch.randn(Hi, generator=G)
     kv = FreshKV()
-    kv.write(0, pool[None], torch.zeros(1, N, 8))
-    ref = a.attend_latent(q, kv, sel)
-    out = native.sparse_attention(q[0, 0], pool, sel.view(-1), a.scale, C)
-    torch.testing.assert_close(out, ref[0, 0], rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="sparse_attention"):
-        native.sparse_attention(q[0, 0], pool[:, :32], sel.view(-1), a.scale, C)
-
-
-@pytest.mark.parametrize("H,S,k", [(16, 1000, 256), (8, 300, 300), (16, 64, 5)])
-def test_native_index_topk_equals_the_reference_selection(H, S, k):
-    """Scores and top-k of one row against Indexer.scores + Indexer.top (16 heads: no exact ties)."""
-    from dsv32.model.attention import Indexer
-    D, N = 64, 1200
-    pool = torch.randn(N, D, generator=G)
-    slots = torch.randperm(N, generator=G)[:S]
-    q, w = torch.randn(H, D, generator=G), torch.randn(H, generator=G)
-    scores = Indexer.scores(q[None, None], w[None, None], pool[slots][None])[0, 0]          # [S]
-    ref = scores.topk(k).indices
-    out = native.index_topk(q, w, pool, slots, k)
-    assert torch.equal(out, ref)
-    with pytest.raises(ValueError, match="index_topk"):
-        native.index_topk(q, w, pool, slots, S + 1)
+    kv.write(0, latents[None], index_keys[None])
+    positions = torch.tensor([[S - 1]])
+    sel = a.decode_select(iq[None, None], iw[None, None], kv, positions)
+    ref = a.attend_latent(q[None, None], kv, sel)[0, 0]
+    pages = _paged(latents, index_keys, block)
+    out = native.decode_attention(latents[-1], index_keys[-1], q, iq, iw, pages, S, topk, a.scale, C)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    slot = int(pages.table[(S - 1) // block]) * block + (S - 1) % block
+    assert torch.equal(pages.latent[slot], latents[-1]) and torch.equal(pages.index[slot], index_keys[-1])
+    with pytest.raises(ValueError, match="decode_attention"):
+        native.decode_attention(latents[-1], index_keys[-1], q, iq, iw, pages._replace(block=0), S, topk, a.scale, C)
+    with pytest.raises(ValueError, match="decode_attention"):         # the table covers too few keys
+        native.decode_attention(latents[-1], index_keys[-1], q, iq, iw, pages, pages.table.numel() * block + 1,
+                                topk, a.scale, C)

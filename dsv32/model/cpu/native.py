@@ -4,20 +4,21 @@
                         bandwidth with fp32 activations, where inductor's generated reduction
                         reaches ~60% of it on large matrices (bench/README.md, "Weight-format
                         kernels"). Called directly (eager decode, the LM head); inside a traced
-                        graph as the custom op `dsv32::packed_gemv` (~10 us of dispatch, so
+                        graph as the operator `dsv32::packed_gemv` (~2 us of dispatch, so
                         model/cpu/packed.py uses it there for large matrices only). Reference:
                         packed.packed_linear_reference.
   (vec.h: the float vector operations both use, for AVX-512, AVX2 or plain C)
-  sparse_attention.cpp  one decode row's absorbed attention over its selected latent rows, read in
-                        place from the cache pool (one call instead of a gather and ~10 eager ops).
-                        Reference: MLA.attend_latent.
-  index_topk.cpp        one decode row's indexer scores over every earlier key, read in place, and
-                        their top-k. Reference: Indexer.scores + Indexer.top.
+  decode_attention.cpp  one decode row's attention in one call, over the cache read and written in
+                        place through the row's block table (`Pages`): the new token's cache write,
+                        the indexer's scores over every earlier key and their top-k
+                        (index_topk.cpp), the absorbed attention over the selected latent rows
+                        (sparse_attention.cpp). Instead of a cache write, slot arithmetic, a gather
+                        and ~20 eager ops. Reference: KV.write, MLA.decode_select, MLA.attend_latent.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
@@ -30,8 +31,8 @@ _built: dict[tuple, Callable] = {}
 GEMV_ARGS = {torch.int8: ["const float*", "const int8_t*", "const float*", "float*"] + ["const int64_t"] * 4,
              torch.float16: ["const float*", "const uint16_t*", "float*"] + ["const int64_t"] * 3}
 GEMV_ARGS[torch.bfloat16] = GEMV_ARGS[torch.float16]
-ATTENTION_ARGS = ["const float*", "const float*", "const int64_t*", "float*", "float*"] + ["const int64_t"] * 4 + ["const float"]
-TOPK_ARGS = ["const float*", "const float*", "const float*", "const int64_t*", "float*", "int64_t*"] + ["const int64_t"] * 4
+DECODE_ATTENTION_ARGS = (["const float*"] * 5 + ["float*", "float*", "const int64_t*", "float*", "int64_t*", "float*"]
+                         + ["const int64_t"] * 8 + ["const float"])
 
 
 def supports(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None) -> bool:
@@ -43,19 +44,20 @@ def supports(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None) -> bo
             and (scale is None or (K // scale.shape[1]) % ALIGN == 0))
 
 
-def _build(file: str, defines: list[str], args: list[str]) -> Callable:
-    """The `kernel` of `file` (beside this module) with `defines`, as a Python callable."""
-    key = (file, *defines)
+def _build(files: tuple[str, ...], defines: list[str], args: list[str]) -> Callable:
+    """The `kernel` of `files` (beside this module, in order, after vec.h) with `defines`, as a
+    Python callable."""
+    key = (*files, *defines)
     f = _built.get(key)
     if f is None:
         require_compiler()
         from torch._inductor.codecache import CppPythonBindingsCodeCache
         here = Path(__file__).parent
-        source = "".join(f"#define {d}\n" for d in defines) + (here / "vec.h").read_text() + (here / file).read_text()
+        source = "".join(f"#define {d}\n" for d in defines) + "".join((here / name).read_text() for name in ("vec.h", *files))
         try:
             f = _built[key] = CppPythonBindingsCodeCache.load_pybinding(args, source)
         except Exception as e:                              # noqa: BLE001  (re-raised, explained)
-            raise KernelError(f"could not build the native kernel dsv32/model/cpu/{file} with "
+            raise KernelError(f"could not build the native kernel dsv32/model/cpu/{files[-1]} with "
                               f"inductor's C++ toolchain: {e}") from e
     return f
 
@@ -63,22 +65,42 @@ def _build(file: str, defines: list[str], args: list[str]) -> Callable:
 def binding(dtype: torch.dtype, isa: int | None = None) -> Callable:
     """The built GEMV for weights of `dtype`; `isa` 512 / 256 / 1 forces AVX-512, AVX2 or the
     scalar code (default: the best the compiler targets on this machine)."""
-    return _build("gemv.cpp", [DEFINES[dtype]] + ([] if isa is None else [f"ISA {isa}"]), GEMV_ARGS[dtype])
+    return _build(("gemv.cpp",), [DEFINES[dtype]] + ([] if isa is None else [f"ISA {isa}"]), GEMV_ARGS[dtype])
 
 
-def sparse_attention(q: torch.Tensor, pool: torch.Tensor, slots: torch.Tensor, scale: float, C: int
-                     ) -> torch.Tensor:
-    """One row's absorbed queries q [H, D] over the latent rows pool[slots] (pool [N, D] fp32,
-    contiguous: read in place, never copied; slots [K], -1 = empty) -> o_lat [H, C]: the
-    softmax(scale q . row) weighted sum of row[:C]."""
-    if not (q.dtype == pool.dtype == torch.float32 and slots.dtype == torch.int64 and pool.dim() == 2
-            and pool.is_contiguous() and q.shape[1] == pool.shape[1] and C <= pool.shape[1]):
-        raise ValueError(f"native sparse_attention: unsupported q {tuple(q.shape)} {q.dtype}, pool "
-                         f"{tuple(pool.shape)} {pool.dtype}, slots {slots.dtype}")
-    (H, D), K = q.shape, slots.numel()
-    f = _build("sparse_attention.cpp", [], ATTENTION_ARGS)
-    o, scratch = q.new_empty(H, C), q.new_empty(H, K)
-    f(q.contiguous(), pool, slots.contiguous(), o, scratch, H, K, D, C, float(scale))
+class Pages(NamedTuple):
+    """One row's keys in a key store's own storage, read and written in place: key position s is
+    row `table[s // block] * block + s % block` of both pools (fp32, contiguous); a contiguous
+    store is one block, table [0]."""
+
+    latent: torch.Tensor    # [N, C+R]
+    index: torch.Tensor     # [N, Di]
+    table: torch.Tensor     # [nb] int64
+    block: int
+
+
+def decode_attention(latent: torch.Tensor, index_k: torch.Tensor, q: torch.Tensor, iq: torch.Tensor,
+                     iw: torch.Tensor, pages: Pages, S: int, topk: int, scale: float, C: int) -> torch.Tensor:
+    """One decode row at key position S - 1: write its latent [C+R] and indexer key [Di] into
+    `pages`, select its keys (all while S <= topk, else the top-k of `sum_h iw[h] relu(iq[h] .
+    key)`, ties to the lower id) and attend with the absorbed queries q [H, C+R] -> o_lat [H, C]
+    (the softmax(scale q . row) weighted sum of row[:C] over the selected rows)."""
+    (H, D), (Hi, Di) = q.shape, iq.shape
+    lat, ik, table, block = pages
+    ok = (all(t.dtype == torch.float32 for t in (latent, index_k, q, iq, iw, lat, ik))
+          and lat.dim() == ik.dim() == 2 and lat.is_contiguous() and ik.is_contiguous()
+          and lat.shape[1] == latent.numel() == D and ik.shape[1] == index_k.numel() == Di
+          and C <= D and table.dtype == torch.int64 and table.is_contiguous() and block > 0
+          and 0 < S <= table.numel() * block and topk > 0)
+    if not ok:
+        raise ValueError(f"native decode_attention: unsupported shapes or dtypes: q {tuple(q.shape)} {q.dtype}, "
+                         f"latent {tuple(latent.shape)}, iq {tuple(iq.shape)}, pools {tuple(lat.shape)} {lat.dtype} / "
+                         f"{tuple(ik.shape)} {ik.dtype} (fp32, contiguous), table {tuple(table.shape)} {table.dtype} "
+                         f"of {block}-key blocks for {S} keys")
+    f = _build(("index_topk.cpp", "sparse_attention.cpp", "decode_attention.cpp"), [], DECODE_ATTENTION_ARGS)
+    o, scores, ids = q.new_empty(H, C), q.new_empty(S), torch.empty(min(S, topk), dtype=torch.int64)
+    f(latent.contiguous(), index_k.contiguous(), q.contiguous(), iq.contiguous(), iw.contiguous(), lat, ik, table,
+      scores, ids, o, H, D, C, Hi, Di, S, topk, block, float(scale))
     return o
 
 
@@ -98,28 +120,27 @@ def gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, isa: int 
     return y
 
 
-@torch.library.custom_op("dsv32::packed_gemv", mutates_args=())
-def packed_gemv(x: torch.Tensor, w: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
-    """`gemv` as an operator, so traced graphs can call it."""
-    return gemv(x, w, scale)
+# `gemv` as the operator dsv32::packed_gemv, so traced graphs can call it. A plain library
+# definition with a CPU kernel (~2 us of dispatch; torch.library.custom_op's wrappers cost ~40 us):
+# the graph checked `supports` when it was traced, so the kernel only calls the binding.
+_LIB = torch.library.Library("dsv32", "DEF")
+_LIB.define("packed_gemv(Tensor x, Tensor w, Tensor? scale) -> Tensor")
 
 
-@packed_gemv.register_fake
+def _packed_gemv(x: torch.Tensor, w: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
+    x, w = x.contiguous(), w.contiguous()
+    (M, K), N = x.shape, w.shape[0]
+    y = x.new_empty(M, N)
+    if scale is None:
+        binding(w.dtype)(x, w, y, M, N, K)
+    else:
+        binding(w.dtype)(x, w, scale.contiguous(), y, M, N, K, K // scale.shape[1])
+    return y
+
+
+_LIB.impl("packed_gemv", _packed_gemv, "CPU")
+
+
+@torch.library.register_fake("dsv32::packed_gemv")
 def _(x, w, scale):
     return x.new_empty(x.shape[0], w.shape[0])
-
-
-def index_topk(q: torch.Tensor, w: torch.Tensor, pool: torch.Tensor, slots: torch.Tensor, k: int) -> torch.Tensor:
-    """One row's index queries q [H, Di] and head weights w [H] over the keys pool[slots] (pool
-    [N, Di] fp32, contiguous: read in place; slots [S], key s at slots[s]) -> the ids (0..S-1) of
-    the k best `sum_h w[h] relu(q[h] . key)` scores [k], best first, ties to the lower id."""
-    S = slots.numel()
-    if not (q.dtype == w.dtype == pool.dtype == torch.float32 and slots.dtype == torch.int64
-            and pool.dim() == 2 and pool.is_contiguous() and q.shape[1] == pool.shape[1] and 0 < k <= S):
-        raise ValueError(f"native index_topk: unsupported q {tuple(q.shape)} {q.dtype}, pool "
-                         f"{tuple(pool.shape)} {pool.dtype}, slots {slots.dtype}, k {k} of {S}")
-    (H, D) = q.shape
-    f = _build("index_topk.cpp", [], TOPK_ARGS)
-    scores, out = q.new_empty(S), torch.empty(k, dtype=torch.int64)
-    f(q.contiguous(), w.contiguous(), pool, slots.contiguous(), scores, out, H, D, S, k)
-    return out

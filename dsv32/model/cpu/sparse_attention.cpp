@@ -1,47 +1,78 @@
 // Sparse MLA attention of one query row (decode) over the latent rows the indexer selected, read
 // in place from the cache pool: for each head h,
-//   o[h, :C] = sum_j softmax_j(scale * q[h] . pool[slot_j]) * pool[slot_j, :C]
-// over the K selected slots (slot -1: an empty selection, skipped). Built by native.py after vec.h.
-// Heads are split across OpenMP threads; each thread reads every selected row twice (the scores of
-// its heads, then their weighted sums). `scratch` holds the H x K probabilities.
+//   o[h, :C] = sum_j softmax_j(scale * q[h] . row_j) * row_j[:C]
+// over the K selected key positions ids[j] (-1: an empty selection, skipped), row_j the pool row
+// at slot_of(table, B, ids[j]). Built by native.py after vec.h, before
+// decode_attention.cpp.
+// The selected rows are split across OpenMP threads and each is read once, for every head: an
+// online softmax (running max and sum per head) accumulates each thread's part, and the parts are
+// merged in thread order at the end.
 #include <cmath>
+#include <vector>
 #include <omp.h>
 
-// o[:C] += w * r[:C]
-static inline void axpy(float* o, float w, const float* r, int64_t C) {
-    const vf wv = vset1(w);
+// o[:C] = a * o[:C] + w * r[:C]
+static inline void scale_axpy(float* o, float a, float w, const float* r, int64_t C) {
+    const vf av = vset1(a), wv = vset1(w);
     int64_t c = 0;
-    for (; c + WIDTH <= C; c += WIDTH) vstore(o + c, vfma(wv, vload(r + c), vload(o + c)));
-    for (; c < C; ++c) o[c] += w * r[c];
+    for (; c + WIDTH <= C; c += WIDTH) vstore(o + c, vfma(wv, vload(r + c), vmul(av, vload(o + c))));
+    for (; c < C; ++c) o[c] = a * o[c] + w * r[c];
 }
 
-extern "C" void kernel(const float* q, const float* pool, const int64_t* slots, float* o, float* scratch,
-                       const int64_t H, const int64_t K, const int64_t D, const int64_t C, const float scale) {
+static void sparse_attention(const float* q, const float* pool, const int64_t* table, const int64_t* ids, float* o,
+                             const int64_t H, const int64_t K, const int64_t D, const int64_t C, const int64_t B,
+                             const float scale) {
+    const int64_t P = C + 2;                               // per head: o[:C], running max, running sum
+    std::vector<float> part(omp_get_max_threads() * H * P);
+    int used = 1;
     #pragma omp parallel
     {
-        // this thread's heads [h0, h1): each selected row is read once for all of them per pass
         const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
-        const int64_t h0 = H * t / nt, h1 = H * (t + 1) / nt;
-        for (int64_t j = 0; j < K; ++j) {
-            const float* r = pool + (slots[j] < 0 ? 0 : slots[j]) * D;
-            for (int64_t h = h0; h < h1; ++h)
-                scratch[h * K + j] = slots[j] < 0 ? -INFINITY : dot(q + h * D, r, D) * scale;
+        if (t == 0) used = (int)nt;
+        float* mine = part.data() + t * H * P;
+        for (int64_t h = 0; h < H; ++h) {
+            for (int64_t c = 0; c < C; ++c) mine[h * P + c] = 0.f;
+            mine[h * P + C] = -INFINITY, mine[h * P + C + 1] = 0.f;
         }
-        for (int64_t h = h0; h < h1; ++h) {                 // softmax over the row's K scores
-            float* p = scratch + h * K;
-            float mx = -INFINITY, sum = 0.f;
-            for (int64_t j = 0; j < K; ++j) mx = p[j] > mx ? p[j] : mx;
-            for (int64_t j = 0; j < K; ++j) {
-                p[j] = slots[j] < 0 ? 0.f : std::exp(p[j] - mx);
-                sum += p[j];
+        float s[4];
+        const int64_t j1 = K * (t + 1) / nt;
+        for (int64_t j = K * t / nt; j < j1; ++j) {
+            if (ids[j] < 0) continue;
+            const float* r = pool + slot_of(table, B, ids[j]) * D;
+            if (j + 1 < j1 && ids[j + 1] >= 0) {           // the next row's lines, while this one is summed
+                const char* nxt = (const char*)(pool + slot_of(table, B, ids[j + 1]) * D);
+                for (int64_t c = 0; c < D * 4; c += 64) __builtin_prefetch(nxt + c);
             }
-            for (int64_t j = 0; j < K; ++j) p[j] /= sum;
-            for (int64_t c = 0; c < C; ++c) o[h * C + c] = 0.f;
+            for (int64_t h0 = 0; h0 < H; h0 += 4) {
+                const int64_t n = H - h0 < 4 ? H - h0 : 4;
+                dots4(q + h0 * D, r, D, n, s);
+                for (int64_t i = 0; i < n; ++i) {
+                    float* acc = mine + (h0 + i) * P;
+                    const float x = s[i] * scale;
+                    if (x > acc[C]) {                      // a new maximum: rescale what is summed
+                        const float a = std::exp(acc[C] - x);
+                        acc[C] = x, acc[C + 1] = a * acc[C + 1] + 1.f;
+                        scale_axpy(acc, a, 1.f, r, C);
+                    } else {
+                        const float p = std::exp(x - acc[C]);
+                        acc[C + 1] += p;
+                        scale_axpy(acc, 1.f, p, r, C);
+                    }
+                }
+            }
         }
-        for (int64_t j = 0; j < K; ++j) {
-            if (slots[j] < 0) continue;
-            const float* r = pool + slots[j] * D;
-            for (int64_t h = h0; h < h1; ++h) axpy(o + h * C, scratch[h * K + j], r, C);
+    }
+    for (int64_t h = 0; h < H; ++h) {                      // merge the threads' parts
+        float M = -INFINITY, L = 0.f;
+        for (int t = 0; t < used; ++t) M = std::fmax(M, part[(t * H + h) * P + C]);
+        for (int64_t c = 0; c < C; ++c) o[h * C + c] = 0.f;
+        if (M == -INFINITY) continue;                      // nothing selected
+        for (int t = 0; t < used; ++t) {
+            const float* acc = part.data() + (t * H + h) * P;
+            const float a = std::exp(acc[C] - M);
+            L += a * acc[C + 1];
+            scale_axpy(o + h * C, 1.f, a, acc, C);
         }
+        for (int64_t c = 0; c < C; ++c) o[h * C + c] /= L;
     }
 }

@@ -23,6 +23,7 @@ static inline vf vload(const float* p) { return _mm512_loadu_ps(p); }
 static inline void vstore(float* p, vf a) { _mm512_storeu_ps(p, a); }
 static inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
 static inline vf vadd(vf a, vf b) { return _mm512_add_ps(a, b); }
+static inline vf vmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
 static inline vf vset1(float s) { return _mm512_set1_ps(s); }
 static inline float vsum(vf a) { return _mm512_reduce_add_ps(a); }
 #elif ISA == 256
@@ -33,6 +34,7 @@ static inline vf vload(const float* p) { return _mm256_loadu_ps(p); }
 static inline void vstore(float* p, vf a) { _mm256_storeu_ps(p, a); }
 static inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
 static inline vf vadd(vf a, vf b) { return _mm256_add_ps(a, b); }
+static inline vf vmul(vf a, vf b) { return _mm256_mul_ps(a, b); }
 static inline vf vset1(float s) { return _mm256_set1_ps(s); }
 static inline float vsum(vf a) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
@@ -48,6 +50,7 @@ static inline vf vload(const float* p) { return *p; }
 static inline void vstore(float* p, vf a) { *p = a; }
 static inline vf vfma(vf a, vf b, vf c) { return a * b + c; }
 static inline vf vadd(vf a, vf b) { return a + b; }
+static inline vf vmul(vf a, vf b) { return a * b; }
 static inline vf vset1(float s) { return s; }
 static inline float vsum(vf a) { return a; }
 #endif
@@ -64,3 +67,27 @@ static inline float dot(const float* q, const float* r, int64_t D) {
     for (; d < D; ++d) acc += q[d] * r[d];
     return acc;
 }
+
+// out[i] = q[i] . r for the n <= 4 query rows q + i * D: one pass over r for all of them
+static inline void dots4(const float* q, const float* r, int64_t D, int64_t n, float* out) {
+    if (n < 4) {
+        for (int64_t i = 0; i < n; ++i) out[i] = dot(q + i * D, r, D);
+        return;
+    }
+    vf a0 = vzero(), a1 = vzero(), a2 = vzero(), a3 = vzero();
+    int64_t d = 0;
+    for (; d + WIDTH <= D; d += WIDTH) {
+        const vf x = vload(r + d);
+        a0 = vfma(vload(q + d), x, a0);
+        a1 = vfma(vload(q + D + d), x, a1);
+        a2 = vfma(vload(q + 2 * D + d), x, a2);
+        a3 = vfma(vload(q + 3 * D + d), x, a3);
+    }
+    out[0] = vsum(a0), out[1] = vsum(a1), out[2] = vsum(a2), out[3] = vsum(a3);
+    for (; d < D; ++d)
+        for (int64_t i = 0; i < 4; ++i) out[i] += q[i * D + d] * r[d];
+}
+
+// the cache slot of key position s through a block table of B-slot blocks
+static inline int64_t slot_of(const int64_t* table, int64_t B, int64_t s) { return table[s / B] * B + s % B; }
+
