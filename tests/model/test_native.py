@@ -122,15 +122,17 @@ def _paged(latents: torch.Tensor, index_keys: torch.Tensor, block: int) -> nativ
     return native.Pages(*pools, table, block)
 
 
-@pytest.mark.parametrize("H,Hi,S,topk,block", [(4, 16, 1000, 256, 64), (3, 17, 130, 7, 64), (16, 16, 300, 300, 300),
-                                               (5, 16, 40, 64, 16), (4, 16, 1, 8, 64)])
-def test_native_decode_attention_equals_the_eager_path(H, Hi, S, topk, block):
+@pytest.mark.parametrize("H,Hi,Di,S,topk,block", [(4, 16, 32, 1000, 256, 64), (3, 17, 32, 130, 7, 64),
+                                                  (16, 16, 32, 300, 300, 300), (5, 16, 32, 40, 64, 16),
+                                                  (4, 16, 32, 1, 8, 64), (4, 16, 40, 200, 20, 64)])
+def test_native_decode_attention_equals_the_eager_path(H, Hi, Di, S, topk, block):
     """One row at key position S - 1 over keys read through a block table: the cache rows it wrote,
-    and its output against MLA.decode_select + MLA.attend_latent (16+ indexer heads: no ties)."""
+    and its output against MLA.decode_select + MLA.attend_latent (16+ indexer heads: no ties). Di 32:
+    the indexer's 16-key tiles where a block has 16 keys left, key by key after; Di 40: key by key."""
     from dsv32.model.attention import MLA
     from dsv32.model.config import ModelConfig
     from dsv32.model.kv import FreshKV
-    C, R, Di = 64, 16, 32
+    C, R = 64, 16
     cfg = ModelConfig.from_dict(dict(
         model_type="deepseek_v32", vocab_size=64, hidden_size=64, intermediate_size=64, moe_intermediate_size=32,
         num_hidden_layers=1, first_k_dense_replace=1, num_attention_heads=H, num_key_value_heads=H, n_routed_experts=4, n_group=1,
@@ -149,6 +151,9 @@ def test_native_decode_attention_equals_the_eager_path(H, Hi, S, topk, block):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     slot = int(pages.table[(S - 1) // block]) * block + (S - 1) % block
     assert torch.equal(pages.latent[slot], latents[-1]) and torch.equal(pages.index[slot], index_keys[-1])
+    for isa in ISAS[1:]:                                 # each instruction-set variant, the same
+        out_isa = native.decode_attention(latents[-1], index_keys[-1], q, iq, iw, pages, S, topk, a.scale, C, isa)
+        torch.testing.assert_close(out_isa, ref, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="decode_attention"):
         native.decode_attention(latents[-1], index_keys[-1], q, iq, iw, pages._replace(block=0), S, topk, a.scale, C)
     with pytest.raises(ValueError, match="decode_attention"):         # the table covers too few keys

@@ -80,11 +80,13 @@ class Pages(NamedTuple):
 
 
 def decode_attention(latent: torch.Tensor, index_k: torch.Tensor, q: torch.Tensor, iq: torch.Tensor,
-                     iw: torch.Tensor, pages: Pages, S: int, topk: int, scale: float, C: int) -> torch.Tensor:
+                     iw: torch.Tensor, pages: Pages, S: int, topk: int, scale: float, C: int,
+                     isa: int | None = None) -> torch.Tensor:
     """One decode row at key position S - 1: write its latent [C+R] and indexer key [Di] into
     `pages`, select its keys (all while S <= topk, else the top-k of `sum_h iw[h] relu(iq[h] .
     key)`, ties to the lower id) and attend with the absorbed queries q [H, C+R] -> o_lat [H, C]
-    (the softmax(scale q . row) weighted sum of row[:C] over the selected rows)."""
+    (the softmax(scale q . row) weighted sum of row[:C] over the selected rows). `isa`: as for
+    `binding`."""
     (H, D), (Hi, Di) = q.shape, iq.shape
     lat, ik, table, block = pages
     ok = (all(t.dtype == torch.float32 for t in (latent, index_k, q, iq, iw, lat, ik))
@@ -97,7 +99,8 @@ def decode_attention(latent: torch.Tensor, index_k: torch.Tensor, q: torch.Tenso
                          f"latent {tuple(latent.shape)}, iq {tuple(iq.shape)}, pools {tuple(lat.shape)} {lat.dtype} / "
                          f"{tuple(ik.shape)} {ik.dtype} (fp32, contiguous), table {tuple(table.shape)} {table.dtype} "
                          f"of {block}-key blocks for {S} keys")
-    f = _build(("index_topk.cpp", "sparse_attention.cpp", "decode_attention.cpp"), [], DECODE_ATTENTION_ARGS)
+    f = _build(("index_topk.cpp", "sparse_attention.cpp", "decode_attention.cpp"),
+               [] if isa is None else [f"ISA {isa}"], DECODE_ATTENTION_ARGS)
     o, scores, ids = q.new_empty(H, C), q.new_empty(S), torch.empty(min(S, topk), dtype=torch.int64)
     f(latent.contiguous(), index_k.contiguous(), q.contiguous(), iq.contiguous(), iw.contiguous(), lat, ik, table,
       scores, ids, o, H, D, C, Hi, Di, S, topk, block, float(scale))
