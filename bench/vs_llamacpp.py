@@ -165,7 +165,7 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["bench", "wide"], choices=["bench", "wide"])
     ap.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=list(PRECISIONS))
     ap.add_argument("--depths", type=int, nargs="+", default=[1024, 8192, 32768, 65536])
-    ap.add_argument("--prefill", type=int, nargs="+", default=[512, 8192, 32768])
+    ap.add_argument("--prefill", type=int, nargs="*", default=[512, 8192, 32768])
     ap.add_argument("--reps", type=int, default=3, help="llama-bench repetitions")
     ap.add_argument("--gen", type=int, default=32, help="llama-bench tokens generated per decode test")
     ap.add_argument("--steps", type=int, default=32, help="dsv32 decode steps timed per depth")
