@@ -307,17 +307,13 @@ class Sampler:
         kept = torch.zeros(B, V, dtype=torch.bool, device=dev) if any(want_kept) else None
         greedy = [i for i, s in enumerate(seqs) if s.params.greedy]
         rand = [i for i, s in enumerate(seqs) if not s.params.greedy]
-        if len(greedy) == B:                         # every row greedy: no scatter into `tokens`
-            tokens = first_argmax(logits)
-            if kept is not None:
-                kept[torch.arange(B, device=dev), tokens] = True
-        else:
-            tokens = torch.empty(B, dtype=torch.long, device=dev)
-        if greedy and rand:
+        tokens = torch.empty(B, dtype=torch.long, device=dev) if rand else None
+        if greedy:
             idx = torch.tensor(greedy, device=dev)
-            tokens[idx] = first_argmax(_take(logits, greedy))
+            g = first_argmax(_take(logits, greedy))
+            tokens = g if tokens is None else tokens.index_put_((idx,), g)    # all greedy: no scatter
             if kept is not None:
-                kept[idx, tokens[idx]] = True
+                kept[idx, g] = True
         if rand:
             idx = torch.tensor(rand, device=dev)
             rs = [seqs[i] for i in rand]

@@ -18,7 +18,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -113,6 +113,11 @@ def gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, isa: int 
     if not supports(x, w, scale):
         raise ValueError(f"native gemv: unsupported x {tuple(x.shape)} {x.dtype}, w {tuple(w.shape)} "
                          f"{w.dtype} (K and the int8 group must be multiples of {ALIGN})")
+    return _gemv(x, w, scale, isa)
+
+
+def _gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, isa: int | None = None) -> torch.Tensor:
+    """`gemv` after its check."""
     x, w = x.contiguous(), w.contiguous()
     (M, K), N = x.shape, w.shape[0]
     y = x.new_empty(M, N)
@@ -125,23 +130,12 @@ def gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, isa: int 
 
 # `gemv` as the operator dsv32::packed_gemv, so traced graphs can call it. A plain library
 # definition with a CPU kernel (~2 us of dispatch; torch.library.custom_op's wrappers cost ~40 us):
-# the graph checked `supports` when it was traced, so the kernel only calls the binding.
+# the graph checked `supports` when it was traced, so the kernel is `gemv` without its check.
 _LIB = torch.library.Library("dsv32", "DEF")
 _LIB.define("packed_gemv(Tensor x, Tensor w, Tensor? scale) -> Tensor")
 
 
-def _packed_gemv(x: torch.Tensor, w: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
-    x, w = x.contiguous(), w.contiguous()
-    (M, K), N = x.shape, w.shape[0]
-    y = x.new_empty(M, N)
-    if scale is None:
-        binding(w.dtype)(x, w, y, M, N, K)
-    else:
-        binding(w.dtype)(x, w, scale.contiguous(), y, M, N, K, K // scale.shape[1])
-    return y
-
-
-_LIB.impl("packed_gemv", _packed_gemv, "CPU")
+_LIB.impl("packed_gemv", _gemv, "CPU")
 
 
 @torch.library.register_fake("dsv32::packed_gemv")

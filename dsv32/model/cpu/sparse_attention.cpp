@@ -2,8 +2,7 @@
 // in place from the cache pool: for each head h,
 //   o[h, :C] = sum_j softmax_j(scale * q[h] . row_j) * row_j[:C]
 // over the K selected key positions ids[j] (-1: an empty selection, skipped), row_j the pool row
-// at slot_of(table, B, ids[j]). Built by native.py after vec.h, before
-// decode_attention.cpp.
+// at slot_of(table, B, ids[j]). Built by native.py after vec.h, before decode_attention.cpp.
 // The selected rows are split across OpenMP threads and each is read once, for every head: an
 // online softmax (running max and sum per head) accumulates each thread's part, and the parts are
 // merged in thread order at the end.
@@ -41,7 +40,7 @@ static void sparse_attention(const float* q, const float* pool, const int64_t* t
             const float* r = pool + slot_of(table, B, ids[j]) * D;
             if (j + 1 < j1 && ids[j + 1] >= 0) {           // the next row's lines, while this one is summed
                 const char* nxt = (const char*)(pool + slot_of(table, B, ids[j + 1]) * D);
-                for (int64_t c = 0; c < D * 4; c += 64) __builtin_prefetch(nxt + c);
+                for (int64_t c = 0; c < D * (int64_t)sizeof(float); c += 64) __builtin_prefetch(nxt + c);
             }
             for (int64_t h0 = 0; h0 < H; h0 += 4) {
                 const int64_t n = H - h0 < 4 ? H - h0 : 4;
