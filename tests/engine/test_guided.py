@@ -57,12 +57,12 @@ def tok() -> Tokenizer:
 class Driver:
     """Samples token by token through a processor: random logits, then past `budget` the end of
     sentence when allowed, else closing tokens tried in turn (so a string that may contain one
-    closer is ended by the next)."""
+    closer is ended by the next; a number before a required key is ended by the comma)."""
 
     def __init__(self, tok: Tokenizer):
         self.tok = tok
         self.closers = [[tok.think_end_id], tok.encode(PARAM_CLOSE)] + \
-            [tok.encode(s) for s in ('"', "}", "]", "0")]
+            [tok.encode(s) for s in ('"', "}", "]", ",", "0")]   # ",": a number's end before the next key
         self.seconds = []
 
     def run(self, proc, seed: int, budget: int = 24, limit: int = 600, script: str = "") -> list[int]:
