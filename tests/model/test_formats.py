@@ -6,8 +6,8 @@ from dsv32.model import save
 from dsv32.model.checkpoint import load_model
 from dsv32.model.cpu import compile as kcompile
 from dsv32.model.cpu.absorb import absorb, absorb_reference
-from dsv32.model.cpu.packed import (GEMV_MAX_ROWS, dequantize, packed_linear, packed_linear_reference,
-                                        quantize_int8)
+from dsv32.model.cpu.packed import (GEMV_MAX_ROWS, _gemm_tiled, dequantize, packed_linear,
+                                    packed_linear_reference, quantize_int8)
 from dsv32.model.block import Block
 from dsv32.model.kv import ContiguousKV
 from dsv32.model.layers import PACKED, Linear
@@ -39,6 +39,16 @@ def test_packed_linear_equals_reference(fmt):
         got = packed_linear(x, pw, ps, bias)
         assert got.shape == (1, M, 200)
         torch.testing.assert_close(got, packed_linear_reference(x, pw, ps, bias), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp16"])
+def test_tiled_gemm_splits_rows_and_columns(fmt):
+    w = torch.randn(70, 512, generator=G)
+    pw, ps = packed(fmt, w)
+    x = torch.randn(9, 512, generator=G)
+    ref = packed_linear_reference(x, pw, ps)
+    for rows, elems in ((16, 16 * 128), (32, 32 * 300), (70, 1 << 20)):   # partial tiles, K in groups, whole
+        torch.testing.assert_close(_gemm_tiled(x, pw, ps, rows, elems), ref, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("fmt", ["int8", "bf16"])

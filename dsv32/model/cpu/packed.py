@@ -17,7 +17,9 @@ from .compile import dynamic, kernel, tracing
 
 GROUP = 128                # int8: one scale per GROUP columns of a row
 GEMV_MAX_ROWS = 4          # activation rows up to which the dequantise-and-reduce kernel runs
-TILE_ELEMS = 1 << 18       # GEMM path: fp32 elements of one dequantised tile (1 MiB)
+TILE_ROWS = 512            # GEMM path: output rows of one dequantised tile (fewer make the fp32 GEMM
+                           # pack the activations again for each tile: 128 rows ran 2-3x slower)
+TILE_ELEMS = 1 << 21       # ... and at most this many fp32 elements (8 MiB): long rows split along K
 NATIVE_IN_GRAPH = 1 << 20  # weight elements from which a traced graph calls the native GEMV (its
                            # dispatch costs ~10 us; below, the graph's own fused reduction is cheaper)
 HALF = (torch.bfloat16, torch.float16)
@@ -45,7 +47,9 @@ def dequantize(w: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype =
     if w.dtype != torch.int8:
         return w.to(dtype)
     N, K = w.shape
-    return (w.float().view(N, scale.shape[1], -1) * scale.unsqueeze(-1)).view(N, K).to(dtype)
+    out = w.float()                                                      # [N, K], then scaled in place
+    out.view(N, scale.shape[1], -1).mul_(scale.unsqueeze(-1))
+    return out.to(dtype)
 
 
 # ---- decode: dequantise-and-reduce kernels (compiled) ------------------------------------------
@@ -78,14 +82,22 @@ def _gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None) -> torch
 
 # ---- prefill: tiled dequantise + fp32 GEMM --------------------------------------------------------
 
-def _gemm_tiled(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-    """x [M, K] fp32 -> [M, N], one tile of dequantised output rows at a time."""
+def _gemm_tiled(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, rows: int = TILE_ROWS,
+                elems: int = TILE_ELEMS) -> torch.Tensor:
+    """x [M, K] fp32 -> [M, N], one dequantised tile of [rows, cols] weights at a time (cols: all K
+    where rows x K fits `elems`, else a multiple of the int8 group, the products accumulated)."""
     N, K = w.shape
-    rows = max(1, TILE_ELEMS // K)
+    G = K if scale is None else K // scale.shape[1]
+    rows = min(N, rows)
+    cols = min(K, max(G, elems // rows // G * G))
     out_t = x.new_empty(N, x.shape[0])                                   # y^T [N, M]
     for r in range(0, N, rows):
-        tile = dequantize(w[r:r + rows], None if scale is None else scale[r:r + rows])
-        torch.mm(tile, x.t(), out=out_t[r:r + rows])
+        o = out_t[r:r + rows]
+        for c in range(0, K, cols):
+            s = None if scale is None else scale[r:r + rows, c // G:(c + cols) // G]
+            tile = dequantize(w[r:r + rows, c:c + cols], s)              # [rows, cols] fp32
+            xt = x[:, c:c + cols].t()                                    # [cols, M]
+            torch.mm(tile, xt, out=o) if c == 0 else o.addmm_(tile, xt)
     return out_t.t()
 
 
