@@ -205,7 +205,11 @@ class PagedKV:
         return self.cache.read_latent(layer, self._slots(idx))                           # [B, T, K, C+R]
 
     def pages(self, layer: int) -> Pages | None:
-        """Row 0's keys in the cache's pools, through its block table, or None for an FP8 cache (its
-        rows are quantised as they are written and dequantised as they are gathered)."""
-        c = self.cache
-        return None if c.fp8 or c.dtype != torch.float32 else Pages(c.lat[layer], c.ik[layer], self.block_tables[0], self.bs)
+        """Row 0's keys in the cache's pools, through its block table (None unless it computes in
+        fp32)."""
+        c, table = self.cache, self.block_tables[0]
+        if c.dtype != torch.float32:
+            return None
+        if c.fp8:
+            return Pages(c.c[layer], c.ik[layer], table, self.bs, c.c_scale[layer], c.pe[layer], c.ik_scale[layer])
+        return Pages(c.lat[layer], c.ik[layer], table, self.bs)

@@ -82,9 +82,9 @@ def _routed_row(moe: MoE, x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor) -
 
 def _attention_row(a, q, latent, index_k, iq, iw, kv, positions: torch.Tensor) -> torch.Tensor | None:
     """The cache write, `a.decode_select` and `a.attend_latent` of one row (q [1, 1, H, C+R]) in one
-    native call over the key store's own storage -> o_lat [1, 1, H, C]; None where the store
-    offers none (a quantised cache, a store of the forward's tensors) or the query is not the
-    last key (then the eager path runs)."""
+    native call over the key store's own storage (fp32, or the paged cache's FP8 pools) -> o_lat
+    [1, 1, H, C]; None where the store offers none (a store of the forward's tensors, a bf16 one)
+    or the query is not the last key (then the eager path runs)."""
     S = kv.num_keys(a.layer_idx)
     pages = kv.pages(a.layer_idx)
     if pages is None or int(positions[0, 0]) != S - 1:

@@ -42,8 +42,7 @@ class FreshKV:
 
     def pages(self, layer: int) -> Pages | None:
         """Row 0's keys in this store's own storage, for a native kernel to read and write in
-        place, or None (here: the store keeps the forward's tensors, not storage; the paged cache
-        returns None when it is quantised)."""
+        place, or None (here: the store keeps the forward's tensors, not storage)."""
         return None
 
 

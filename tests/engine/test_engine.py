@@ -197,9 +197,14 @@ def test_stop_strings_cut_correctly(ckpt, model):
     assert run(eng, [prompt], [greedy(5)])[0].outputs[0].finish_reason == "length"
 
 
-def test_fp8_cache_equals_quantise_dequantise_reference(ckpt, model):
+@pytest.mark.parametrize("fmt", ["fp32", "bf16"])
+def test_fp8_cache_equals_quantise_dequantise_reference(ckpt, model, fmt):
+    """Eager decode over the FP8 cache (fp32), and the native one-row attention over its pools
+    (bf16 weights, exact on this bf16 checkpoint), against fp32 forwards over a quantise-dequantise
+    cache."""
     prompt = prompts_of([90], seed=9)[0]
-    out = run(make_engine(ckpt, model, kv_cache_dtype="fp8"), [prompt], [greedy(8)])[0]
+    served = model if fmt == "fp32" else load_model(ckpt, weight_format=fmt, progress=False)
+    out = run(make_engine(ckpt, served, kv_cache_dtype="fp8"), [prompt], [greedy(8)])[0]
     cfg = model.config
     kv = ContiguousKV(cfg.num_hidden_layers + 1, 1, 128, cfg.kv_lora_rank + cfg.qk_rope_head_dim,
                       cfg.index_head_dim, quantize=fp8_roundtrip(cfg.kv_lora_rank))

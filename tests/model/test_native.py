@@ -122,6 +122,25 @@ def _paged(latents: torch.Tensor, index_keys: torch.Tensor, block: int) -> nativ
     return native.Pages(*pools, table, block)
 
 
+def _mla(H: int, Hi: int, Di: int, topk: int, C: int, R: int):
+    from dsv32.model.attention import MLA
+    from dsv32.model.config import ModelConfig
+    return MLA(ModelConfig.from_dict(dict(
+        model_type="deepseek_v32", vocab_size=64, hidden_size=64, intermediate_size=64, moe_intermediate_size=32,
+        num_hidden_layers=1, first_k_dense_replace=1, num_attention_heads=H, num_key_value_heads=H, n_routed_experts=4, n_group=1,
+        topk_group=1, num_experts_per_tok=2, kv_lora_rank=C, q_lora_rank=32, qk_rope_head_dim=R,
+        qk_nope_head_dim=16, v_head_dim=16, index_n_heads=Hi, index_head_dim=Di, index_topk=topk)), 0)
+
+
+def _eager(a, latents, index_keys, q, iq, iw) -> torch.Tensor:
+    """MLA.decode_select + MLA.attend_latent of the last key's row over keys [S, .] -> o_lat [H, C]."""
+    from dsv32.model.kv import FreshKV
+    kv = FreshKV()
+    kv.write(0, latents[None], index_keys[None])
+    sel = a.decode_select(iq[None, None], iw[None, None], kv, torch.tensor([[latents.shape[0] - 1]]))
+    return a.attend_latent(q[None, None], kv, sel)[0, 0]
+
+
 @pytest.mark.parametrize("H,Hi,Di,S,topk,block", [(4, 16, 32, 1000, 256, 64), (3, 17, 32, 130, 7, 64),
                                                   (16, 16, 32, 300, 300, 300), (5, 16, 32, 40, 64, 16),
                                                   (4, 16, 32, 1, 8, 64), (4, 16, 40, 200, 20, 64)])
@@ -129,23 +148,11 @@ def test_native_decode_attention_equals_the_eager_path(H, Hi, Di, S, topk, block
     """One row at key position S - 1 over keys read through a block table: the cache rows it wrote,
     and its output against MLA.decode_select + MLA.attend_latent (16+ indexer heads: no ties). Di 32:
     the indexer's 16-key tiles where a block has 16 keys left, key by key after; Di 40: key by key."""
-    from dsv32.model.attention import MLA
-    from dsv32.model.config import ModelConfig
-    from dsv32.model.kv import FreshKV
     C, R = 64, 16
-    cfg = ModelConfig.from_dict(dict(
-        model_type="deepseek_v32", vocab_size=64, hidden_size=64, intermediate_size=64, moe_intermediate_size=32,
-        num_hidden_layers=1, first_k_dense_replace=1, num_attention_heads=H, num_key_value_heads=H, n_routed_experts=4, n_group=1,
-        topk_group=1, num_experts_per_tok=2, kv_lora_rank=C, q_lora_rank=32, qk_rope_head_dim=R,
-        qk_nope_head_dim=16, v_head_dim=16, index_n_heads=Hi, index_head_dim=Di, index_topk=topk))
-    a = MLA(cfg, 0)
+    a = _mla(H, Hi, Di, topk, C, R)
     latents, index_keys = torch.randn(S, C + R, generator=G) * 3, torch.randn(S, Di, generator=G)
     q, iq, iw = torch.randn(H, C + R, generator=G), torch.randn(Hi, Di, generator=G), torch.randn(Hi, generator=G)
-    kv = FreshKV()
-    kv.write(0, latents[None], index_keys[None])
-    positions = torch.tensor([[S - 1]])
-    sel = a.decode_select(iq[None, None], iw[None, None], kv, positions)
-    ref = a.attend_latent(q[None, None], kv, sel)[0, 0]
+    ref = _eager(a, latents, index_keys, q, iq, iw)
     pages = _paged(latents, index_keys, block)
     out = native.decode_attention(latents[-1], index_keys[-1], q, iq, iw, pages, S, topk, a.scale, C)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
@@ -158,4 +165,57 @@ def test_native_decode_attention_equals_the_eager_path(H, Hi, Di, S, topk, block
         native.decode_attention(latents[-1], index_keys[-1], q, iq, iw, pages._replace(block=0), S, topk, a.scale, C)
     with pytest.raises(ValueError, match="decode_attention"):         # the table covers too few keys
         native.decode_attention(latents[-1], index_keys[-1], q, iq, iw, pages, pages.table.numel() * block + 1,
+                                topk, a.scale, C)
+
+
+def _paged_fp8(latents: torch.Tensor, index_keys: torch.Tensor, block: int, C: int) -> native.Pages:
+    """`_paged` in the FP8 layout of engine/cache.py (quantize_groups: the reference of the writes)."""
+    from dsv32.engine.cache import quantize_groups
+    p = _paged(latents, index_keys, block)
+    c, c_scale = quantize_groups(p.latent[:, :C])
+    ik, ik_scale = quantize_groups(p.index)
+    return native.Pages(c, ik, p.table, block, c_scale, p.latent[:, C:].to(torch.bfloat16), ik_scale)
+
+
+def _e4m3_probes(n: int) -> torch.Tensor:
+    """n values x with x / scale (scale 1: each group of 128 starts with 448) at every e4m3 value,
+    at every midpoint between neighbours (ties to even), both signs, then random."""
+    vals = torch.arange(127, dtype=torch.uint8).view(native.FP8).float()      # 0 .. 448
+    probes = torch.cat((vals, (vals[1:] + vals[:-1]) / 2))
+    probes = torch.cat((probes, -probes, torch.randn(n, generator=G) * 100))
+    out = torch.empty(n // 128, 128)
+    out[:, 0] = 448.0
+    out[:, 1:] = probes[:out[:, 1:].numel()].view(n // 128, 127)
+    return out.flatten()
+
+
+@pytest.mark.parametrize("H,Hi,S,topk,block", [(4, 16, 700, 256, 64), (3, 17, 100, 128, 16), (4, 16, 2, 8, 64)])
+def test_native_decode_attention_over_an_fp8_cache(H, Hi, S, topk, block):
+    """The FP8 pools (e4m3 + a scale per 128, bf16 rope): the bytes the kernel writes are
+    quantize_groups' (every e4m3 value and midpoint probed), and its output is the eager path's over
+    the dequantised keys."""
+    from dsv32.engine.cache import dequantize_groups, quantize_groups
+    C, R, Di = 512, 64, 128
+    a = _mla(H, Hi, Di, topk, C, R)
+    latents, index_keys = torch.randn(S, C + R, generator=G) * 3, torch.randn(S, Di, generator=G)
+    latents[-1, :C] = _e4m3_probes(C)
+    q, iq, iw = torch.randn(H, C + R, generator=G) * 0.1, torch.randn(Hi, Di, generator=G), torch.randn(Hi, generator=G)
+    pages = _paged_fp8(latents, index_keys, block, C)
+    # the keys as the cache holds them, in fp32
+    stored_lat = torch.cat((dequantize_groups(*quantize_groups(latents[:, :C]), torch.float32),
+                            latents[:, C:].to(torch.bfloat16).float()), -1)
+    stored_ik = dequantize_groups(*quantize_groups(index_keys), torch.float32)
+    ref = _eager(a, stored_lat, stored_ik, q, iq, iw)
+    slot = int(pages.table[(S - 1) // block]) * block + (S - 1) % block
+    want = [t[-1] for t in (*quantize_groups(latents[:, :C]), latents[:, C:].to(torch.bfloat16), *quantize_groups(index_keys))]
+    for isa in ISAS:
+        for t in pages[:2] + pages[4:]:
+            t[slot] = 0
+        out = native.decode_attention(latents[-1], index_keys[-1], q, iq, iw, pages, S, topk, a.scale, C, isa)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        got = [pages.latent[slot], pages.latent_scale[slot], pages.rope[slot], pages.index[slot], pages.index_scale[slot]]
+        for g, w in zip(got, want):
+            assert torch.equal(g.view(torch.uint8), w.view(torch.uint8)), isa
+    with pytest.raises(ValueError, match="decode_attention"):                 # a pool of the wrong layout
+        native.decode_attention(latents[-1], index_keys[-1], q, iq, iw, pages._replace(rope=pages.rope.float()), S,
                                 topk, a.scale, C)

@@ -1,22 +1,28 @@
 // One decode row's attention over a paged cache in one call (built by native.py after vec.h,
-// index_topk.cpp and sparse_attention.cpp): the new token, at key position S - 1, writes its
-// latent and indexer key into its slot, selects its keys (all S while they fit in topk, else the
-// indexer's top-k) and attends over them. Reference: KV.write, MLA.decode_select, MLA.attend_latent.
+// cache_rows.cpp, index_topk.cpp and sparse_attention.cpp): the new token, at key position S - 1,
+// writes its latent and indexer key into its slot, selects its keys (all S while they fit in topk,
+// else the indexer's top-k) and attends over them. The pools are fp32 (fp8 = 0: lat_f32, ik_f32)
+// or FP8 (fp8 = 1: the latent's values, scales and bf16 rope; the indexer key's values and scales).
+// Reference: KV.write, MLA.decode_select, MLA.attend_latent.
 #include <algorithm>
 
 extern "C" void kernel(const float* latent, const float* index_k, const float* q, const float* iq, const float* iw,
-                       float* lat_pool, float* ik_pool, const int64_t* table, float* scores, int64_t* ids,
+                       float* lat_f32, float* ik_f32, uint8_t* lat_q, float* lat_scale, uint16_t* lat_rope,
+                       uint8_t* ik_q, float* ik_scale, const int64_t* table, float* scores, int64_t* ids,
                        float* o, const int64_t H, const int64_t D, const int64_t C, const int64_t Hi,
-                       const int64_t Di, const int64_t S, const int64_t topk, const int64_t B, const float scale) {
+                       const int64_t Di, const int64_t S, const int64_t topk, const int64_t B, const int64_t fp8,
+                       const float scale) {
+    Rows lat = fp8 ? Rows{nullptr, lat_q, lat_scale, lat_rope, D, D - C} : Rows{lat_f32, nullptr, nullptr, nullptr, D, 0};
+    Rows ik = fp8 ? Rows{nullptr, ik_q, ik_scale, nullptr, Di, 0} : Rows{ik_f32, nullptr, nullptr, nullptr, Di, 0};
     const int64_t slot = slot_of(table, B, S - 1);
-    std::copy(latent, latent + D, lat_pool + slot * D);
-    std::copy(index_k, index_k + Di, ik_pool + slot * Di);
+    lat.put(slot, latent);
+    ik.put(slot, index_k);
     int64_t K = S;
     if (S > topk) {
-        index_topk(iq, iw, ik_pool, table, scores, ids, Hi, Di, S, topk, B);
+        index_topk(iq, iw, ik, table, scores, ids, Hi, Di, S, topk, B);
         K = topk;
     } else {
         for (int64_t j = 0; j < S; ++j) ids[j] = j;
     }
-    sparse_attention(q, lat_pool, table, ids, o, H, K, D, C, B, scale);
+    sparse_attention(q, lat, table, ids, o, H, K, D, C, B, scale);
 }

@@ -1,8 +1,9 @@
-// The lightning indexer of one query row (decode) over every earlier key, read in place from the
-// cache pool, and its top-k: score[s] = sum_h w[h] * relu(q[h] . key_s) for the keys s = 0..S-1 at
-// pool row slot_of(table, B, s), then the k best key ids (ties: the lower id), best first. Built by
-// native.py after vec.h, before decode_attention.cpp. Blocks of keys are split across OpenMP
-// threads for the scores; the selection (nth_element, then a sort of the k) is serial.
+// The lightning indexer of one query row (decode) over every earlier key, read from the cache
+// pool (cache_rows.cpp: in place, or 16 FP8 rows at a time dequantised), and its top-k: score[s] =
+// sum_h w[h] * relu(q[h] . key_s) for the keys s = 0..S-1 at pool row slot_of(table, B, s), then
+// the k best key ids (ties: the lower id), best first. Built by native.py after cache_rows.cpp,
+// before decode_attention.cpp. Blocks of keys are split across OpenMP threads for the scores; the
+// selection (nth_element, then a sort of the k) is serial.
 //
 // With AVX-512 the scores go 16 keys at a time: per head, 16 accumulators (one a key) over the
 // key rows, then one transposing reduction turns them into a vector of 16 dot products (~46
@@ -58,20 +59,28 @@ static const int64_t TILE = 16;
 static const int64_t TILE = 0;
 #endif
 
-static void index_topk(const float* q, const float* w, const float* pool, const int64_t* table, float* scores,
+static const int64_t CHUNK = 16;                         // rows dequantised at a time (FP8)
+
+static void index_topk(const float* q, const float* w, const Rows& keys, const int64_t* table, float* scores,
                        int64_t* out, const int64_t H, const int64_t D, const int64_t S, const int64_t K,
                        const int64_t B) {
     const int64_t nb = (S + B - 1) / B;
-    #pragma omp parallel for schedule(static)
-    for (int64_t b = 0; b < nb; ++b) {                       // a block's keys lie in consecutive rows
-        const float* base = pool + table[b] * B * D;
-        const int64_t s1 = (b + 1) * B < S ? (b + 1) * B : S;
-        int64_t s = b * B;
+    #pragma omp parallel
+    {
+        std::vector<float> scratch(keys.f32 ? 0 : CHUNK * D);
+        #pragma omp for schedule(static)
+        for (int64_t b = 0; b < nb; ++b) {                   // a block's keys lie in consecutive rows
+            const int64_t s1 = (b + 1) * B < S ? (b + 1) * B : S;
+            for (int64_t s = b * B; s < s1; s += CHUNK) {
+                const int64_t n = s1 - s < CHUNK ? s1 - s : CHUNK;
+                const float* r = keys.get(table[b] * B + s - b * B, n, scratch.data());   // [n, D]
+                int64_t i = 0;
 #if ISA == 512
-        if (D % 16 == 0)
-            for (; s + TILE <= s1; s += TILE) tile_scores(q, w, base + (s - b * B) * D, H, D, scores + s);
+                if (D % 16 == 0 && n == TILE) tile_scores(q, w, r, H, D, scores + s), i = n;
 #endif
-        for (; s < s1; ++s) scores[s] = key_score(q, w, base + (s - b * B) * D, H, D);
+                for (; i < n; ++i) scores[s + i] = key_score(q, w, r + i * D, H, D);
+            }
+        }
     }
     std::vector<int64_t> ids(S);
     std::iota(ids.begin(), ids.end(), 0);

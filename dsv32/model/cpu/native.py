@@ -13,7 +13,9 @@
                         the indexer's scores over every earlier key and their top-k
                         (index_topk.cpp), the absorbed attention over the selected latent rows
                         (sparse_attention.cpp). Instead of a cache write, slot arithmetic, a gather
-                        and ~20 eager ops. Reference: KV.write, MLA.decode_select, MLA.attend_latent.
+                        and ~20 eager ops. The pools are fp32 or the FP8 layout (cache_rows.cpp
+                        quantises and dequantises their rows as engine/cache.py does). Reference:
+                        KV.write, MLA.decode_select, MLA.attend_latent.
 """
 from __future__ import annotations
 
@@ -31,8 +33,11 @@ _built: dict[tuple, Callable] = {}
 GEMV_ARGS = {torch.int8: ["const float*", "const int8_t*", "const float*", "float*"] + ["const int64_t"] * 4,
              torch.float16: ["const float*", "const uint16_t*", "float*"] + ["const int64_t"] * 3}
 GEMV_ARGS[torch.bfloat16] = GEMV_ARGS[torch.float16]
-DECODE_ATTENTION_ARGS = (["const float*"] * 5 + ["float*", "float*", "const int64_t*", "float*", "int64_t*", "float*"]
-                         + ["const int64_t"] * 8 + ["const float"])
+DECODE_ATTENTION_ARGS = (["const float*"] * 5 + ["float*", "float*", "uint8_t*", "float*", "uint16_t*", "uint8_t*", "float*"]
+                         + ["const int64_t*", "float*", "int64_t*", "float*"] + ["const int64_t"] * 9 + ["const float"])
+FP8 = torch.float8_e4m3fn
+GROUP = 128                 # FP8 pools: one fp32 scale per GROUP values
+_NONE = torch.empty(0)      # the pointer arguments of the layout not in use
 
 
 def supports(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None) -> bool:
@@ -70,13 +75,33 @@ def binding(dtype: torch.dtype, isa: int | None = None) -> Callable:
 
 class Pages(NamedTuple):
     """One row's keys in a key store's own storage, read and written in place: key position s is
-    row `table[s // block] * block + s % block` of both pools (fp32, contiguous); a contiguous
-    store is one block, table [0]."""
+    row `table[s // block] * block + s % block` of every pool; a contiguous store is one block,
+    table [0]. The pools are fp32 (latent [N, C+R], index [N, Di]) or FP8 (engine/cache.py's layout:
+    latent e4m3 [N, C] with latent_scale [N, C/128] and bf16 rope [N, R], index e4m3 [N, Di] with
+    index_scale [N, Di/128]); all contiguous."""
 
-    latent: torch.Tensor    # [N, C+R]
-    index: torch.Tensor     # [N, Di]
+    latent: torch.Tensor
+    index: torch.Tensor
     table: torch.Tensor     # [nb] int64
     block: int
+    latent_scale: torch.Tensor | None = None
+    rope: torch.Tensor | None = None
+    index_scale: torch.Tensor | None = None
+
+
+def _pools_ok(p: Pages, D: int, Di: int, C: int) -> bool:
+    """Whether the pools of `p` have the layout `Pages` describes for these sizes."""
+    pools = [t for t in (p.latent, p.index, p.latent_scale, p.rope, p.index_scale) if t is not None]
+    if not all(t.dim() == 2 and t.is_contiguous() for t in pools):
+        return False
+    if p.latent.dtype == torch.float32:
+        return (len(pools) == 2 and p.index.dtype == torch.float32 and p.latent.shape[1] == D
+                and p.index.shape[1] == Di)
+    N = p.latent.shape[0]
+    return (len(pools) == 5 and p.latent.dtype == p.index.dtype == FP8 and p.rope.dtype == torch.bfloat16
+            and p.latent_scale.dtype == p.index_scale.dtype == torch.float32 and C % GROUP == 0 and Di % GROUP == 0
+            and all(t.shape[0] == N for t in pools) and p.latent.shape[1] == C and p.rope.shape[1] == D - C
+            and p.latent_scale.shape[1] == C // GROUP and p.index.shape[1] == Di and p.index_scale.shape[1] == Di // GROUP)
 
 
 def decode_attention(latent: torch.Tensor, index_k: torch.Tensor, q: torch.Tensor, iq: torch.Tensor,
@@ -88,22 +113,23 @@ def decode_attention(latent: torch.Tensor, index_k: torch.Tensor, q: torch.Tenso
     (the softmax(scale q . row) weighted sum of row[:C] over the selected rows). `isa`: as for
     `binding`."""
     (H, D), (Hi, Di) = q.shape, iq.shape
-    lat, ik, table, block = pages
-    ok = (all(t.dtype == torch.float32 for t in (latent, index_k, q, iq, iw, lat, ik))
-          and lat.dim() == ik.dim() == 2 and lat.is_contiguous() and ik.is_contiguous()
-          and lat.shape[1] == latent.numel() == D and ik.shape[1] == index_k.numel() == Di
-          and C <= D and table.dtype == torch.int64 and table.is_contiguous() and block > 0
-          and 0 < S <= table.numel() * block and topk > 0)
+    table, block = pages.table, pages.block
+    ok = (all(t.dtype == torch.float32 for t in (latent, index_k, q, iq, iw)) and latent.numel() == D
+          and index_k.numel() == Di and C <= D and _pools_ok(pages, D, Di, C) and table.dtype == torch.int64
+          and table.is_contiguous() and block > 0 and 0 < S <= table.numel() * block and topk > 0)
     if not ok:
+        layout = ", ".join(f"{tuple(t.shape)} {t.dtype}" for t in pages if isinstance(t, torch.Tensor))
         raise ValueError(f"native decode_attention: unsupported shapes or dtypes: q {tuple(q.shape)} {q.dtype}, "
-                         f"latent {tuple(latent.shape)}, iq {tuple(iq.shape)}, pools {tuple(lat.shape)} {lat.dtype} / "
-                         f"{tuple(ik.shape)} {ik.dtype} (fp32, contiguous), table {tuple(table.shape)} {table.dtype} "
-                         f"of {block}-key blocks for {S} keys")
-    f = _build(("index_topk.cpp", "sparse_attention.cpp", "decode_attention.cpp"),
+                         f"latent {tuple(latent.shape)}, iq {tuple(iq.shape)}, C {C}, pools and table {layout} "
+                         f"(fp32, or FP8 as native.Pages describes; contiguous) of {block}-key blocks for {S} keys")
+    f = _build(("cache_rows.cpp", "index_topk.cpp", "sparse_attention.cpp", "decode_attention.cpp"),
                [] if isa is None else [f"ISA {isa}"], DECODE_ATTENTION_ARGS)
     o, scores, ids = q.new_empty(H, C), q.new_empty(S), torch.empty(min(S, topk), dtype=torch.int64)
-    f(latent.contiguous(), index_k.contiguous(), q.contiguous(), iq.contiguous(), iw.contiguous(), lat, ik, table,
-      scores, ids, o, H, D, C, Hi, Di, S, topk, block, float(scale))
+    fp8 = pages.latent.dtype == FP8
+    pools = ([_NONE, _NONE, pages.latent, pages.latent_scale, pages.rope, pages.index, pages.index_scale] if fp8
+             else [pages.latent, pages.index] + [_NONE] * 5)
+    f(latent.contiguous(), index_k.contiguous(), q.contiguous(), iq.contiguous(), iw.contiguous(), *pools, table,
+      scores, ids, o, H, D, C, Hi, Di, S, topk, block, int(fp8), float(scale))
     return o
 
 

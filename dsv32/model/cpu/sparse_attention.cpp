@@ -2,7 +2,8 @@
 // in place from the cache pool: for each head h,
 //   o[h, :C] = sum_j softmax_j(scale * q[h] . row_j) * row_j[:C]
 // over the K selected key positions ids[j] (-1: an empty selection, skipped), row_j the pool row
-// at slot_of(table, B, ids[j]). Built by native.py after vec.h, before decode_attention.cpp.
+// at slot_of(table, B, ids[j]) (cache_rows.cpp: in place, or dequantised). Built by native.py after
+// index_topk.cpp, before decode_attention.cpp.
 // The selected rows are split across OpenMP threads and each is read once, for every head: an
 // online softmax (running max and sum per head) accumulates each thread's part, and the parts are
 // merged in thread order at the end.
@@ -18,7 +19,7 @@ static inline void scale_axpy(float* o, float a, float w, const float* r, int64_
     for (; c < C; ++c) o[c] = a * o[c] + w * r[c];
 }
 
-static void sparse_attention(const float* q, const float* pool, const int64_t* table, const int64_t* ids, float* o,
+static void sparse_attention(const float* q, const Rows& rows, const int64_t* table, const int64_t* ids, float* o,
                              const int64_t H, const int64_t K, const int64_t D, const int64_t C, const int64_t B,
                              const float scale) {
     const int64_t P = C + 2;                               // per head: o[:C], running max, running sum
@@ -29,6 +30,7 @@ static void sparse_attention(const float* q, const float* pool, const int64_t* t
         const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
         if (t == 0) used = (int)nt;
         float* mine = part.data() + t * H * P;
+        std::vector<float> scratch(rows.f32 ? 0 : D);
         for (int64_t h = 0; h < H; ++h) {
             for (int64_t c = 0; c < C; ++c) mine[h * P + c] = 0.f;
             mine[h * P + C] = -INFINITY, mine[h * P + C + 1] = 0.f;
@@ -37,11 +39,9 @@ static void sparse_attention(const float* q, const float* pool, const int64_t* t
         const int64_t j1 = K * (t + 1) / nt;
         for (int64_t j = K * t / nt; j < j1; ++j) {
             if (ids[j] < 0) continue;
-            const float* r = pool + slot_of(table, B, ids[j]) * D;
-            if (j + 1 < j1 && ids[j + 1] >= 0) {           // the next row's lines, while this one is summed
-                const char* nxt = (const char*)(pool + slot_of(table, B, ids[j + 1]) * D);
-                for (int64_t c = 0; c < D * (int64_t)sizeof(float); c += 64) __builtin_prefetch(nxt + c);
-            }
+            const float* r = rows.get(slot_of(table, B, ids[j]), 1, scratch.data());
+            if (j + 1 < j1 && ids[j + 1] >= 0)             // the next row's lines, while this one is summed
+                rows.prefetch(slot_of(table, B, ids[j + 1]));
             for (int64_t h0 = 0; h0 < H; h0 += 4) {
                 const int64_t n = H - h0 < 4 ? H - h0 : 4;
                 dots4(q + h0 * D, r, D, n, s);
