@@ -50,3 +50,17 @@ def test_kernel_follows_replaced_weights_shapes_and_static_values():
         x3 = torch.randn(3, 32, generator=G)
         torch.testing.assert_close(k(m, x3, 1.0), _f(m, x3, 1.0), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(k(m, dynamic(x3.clone(), 0), 1.0), _f(m, x3, 1.0), rtol=1e-5, atol=1e-5)
+
+
+def test_a_graph_built_again_comes_from_inductors_cache():
+    """What a fresh process does: the same function and shapes traced again hit inductor's FX graph
+    cache (no 'No shape env' bypass), instead of compiling every graph for ~10 s again."""
+    from torch._dynamo.utils import counters
+    m, x = Tiny(), torch.randn(1, 32, generator=G)
+    with torch.inference_mode():
+        want = kernel(_f, "cache", 1)(m, x, 5.0)                  # built (or already cached on disk)
+        before = dict(counters["inductor"])
+        got = kernel(_f, "cache", 2)(m, x, 5.0)                   # another key: built again
+    hits = counters["inductor"]["fxgraph_cache_hit"] - before.get("fxgraph_cache_hit", 0)
+    assert hits == 1 and counters["inductor"]["fxgraph_cache_bypass"] == before.get("fxgraph_cache_bypass", 0)
+    torch.testing.assert_close(got, want)

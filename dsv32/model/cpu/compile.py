@@ -132,7 +132,7 @@ class Kernel:
                 if i not in keep:
                     gm.graph.erase_node(n)
             gm.recompile()
-            return [i for i in keep if i < n_state], compile_fx(gm, [inputs[i] for i in keep])
+            return [i for i in keep if i < n_state], compile_fx(gm, _fake([inputs[i] for i in keep]))
         except Exception as e:                              # noqa: BLE001  (re-raised, explained)
             raise KernelError(f"inductor could not build kernel {self.name} (a C++ compiler and the "
                               f"Python headers are needed at run time): {e}") from e
@@ -145,6 +145,16 @@ class Kernel:
         except (torch._dynamo.exc.BackendCompilerFailed, OSError) as e:
             raise KernelError(f"inductor could not build kernel {self.name} (a C++ compiler and the "
                               f"Python headers are needed at run time): {e}") from e
+
+
+def _fake(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The example inputs as fake tensors of a mode with a (static) ShapeEnv: inductor's FX graph
+    cache refuses graphs without one ('No shape env'), so every fresh process would compile every
+    graph again (~10 s of a packed model's first request)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+    mode = FakeTensorMode(shape_env=ShapeEnv(), static_shapes=True)
+    return [mode.from_tensor(t, static_shapes=True) for t in inputs]
 
 
 def tracing() -> bool:
