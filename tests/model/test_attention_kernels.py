@@ -36,6 +36,12 @@ def test_blocked_scores_equal_reference_scores(monkeypatch):
     got = index_scores(q[0], w[0], [(pos, keys[0, pos])], 50)
     torch.testing.assert_close(got[:, pos], want[:, pos], rtol=1e-5, atol=1e-5)
     assert torch.isinf(got[:, 3]).all()
+    # runs of consecutive keys out of order, with gaps before, between and after them: -inf there
+    got = index_scores(q[0], w[0], [(600, keys[0, 600:900]), (10, keys[0, 10:500])], 1000)
+    held = torch.zeros(1000, dtype=torch.bool)
+    held[10:500] = held[600:900] = True
+    torch.testing.assert_close(got[:, held], want[:, :1000][:, held], rtol=1e-5, atol=1e-5)
+    assert torch.isinf(got[:, ~held]).all() and (got[:, ~held] < 0).all()
 
 
 def test_fast_select_equals_reference_with_causal_and_empty_slots():
