@@ -34,7 +34,7 @@ PARTS = [
     (3, "cache writes", "dsv32.engine.cache:PagedKV", "write"),
     (3, "indexer scores + top-k", "dsv32.model.attention:MLA", "decode_select"),
     (3, "sparse attention over the gathered latents", "dsv32.model.attention:MLA", "attend_latent"),
-    (3, "attention of one row (native: cache write, indexer top-k, sparse attention)", "dsv32.model.decode", "_attention_row"),
+    (3, "attention of each row (native: cache write, indexer top-k, sparse attention)", "dsv32.model.decode", "_attention_rows"),
     (3, "compiled: W_uv, o_proj, MLP", "kernel", "_attn_out"),
     (3, "compiled: W_uv, o_proj, router, shared expert", "kernel", "_attn_out_moe"),
     (3, "routed experts", "dsv32.model.moe:MoE", "routed"),

@@ -204,12 +204,14 @@ class PagedKV:
     def gather_latent(self, layer: int, idx: torch.Tensor) -> torch.Tensor:
         return self.cache.read_latent(layer, self._slots(idx))                           # [B, T, K, C+R]
 
-    def pages(self, layer: int) -> Pages | None:
-        """Row 0's keys in the cache's pools, through its block table (None unless it computes in
-        fp32)."""
-        c, table = self.cache, self.block_tables[0]
+    def pages(self, layer: int, row: int = 0) -> tuple[Pages, int] | None:
+        """Row `row`'s keys in the cache's pools, through its block table, and its key count
+        (None unless the cache computes in fp32)."""
+        c, table = self.cache, self.block_tables[row]
         if c.dtype != torch.float32:
             return None
         if c.fp8:
-            return Pages(c.c[layer], c.ik[layer], table, self.bs, c.c_scale[layer], c.pe[layer], c.ik_scale[layer])
-        return Pages(c.lat[layer], c.ik[layer], table, self.bs)
+            pages = Pages(c.c[layer], c.ik[layer], table, self.bs, c.c_scale[layer], c.pe[layer], c.ik_scale[layer])
+        else:
+            pages = Pages(c.lat[layer], c.ik[layer], table, self.bs)
+        return pages, self.context_lens[row]

@@ -3,9 +3,8 @@ over the cache, everything a block computes runs as compiled graphs (inductor; t
 reductions inline): the projections into attention (input norm, MLA and indexer projections,
 rope, the absorbed query) in one call, and everything after it (W_uv, o_proj, residual, post
 norm, the MLP, or the MoE router and shared expert) in another, instead of ~100 eager ops per
-layer. Each routed expert of a MoE layer is one call too. One row's attention (cache write,
-indexer top-k, sparse attention) is one native call over the paged cache (cpu/native.py); a
-batch's runs eagerly (top-k selection, latent gather).
+layer. Each routed expert of a MoE layer is one call too. Each row's attention (cache write,
+indexer top-k, sparse attention) is one native call over the paged cache (cpu/native.py).
 
 The slow reference is the ordinary eager `Block.forward`, which tests hold this to.
 """
@@ -80,18 +79,17 @@ def _routed_row(moe: MoE, x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor) -
     return y
 
 
-def _attention_row(a, q, latent, index_k, iq, iw, kv, positions: torch.Tensor) -> torch.Tensor | None:
-    """The cache write, `a.decode_select` and `a.attend_latent` of one row (q [1, 1, H, C+R]) in one
-    native call over the key store's own storage (fp32, or the paged cache's FP8 pools) -> o_lat
-    [1, 1, H, C]; None where the store offers none (a store of the forward's tensors, a bf16 one)
-    or the query is not the last key (then the eager path runs)."""
-    S = kv.num_keys(a.layer_idx)
-    pages = kv.pages(a.layer_idx)
-    if pages is None or int(positions[0, 0]) != S - 1:
+def _attention_rows(a, q, latent, index_k, iq, iw, kv, positions: torch.Tensor) -> torch.Tensor | None:
+    """The cache write, `a.decode_select` and `a.attend_latent` of each row (q [B, 1, H, C+R]) as
+    one native call a row over the key store's own storage (fp32, or the paged cache's FP8 pools)
+    -> o_lat [B, 1, H, C]; None where the store offers none (a store of the forward's tensors, a
+    bf16 one) or a row's query is not its last key (then the eager path runs for every row)."""
+    rows = [kv.pages(a.layer_idx, b) for b in range(q.shape[0])]
+    if any(r is None or p != r[1] - 1 for r, p in zip(rows, positions[:, 0].tolist())):
         return None
-    o = native.decode_attention(latent.view(-1), index_k.view(-1), q[0, 0], iq[0, 0], iw[0, 0], pages, S,
-                                a.topk, a.scale, a.kv_rank)
-    return o.view(1, 1, -1, a.kv_rank)
+    outs = [native.decode_attention(latent[b].view(-1), index_k[b].view(-1), q[b, 0], iq[b, 0], iw[b, 0], pages, S,
+                                    a.topk, a.scale, a.kv_rank) for b, (pages, S) in enumerate(rows)]
+    return (outs[0] if len(outs) == 1 else torch.stack(outs)).view(len(outs), 1, -1, a.kv_rank)
 
 
 def step(block, h: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv
@@ -104,13 +102,13 @@ def step(block, h: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin
             dynamic(t, 0)
     a = block.self_attn
     q, latent, index_k, iq, iw = kernel(_attn_in, *key)(block, h, cos, sin)
-    o_lat = _attention_row(a, q, latent, index_k, iq, iw, kv, positions) if one else None  # [1, 1, H, C]
+    o_lat = _attention_rows(a, q, latent, index_k, iq, iw, kv, positions)                # [B, 1, H, C]
     if o_lat is None:
         kv.write(a.layer_idx, latent, index_k)
         sel = a.decode_select(iq, iw, kv, positions)                                      # [B, 1, K]
-        o_lat = a.attend_latent(q, kv, sel)                                               # [B, 1, H, C]
-        if not one:
-            dynamic(o_lat, 0)
+        o_lat = a.attend_latent(q, kv, sel)
+    if not one:
+        dynamic(o_lat, 0)
     if not isinstance(block.mlp, MoE):
         return kernel(_attn_out, *key)(block, h, o_lat)
     h, x, w, ids, shared = kernel(_attn_out_moe, *key)(block, h, o_lat)

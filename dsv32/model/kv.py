@@ -40,9 +40,10 @@ class FreshKV:
     def gather_latent(self, layer: int, idx: torch.Tensor) -> torch.Tensor:
         return gather_rows(self.latents[layer], idx)
 
-    def pages(self, layer: int) -> Pages | None:
-        """Row 0's keys in this store's own storage, for a native kernel to read and write in
-        place, or None (here: the store keeps the forward's tensors, not storage)."""
+    def pages(self, layer: int, row: int = 0) -> tuple[Pages, int] | None:
+        """Row `row`'s keys in this store's own storage, for a native kernel to read and write in
+        place, and how many keys the row holds after this forward; or None (here: the store keeps
+        the forward's tensors, not storage)."""
         return None
 
 
@@ -99,11 +100,11 @@ class ContiguousKV:
     def gather_latent(self, layer: int, idx: torch.Tensor) -> torch.Tensor:
         return gather_rows(self.lat[layer, : idx.shape[0], : self.end_pos], idx)
 
-    def pages(self, layer: int) -> Pages | None:
+    def pages(self, layer: int, row: int = 0) -> tuple[Pages, int] | None:
         if self.quantize is not None or self.lat.dtype != torch.float32:
             return None
-        return Pages(self.lat[layer, 0], self.idx[layer, 0], torch.zeros(1, dtype=torch.int64, device=self.lat.device),
-                     self.lat.shape[2])
+        one_block = torch.zeros(1, dtype=torch.int64, device=self.lat.device)
+        return Pages(self.lat[layer, row], self.idx[layer, row], one_block, self.lat.shape[2]), self.end_pos
 
 
 def gather_rows(keys: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

@@ -1,11 +1,12 @@
 """The engine with packed weights: its fast decode (model/decode.py: compiled graphs around the
-eager selection over the paged cache, ragged batches) against full forwards of the same weights
+native attention of each row over the paged cache, ragged batches) against full forwards of the same weights
 through the eager reference."""
 import pytest
 import torch
 
 from dsv32.model import decode
 from dsv32.model.block import Block
+from dsv32.model.cpu import native
 from dsv32.model.cpu.compile import kernel
 from dsv32.model.checkpoint import load_model
 from dsv32.model.init_tiny import init_tiny
@@ -20,12 +21,14 @@ def ckpt(tmp_path_factory):
 
 def test_int8_engine_decode_equals_full_forward(ckpt, monkeypatch):
     model = load_model(ckpt, weight_format="int8", progress=False)
-    steps = []
-    real = decode.step
+    steps, calls = [], []
+    real, attention = decode.step, native.decode_attention
     monkeypatch.setattr(decode, "step", lambda *a: steps.append(a[1].shape[0]) or real(*a))
+    monkeypatch.setattr(native, "decode_attention", lambda *a: calls.append(a[6]) or attention(*a))
     prompts = prompts_of([30, 9, 45])                    # sparse selection and all-keys rows, ragged
     outs = run(make_engine(ckpt, model), prompts, [greedy(6)] * 3)
     assert 3 in steps                                    # a decode step of all three rows took it
+    assert len(calls) == sum(steps)                      # each row of each block step: one native call
     for m in model.modules():
         if isinstance(m, Block):
             m.forward = m.reference                      # full forwards: eager, T > 1 anyway
