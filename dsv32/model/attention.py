@@ -30,6 +30,9 @@ SCORE_BLOCK = 1 << 24
 # Sparse attention gathers the selected latent rows of this many elements at a time (4 MiB in
 # fp32), so both products read them from cache, not memory.
 GATHER_BLOCK = 1 << 20
+# ... and the outputs of this many elements (o_lat: queries x heads x kv_lora_rank) go through W_uv
+# together: packed weights dequantise W_uv a tile at a time per call, too often for 7-query chunks.
+ABSORB_BLOCK = 1 << 22
 # SERVED prefill chunks over at most this many keys run the dense-masked expanded MHA (TOPK_MASKED:
 # the same numbers, GEMM and flash-attention speed) instead of gathering rows (TOPK_GATHERED).
 DENSE_MAX_KEYS = 4096
@@ -237,8 +240,12 @@ class MLA(nn.Module):
         q = torch.cat((self.absorb_q(q_nope), q_pe), dim=-1)            # [B, T, H, C+R]
         B, T, H, _ = q.shape
         out = q.new_empty(B, T, H, self.v_dim)
-        for c in _query_chunks(T, H * idx.shape[-1] + idx.shape[-1] * q.shape[-1], GATHER_BLOCK):
-            out[:, c] = self.absorb_o(self.attend_latent(q[:, c], kv, idx[:, c]))
+        per_query = H * idx.shape[-1] + idx.shape[-1] * q.shape[-1]
+        for g in _query_chunks(T, B * H * self.kv_rank, ABSORB_BLOCK):
+            chunks = [slice(g.start + c.start, g.start + c.stop)
+                      for c in _query_chunks(g.stop - g.start, per_query, GATHER_BLOCK)]
+            o_lat = torch.cat([self.attend_latent(q[:, c], kv, idx[:, c]) for c in chunks], 1)   # [B, g, H, C]
+            out[:, g] = self.absorb_o(o_lat)
         return out
 
     def attend_latent(self, q: torch.Tensor, kv, sel: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from dsv32.model import attention
 from dsv32.model.attention import Attention
 from dsv32.model.config import ModelConfig, RopeScaling
 from dsv32.model.kv import ContiguousKV, FreshKV
@@ -127,13 +128,19 @@ def test_absorbed_equals_expanded_mla(model):
     assert torch.allclose(expanded, absorbed, atol=1e-5, rtol=1e-4)
 
 
-def test_gathered_sparse_equals_dense_masked(model):
+def test_gathered_sparse_equals_dense_masked(model, monkeypatch):
     x = ids(T=48)
     dense = model(x, attention=Attention.TOPK_MASKED)
     sparse = model(x, attention=Attention.TOPK_GATHERED)
     auto = model(x)
     assert (dense - sparse).abs().max() < 1e-4
     assert (dense - auto).abs().max() < 1e-4
+    # queries gathered a few at a time, and W_uv applied to groups of them (the last ones short)
+    a = model.model.layers[0].self_attn
+    monkeypatch.setattr(attention, "GATHER_BLOCK", 3 * (a.n_heads * a.topk + a.topk * (a.kv_rank + a.rope)))
+    monkeypatch.setattr(attention, "ABSORB_BLOCK", 10 * x.shape[0] * a.n_heads * a.kv_rank)
+    chunked = model(x, attention=Attention.TOPK_GATHERED)
+    assert (dense - chunked).abs().max() < 1e-4
 
 
 def test_sparsity_matters():

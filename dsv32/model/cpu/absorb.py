@@ -1,6 +1,6 @@
 """MLA's absorbed `kv_b_proj` for packed weights: `q_nope @ W_uk` into the latent space and
-`o_lat @ W_uv^T` out of it, reading the packed weight [H*(nope+v), C] in place (decode: compiled
-kernels over all heads; many tokens: one dequantised tile of heads at a time, then einsum).
+`o_lat @ W_uv^T` out of it, reading the packed weight [H*(nope+v), C] in place (one token: compiled
+kernels over all heads; more: one dequantised tile of heads at a time, then einsum).
 
 `absorb_reference` is the slow obvious reference: the whole weight dequantised, then einsum.
 """
@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from .compile import dynamic, kernel, tracing
-from .packed import GEMV_MAX_ROWS, TILE_ELEMS, dequantize
+from .compile import kernel, tracing
+from .packed import TILE_ELEMS, dequantize
 
 
 def _heads(w: torch.Tensor, scale: torch.Tensor | None, H: int) -> torch.Tensor:
@@ -61,12 +61,10 @@ def absorb(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, nope: i
     M = x3.shape[0]
     if tracing():               # traced into a larger graph (model/decode.py)
         y = _q_kernel(x3, w, scale) if query else _o_kernel(x3, w, scale, nope)
-    elif M > GEMV_MAX_ROWS:
+    elif M > 1:                 # prefill (its last few queries too: no shape to compile mid-request)
         y = _tiled(x3, w, scale, nope, query)
     else:
-        if M > 1:
-            dynamic(x3, 0)
-        key = (w.dtype, tuple(w.shape), H, nope, M == 1)
+        key = (w.dtype, tuple(w.shape), H, nope)
         if query:
             y = kernel(_q_kernel, *key)(x3, w, scale)
         else:
