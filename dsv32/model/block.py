@@ -28,7 +28,7 @@ class Block(nn.Module):
 
     def forward(self, h, positions, cos, sin, kv, attention: Attention = Attention.SERVED,
                 doc: torch.Tensor | None = None, hooks: Hooks | None = None):
-        if decode.applies(self, h, attention, doc, hooks):   # packed weights, one token per row
+        if decode.applies(self, h, attention, doc, hooks):   # CPU decode, one token per row
             return decode.step(self, h, positions, cos, sin, kv)
         return self.reference(h, positions, cos, sin, kv, attention, doc, hooks)
 

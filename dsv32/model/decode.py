@@ -1,28 +1,49 @@
-"""Fast decode for packed weights: one new token per row, SERVED attention. Around the attention
-over the cache, everything a block computes runs as compiled graphs (inductor; the packed
-reductions inline): the projections into attention (input norm, MLA and indexer projections,
-rope, the absorbed query) in one call, and everything after it (W_uv, o_proj, residual, post
-norm, the MLP, or the MoE router and shared expert) in another, instead of ~100 eager ops per
-layer. Each routed expert of a MoE layer is one call too. Each row's attention (cache write,
-indexer top-k, sparse attention) is one native call over the paged cache (cpu/native.py).
+"""Fast CPU decode (packed weights, and fp32 ones where inductor finds a C++ compiler): one new
+token per row, SERVED attention. Around the attention over the cache, everything a block computes
+runs as compiled graphs (inductor; the packed reductions inline): the projections into attention
+(input norm, MLA and indexer projections, rope, the absorbed query) in one call, and everything
+after it (W_uv, o_proj, residual, post norm, the MLP, or the MoE router and shared expert) in
+another, instead of ~100 eager ops per layer. Each routed expert of a MoE layer is one call too.
+Each row's attention (cache write, indexer top-k, sparse attention) is one native call over the
+paged cache (cpu/native.py).
 
-The slow reference is the ordinary eager `Block.forward`, which tests hold this to.
+The slow reference is the eager `Block.reference`, which tests hold this to.
 """
 from __future__ import annotations
+
+import functools
+import warnings
 
 import torch
 
 from .attention import Attention
 from .cpu import native
-from .cpu.compile import dynamic, kernel
+from .cpu.compile import KernelError, dynamic, kernel, require_compiler
 from .moe import MLP, MoE
 
 
 def applies(block, h: torch.Tensor, attention: Attention, doc, hooks) -> bool:
     """Whether `block`'s forward of h [B, T, D] takes this path: T = 1, SERVED, no documents or
-    hooks, one process, packed weights (which need inductor anyway)."""
-    return (h.shape[1] == 1 and attention is Attention.SERVED and doc is None and hooks is None
-            and not block.pc.enabled and block.self_attn.q_a_proj.packed is not None)
+    hooks, one process, and packed weights (which need inductor anyway) or fp32 ones on the CPU
+    with a C++ compiler at hand."""
+    if h.shape[1] != 1 or attention is not Attention.SERVED or doc is not None or hooks is not None or block.pc.enabled:
+        return False
+    w = block.self_attn.q_a_proj
+    return w.packed is not None or (w.weight.dtype == h.dtype == torch.float32 and h.device.type == "cpu"
+                                    and _compiles())
+
+
+@functools.cache
+def _compiles() -> bool:
+    """Whether inductor finds a C++ compiler here; without one, fp32 blocks decode eagerly (their
+    reference forward: ~2x the time of the compiled graphs on the bench model), and a warning says
+    so once."""
+    try:
+        require_compiler()
+        return True
+    except KernelError as e:
+        warnings.warn(f"fp32 decode runs the eager blocks: {e}", stacklevel=2)
+        return False
 
 
 def _norm(norm, h: torch.Tensor) -> torch.Tensor:

@@ -49,3 +49,31 @@ def test_one_row_decode_runs_the_direct_graphs_and_equals_full_forward(ckpt, fmt
         if isinstance(m, Block):
             m.forward = m.reference
     check_against_full_forward(model, prompts[0], outs[0])
+
+
+def test_fp32_decode_takes_the_compiled_path_and_without_a_compiler_the_eager_one(ckpt, monkeypatch):
+    """fp32 weights on the CPU decode through the same graphs and native attention (equal to full
+    forwards); with no C++ compiler found they run the eager blocks, and a warning says so."""
+    from dsv32.model.cpu.compile import KernelError
+    model = load_model(ckpt, progress=False)
+    prompts = prompts_of([30, 9])
+    steps = []
+    real = decode.step
+    monkeypatch.setattr(decode, "step", lambda *a: steps.append(a[1].shape[0]) or real(*a))
+    compiled = run(make_engine(ckpt, model), prompts, [greedy(6)] * 2)
+    assert steps                                          # the fp32 blocks took it
+    for p, o in zip(prompts, compiled):
+        check_against_full_forward(model, p, o)
+
+    def missing():
+        raise KernelError("no C++ compiler (test)")
+    monkeypatch.setattr(decode, "require_compiler", missing)
+    decode._compiles.cache_clear()
+    try:
+        steps.clear()
+        with pytest.warns(UserWarning, match="fp32 decode runs the eager blocks: no C\\+\\+ compiler"):
+            eager = run(make_engine(ckpt, model), prompts, [greedy(6)] * 2)
+        assert not steps
+        assert [o.outputs[0].token_ids for o in eager] == [o.outputs[0].token_ids for o in compiled]
+    finally:
+        decode._compiles.cache_clear()
