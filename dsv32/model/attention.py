@@ -242,9 +242,10 @@ class MLA(nn.Module):
         out = q.new_empty(B, T, H, self.v_dim)
         per_query = H * idx.shape[-1] + idx.shape[-1] * q.shape[-1]
         for g in _query_chunks(T, B * H * self.kv_rank, ABSORB_BLOCK):
-            chunks = [slice(g.start + c.start, g.start + c.stop)
-                      for c in _query_chunks(g.stop - g.start, per_query, GATHER_BLOCK)]
-            o_lat = torch.cat([self.attend_latent(q[:, c], kv, idx[:, c]) for c in chunks], 1)   # [B, g, H, C]
+            o_lat = q.new_empty(B, g.stop - g.start, H, self.kv_rank)                  # [B, g, H, C]
+            for c in _query_chunks(g.stop - g.start, per_query, GATHER_BLOCK):    # copied in: a chunk's
+                qc = slice(g.start + c.start, g.start + c.stop)                    # result can be a view of
+                o_lat[:, c] = self.attend_latent(q[:, qc], kv, idx[:, qc])       # its gathered rows
             out[:, g] = self.absorb_o(o_lat)
         return out
 
