@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from dsv32.model.cpu.native import Pages
+from dsv32.model.cpu.native import GROUP as QUANT_GROUP, Pages
 from dsv32.model.fp8 import FP8, FP8_MAX
 
-QUANT_GROUP = 128
 MIN_RUN_BLOCKS = 4       # shorter runs of consecutive blocks are gathered (copied) for the indexer
 
 

@@ -180,7 +180,7 @@ def _paged_fp8(latents: torch.Tensor, index_keys: torch.Tensor, block: int, C: i
 def _e4m3_probes(n: int) -> torch.Tensor:
     """n values x with x / scale (scale 1: each group of 128 starts with 448) at every e4m3 value,
     at every midpoint between neighbours (ties to even), both signs, then random."""
-    vals = torch.arange(127, dtype=torch.uint8).view(native.FP8).float()      # 0 .. 448
+    vals = torch.arange(127, dtype=torch.uint8).view(torch.float8_e4m3fn).float()      # 0 .. 448
     probes = torch.cat((vals, (vals[1:] + vals[:-1]) / 2))
     probes = torch.cat((probes, -probes, torch.randn(n, generator=G) * 100))
     out = torch.empty(n // 128, 128)

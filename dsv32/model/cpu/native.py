@@ -24,6 +24,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from ..fp8 import FP8
 from .compile import KernelError, require_compiler
 
 DEFINES = {torch.int8: "INT8", torch.float16: "HALF_FP16", torch.bfloat16: "HALF_BF16"}
@@ -35,8 +36,7 @@ GEMV_ARGS = {torch.int8: ["const float*", "const int8_t*", "const float*", "floa
 GEMV_ARGS[torch.bfloat16] = GEMV_ARGS[torch.float16]
 DECODE_ATTENTION_ARGS = (["const float*"] * 5 + ["float*", "float*", "uint8_t*", "float*", "uint16_t*", "uint8_t*", "float*"]
                          + ["const int64_t*", "float*", "int64_t*", "float*"] + ["const int64_t"] * 9 + ["const float"])
-FP8 = torch.float8_e4m3fn
-GROUP = 128                 # FP8 pools: one fp32 scale per GROUP values
+GROUP = 128                 # FP8 pools: one fp32 scale per GROUP values (cache_rows.cpp's GROUP)
 _NONE = torch.empty(0)      # the pointer arguments of the layout not in use
 
 
