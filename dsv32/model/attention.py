@@ -20,7 +20,7 @@ from .config import ModelConfig
 from .fp8 import act_quant_dequant
 from .hooks import Hooks, IndexView
 from .cpu.absorb import absorb
-from .cpu.indexer import causal_topk, index_scores, runs_of
+from .cpu.indexer import ascending, causal_topk, index_scores, runs_of
 from .layers import Linear, RMSNorm, hadamard, rope_half, rope_interleaved
 from dsv32.parallel.context import SINGLE, ParallelContext
 
@@ -115,11 +115,11 @@ class Indexer(nn.Module):
         return torch.einsum("bths,bth->bts", s, w)
 
     def top(self, scores: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-        """Index scores [B, T, S] -> the top-k visible key ids [B, T, K]; -1 marks empty slots
-        (fewer visible keys than K)."""
+        """Index scores [B, T, S] -> the top-k visible key ids [B, T, K], ascending; -1 marks empty
+        slots after them (fewer visible keys than K)."""
         K = min(self.topk, scores.shape[-1])
         val, idx = scores.masked_fill(~visible, float("-inf")).topk(K, dim=-1)   # [B, T, K]
-        return idx.masked_fill(val == float("-inf"), -1)
+        return ascending(idx.masked_fill(val == float("-inf"), -1))
 
     def select(self, q: torch.Tensor, w: torch.Tensor, keys, positions: torch.Tensor,
                doc: torch.Tensor | None = None, S: int | None = None) -> torch.Tensor:

@@ -11,14 +11,11 @@ The slow reference is the eager `Block.reference`, which tests hold this to.
 """
 from __future__ import annotations
 
-import functools
-import warnings
-
 import torch
 
 from .attention import Attention
 from .cpu import native
-from .cpu.compile import KernelError, dynamic, kernel, require_compiler
+from .cpu.compile import dynamic, has_compiler, kernel
 from .moe import MLP, MoE
 
 
@@ -30,20 +27,7 @@ def applies(block, h: torch.Tensor, attention: Attention, doc, hooks) -> bool:
         return False
     w = block.self_attn.q_a_proj
     return w.packed is not None or (w.weight.dtype == h.dtype == torch.float32 and h.device.type == "cpu"
-                                    and _compiles())
-
-
-@functools.cache
-def _compiles() -> bool:
-    """Whether inductor finds a C++ compiler here; without one, fp32 blocks decode eagerly (their
-    reference forward: ~2x the time of the compiled graphs on the bench model), and a warning says
-    so once."""
-    try:
-        require_compiler()
-        return True
-    except KernelError as e:
-        warnings.warn(f"fp32 decode runs the eager blocks: {e}", stacklevel=2)
-        return False
+                                    and has_compiler())
 
 
 def _norm(norm, h: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ import torch
 
 from dsv32.model import decode
 from dsv32.model.block import Block
-from dsv32.model.cpu import native
+from dsv32.model.cpu import compile as cpu_compile, native
 from dsv32.model.cpu.compile import kernel
 from dsv32.model.checkpoint import load_model
 from dsv32.model.init_tiny import init_tiny
@@ -67,13 +67,14 @@ def test_fp32_decode_takes_the_compiled_path_and_without_a_compiler_the_eager_on
 
     def missing():
         raise KernelError("no C++ compiler (test)")
-    monkeypatch.setattr(decode, "require_compiler", missing)
-    decode._compiles.cache_clear()
+    monkeypatch.setattr(cpu_compile, "require_compiler", missing)
+    cpu_compile.has_compiler.cache_clear()
     try:
         steps.clear()
-        with pytest.warns(UserWarning, match="fp32 decode runs the eager blocks: no C\\+\\+ compiler"):
+        with pytest.warns(UserWarning, match="fp32 CPU decode and the indexer's top-k run their slower eager paths: "
+                                             "no C\\+\\+ compiler"):
             eager = run(make_engine(ckpt, model), prompts, [greedy(6)] * 2)
         assert not steps
         assert [o.outputs[0].token_ids for o in eager] == [o.outputs[0].token_ids for o in compiled]
     finally:
-        decode._compiles.cache_clear()
+        cpu_compile.has_compiler.cache_clear()

@@ -7,12 +7,12 @@ from dsv32.engine.cache import MIN_RUN_BLOCKS, PagedCache, PagedKV
 from dsv32.model import attention
 from dsv32.model.attention import Attention, Indexer
 from dsv32.model.init_tiny import tiny_config
-from dsv32.model.cpu import indexer as kindexer
+from dsv32.model.cpu import indexer as kindexer, native
 from dsv32.model.cpu.indexer import index_scores, runs_of
 from dsv32.model.transformer import Transformer
 
 G = torch.Generator().manual_seed(0)
-CFG = tiny_config(topk=16, index_heads=4, index_dim=128, kv_lora=128, vocab=1024)
+CFG = tiny_config(topk=16, index_heads=16, index_dim=128, kv_lora=128, vocab=1024)   # 16 heads: no exact-zero ties
 
 
 def indexer():
@@ -52,6 +52,64 @@ def test_fast_select_equals_reference_with_causal_and_empty_slots():
     got = ix.select(q, w, keys, pos)
     assert torch.equal(got, ix.select_reference(q, w, keys, pos))
     assert (got[:, 3] == -1).sum(-1).tolist() == [8, 8]                  # 4 visible keys in 12 slots
+
+
+def brute_topk(scores: torch.Tensor, limit: int, k: int) -> list[int]:
+    """The k best of scores[:limit] (the greater score, then the lower id; never -inf or NaN),
+    ascending, -1 after them: one sort per row, as the definition reads."""
+    order = sorted((i for i in range(limit) if scores[i] > float("-inf")), key=lambda i: (-scores[i].item(), i))
+    return sorted(order[:k]) + [-1] * (k - min(k, len(order)))
+
+
+def score_rows(S: int) -> dict[str, torch.Tensor]:
+    """Rows of S scores that stress a sampled threshold: ties, -inf, NaN, monotone runs, and
+    winners only where an evenly spaced sample does (or does not) look."""
+    r = torch.randn(S, generator=G)
+    sampled_big = torch.zeros(S)
+    sampled_big[::8] = 1.0 + torch.rand(len(range(0, S, 8)), generator=G)
+    unsampled_big = torch.rand(S, generator=G) + 1.0
+    unsampled_big[::4] = 0.0
+    ties = torch.randint(0, 3, (S,), generator=G).float()
+    holes = r.clone()
+    holes[torch.rand(S, generator=G) < 0.5] = float("-inf")
+    holes[5] = float("nan")
+    return {"random": r, "increasing": torch.arange(S).float(), "decreasing": -torch.arange(S).float(),
+            "constant": torch.zeros(S), "ties": ties, "holes": holes, "sampled_big": sampled_big,
+            "unsampled_big": unsampled_big, "all_inf": torch.full((S,), float("-inf"))}
+
+
+@pytest.mark.parametrize("S,k", [(3000, 16), (3000, 700), (500, 256), (64, 16), (20, 16)])
+def test_native_topk_rows_equals_the_definition(S, k):
+    """The native causal top-k: the k best visible ids per row (ties to the lower id, never a
+    -inf or NaN score), for rows shaped to defeat its sampled threshold; and on index scores the
+    same selection as the torch reference."""
+    rows = score_rows(S)
+    scores = torch.stack(list(rows.values()))
+    for limit in (S, S // 2 + 3, k - 1, 1, 0):
+        limits = torch.full((len(rows),), limit)
+        got = native.topk_rows(scores, limits, k)
+        for name, row, ids in zip(rows, scores, got):
+            assert ids.tolist() == brute_topk(row, limit, k), (name, limit)
+    q, w = torch.randn(40, 16, 128, generator=G), torch.rand(40, 16, generator=G)    # no exact-zero ties
+    scores = index_scores(q, w, runs_of(torch.randn(1, S, 128, generator=G))[0], S)
+    pos = torch.arange(S - 40, S) if S >= 40 else torch.arange(40) % S
+    want = kindexer.causal_topk_reference(scores.clone(), pos, k)
+    got = kindexer.causal_topk(scores.clone(), pos, k)
+    # exact fp32 ties at the k-th score do occur (torch.topk takes either): equal selected scores
+    def chosen(ids):                                                     # selected scores, sorted
+        return scores.gather(1, ids.clamp(min=0)).masked_fill(ids < 0, float("-inf")).sort(-1).values
+    assert torch.equal(chosen(got), chosen(want))
+    with pytest.raises(ValueError, match="topk_rows: unsupported scores"):
+        native.topk_rows(scores.double(), pos, k)
+
+
+def test_causal_topk_without_a_compiler_takes_torch_topk(monkeypatch):
+    scores = torch.randn(3, 100, generator=G)
+    pos = torch.tensor([99, 50, 5])
+    want = native.topk_rows(scores, pos + 1, 10)
+    monkeypatch.setattr(kindexer, "has_compiler", lambda: False)
+    monkeypatch.setattr(native, "topk_rows", None)                       # not called
+    assert torch.equal(kindexer.causal_topk(scores.clone(), pos, 10), want)
 
 
 def paged(fp8: bool, tables: list[list[int]], lens: list[int], T: int):

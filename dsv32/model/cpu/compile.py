@@ -10,7 +10,9 @@ marked `dynamic` (batched decode: one graph for every batch size) goes through t
 """
 from __future__ import annotations
 
+import functools
 import types
+import warnings
 import weakref
 from typing import Callable
 
@@ -34,6 +36,19 @@ def require_compiler() -> None:
             "the packed weight formats (bf16/fp16/int8/fp8) compile their CPU kernels with "
             "torch.compile (inductor), which needs a C++ compiler at run time (g++ or clang++ on PATH): "
             f"{e}") from e
+
+
+@functools.cache
+def has_compiler() -> bool:
+    """Whether inductor finds a C++ compiler here. Paths that only run faster with one (the fp32
+    CPU decode's graphs, the prefill indexer's native top-k) take their eager reference without
+    it, and a warning says so once."""
+    try:
+        require_compiler()
+        return True
+    except KernelError as e:
+        warnings.warn(f"fp32 CPU decode and the indexer's top-k run their slower eager paths: {e}", stacklevel=2)
+        return False
 
 
 def kernel(fn: Callable, *key) -> "Kernel":

@@ -1,5 +1,5 @@
 // One decode row's attention over a paged cache in one call (built by native.py after vec.h,
-// cache_rows.cpp, index_topk.cpp and sparse_attention.cpp): the new token, at key position S - 1,
+// cache_rows.cpp, top_ids.cpp, index_topk.cpp and sparse_attention.cpp): the new token, at key position S - 1,
 // writes its latent and indexer key into its slot, selects its keys (all S while they fit in topk,
 // else the indexer's top-k) and attends over them. The pools are fp32 (fp8 = 0: lat_f32, ik_f32)
 // or FP8 (fp8 = 1: the latent's values, scales and bf16 rope; the indexer key's values and scales).
@@ -19,8 +19,7 @@ extern "C" void kernel(const float* latent, const float* index_k, const float* q
     ik.put(slot, index_k);
     int64_t K = S;
     if (S > topk) {
-        index_topk(iq, iw, ik, table, scores, ids, Hi, Di, S, topk, B);
-        K = topk;
+        K = index_topk(iq, iw, ik, table, scores, ids, Hi, Di, S, topk, B);
     } else {
         for (int64_t j = 0; j < S; ++j) ids[j] = j;
     }

@@ -1,15 +1,13 @@
 // The lightning indexer of one query row (decode) over every earlier key, read from the cache
 // pool (cache_rows.cpp: in place, or 16 FP8 rows at a time dequantised), and its top-k: score[s] =
 // sum_h w[h] * relu(q[h] . key_s) for the keys s = 0..S-1 at pool row slot_of(table, B, s), then
-// the k best key ids (ties: the lower id), best first. Built by native.py after cache_rows.cpp,
-// before decode_attention.cpp. Blocks of keys are split across OpenMP threads for the scores; the
-// selection (nth_element, then a sort of the k) is serial.
+// the k best key ids (top_ids.cpp: ties to the lower id; ascending). Built by native.py after
+// cache_rows.cpp and top_ids.cpp, before decode_attention.cpp. Blocks of keys are split across
+// OpenMP threads for the scores; the selection is serial.
 //
 // With AVX-512 the scores go 16 keys at a time: per head, 16 accumulators (one a key) over the
 // key rows, then one transposing reduction turns them into a vector of 16 dot products (~46
 // instructions where 16 separate horizontal sums take ~128); the rest key by key.
-#include <algorithm>
-#include <numeric>
 #include <vector>
 
 // the score of one key row r
@@ -61,7 +59,8 @@ static const int64_t TILE = 0;
 
 static const int64_t CHUNK = 16;                         // rows dequantised at a time (FP8)
 
-static void index_topk(const float* q, const float* w, const Rows& keys, const int64_t* table, float* scores,
+// the number of ids written to out: K, or fewer where fewer scores exceed -inf (NaN)
+static int64_t index_topk(const float* q, const float* w, const Rows& keys, const int64_t* table, float* scores,
                        int64_t* out, const int64_t H, const int64_t D, const int64_t S, const int64_t K,
                        const int64_t B) {
     const int64_t nb = (S + B - 1) / B;
@@ -82,10 +81,7 @@ static void index_topk(const float* q, const float* w, const Rows& keys, const i
             }
         }
     }
-    std::vector<int64_t> ids(S);
-    std::iota(ids.begin(), ids.end(), 0);
-    auto better = [scores](int64_t a, int64_t b) { return scores[a] > scores[b] || (scores[a] == scores[b] && a < b); };
-    std::nth_element(ids.begin(), ids.begin() + (K - 1), ids.end(), better);
-    std::sort(ids.begin(), ids.begin() + K, better);
-    std::copy(ids.begin(), ids.begin() + K, out);
+    TopScratch sc;
+    sc.reserve(S);
+    return top_ids(scores, S, K, out, sc);
 }

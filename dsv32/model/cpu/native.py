@@ -36,6 +36,7 @@ GEMV_ARGS = {torch.int8: ["const float*", "const int8_t*", "const float*", "floa
 GEMV_ARGS[torch.bfloat16] = GEMV_ARGS[torch.float16]
 DECODE_ATTENTION_ARGS = (["const float*"] * 5 + ["float*", "float*", "uint8_t*", "float*", "uint16_t*", "uint8_t*", "float*"]
                          + ["const int64_t*", "float*", "int64_t*", "float*"] + ["const int64_t"] * 9 + ["const float"])
+TOPK_ROWS_ARGS = ["const float*", "const int64_t*", "int64_t*"] + ["const int64_t"] * 3
 GROUP = 128                 # FP8 pools: one fp32 scale per GROUP values (cache_rows.cpp's GROUP)
 _NONE = torch.empty(0)      # the pointer arguments of the layout not in use
 
@@ -122,7 +123,7 @@ def decode_attention(latent: torch.Tensor, index_k: torch.Tensor, q: torch.Tenso
         raise ValueError(f"native decode_attention: unsupported shapes or dtypes: q {tuple(q.shape)} {q.dtype}, "
                          f"latent {tuple(latent.shape)}, iq {tuple(iq.shape)}, C {C}, pools and table {layout} "
                          f"(fp32, or FP8 as native.Pages describes; contiguous) of {block}-key blocks for {S} keys")
-    f = _build(("cache_rows.cpp", "index_topk.cpp", "sparse_attention.cpp", "decode_attention.cpp"),
+    f = _build(("cache_rows.cpp", "top_ids.cpp", "index_topk.cpp", "sparse_attention.cpp", "decode_attention.cpp"),
                [] if isa is None else [f"ISA {isa}"], DECODE_ATTENTION_ARGS)
     o, scores, ids = q.new_empty(H, C), q.new_empty(S), torch.empty(min(S, topk), dtype=torch.int64)
     fp8 = pages.latent.dtype == FP8
@@ -131,6 +132,19 @@ def decode_attention(latent: torch.Tensor, index_k: torch.Tensor, q: torch.Tenso
     f(latent.contiguous(), index_k.contiguous(), q.contiguous(), iq.contiguous(), iw.contiguous(), *pools, table,
       scores, ids, o, H, D, C, Hi, Di, S, topk, block, int(fp8), float(scale))
     return o
+
+
+def topk_rows(scores: torch.Tensor, limit: torch.Tensor, k: int) -> torch.Tensor:
+    """scores [t, S] fp32, limit [t] int64 -> for each row the k best of its first limit[i] scores
+    (ties: the lower id; never -inf or NaN) as ids [t, k] ascending, -1 after them where fewer."""
+    t, S = scores.shape
+    if not (scores.dtype == torch.float32 and scores.device.type == "cpu" and limit.shape == (t,) and k > 0):
+        raise ValueError(f"native topk_rows: unsupported scores {tuple(scores.shape)} {scores.dtype} "
+                         f"{scores.device}, limit {tuple(limit.shape)}, k {k} (fp32 CPU scores [t, S], limit [t])")
+    out = torch.empty(t, k, dtype=torch.int64)
+    _build(("top_ids.cpp", "topk_rows.cpp"), [], TOPK_ROWS_ARGS)(
+        scores.contiguous(), limit.to(torch.int64).contiguous(), out, t, S, k)
+    return out
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, isa: int | None = None
