@@ -22,11 +22,10 @@ static inline void fp8_dequant(const uint8_t* x, float s, float* out, int64_t n)
     int64_t i = 0;
 #if ISA == 512
     const __m512 sv = _mm512_set1_ps(s * 256.f);
-    const __m256i sign = _mm256_set1_epi16(0x80), rest = _mm256_set1_epi16(0x7F);
-    for (; i + 16 <= n; i += 16) {
-        const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)(x + i)));
-        const __m256i h = _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(b, sign), 8),
-                                          _mm256_slli_epi16(_mm256_and_si256(b, rest), 7));
+    const __m256i sign = _mm256_set1_epi16(0x4000);
+    for (; i + 16 <= n; i += 16) {                         // b << 7, its bit 14 (the sign) moved to 15
+        const __m256i b = _mm256_slli_epi16(_mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)(x + i))), 7);
+        const __m256i h = _mm256_add_epi16(b, _mm256_and_si256(b, sign));
         _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_cvtph_ps(h), sv));
     }
 #elif ISA == 256
