@@ -16,6 +16,11 @@
                         and ~20 eager ops. The pools are fp32 or the FP8 layout (cache_rows.cpp
                         quantises and dequantises their rows as engine/cache.py does). Reference:
                         KV.write, MLA.decode_select, MLA.attend_latent.
+  topk_rows.cpp         the prefill indexer's causal top-k of many query rows at once (OpenMP over
+                        the rows). It and index_topk.cpp select with top_ids.cpp: a threshold
+                        from a sample of the row, one vectorised pass keeping the ids above it, an
+                        exact selection among those (~0.5 ns a score; torch.topk 2-5). Reference:
+                        indexer.causal_topk_reference.
 """
 from __future__ import annotations
 

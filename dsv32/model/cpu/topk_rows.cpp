@@ -1,7 +1,7 @@
 // The prefill indexer's causal top-k (built by native.py after vec.h and top_ids.cpp): for each of
 // t query rows of scores [t, S], the k best of its first limit[i] keys (those at or before the
 // query's position) as ids ascending, -1 after them where fewer than k are visible. Rows are split
-// across OpenMP threads. Reference: causal_topk's torch path (the same set, best first).
+// across OpenMP threads. Reference: causal_topk_reference (torch.topk, then sorted the same way).
 
 extern "C" void kernel(const float* scores, const int64_t* limit, int64_t* out, const int64_t t, const int64_t S,
                        const int64_t k) {
