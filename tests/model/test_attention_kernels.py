@@ -24,8 +24,13 @@ def query(B, T):
     return torch.randn(B, T, H, D, generator=G), torch.randn(B, T, H, generator=G)
 
 
-def test_blocked_scores_equal_reference_scores(monkeypatch):
+@pytest.mark.parametrize("native_sum", [True, False])
+def test_blocked_scores_equal_reference_scores(monkeypatch, native_sum):
+    """Scores over key runs, each block's head sum in native.head_sum or by relu_ and a bmm."""
     monkeypatch.setattr(kindexer, "SCORE_BYTES", 4 * 5 * 4 * 512)       # blocks of 512 keys
+    if not native_sum:
+        monkeypatch.setattr(kindexer, "has_compiler", lambda: False)
+        monkeypatch.setattr(native, "head_sum", None)                   # not called
     q, w = query(1, 5)
     keys = torch.randn(1, 3000, 128, generator=G)
     want = Indexer.scores(q, w, keys)[0]
@@ -101,6 +106,17 @@ def test_native_topk_rows_equals_the_definition(S, k):
     assert torch.equal(chosen(got), chosen(want))
     with pytest.raises(ValueError, match="topk_rows: unsupported scores"):
         native.topk_rows(scores.double(), pos, k)
+
+
+def test_native_head_sum_rows_apart_and_bad_shapes():
+    s, w = torch.randn(3 * 4, 37, generator=G), torch.randn(3, 4, generator=G)
+    out = torch.full((3, 50), 7.0)
+    native.head_sum(s, w, out[:, 5:42])                                  # rows 50 apart
+    want = (w[:, :, None] * s.view(3, 4, 37).relu()).sum(1)
+    torch.testing.assert_close(out[:, 5:42], want, rtol=1e-6, atol=1e-6)
+    assert (out[:, :5] == 7).all() and (out[:, 42:] == 7).all()
+    with pytest.raises(ValueError, match="head_sum: unsupported"):
+        native.head_sum(s[:, :36], w, out[:, :37])
 
 
 def test_causal_topk_without_a_compiler_takes_torch_topk(monkeypatch):

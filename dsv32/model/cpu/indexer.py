@@ -23,20 +23,26 @@ Run = tuple[Union[int, torch.Tensor], torch.Tensor]
 
 def index_scores(q: torch.Tensor, w: torch.Tensor, runs: Sequence[Run], S: int) -> torch.Tensor:
     """q [t, H, Di], w [t, H] (fp32) and one row's key runs -> scores [t, S] fp32:
-    `sum_h w[t,h] * relu(q[t,h] . k[s])`, -inf where no run holds key s."""
+    `sum_h w[t,h] * relu(q[t,h] . k[s])`, -inf where no run holds key s. Per block: a GEMM, then
+    the head sum in one native pass on the CPU with a C++ compiler (else relu_ and a bmm)."""
     t, H, D = q.shape
     out = q.new_full((t, S), float("-inf"), dtype=torch.float32)
     qf = q.reshape(t * H, D).float()                                     # [t*H, Di]
-    w3 = w.float().reshape(t, 1, H)
+    w = w.float().contiguous()
+    fused = q.device.type == "cpu" and has_compiler()                    # native.head_sum
     n_blk = max(64, SCORE_BYTES // (4 * t * H))
     for pos, keys in runs:
         for j in range(0, keys.shape[0], n_blk):
             kb = keys[j:j + n_blk].float()                               # [n, Di]
-            s = torch.mm(qf, kb.t()).relu_().view(t, H, -1)              # [t, H, n]
-            blk = torch.bmm(w3, s).view(t, -1)                           # [t, n]
-            if isinstance(pos, int):
-                out[:, pos + j: pos + j + blk.shape[1]] = blk
+            s = torch.mm(qf, kb.t())                                     # [t*H, n]
+            n = kb.shape[0]
+            whole = isinstance(pos, int)
+            blk = out[:, pos + j: pos + j + n] if whole else out.new_empty(t, n)   # [t, n]
+            if fused:
+                native.head_sum(s, w, blk)
             else:
+                blk.copy_(torch.bmm(w.view(t, 1, H), s.relu_().view(t, H, n)).view(t, n))
+            if not whole:
                 out.index_copy_(1, pos[j:j + n_blk], blk)
     return out
 

@@ -41,6 +41,7 @@ GEMV_ARGS = {torch.int8: ["const float*", "const int8_t*", "const float*", "floa
 GEMV_ARGS[torch.bfloat16] = GEMV_ARGS[torch.float16]
 DECODE_ATTENTION_ARGS = (["const float*"] * 5 + ["float*", "float*", "uint8_t*", "float*", "uint16_t*", "uint8_t*", "float*"]
                          + ["const int64_t*", "float*", "int64_t*", "float*"] + ["const int64_t"] * 9 + ["const float"])
+HEAD_SUM_ARGS = ["const float*", "const float*", "float*"] + ["const int64_t"] * 4
 TOPK_ROWS_ARGS = ["const float*", "const int64_t*", "int64_t*"] + ["const int64_t"] * 3
 GROUP = 128                 # FP8 pools: one fp32 scale per GROUP values (cache_rows.cpp's GROUP)
 _NONE = torch.empty(0)      # the pointer arguments of the layout not in use
@@ -150,6 +151,17 @@ def topk_rows(scores: torch.Tensor, limit: torch.Tensor, k: int) -> torch.Tensor
     _build(("top_ids.cpp", "topk_rows.cpp"), [], TOPK_ROWS_ARGS)(
         scores.contiguous(), limit.to(torch.int64).contiguous(), out, t, S, k)
     return out
+
+
+def head_sum(s: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> None:
+    """The indexer's head sum of one block: s [t*H, n] fp32 per-head dot products, w [t, H] ->
+    out[i, j] = sum_h w[i, h] relu(s[i*H + h, j]), written into out [t, n] (rows may be apart)."""
+    (t, H), n = w.shape, s.shape[1]
+    if not (s.dtype == w.dtype == out.dtype == torch.float32 and s.shape[0] == t * H and out.shape == (t, n)
+            and s.is_contiguous() and w.is_contiguous() and out.stride(1) == 1 and s.device.type == "cpu"):
+        raise ValueError(f"native head_sum: unsupported s {tuple(s.shape)} {s.dtype}, w {tuple(w.shape)} {w.dtype}, "
+                         f"out {tuple(out.shape)} {out.dtype} (fp32 CPU, s [t*H, n] and w [t, H] contiguous)")
+    _build(("head_sum.cpp",), [], HEAD_SUM_ARGS)(s, w, out, t, H, n, out.stride(0))
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, isa: int | None = None

@@ -26,6 +26,7 @@ static inline vf vadd(vf a, vf b) { return _mm512_add_ps(a, b); }
 static inline vf vmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
 static inline vf vset1(float s) { return _mm512_set1_ps(s); }
 static inline float vsum(vf a) { return _mm512_reduce_add_ps(a); }
+static inline vf vmax0(vf a) { return _mm512_max_ps(_mm512_setzero_ps(), a); }   // NaN stays NaN
 #elif ISA == 256
 #define WIDTH 8
 typedef __m256 vf;
@@ -36,6 +37,7 @@ static inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
 static inline vf vadd(vf a, vf b) { return _mm256_add_ps(a, b); }
 static inline vf vmul(vf a, vf b) { return _mm256_mul_ps(a, b); }
 static inline vf vset1(float s) { return _mm256_set1_ps(s); }
+static inline vf vmax0(vf a) { return _mm256_max_ps(_mm256_setzero_ps(), a); }
 static inline float vsum(vf a) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -53,6 +55,7 @@ static inline vf vadd(vf a, vf b) { return a + b; }
 static inline vf vmul(vf a, vf b) { return a * b; }
 static inline vf vset1(float s) { return s; }
 static inline float vsum(vf a) { return a; }
+static inline vf vmax0(vf a) { return a < 0.f ? 0.f : a; }
 #endif
 
 // q . r over D values (two accumulators, scalar tail)
