@@ -19,7 +19,9 @@ from torch import nn
 from .config import ModelConfig
 from .fp8 import act_quant_dequant
 from .hooks import Hooks, IndexView
+from .cpu import native
 from .cpu.absorb import absorb
+from .cpu.compile import has_compiler
 from .cpu.indexer import ascending, causal_topk, index_scores, runs_of
 from .layers import Linear, RMSNorm, hadamard, rope_half, rope_interleaved
 from dsv32.parallel.context import SINGLE, ParallelContext
@@ -36,6 +38,10 @@ ABSORB_BLOCK = 1 << 22
 # SERVED prefill chunks over at most this many keys run the dense-masked expanded MHA (TOPK_MASKED:
 # the same numbers, GEMM and flash-attention speed) instead of gathering rows (TOPK_GATHERED).
 DENSE_MAX_KEYS = 4096
+# Bound on a query's per-head sums [H, C + 2] fp32 in native.sparse_prefill, which reads each
+# selected row once for every head: in L1 it beats gathering rows for batched GEMMs (4-16 heads of
+# C=512: 1.4-4x), beyond it (32+ heads) the GEMMs win (bench/README.md, "Prefill").
+ROWS_ACC_BYTES = 40 << 10
 
 
 class Attention(Enum):
@@ -241,13 +247,29 @@ class MLA(nn.Module):
         B, T, H, _ = q.shape
         out = q.new_empty(B, T, H, self.v_dim)
         per_query = H * idx.shape[-1] + idx.shape[-1] * q.shape[-1]
+        pages = self._pages(q, kv)
         for g in _query_chunks(T, B * H * self.kv_rank, ABSORB_BLOCK):
-            o_lat = q.new_empty(B, g.stop - g.start, H, self.kv_rank)                  # [B, g, H, C]
-            for c in _query_chunks(g.stop - g.start, per_query, GATHER_BLOCK):    # copied in: a chunk's
-                qc = slice(g.start + c.start, g.start + c.stop)                    # result can be a view of
-                o_lat[:, c] = self.attend_latent(q[:, qc], kv, idx[:, qc])       # its gathered rows
+            if pages is not None:                                        # rows read in place
+                o_lat = torch.stack([native.sparse_prefill(q[b, g], idx[b, g], p, self.scale, self.kv_rank)
+                                     for b, p in enumerate(pages)])
+            else:
+                o_lat = q.new_empty(B, g.stop - g.start, H, self.kv_rank)              # [B, g, H, C]
+                for c in _query_chunks(g.stop - g.start, per_query, GATHER_BLOCK):    # copied in: a chunk's
+                    qc = slice(g.start + c.start, g.start + c.stop)                    # result can be a view
+                    o_lat[:, c] = self.attend_latent(q[:, qc], kv, idx[:, qc])       # of its gathered rows
             out[:, g] = self.absorb_o(o_lat)
         return out
+
+    def _pages(self, q: torch.Tensor, kv) -> list | None:
+        """Each row's pages in the key store (native.sparse_prefill reads them in place), or None:
+        the gathered path (a store of the forward's tensors or not in fp32, no C++ compiler, not
+        fp32 on the CPU, or too many heads for the per-head sums to stay in L1)."""
+        H = q.shape[2]
+        if (q.device.type != "cpu" or q.dtype != torch.float32 or H * (self.kv_rank + 2) * 4 > ROWS_ACC_BYTES
+                or not has_compiler()):
+            return None
+        rows = [kv.pages(self.layer_idx, b) for b in range(q.shape[0])]
+        return None if any(r is None for r in rows) else [r[0] for r in rows]
 
     def attend_latent(self, q: torch.Tensor, kv, sel: torch.Tensor) -> torch.Tensor:
         """Absorbed queries q [B, t, H, C+R] over the gathered latent rows sel [B, t, K] (-1 =

@@ -159,6 +159,34 @@ def test_paged_runs_select_equals_gathered_reference(fp8, T):
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("fp8", [False, True])
+def test_native_sparse_prefill_equals_the_gathered_path(fp8, monkeypatch):
+    """MLA.mqa_sparse over a paged cache: each query's selected rows read in place
+    (native.sparse_prefill) == gathered for batched matmuls, fp32 and FP8 pools alike."""
+    torch.manual_seed(0)
+    model = Transformer(CFG).eval()
+    model.init_weights(std=0.05)
+    mla = model.model.layers[0].self_attn
+    kv, pos = paged(fp8, [[5, 6, 7, 8, 9, 0, 12, 3], [30, 31, 32]], [8 * 64 - 10, 3 * 64 - 1], 9)
+    H, K = CFG.num_attention_heads, 16
+    q_nope = torch.randn(2, 9, H, CFG.qk_nope_head_dim, generator=G)
+    q_pe = torch.randn(2, 9, H, CFG.qk_rope_head_dim, generator=G)
+    idx = torch.stack([torch.stack([torch.randperm(int(p) + 1, generator=G)[:K] for p in row]) for row in pos])
+    idx[0, 2, 10:] = -1                                                  # empty slots
+    idx[1, 4, :15] = -1
+    got = mla.mqa_sparse(q_nope, q_pe, kv, idx)
+    taken = []
+    real = native.sparse_prefill
+    monkeypatch.setattr(native, "sparse_prefill", lambda *a: taken.append(1) or real(*a))
+    assert torch.equal(mla.mqa_sparse(q_nope, q_pe, kv, idx), got) and len(taken) == 2     # one call a row
+    monkeypatch.setattr(attention.MLA, "_pages", lambda self, q, kv: None)
+    torch.testing.assert_close(got, mla.mqa_sparse(q_nope, q_pe, kv, idx), rtol=1e-5, atol=1e-5)
+    pages = kv.pages(0, 1)[0]
+    with pytest.raises(ValueError, match="sparse_prefill: unsupported"):  # a key past its table
+        real(torch.randn(1, H, CFG.kv_lora_rank + CFG.qk_rope_head_dim), torch.tensor([[pages.table.numel() * 64]]), pages, 0.1,
+             CFG.kv_lora_rank)
+
+
 def test_served_prefill_takes_dense_masked_below_the_threshold(monkeypatch):
     torch.manual_seed(0)
     model = Transformer(CFG).eval()

@@ -16,6 +16,10 @@
                         and ~20 eager ops. The pools are fp32 or the FP8 layout (cache_rows.cpp
                         quantises and dequantises their rows as engine/cache.py does). Reference:
                         KV.write, MLA.decode_select, MLA.attend_latent.
+  sparse_prefill.cpp    the sparse attention of a prefill's queries, each over its own selected rows
+                        read in place (sparse_attention.cpp's per-query loop, OpenMP over the
+                        queries), where the reference gathers [t, K, C+R] rows for batched matmuls.
+                        Reference: MLA.attend_latent.
   topk_rows.cpp         the prefill indexer's causal top-k of many query rows at once (OpenMP over
                         the rows). It and index_topk.cpp select with top_ids.cpp: a threshold
                         from a sample of the row, one vectorised pass keeping the ids above it, an
@@ -41,6 +45,8 @@ GEMV_ARGS = {torch.int8: ["const float*", "const int8_t*", "const float*", "floa
 GEMV_ARGS[torch.bfloat16] = GEMV_ARGS[torch.float16]
 DECODE_ATTENTION_ARGS = (["const float*"] * 5 + ["float*", "float*", "uint8_t*", "float*", "uint16_t*", "uint8_t*", "float*"]
                          + ["const int64_t*", "float*", "int64_t*", "float*"] + ["const int64_t"] * 9 + ["const float"])
+SPARSE_PREFILL_ARGS = (["const float*", "const int64_t*", "float*", "uint8_t*", "float*", "uint16_t*", "const int64_t*",
+                       "float*"] + ["const int64_t"] * 7 + ["const float"])
 HEAD_SUM_ARGS = ["const float*", "const float*", "float*"] + ["const int64_t"] * 4
 TOPK_ROWS_ARGS = ["const float*", "const int64_t*", "int64_t*"] + ["const int64_t"] * 3
 GROUP = 128                 # FP8 pools: one fp32 scale per GROUP values (cache_rows.cpp's GROUP)
@@ -137,6 +143,27 @@ def decode_attention(latent: torch.Tensor, index_k: torch.Tensor, q: torch.Tenso
              else [pages.latent, pages.index] + [_NONE] * 5)
     f(latent.contiguous(), index_k.contiguous(), q.contiguous(), iq.contiguous(), iw.contiguous(), *pools, table,
       scores, ids, o, H, D, C, Hi, Di, S, topk, block, int(fp8), float(scale))
+    return o
+
+
+def sparse_prefill(q: torch.Tensor, ids: torch.Tensor, pages: Pages, scale: float, C: int) -> torch.Tensor:
+    """Absorbed queries q [t, H, C+R] fp32 of one row, each over its selected key positions ids
+    [t, K] (-1: empty) read in place from `pages` -> o_lat [t, H, C]: per head the softmax(scale
+    q . row) weighted sum of row[:C] (MLA.attend_latent without the gather)."""
+    (t, H, D), K = q.shape, ids.shape[1]
+    table = pages.table
+    ok = (q.dtype == torch.float32 and q.device.type == "cpu" and ids.dtype == torch.int64 and ids.shape[0] == t
+          and C <= D and _pools_ok(pages, D, pages.index.shape[1], C) and table.dtype == torch.int64
+          and table.is_contiguous() and pages.block > 0
+          and (ids.numel() == 0 or int(ids.max()) < table.numel() * pages.block))
+    if not ok:
+        raise ValueError(f"native sparse_prefill: unsupported q {tuple(q.shape)} {q.dtype}, ids {tuple(ids.shape)} "
+                         f"{ids.dtype}, latent pool {tuple(pages.latent.shape)} {pages.latent.dtype}, C {C}")
+    fp8 = pages.latent.dtype == FP8
+    pools = [_NONE, pages.latent, pages.latent_scale, pages.rope] if fp8 else [pages.latent, _NONE, _NONE, _NONE]
+    o = q.new_empty(t, H, C)
+    _build(("cache_rows.cpp", "sparse_attention.cpp", "sparse_prefill.cpp"), [], SPARSE_PREFILL_ARGS)(
+        q.contiguous(), ids.contiguous(), *pools, table, o, t, H, D, C, K, pages.block, int(fp8), float(scale))
     return o
 
 
