@@ -38,10 +38,6 @@ ABSORB_BLOCK = 1 << 22
 # SERVED prefill chunks over at most this many keys run the dense-masked expanded MHA (TOPK_MASKED:
 # the same numbers, GEMM and flash-attention speed) instead of gathering rows (TOPK_GATHERED).
 DENSE_MAX_KEYS = 4096
-# Bound on a query's per-head sums [H, C + 2] fp32 in native.sparse_prefill, which reads each
-# selected row once for every head: in L1 it beats gathering rows for batched GEMMs (4-16 heads of
-# C=512: 1.4-4x), beyond it (32+ heads) the GEMMs win (bench/README.md, "Prefill").
-ROWS_ACC_BYTES = 40 << 10
 
 
 class Attention(Enum):
@@ -263,10 +259,8 @@ class MLA(nn.Module):
     def _pages(self, q: torch.Tensor, kv) -> list | None:
         """Each row's pages in the key store (native.sparse_prefill reads them in place), or None:
         the gathered path (a store of the forward's tensors or not in fp32, no C++ compiler, not
-        fp32 on the CPU, or too many heads for the per-head sums to stay in L1)."""
-        H = q.shape[2]
-        if (q.device.type != "cpu" or q.dtype != torch.float32 or H * (self.kv_rank + 2) * 4 > ROWS_ACC_BYTES
-                or not has_compiler()):
+        fp32 on the CPU)."""
+        if q.device.type != "cpu" or q.dtype != torch.float32 or not has_compiler():
             return None
         rows = [kv.pages(self.layer_idx, b) for b in range(q.shape[0])]
         return None if any(r is None for r in rows) else [r[0] for r in rows]

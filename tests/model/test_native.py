@@ -143,7 +143,7 @@ def _eager(a, latents, index_keys, q, iq, iw) -> torch.Tensor:
 
 @pytest.mark.parametrize("H,Hi,Di,S,topk,block", [(4, 16, 32, 1000, 256, 64), (3, 17, 32, 130, 7, 64),
                                                   (16, 16, 32, 300, 300, 300), (5, 16, 32, 40, 64, 16),
-                                                  (4, 16, 32, 1, 8, 64), (4, 16, 40, 200, 20, 64)])
+                                                  (4, 16, 32, 1, 8, 64), (4, 16, 40, 200, 20, 64), (38, 16, 32, 500, 100, 64)])
 def test_native_decode_attention_equals_the_eager_path(H, Hi, Di, S, topk, block):
     """One row at key position S - 1 over keys read through a block table: the cache rows it wrote,
     and its output against MLA.decode_select + MLA.attend_latent (16+ indexer heads: no ties). Di 32:

@@ -22,23 +22,6 @@ static inline float key_score(const float* q, const float* w, const float* r, in
 }
 
 #if ISA == 512
-// lane j of the result: the sum of a[j]'s 16 lanes
-static inline __m512 sum16(const __m512* a) {
-    __m512 b[8], c[4];
-    for (int i = 0; i < 8; ++i)            // 128-bit quarters: [a.0+a.2, a.1+a.3, a'.0+a'.2, a'.1+a'.3]
-        b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x44),
-                             _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xEE));
-    for (int i = 0; i < 4; ++i)            // quarter k of c[i]: 4 partial sums of a[4i + k]
-        c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0x88),
-                             _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0xDD));
-    const __m512 u0 = _mm512_add_ps(_mm512_unpacklo_ps(c[0], c[1]), _mm512_unpackhi_ps(c[0], c[1]));
-    const __m512 u1 = _mm512_add_ps(_mm512_unpacklo_ps(c[2], c[3]), _mm512_unpackhi_ps(c[2], c[3]));
-    const __m512 r = _mm512_add_ps(_mm512_shuffle_ps(u0, u1, 0x44), _mm512_shuffle_ps(u0, u1, 0xEE));
-    // lane 4k + m of r holds a[4m + k]
-    const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
-    return _mm512_permutexvar_ps(order, r);
-}
-
 // the scores of the 16 consecutive key rows from r
 static inline void tile_scores(const float* q, const float* w, const float* r, int64_t H, int64_t D, float* out) {
     __m512 score = _mm512_setzero_ps(), acc[16];

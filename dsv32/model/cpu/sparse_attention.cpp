@@ -5,8 +5,9 @@
 // at slot_of(table, B, ids[j]) (cache_rows.cpp: in place, or dequantised). Built by native.py after
 // index_topk.cpp, before decode_attention.cpp.
 // The selected rows are split across OpenMP threads and each is read once, for every head: an
-// online softmax (running max and sum per head) accumulates each thread's part, and the parts are
-// merged in thread order at the end. sparse_prefill.cpp runs the same per query of a prefill.
+// online softmax (running max and sum per head) accumulates each thread's part, a tile of rows at
+// a time, and the parts are merged in thread order at the end. sparse_prefill.cpp runs the same per
+// query of a prefill.
 #include <cmath>
 #include <vector>
 #include <omp.h>
@@ -19,37 +20,80 @@ static inline void scale_axpy(float* o, float a, float w, const float* r, int64_
     for (; c < C; ++c) o[c] = a * o[c] + w * r[c];
 }
 
+static const int64_t ROWS = 16;                          // rows a tile
+
+// sc[h, i] = scale * q[h] . r[i] for a whole tile (n == ROWS) with AVX-512: per head, an
+// accumulator a row and one transposing reduction (sum16, vec.h); false where it does not apply
+static inline bool tile_dots(const float* q, const float* const* r, int64_t n, float* sc, const int64_t H,
+                             const int64_t D, const float scale) {
+#if ISA == 512
+    if (n != ROWS || D % 16 != 0) return false;
+    const __m512 sv = _mm512_set1_ps(scale);
+    __m512 acc[ROWS];
+    for (int64_t h = 0; h < H; ++h) {
+        for (int i = 0; i < ROWS; ++i) acc[i] = _mm512_setzero_ps();
+        for (int64_t d = 0; d < D; d += 16) {
+            const __m512 qv = _mm512_loadu_ps(q + h * D + d);
+            for (int i = 0; i < ROWS; ++i) acc[i] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(r[i] + d), acc[i]);
+        }
+        _mm512_storeu_ps(sc + h * ROWS, _mm512_mul_ps(sum16(acc), sv));
+    }
+    return true;
+#else
+    (void)q, (void)r, (void)n, (void)sc, (void)H, (void)D, (void)scale;
+    return false;
+#endif
+}
+
 // the rows ids[j0..j1) (-1: skipped) summed into acc [H, P] per head: o[:C], running max, running
-// sum (an online softmax: a new maximum rescales what is summed)
+// sum (an online softmax). A tile of ROWS rows at a time: its scores for every head (4 heads' query
+// rows against each row of the tile, so the queries stream once a tile), then each head's sums
+// rescaled and the tile's rows added in one pass over them. scratch: ROWS * D floats (FP8 rows
+// dequantised there) and H * ROWS scores.
 static void attend_rows(const float* q, const Rows& rows, const int64_t* table, const int64_t* ids, int64_t j0,
                         int64_t j1, float* acc, float* scratch, const int64_t H, const int64_t D, const int64_t C,
                         const int64_t B, const float scale) {
     const int64_t P = C + 2;
+    float* sc = scratch + ROWS * D;                        // [H, ROWS]
     for (int64_t h = 0; h < H; ++h) {
         for (int64_t c = 0; c < C; ++c) acc[h * P + c] = 0.f;
         acc[h * P + C] = -INFINITY, acc[h * P + C + 1] = 0.f;
     }
-    float s[4];
-    for (int64_t j = j0; j < j1; ++j) {
-        if (ids[j] < 0) continue;
-        const float* r = rows.get(slot_of(table, B, ids[j]), 1, scratch);
-        if (j + 1 < j1 && ids[j + 1] >= 0)                 // the next row's lines, while this one is summed
-            rows.prefetch(slot_of(table, B, ids[j + 1]));
-        for (int64_t h0 = 0; h0 < H; h0 += 4) {
-            const int64_t n = H - h0 < 4 ? H - h0 : 4;
-            dots4(q + h0 * D, r, D, n, s);
-            for (int64_t i = 0; i < n; ++i) {
-                float* a = acc + (h0 + i) * P;
-                const float x = s[i] * scale;
-                if (x > a[C]) {
-                    const float e = std::exp(a[C] - x);
-                    a[C] = x, a[C + 1] = e * a[C + 1] + 1.f;
-                    scale_axpy(a, e, 1.f, r, C);
-                } else {
-                    const float p = std::exp(x - a[C]);
-                    a[C + 1] += p;
-                    scale_axpy(a, 1.f, p, r, C);
+    const float* r[ROWS];
+    float s[4], p[ROWS];
+    for (int64_t j = j0; j < j1;) {
+        int64_t n = 0;
+        for (; n < ROWS && j < j1; ++j)
+            if (ids[j] >= 0) r[n] = rows.get(slot_of(table, B, ids[j]), 1, scratch + n * D), ++n;
+        for (int64_t k = j; k < j1 && k < j + ROWS; ++k)   // the next tile's lines, while this one is summed
+            if (ids[k] >= 0) rows.prefetch(slot_of(table, B, ids[k]));
+        if (!tile_dots(q, r, n, sc, H, D, scale))
+            for (int64_t h0 = 0; h0 < H; h0 += 4) {
+                const int64_t m = H - h0 < 4 ? H - h0 : 4;
+                for (int64_t i = 0; i < n; ++i) {
+                    dots4(q + h0 * D, r[i], D, m, s);
+                    for (int64_t k = 0; k < m; ++k) sc[(h0 + k) * ROWS + i] = s[k] * scale;
                 }
+            }
+        for (int64_t h = 0; h < H; ++h) {
+            float* a = acc + h * P;
+            float M = a[C];
+            for (int64_t i = 0; i < n; ++i) M = std::fmax(M, sc[h * ROWS + i]);
+            const float e = std::exp(a[C] - M);           // 0 for the first tile (max -inf)
+            float L = e * a[C + 1];
+            for (int64_t i = 0; i < n; ++i) L += (p[i] = std::exp(sc[h * ROWS + i] - M));
+            a[C] = M, a[C + 1] = L;
+            const vf ev = vset1(e);
+            int64_t c = 0;
+            for (; c + WIDTH <= C; c += WIDTH) {
+                vf v = vmul(ev, vload(a + c));
+                for (int64_t i = 0; i < n; ++i) v = vfma(vset1(p[i]), vload(r[i] + c), v);
+                vstore(a + c, v);
+            }
+            for (; c < C; ++c) {
+                float v = e * a[c];
+                for (int64_t i = 0; i < n; ++i) v += p[i] * r[i][c];
+                a[c] = v;
             }
         }
     }
@@ -84,7 +128,7 @@ static void sparse_attention(const float* q, const Rows& rows, const int64_t* ta
     {
         const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
         if (t == 0) used = (int)nt;
-        std::vector<float> scratch(rows.f32 ? 0 : D);
+        std::vector<float> scratch(ROWS * D + H * ROWS);
         attend_rows(q, rows, table, ids, K * t / nt, K * (t + 1) / nt, part.data() + t * H * P, scratch.data(),
                     H, D, C, B, scale);
     }

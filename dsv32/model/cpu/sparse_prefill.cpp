@@ -11,7 +11,7 @@ extern "C" void kernel(const float* q, const int64_t* ids, float* lat_f32, uint8
     const Rows lat = fp8 ? Rows{nullptr, lat_q, lat_scale, lat_rope, D, D - C} : Rows{lat_f32, nullptr, nullptr, nullptr, D, 0};
     #pragma omp parallel
     {
-        std::vector<float> acc(H * (C + 2)), scratch(fp8 ? D : 0);
+        std::vector<float> acc(H * (C + 2)), scratch(ROWS * D + H * ROWS);
         #pragma omp for schedule(static)
         for (int64_t i = 0; i < t; ++i) {
             attend_rows(q + i * H * D, lat, table, ids + i * K, 0, K, acc.data(), scratch.data(), H, D, C, B, scale);
