@@ -246,8 +246,9 @@ class MLA(nn.Module):
         pages = self._pages(q, kv)
         for g in _query_chunks(T, B * H * self.kv_rank, ABSORB_BLOCK):
             if pages is not None:                                        # rows read in place
-                o_lat = torch.stack([native.sparse_prefill(q[b, g], idx[b, g], p, self.scale, self.kv_rank)
-                                     for b, p in enumerate(pages)])
+                rows = [native.sparse_prefill(q[b, g], idx[b, g], p, self.scale, self.kv_rank)
+                        for b, p in enumerate(pages)]
+                o_lat = rows[0][None] if B == 1 else torch.stack(rows)                # [B, g, H, C]
             else:
                 o_lat = q.new_empty(B, g.stop - g.start, H, self.kv_rank)              # [B, g, H, C]
                 for c in _query_chunks(g.stop - g.start, per_query, GATHER_BLOCK):    # copied in: a chunk's

@@ -26,7 +26,11 @@ def index_scores(q: torch.Tensor, w: torch.Tensor, runs: Sequence[Run], S: int) 
     `sum_h w[t,h] * relu(q[t,h] . k[s])`, -inf where no run holds key s. Per block: a GEMM, then
     the head sum in one native pass on the CPU with a C++ compiler (else relu_ and a bmm)."""
     t, H, D = q.shape
-    out = q.new_full((t, S), float("-inf"), dtype=torch.float32)
+    spans = sorted((pos, pos + keys.shape[0]) for pos, keys in runs if isinstance(pos, int))
+    tiled = len(spans) == len(runs) and [a for a, _ in spans] == [0] + [b for _, b in spans[:-1]] and spans[-1][1] == S
+    out = q.new_empty((t, S), dtype=torch.float32)
+    if not tiled:                                                        # -inf where no run holds a key
+        out.fill_(float("-inf"))
     qf = q.reshape(t * H, D).float()                                     # [t*H, Di]
     w = w.float().contiguous()
     fused = q.device.type == "cpu" and has_compiler()                    # native.head_sum
