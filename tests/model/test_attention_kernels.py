@@ -182,6 +182,11 @@ def test_native_sparse_prefill_equals_the_gathered_path(fp8, monkeypatch):
     monkeypatch.setattr(attention.MLA, "_pages", lambda self, q, kv: None)
     torch.testing.assert_close(got, mla.mqa_sparse(q_nope, q_pe, kv, idx), rtol=1e-5, atol=1e-5)
     pages = kv.pages(0, 1)[0]
+    q = torch.randn(3, H, CFG.kv_lora_rank + CFG.qk_rope_head_dim, generator=G)
+    ids = torch.tensor([[-1] * 40, [-1] * 20 + [5] + [-1] * 19, [3] + [-1] * 39])   # all empty: zeros; one key
+    o = real(q, ids, pages, 0.1, CFG.kv_lora_rank)
+    assert (o[0] == 0).all() and torch.isfinite(o).all()
+    torch.testing.assert_close(o[1], real(q[1:2], torch.tensor([[5]]), pages, 0.1, CFG.kv_lora_rank)[0])
     with pytest.raises(ValueError, match="sparse_prefill: unsupported"):  # a key past its table
         real(torch.randn(1, H, CFG.kv_lora_rank + CFG.qk_rope_head_dim), torch.tensor([[pages.table.numel() * 64]]), pages, 0.1,
              CFG.kv_lora_rank)

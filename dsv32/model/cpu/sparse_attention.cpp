@@ -65,6 +65,7 @@ static void attend_rows(const float* q, const Rows& rows, const int64_t* table, 
         int64_t n = 0;
         for (; n < ROWS && j < j1; ++j)
             if (ids[j] >= 0) r[n] = rows.get(slot_of(table, B, ids[j]), 1, scratch + n * D), ++n;
+        if (n == 0) break;                                 // only empty slots were left
         for (int64_t k = j; k < j1 && k < j + ROWS; ++k)   // the next tile's lines, while this one is summed
             if (ids[k] >= 0) rows.prefetch(slot_of(table, B, ids[k]));
         if (!tile_dots(q, r, n, sc, H, D, scale))
