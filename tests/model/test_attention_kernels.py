@@ -11,6 +11,8 @@ from dsv32.model.cpu import indexer as kindexer, native
 from dsv32.model.cpu.indexer import index_scores, runs_of
 from dsv32.model.transformer import Transformer
 
+from .test_native import ISAS                                           # the vector widths here
+
 G = torch.Generator().manual_seed(0)
 CFG = tiny_config(topk=16, index_heads=16, index_dim=128, kv_lora=128, vocab=1024)   # 16 heads: no exact-zero ties
 
@@ -92,9 +94,11 @@ def test_native_topk_rows_equals_the_definition(S, k):
     scores = torch.stack(list(rows.values()))
     for limit in (S, S // 2 + 3, k - 1, 1, 0):
         limits = torch.full((len(rows),), limit)
-        got = native.topk_rows(scores, limits, k)
-        for name, row, ids in zip(rows, scores, got):
-            assert ids.tolist() == brute_topk(row, limit, k), (name, limit)
+        want = [brute_topk(row, limit, k) for row in scores]
+        for isa in ISAS:                                                 # every vector width
+            got = native.topk_rows(scores, limits, k, isa)
+            for name, ids, w in zip(rows, got, want):
+                assert ids.tolist() == w, (name, limit, isa)
     q, w = torch.randn(40, 16, 128, generator=G), torch.rand(40, 16, generator=G)    # no exact-zero ties
     scores = index_scores(q, w, runs_of(torch.randn(1, S, 128, generator=G))[0], S)
     pos = torch.arange(S - 40, S) if S >= 40 else torch.arange(40) % S
@@ -108,10 +112,11 @@ def test_native_topk_rows_equals_the_definition(S, k):
         native.topk_rows(scores.double(), pos, k)
 
 
-def test_native_head_sum_rows_apart_and_bad_shapes():
+@pytest.mark.parametrize("isa", ISAS)
+def test_native_head_sum_rows_apart_and_bad_shapes(isa):
     s, w = torch.randn(3 * 4, 37, generator=G), torch.randn(3, 4, generator=G)
     out = torch.full((3, 50), 7.0)
-    native.head_sum(s, w, out[:, 5:42])                                  # rows 50 apart
+    native.head_sum(s, w, out[:, 5:42], isa)                             # rows 50 apart
     want = (w[:, :, None] * s.view(3, 4, 37).relu()).sum(1)
     torch.testing.assert_close(out[:, 5:42], want, rtol=1e-6, atol=1e-6)
     assert (out[:, :5] == 7).all() and (out[:, 42:] == 7).all()
@@ -187,6 +192,12 @@ def test_native_sparse_prefill_equals_the_gathered_path(fp8, monkeypatch):
     o = real(q, ids, pages, 0.1, CFG.kv_lora_rank)
     assert (o[0] == 0).all() and torch.isfinite(o).all()
     torch.testing.assert_close(o[1], real(q[1:2], torch.tensor([[5]]), pages, 0.1, CFG.kv_lora_rank)[0])
+    wide = torch.randint(0, 8 * 64 - 10, (5, 40), generator=G)           # full tiles and a partial one
+    q5 = torch.randn(5, H, CFG.kv_lora_rank + CFG.qk_rope_head_dim, generator=G)
+    ref = real(q5, wide, kv.pages(0, 0)[0], 0.1, CFG.kv_lora_rank)
+    for isa in ISAS:                                                     # every vector width
+        torch.testing.assert_close(real(q5, wide, kv.pages(0, 0)[0], 0.1, CFG.kv_lora_rank, isa), ref,
+                                   rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="sparse_prefill: unsupported"):  # a key past its table
         real(torch.randn(1, H, CFG.kv_lora_rank + CFG.qk_rope_head_dim), torch.tensor([[pages.table.numel() * 64]]), pages, 0.1,
              CFG.kv_lora_rank)

@@ -146,10 +146,12 @@ def decode_attention(latent: torch.Tensor, index_k: torch.Tensor, q: torch.Tenso
     return o
 
 
-def sparse_prefill(q: torch.Tensor, ids: torch.Tensor, pages: Pages, scale: float, C: int) -> torch.Tensor:
+def sparse_prefill(q: torch.Tensor, ids: torch.Tensor, pages: Pages, scale: float, C: int,
+                   isa: int | None = None) -> torch.Tensor:
     """Absorbed queries q [t, H, C+R] fp32 of one row, each over its selected key positions ids
     [t, K] (-1: empty) read in place from `pages` -> o_lat [t, H, C]: per head the softmax(scale
-    q . row) weighted sum of row[:C] (MLA.attend_latent without the gather)."""
+    q . row) weighted sum of row[:C] (MLA.attend_latent without the gather). `isa`: as for
+    `binding`."""
     (t, H, D), K = q.shape, ids.shape[1]
     table = pages.table
     ok = (q.dtype == torch.float32 and q.device.type == "cpu" and ids.dtype == torch.int64 and ids.shape[0] == t
@@ -162,33 +164,36 @@ def sparse_prefill(q: torch.Tensor, ids: torch.Tensor, pages: Pages, scale: floa
     fp8 = pages.latent.dtype == FP8
     pools = [_NONE, pages.latent, pages.latent_scale, pages.rope] if fp8 else [pages.latent, _NONE, _NONE, _NONE]
     o = q.new_empty(t, H, C)
-    _build(("cache_rows.cpp", "sparse_attention.cpp", "sparse_prefill.cpp"), [], SPARSE_PREFILL_ARGS)(
+    _build(("cache_rows.cpp", "sparse_attention.cpp", "sparse_prefill.cpp"), [] if isa is None else [f"ISA {isa}"],
+           SPARSE_PREFILL_ARGS)(
         q.contiguous(), ids.contiguous(), *pools, table, o, t, H, D, C, K, pages.block, int(fp8), float(scale))
     return o
 
 
-def topk_rows(scores: torch.Tensor, limit: torch.Tensor, k: int) -> torch.Tensor:
+def topk_rows(scores: torch.Tensor, limit: torch.Tensor, k: int, isa: int | None = None) -> torch.Tensor:
     """scores [t, S] fp32, limit [t] int64 -> for each row the k best of its first limit[i] scores
-    (ties: the lower id; never -inf or NaN) as ids [t, k] ascending, -1 after them where fewer."""
+    (ties: the lower id; never -inf or NaN) as ids [t, k] ascending, -1 after them where fewer.
+    `isa`: as for `binding`."""
     t, S = scores.shape
     if not (scores.dtype == torch.float32 and scores.device.type == "cpu" and limit.shape == (t,) and k > 0):
         raise ValueError(f"native topk_rows: unsupported scores {tuple(scores.shape)} {scores.dtype} "
                          f"{scores.device}, limit {tuple(limit.shape)}, k {k} (fp32 CPU scores [t, S], limit [t])")
     out = torch.empty(t, k, dtype=torch.int64)
-    _build(("top_ids.cpp", "topk_rows.cpp"), [], TOPK_ROWS_ARGS)(
+    _build(("top_ids.cpp", "topk_rows.cpp"), [] if isa is None else [f"ISA {isa}"], TOPK_ROWS_ARGS)(
         scores.contiguous(), limit.to(torch.int64).contiguous(), out, t, S, k)
     return out
 
 
-def head_sum(s: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> None:
+def head_sum(s: torch.Tensor, w: torch.Tensor, out: torch.Tensor, isa: int | None = None) -> None:
     """The indexer's head sum of one block: s [t*H, n] fp32 per-head dot products, w [t, H] ->
-    out[i, j] = sum_h w[i, h] relu(s[i*H + h, j]), written into out [t, n] (rows may be apart)."""
+    out[i, j] = sum_h w[i, h] relu(s[i*H + h, j]), written into out [t, n] (rows may be apart).
+    `isa`: as for `binding`."""
     (t, H), n = w.shape, s.shape[1]
     if not (s.dtype == w.dtype == out.dtype == torch.float32 and s.shape[0] == t * H and out.shape == (t, n)
             and s.is_contiguous() and w.is_contiguous() and out.stride(1) == 1 and s.device.type == "cpu"):
         raise ValueError(f"native head_sum: unsupported s {tuple(s.shape)} {s.dtype}, w {tuple(w.shape)} {w.dtype}, "
                          f"out {tuple(out.shape)} {out.dtype} (fp32 CPU, s [t*H, n] and w [t, H] contiguous)")
-    _build(("head_sum.cpp",), [], HEAD_SUM_ARGS)(s, w, out, t, H, n, out.stride(0))
+    _build(("head_sum.cpp",), [] if isa is None else [f"ISA {isa}"], HEAD_SUM_ARGS)(s, w, out, t, H, n, out.stride(0))
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, isa: int | None = None
