@@ -71,8 +71,8 @@ def test_fp32_decode_takes_the_compiled_path_and_without_a_compiler_the_eager_on
     cpu_compile.has_compiler.cache_clear()
     try:
         steps.clear()
-        with pytest.warns(UserWarning, match="fp32 CPU decode and the indexer's top-k run their slower eager paths: "
-                                             "no C\\+\\+ compiler"):
+        with pytest.warns(UserWarning, match="fp32 CPU decode, the indexer's top-k and head sum and the sparse "
+                                             "prefill run their slower eager paths: no C\\+\\+ compiler"):
             eager = run(make_engine(ckpt, model), prompts, [greedy(6)] * 2)
         assert not steps
         assert [o.outputs[0].token_ids for o in eager] == [o.outputs[0].token_ids for o in compiled]

@@ -41,13 +41,14 @@ def require_compiler() -> None:
 @functools.cache
 def has_compiler() -> bool:
     """Whether inductor finds a C++ compiler here. Paths that only run faster with one (the fp32
-    CPU decode's graphs, the prefill indexer's native top-k) take their eager reference without
-    it, and a warning says so once."""
+    CPU decode's graphs, the indexer's native top-k and head sum, the in-place sparse prefill)
+    take their eager reference without it, and a warning says so once."""
     try:
         require_compiler()
         return True
     except KernelError as e:
-        warnings.warn(f"fp32 CPU decode and the indexer's top-k run their slower eager paths: {e}", stacklevel=2)
+        warnings.warn(f"fp32 CPU decode, the indexer's top-k and head sum and the sparse prefill run their "
+                      f"slower eager paths: {e}", stacklevel=2)
         return False
 
 

@@ -27,7 +27,8 @@ def index_scores(q: torch.Tensor, w: torch.Tensor, runs: Sequence[Run], S: int) 
     the head sum in one native pass on the CPU with a C++ compiler (else relu_ and a bmm)."""
     t, H, D = q.shape
     spans = sorted((pos, pos + keys.shape[0]) for pos, keys in runs if isinstance(pos, int))
-    tiled = len(spans) == len(runs) and [a for a, _ in spans] == [0] + [b for _, b in spans[:-1]] and spans[-1][1] == S
+    ends = [0] + [b for _, b in spans]                                   # runs of consecutive keys
+    tiled = len(spans) == len(runs) and [a for a, _ in spans] == ends[:-1] and ends[-1] == S   # cover 0..S-1
     out = q.new_empty((t, S), dtype=torch.float32)
     if not tiled:                                                        # -inf where no run holds a key
         out.fill_(float("-inf"))
@@ -36,11 +37,11 @@ def index_scores(q: torch.Tensor, w: torch.Tensor, runs: Sequence[Run], S: int) 
     fused = q.device.type == "cpu" and has_compiler()                    # native.head_sum
     n_blk = max(64, SCORE_BYTES // (4 * t * H))
     for pos, keys in runs:
+        whole = isinstance(pos, int)                                     # consecutive: written in place
         for j in range(0, keys.shape[0], n_blk):
             kb = keys[j:j + n_blk].float()                               # [n, Di]
             s = torch.mm(qf, kb.t())                                     # [t*H, n]
             n = kb.shape[0]
-            whole = isinstance(pos, int)
             blk = out[:, pos + j: pos + j + n] if whole else out.new_empty(t, n)   # [t, n]
             if fused:
                 native.head_sum(s, w, blk)

@@ -3,7 +3,7 @@
 //   o[h, :C] = sum_j softmax_j(scale * q[h] . row_j) * row_j[:C]
 // over the K selected key positions ids[j] (-1: an empty selection, skipped), row_j the pool row
 // at slot_of(table, B, ids[j]) (cache_rows.cpp: in place, or dequantised). Built by native.py after
-// index_topk.cpp, before decode_attention.cpp.
+// index_topk.cpp, before decode_attention.cpp, and after cache_rows.cpp, before sparse_prefill.cpp.
 // The selected rows are split across OpenMP threads and each is read once, for every head: an
 // online softmax (running max and sum per head) accumulates each thread's part, a tile of rows at
 // a time, and the parts are merged in thread order at the end. sparse_prefill.cpp runs the same per
@@ -23,7 +23,9 @@ static inline void scale_axpy(float* o, float a, float w, const float* r, int64_
 static const int64_t ROWS = 16;                          // rows a tile
 
 // sc[h, i] = scale * q[h] . r[i] for a whole tile (n == ROWS) with AVX-512: per head, an
-// accumulator a row and one transposing reduction (sum16, vec.h); false where it does not apply
+// accumulator a row and one transposing reduction (sum16, vec.h); false where it does not apply.
+// index_topk.cpp's tile_scores has the same loop over 16 consecutive rows: a shared helper taking
+// row pointers made the indexer 15-50% slower at 8K-32K keys (its rows are one stride apart).
 static inline bool tile_dots(const float* q, const float* const* r, int64_t n, float* sc, const int64_t H,
                              const int64_t D, const float scale) {
 #if ISA == 512
@@ -46,9 +48,9 @@ static inline bool tile_dots(const float* q, const float* const* r, int64_t n, f
 }
 
 // the rows ids[j0..j1) (-1: skipped) summed into acc [H, P] per head: o[:C], running max, running
-// sum (an online softmax). A tile of ROWS rows at a time: its scores for every head (4 heads' query
-// rows against each row of the tile, so the queries stream once a tile), then each head's sums
-// rescaled and the tile's rows added in one pass over them. scratch: ROWS * D floats (FP8 rows
+// sum (an online softmax). A tile of ROWS rows at a time: its scores for every head (tile_dots, or
+// 4 heads' query rows against each row of a partial tile), then each head's sums rescaled and the
+// tile's rows added in one pass over them, so queries and sums stream once a tile, not once a row. scratch: ROWS * D floats (FP8 rows
 // dequantised there) and H * ROWS scores.
 static void attend_rows(const float* q, const Rows& rows, const int64_t* table, const int64_t* ids, int64_t j0,
                         int64_t j1, float* acc, float* scratch, const int64_t H, const int64_t D, const int64_t C,
