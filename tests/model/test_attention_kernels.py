@@ -194,9 +194,9 @@ def test_native_sparse_prefill_equals_the_gathered_path(fp8, monkeypatch):
     torch.testing.assert_close(o[1], real(q[1:2], torch.tensor([[5]]), pages, 0.1, CFG.kv_lora_rank)[0])
     wide = torch.randint(0, 8 * 64 - 10, (5, 40), generator=G)           # full tiles and a partial one
     q5 = torch.randn(5, H, CFG.kv_lora_rank + CFG.qk_rope_head_dim, generator=G)
-    ref = real(q5, wide, kv.pages(0, 0)[0], 0.1, CFG.kv_lora_rank)
+    ref = mla.attend_latent(q5[None], kv, wide[None])[0]                 # row 0, gathered
     for isa in ISAS:                                                     # every vector width
-        torch.testing.assert_close(real(q5, wide, kv.pages(0, 0)[0], 0.1, CFG.kv_lora_rank, isa), ref,
+        torch.testing.assert_close(real(q5, wide, kv.pages(0, 0)[0], mla.scale, CFG.kv_lora_rank, isa), ref,
                                    rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="sparse_prefill: unsupported"):  # a key past its table
         real(torch.randn(1, H, CFG.kv_lora_rank + CFG.qk_rope_head_dim), torch.tensor([[pages.table.numel() * 64]]), pages, 0.1,
