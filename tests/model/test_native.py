@@ -53,6 +53,50 @@ def test_unsupported_shapes_use_the_compiled_kernel():
     torch.testing.assert_close(packed_linear(x, w, s), packed_linear_reference(x, w, s), rtol=1e-5, atol=1e-5)
 
 
+AMX_HERE = native.amx_ready()
+
+
+@pytest.mark.skipif(not AMX_HERE, reason="no AMX-INT8 on this CPU")
+@pytest.mark.parametrize("N,K", [(37, 256), (64, 192), (16, 1024), (2048, 128)])   # 192: one 3-tile group a row
+def test_amx_gemv_equals_reference(N, K):
+    """The AMX kernel (activations as three int8 limbs a group) is as close to the fp32 reference
+    as the vector kernel, at every activation row count, with tail rows past the last 16, and for
+    activations spread over 8 decades within a group."""
+    w, s = weights("int8", N, K)
+    for M in (1, 2, 3, 4):
+        x = torch.randn(M, K, generator=G)
+        ref = packed_linear_reference(x, w, s)
+        torch.testing.assert_close(native.gemv(x, w, s, native.AMX), ref, rtol=1e-5, atol=1e-5)
+        assert torch.equal(native.gemv(x, w, s), native.gemv(x, w, s, native.AMX))    # the default here
+        wide = x * 10.0 ** (torch.rand(M, K, generator=G) * 8 - 6)
+        ref = packed_linear_reference(wide, w, s)
+        torch.testing.assert_close(native.gemv(wide, w, s, native.AMX), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+@pytest.mark.skipif(not AMX_HERE, reason="no AMX-INT8 on this CPU")
+def test_amx_gemv_propagates_nan_and_refuses_what_it_cannot_take():
+    w, s = weights("int8", 40, 256)
+    x = torch.randn(2, 256, generator=G)
+    x[0, 7] = float("nan")
+    y = native.gemv(x, w, s, native.AMX)
+    assert y[0].isnan().all() and y[1].isfinite().all()
+    for N, K, M in ((15, 256, 1), (40, 160, 1), (40, 256, 5)):     # < 16 rows, 160-wide groups, 5 rows
+        w, s = weights("int8", N, K)
+        with pytest.raises(ValueError, match="AMX"):
+            native.gemv(torch.randn(M, K, generator=G), w, s, native.AMX)
+
+
+def test_amx_request_without_amx_is_an_error():
+    w, s = weights("int8", 40, 256)
+    if AMX_HERE:
+        w16, _ = weights("fp16", 40, 256)
+        with pytest.raises(ValueError, match="AMX"):
+            native.gemv(torch.randn(1, 256, generator=G), w16, None, native.AMX)
+    else:
+        with pytest.raises(ValueError, match="AMX"):
+            native.gemv(torch.randn(1, 256, generator=G), w, s, native.AMX)
+
+
 class Big(nn.Module):
     def __init__(self):
         super().__init__()
