@@ -58,7 +58,7 @@ def e4m3_arith(b: torch.Tensor) -> torch.Tensor:
 def candidates(N: int, K: int) -> dict:
     """name -> (callable, stored bytes) for y = x W^T with W [N, K]."""
     from dsv32.model.fp8 import block_dequant, block_quant
-    from dsv32.model.cpu.native import gemv
+    from dsv32.model.cpu.native import AMX, amx_ready, gemv
     from dsv32.model.cpu.packed import _gemv, quantize_int8
     x = torch.randn(1, K)
     w = torch.randn(N, K) / K ** 0.5
@@ -82,7 +82,11 @@ def candidates(N: int, K: int) -> dict:
         "fp16, compiled upcast-and-reduce": (lambda: _gemv(x, w16, None), 2 * N * K),
         "fp16, native [chosen: fp16]": (lambda: gemv(x, w16, None), 2 * N * K),
         "int8 + scale per (row, 128), compiled": (lambda: _gemv(x, q, s), N * K + 4 * s.numel()),
-        "int8 + scale per (row, 128), native [chosen: int8, fp8]": (lambda: gemv(x, q, s), N * K + 4 * s.numel()),
+        **({"int8 + scale per (row, 128), native AVX-512": (lambda: gemv(x, q, s, 512), N * K + 4 * s.numel()),
+            "int8 + scale per (row, 128), native AMX tiles [chosen: int8, fp8]": (lambda: gemv(x, q, s, AMX),
+                                                                                  N * K + 4 * s.numel())}
+           if amx_ready() else
+           {"int8 + scale per (row, 128), native [chosen: int8, fp8]": (lambda: gemv(x, q, s), N * K + 4 * s.numel())}),
         "int8 + scale per row, compiled": (lambda: row_k(x, qrow, srow), N * K + 4 * N),
         "int8 per row, activations int8 per tensor (fbgemm dynamic; other numerics)":
             (dynamic_int8(w), N * K + 4 * N),
