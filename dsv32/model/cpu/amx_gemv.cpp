@@ -1,27 +1,36 @@
-// The int8 GEMV on AMX tiles (built by native.py after vec.h and gemv.cpp with INT8 and AMX
-// defined, where the CPU has AMX-INT8 and the process may use its tile data): y[m, n] = sum_k
-// x[m, k] * W[n, k] * s[n, k / G], as gemv.cpp computes it, without gemv.cpp's two conversions
-// (int8 -> int32 -> fp32) per 16 weights, which keep that loop at ~80% of the memory's read rate.
+// The packed GEMV on AMX tiles (built by native.py after vec.h and gemv.cpp with AMX and INT8 or
+// HALF_BF16 defined, where the CPU has AMX and the process may use its tile data): y[m, n] =
+// sum_k x[m, k] * W[n, k] (* s[n, k / G] for int8), as gemv.cpp computes it, without gemv.cpp's
+// conversions (int8 -> int32 -> fp32, or bf16 -> fp32) per 16 weights, which keep that loop at
+// ~80% of the memory's read rate. The weight rows are the A tile, read in place from the [N, K]
+// layout; the activations, split into "limbs" of the tile unit's input type, are the columns of B.
+// Rows past the last whole 16 take gemv.cpp's row_dot.
 //
-// Each activation row x[m] is split, per group of G columns, into a scale and three int8 "limbs":
-// x[k] = sx * (a0[k] + a1[k] / 254 + a2[k] / 254^2) + e, |e| <= sx * 0.5 / 254^2 (sx = max |x| / 127
-// over the group, so e is within 6.1e-8 of the group's largest |x|: fp32's own rounding).
-// TDPBSSD then sums the int8 products exactly in int32 (the weight rows are the A tile, read in
-// place from the [N, K] layout; the limbs of every row of x are the columns of B), and each group's
-// three sums meet their scales in fp32. Rows past the last whole 16 take gemv.cpp's row_dot.
-// Callers guarantee K % G == 0, G % 64 == 0, M <= 4 (12 columns of B), and ISA 512.
+// int8 (TDPBSSD): each activation row x[m] is split, per group of G columns, into a scale and
+// three int8 limbs: x[k] = sx * (a0[k] + a1[k] / 254 + a2[k] / 254^2) + e, |e| <= sx * 0.5 / 254^2
+// (sx = max |x| / 127 over the group, so e is within 6.1e-8 of the group's largest |x|: fp32's own
+// rounding). The tile unit sums the int8 products exactly in int32, and each group's three sums
+// meet their scales in fp32. Callers guarantee K % G == 0, G % 64 == 0, M <= 4 (12 columns of B).
+//
+// bf16 (TDPBF16PS): x[k] = b0[k] + b1[k] + b2[k] + e, each limb the bf16 rounding of what the
+// earlier ones left (|e| <= 2^-24 |x|); the products of bf16 values are exact in fp32, which the
+// tile unit sums them in (no groups: one sum per limb over all K). Callers guarantee K % 32 == 0,
+// M <= 4. Both: ISA 512.
 #include <vector>
 
 static const int64_t ROWS = 16;        // weight rows a tile (the A tile's rows)
-static const int64_t CHUNK = 64;       // columns a tile op (the A tile's 64 bytes a row)
 static const int LIMBS = 3;
-static const int64_t AHEAD = 4;        // groups ahead that each row prefetches (measured: 1-8)
+
 
 struct TileConfig {
     uint8_t palette, start_row, reserved[14];
     uint16_t colsb[16];
     uint8_t rows[16];
 };
+
+#if defined(INT8)
+static const int64_t CHUNK = 64;       // columns a tile op (the A tile's 64 bytes a row)
+static const int64_t AHEAD = 4;        // groups ahead that each row prefetches (measured: 1-8)
 
 // x [M, K] -> the B tiles b [K / 64][16 rows][4 * LIMBS * M bytes] (row r, column c = m * LIMBS +
 // j holds limb j of x[m, 4r .. 4r + 3]) and the scales sx [M][K / G]; 16 columns at a time
@@ -109,3 +118,69 @@ extern "C" void kernel(const float* x, const int8_t* w, const float* s, float* y
         for (int64_t m = 0; m < M; ++m)
             y[m * N + n] = row_dot(x + m * K, w + n * K, s + n * Gs, K, G);
 }
+#endif
+
+#if defined(HALF_BF16)
+static const int64_t CHUNK = 32;       // columns a tile op (the A tile's 64 bytes a row)
+static const int64_t AHEAD = 8;        // chunks ahead that each row prefetches (4-16 measured: within 2%)
+
+// x [M, K] -> the B tiles b [K / 32][16 rows][2 * LIMBS * M] bf16 (row r, column c = m * LIMBS + j
+// holds limb j of x[m, 2r], x[m, 2r + 1]); 16 columns at a time
+__attribute__((target("avx512bf16")))
+static void split_rows(const float* x, uint16_t* b, int64_t M, int64_t K) {
+    const int64_t width = 2 * LIMBS * M;
+    for (int64_t m = 0; m < M; ++m)
+        for (int64_t k = 0; k < K; k += 16) {
+            uint16_t* at = b + (k / CHUNK) * ROWS * width + (k % CHUNK) / 2 * width + m * 2 * LIMBS;
+            __m512 v = _mm512_loadu_ps(x + m * K + k);
+            for (int j = 0; j < LIMBS; ++j) {
+                const __m256i h = (__m256i)_mm512_cvtneps_pbh(v);           // 16 bf16, rounded to nearest
+                alignas(32) uint32_t q[8];                                   // 8 pairs of columns
+                _mm256_store_si256((__m256i*)q, h);
+                for (int i = 0; i < 8; ++i) std::memcpy(at + i * width + 2 * j, q + i, 4);
+                v = _mm512_sub_ps(v, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+            }
+        }
+}
+
+__attribute__((target("amx-tile,amx-bf16")))
+extern "C" void kernel(const float* x, const uint16_t* w, float* y, const int64_t M, const int64_t N, const int64_t K) {
+    const int64_t width = 2 * LIMBS * M, cols = LIMBS * M, blocks = N / ROWS, chunks = K / CHUNK;
+    std::vector<uint16_t> b(chunks * ROWS * width);
+    split_rows(x, b.data(), M, K);
+    #pragma omp parallel
+    {
+        TileConfig cfg = {};
+        cfg.palette = 1;
+        cfg.rows[0] = ROWS, cfg.colsb[0] = 4 * cols;         // C: fp32 [16, cols]
+        cfg.rows[1] = ROWS, cfg.colsb[1] = 2 * CHUNK;        // A: the weights' [16, 32] bf16
+        cfg.rows[2] = ROWS, cfg.colsb[2] = 2 * width;        // B: [16, 2 * cols] limb bf16
+        _tile_loadconfig(&cfg);
+        alignas(64) float c[ROWS * 4 * LIMBS];
+        #pragma omp for schedule(static)
+        for (int64_t blk = 0; blk < blocks; ++blk) {
+            const uint16_t* wb = w + blk * ROWS * K;
+            _tile_zero(0);
+            for (int64_t ch = 0; ch < chunks; ++ch) {
+                // this block's rows AHEAD chunks on, or the next block's first chunks
+                const int64_t ca = ch + AHEAD;
+                const char* pf = (const char*)(ca < chunks ? wb + ca * CHUNK : wb + ROWS * K + (ca - chunks) * CHUNK);
+                for (int64_t r = 0; r < ROWS; ++r) _mm_prefetch(pf + r * 2 * K, _MM_HINT_T0);
+                _tile_loadd(1, wb + ch * CHUNK, 2 * K);
+                _tile_loadd(2, b.data() + ch * ROWS * width, 2 * width);
+                _tile_dpbf16ps(0, 1, 2);
+            }
+            _tile_stored(0, c, 4 * cols);
+            for (int64_t r = 0; r < ROWS; ++r)
+                for (int64_t m = 0; m < M; ++m) {
+                    const float* cm = c + r * cols + m * LIMBS;
+                    y[m * N + blk * ROWS + r] = (cm[2] + cm[1]) + cm[0];
+                }
+        }
+        _tile_release();
+    }
+    for (int64_t n = blocks * ROWS; n < N; ++n)
+        for (int64_t m = 0; m < M; ++m)
+            y[m * N + n] = row_dot(x + m * K, w + n * K, nullptr, K, K);
+}
+#endif

@@ -77,7 +77,7 @@ static inline float row_dot(const float* x, const wt* w, const float* s, int64_t
 }
 
 #if defined(AMX)
-// the entry point is amx_gemv.cpp's
+// the entry points are amx_gemv.cpp's
 #elif defined(INT8)
 extern "C" void kernel(const float* x, const wt* w, const float* s, float* y,
                        const int64_t M, const int64_t N, const int64_t K, const int64_t G) {

@@ -7,10 +7,10 @@
                         graph as the operator `dsv32::packed_gemv` (~2 us of dispatch, so
                         model/cpu/packed.py uses it there for large matrices only). Reference:
                         packed.packed_linear_reference.
-  amx_gemv.cpp          the int8 GEMV on AMX tiles, where the CPU has them (`amx_ready`): the
-                        activations split into three int8 limbs a group, the products summed in
-                        int32 by the tile unit, so no conversion instructions bound the stream
-                        (~20% faster on large matrices). Reference: the same.
+  amx_gemv.cpp          the int8 and bf16 GEMVs on AMX tiles, where the CPU has them
+                        (`amx_ready`): the activations split into three limbs of the weights' type,
+                        the products summed by the tile unit, so no conversion instructions bound
+                        the stream (~20% faster on large matrices). Reference: the same.
   (vec.h: the float vector operations both use, for AVX-512, AVX2 or plain C)
   decode_attention.cpp  one decode row's attention in one call, over the cache read and written in
                         place through the row's block table (`Pages`): the new token's cache write,
@@ -88,30 +88,42 @@ def _build(files: tuple[str, ...], defines: list[str], args: list[str]) -> Calla
     return f
 
 
-AMX = "amx"                 # the `isa` of the int8 GEMV on AMX tiles (amx_gemv.cpp)
+AMX = "amx"                 # the `isa` of the GEMV on AMX tiles (amx_gemv.cpp): int8 and bf16 weights
 AMX_ROWS = 16               # ... which needs N >= 16 rows, at most 4 activation rows, int8 groups of 64k
+AMX_FLAGS = {torch.int8: ("amx_tile", "amx_int8"), torch.bfloat16: ("amx_tile", "amx_bf16", "avx512_bf16")}
 _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA, _SYS_ARCH_PRCTL = 0x1023, 18, 158
 
 
 @functools.cache
-def amx_ready() -> bool:
-    """Whether this CPU has AMX-INT8 and Linux lets this process use the tile data (asked once)."""
+def _cpu_flags() -> frozenset[str]:
     if platform.system() != "Linux" or platform.machine() != "x86_64":
-        return False
+        return frozenset()
     try:
-        flags = Path("/proc/cpuinfo").read_text().split("flags", 2)[1].split("\n", 1)[0].split()
+        return frozenset(Path("/proc/cpuinfo").read_text().split("flags", 2)[1].split("\n", 1)[0].split())
     except (OSError, IndexError):
-        return False
-    if "amx_tile" not in flags or "amx_int8" not in flags:
-        return False
-    if ctypes.CDLL(None).syscall(_SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA) != 0:
-        warnings.warn("the CPU has AMX but Linux refused this process its tile data (arch_prctl): the int8 "
-                      "GEMV runs its AVX-512 code", stacklevel=2)
+        return frozenset()
+
+
+@functools.cache
+def _tile_permission() -> bool:
+    """Ask Linux (once) to let this process use the AMX tile data."""
+    if ctypes.CDLL(None).syscall(_SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA) == 0:
+        return True
+    warnings.warn("the CPU has AMX but Linux refused this process its tile data (arch_prctl): the GEMV "
+                  "runs its AVX-512 code", stacklevel=3)
+    return False
+
+
+@functools.cache
+def amx_ready(dtype: torch.dtype = torch.int8) -> bool:
+    """Whether the GEMV of `dtype` weights (int8, bf16) runs on AMX tiles here: the CPU has them,
+    Linux lets this process use the tile data, and the kernel builds."""
+    if dtype not in AMX_FLAGS or not set(AMX_FLAGS[dtype]) <= _cpu_flags() or not _tile_permission():
         return False
     try:
-        binding(torch.int8, AMX)
+        binding(dtype, AMX)
     except KernelError as e:
-        warnings.warn(f"the int8 GEMV runs its AVX-512 code, not the AMX one: {e}", stacklevel=2)
+        warnings.warn(f"the {dtype} GEMV runs its AVX-512 code, not the AMX one: {e}", stacklevel=2)
         return False
     return True
 
@@ -120,12 +132,14 @@ def binding(dtype: torch.dtype, isa: int | str | None = None) -> Callable:
     """The built GEMV for weights of `dtype`; `isa` 512 / 256 / 1 forces AVX-512, AVX2 or the
     scalar code (default: the best the compiler targets on this machine), AMX the tile kernel."""
     if isa == AMX:
-        return _build(("gemv.cpp", "amx_gemv.cpp"), ["INT8", "AMX"], GEMV_ARGS[torch.int8])
+        return _build(("gemv.cpp", "amx_gemv.cpp"), [DEFINES[dtype], "AMX"], GEMV_ARGS[dtype])
     return _build(("gemv.cpp",), [DEFINES[dtype]] + ([] if isa is None else [f"ISA {isa}"]), GEMV_ARGS[dtype])
 
 
-def _amx_fits(M: int, N: int, K: int, scale: torch.Tensor | None) -> bool:
-    return scale is not None and M <= 4 and N >= AMX_ROWS and (K // scale.shape[1]) % 64 == 0
+def _amx_fits(M: int, w: torch.Tensor, scale: torch.Tensor | None) -> bool:
+    if M > 4 or w.shape[0] < AMX_ROWS:
+        return False
+    return w.dtype == torch.bfloat16 or (w.dtype == torch.int8 and (w.shape[1] // scale.shape[1]) % 64 == 0)
 
 
 class Pages(NamedTuple):
@@ -245,9 +259,9 @@ def gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, isa: int 
     if not supports(x, w, scale):
         raise ValueError(f"native gemv: unsupported x {tuple(x.shape)} {x.dtype}, w {tuple(w.shape)} "
                          f"{w.dtype} (K and the int8 group must be multiples of {ALIGN})")
-    if isa == AMX and not (amx_ready() and _amx_fits(x.shape[0], *w.shape, scale)):
-        raise ValueError(f"native gemv on AMX: needs AMX-INT8 (here: {amx_ready()}), int8 weights of >= {AMX_ROWS} "
-                         f"rows, groups of a multiple of 64 columns and <= 4 activation rows")
+    if isa == AMX and not (amx_ready(w.dtype) and _amx_fits(x.shape[0], w, scale)):
+        raise ValueError(f"native gemv on AMX: needs AMX for {w.dtype} weights (here: {amx_ready(w.dtype)}), "
+                         f">= {AMX_ROWS} weight rows, <= 4 activation rows, int8 groups of a multiple of 64 columns")
     return _gemv(x, w, scale, isa)
 
 
@@ -257,7 +271,7 @@ def _gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, isa: int
     x, w = x.contiguous(), w.contiguous()
     (M, K), N = x.shape, w.shape[0]
     y = x.new_empty(M, N)
-    if isa is None and _amx_fits(M, N, K, scale) and amx_ready():
+    if isa is None and _amx_fits(M, w, scale) and amx_ready(w.dtype):
         isa = AMX
     if scale is None:
         binding(w.dtype, isa)(x, w, y, M, N, K)
