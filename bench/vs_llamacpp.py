@@ -1,8 +1,8 @@
 """dsv32 against llama.cpp (DeepseekV32ForCausalLM with DSA, commit 0c1e570) on the same
-checkpoint, one side-by-side table per weight precision (llama.cpp F32 / F16 / Q8_0 vs dsv32
-fp32 / fp16 / int8), on the common benchmark model and on a weight-bound "wide" model.
+checkpoint, one side-by-side table per weight precision (llama.cpp F32 / F16 / BF16 / Q8_0 vs
+dsv32 fp32 / fp16 / bf16 / int8), on the common benchmark model and on a weight-bound "wide" model.
 
-    python bench/vs_llamacpp.py [--models bench wide] [--precisions F32 F16 Q8_0]
+    python bench/vs_llamacpp.py [--models bench wide] [--precisions F32 F16 BF16 Q8_0]
         [--depths 1024 8192 32768 65536] [--prefill 512 8192 32768] [--reps 3] [--write-readme]
     python bench/vs_llamacpp.py --quick        # end-to-end smoke run: 1K decode, 512 prefill
 
@@ -34,7 +34,7 @@ HEADING = "## dsv32 vs llama.cpp (bench/vs_llamacpp.py)"
 WIDE_DIMS = dict(layers=4, hidden=2048, heads=16, q_lora=512, kv_lora=512, nope=128, rope=64, v=128,
                  inter=16384, moe_inter=2048, experts=16, groups=4, topk_group=2, active=2, dense=2,
                  index_heads=8, index_dim=128, topk=256)
-PRECISIONS = {"F32": ("f32", "fp32"), "F16": ("f16", "fp16"), "Q8_0": ("q8_0", "int8")}
+PRECISIONS = {"F32": ("f32", "fp32"), "F16": ("f16", "fp16"), "BF16": ("bf16", "bf16"), "Q8_0": ("q8_0", "int8")}
 GIB = 1 << 30
 
 

@@ -78,14 +78,17 @@ def candidates(N: int, K: int) -> dict:
         "fp16 F.linear (fp16 activations)": (lambda: F.linear(xh, w16), 2 * N * K),
         **slow,
         "bf16, compiled upcast-and-reduce": (lambda: _gemv(x, wb16, None), 2 * N * K),
-        "bf16, native (cpu/gemv.cpp) [chosen: bf16]": (lambda: gemv(x, wb16, None), 2 * N * K),
+        **({"bf16, native AVX-512 (cpu/gemv.cpp)": (lambda: gemv(x, wb16, None, 512), 2 * N * K),
+            "bf16, native AMX tiles (cpu/amx_gemv.cpp) [chosen: bf16]": (lambda: gemv(x, wb16, None, AMX), 2 * N * K)}
+           if amx_ready(torch.bfloat16) else
+           {"bf16, native (cpu/gemv.cpp) [chosen: bf16]": (lambda: gemv(x, wb16, None), 2 * N * K)}),
         "fp16, compiled upcast-and-reduce": (lambda: _gemv(x, w16, None), 2 * N * K),
         "fp16, native [chosen: fp16]": (lambda: gemv(x, w16, None), 2 * N * K),
         "int8 + scale per (row, 128), compiled": (lambda: _gemv(x, q, s), N * K + 4 * s.numel()),
         **({"int8 + scale per (row, 128), native AVX-512": (lambda: gemv(x, q, s, 512), N * K + 4 * s.numel()),
             "int8 + scale per (row, 128), native AMX tiles [chosen: int8, fp8]": (lambda: gemv(x, q, s, AMX),
                                                                                   N * K + 4 * s.numel())}
-           if amx_ready() else
+           if amx_ready(torch.int8) else
            {"int8 + scale per (row, 128), native [chosen: int8, fp8]": (lambda: gemv(x, q, s), N * K + 4 * s.numel())}),
         "int8 + scale per row, compiled": (lambda: row_k(x, qrow, srow), N * K + 4 * N),
         "int8 per row, activations int8 per tensor (fbgemm dynamic; other numerics)":
