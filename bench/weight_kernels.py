@@ -134,14 +134,19 @@ def run_shape(N: int, K: int, rounds: int, bw: float) -> list[list]:
 
 
 def gemv_vs_tiled(K: int = 2048, N: int = 4096, rounds: int = 5) -> list[list]:
-    """Activation rows M: native GEMV (reads W once for all M) vs tiled dequantise + fp32 GEMM."""
-    from dsv32.model.cpu.native import gemv as _gemv
-    from dsv32.model.cpu.packed import _gemm_tiled, quantize_int8
+    """Activation rows M: native GEMV (reads W once for all M; the vector loop converts each weight
+    again for every row, the AMX tiles once) vs tiled dequantise + fp32 GEMM, and what
+    packed_linear takes."""
+    from dsv32.model.cpu.native import AMX, AMX_MAX_M, amx_ready, gemv
+    from dsv32.model.cpu.packed import GEMV_MAX_ROWS, _gemm_tiled, quantize_int8
     q, s = quantize_int8(torch.randn(N, K) / K ** 0.5)
     rows = []
-    for M in (1, 2, 4, 8, 16):
+    for M in (1, 2, 4, 8, 12, 15, 16, 32):
         x = torch.randn(M, K)
-        fs = {"gemv": lambda: _gemv(x, q, s), "tiled": lambda: _gemm_tiled(x, q, s)}
+        fs = {"vector": lambda: gemv(x, q, s, 512), "tiled": lambda: _gemm_tiled(x, q, s)}
+        amx = amx_ready(torch.int8) and M <= AMX_MAX_M
+        if amx:
+            fs["amx"] = lambda: gemv(x, q, s, AMX)
         for f in fs.values():
             f()
         t = {k: [] for k in fs}
@@ -150,8 +155,9 @@ def gemv_vs_tiled(K: int = 2048, N: int = 4096, rounds: int = 5) -> list[list]:
                 t0 = time.perf_counter()
                 f()
                 t[k].append((time.perf_counter() - t0) * 1e3)
-        g, tl = statistics.median(t["gemv"]), statistics.median(t["tiled"])
-        rows.append([M, f"{g:.3f}", f"{tl:.3f}", "gemv" if g <= tl else "tiled"])
+        med = {k: statistics.median(v) for k, v in t.items()}
+        takes = "AMX GEMV" if amx else "vector GEMV" if M <= GEMV_MAX_ROWS else "tiled GEMM"
+        rows.append([M, f"{med['vector']:.3f}", f"{med['amx']:.3f}" if amx else "-", f"{med['tiled']:.3f}", takes])
     return rows
 
 
@@ -165,8 +171,8 @@ def main() -> None:
     bw = bandwidth_gbs()
     rows = [r for N, K in ((129280, 256), (4096, 2048), (129280, 2048)) for r in run_shape(N, K, args.rounds, bw)]
     table = markdown_table(["W", "kernel", "stored MiB", "ms", "floor ms", "vs floor", "vs fp32"], rows)
-    m_table = markdown_table(["rows M (int8, 4096x2048)", "native GEMV ms", "tiled GEMM ms", "faster"],
-                             gemv_vs_tiled())
+    m_table = markdown_table(["rows M (int8, 4096x2048)", "vector GEMV ms", "AMX GEMV ms", "tiled GEMM ms",
+                              "packed_linear takes"], gemv_vs_tiled())
     text = (f"Read bandwidth {bw:.1f} GB/s (best of 5 sums over 1 GiB); floor = stored bytes / bandwidth; "
             f"{machine()}.\n\n{table}\n\n{m_table}")
     print(text)

@@ -6,6 +6,7 @@ from dsv32.model import save
 from dsv32.model.checkpoint import load_model
 from dsv32.model.cpu import compile as kcompile
 from dsv32.model.cpu.absorb import absorb, absorb_reference
+from dsv32.model.cpu import native
 from dsv32.model.cpu.packed import (GEMV_MAX_ROWS, _gemm_tiled, dequantize, packed_linear,
                                     packed_linear_reference, quantize_int8)
 from dsv32.model.block import Block
@@ -34,7 +35,7 @@ def test_packed_linear_equals_reference(fmt):
     w = torch.randn(200, 256, generator=G)
     pw, ps = packed(fmt, w)
     bias = torch.randn(200, generator=G)
-    for M in (1, 3, GEMV_MAX_ROWS + 5):                                  # compiled GEMV, then tiled GEMM
+    for M in (1, 3, GEMV_MAX_ROWS + 5, native.AMX_MAX_M + 2):             # GEMV (vector or AMX), tiled GEMM
         x = torch.randn(2, M, 256, generator=G)[:1]
         got = packed_linear(x, pw, ps, bias)
         assert got.shape == (1, M, 200)

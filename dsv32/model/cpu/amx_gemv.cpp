@@ -10,22 +10,47 @@
 // three int8 limbs: x[k] = sx * (a0[k] + a1[k] / 254 + a2[k] / 254^2) + e, |e| <= sx * 0.5 / 254^2
 // (sx = max |x| / 127 over the group, so e is within 6.1e-8 of the group's largest |x|: fp32's own
 // rounding). The tile unit sums the int8 products exactly in int32, and each group's three sums
-// meet their scales in fp32. Callers guarantee K % G == 0, G % 64 == 0, M <= 4 (12 columns of B).
+// meet their scales in fp32. Callers guarantee K % G == 0, G % 64 == 0, M <= 15.
 //
 // bf16 (TDPBF16PS): x[k] = b0[k] + b1[k] + b2[k] + e, each limb the bf16 rounding of what the
 // earlier ones left (|e| <= 2^-24 |x|); the products of bf16 values are exact in fp32, which the
 // tile unit sums them in (no groups: one sum per limb over all K). Callers guarantee K % 32 == 0,
-// M <= 4. Both: ISA 512.
+// M <= 15. Both: ISA 512; the weight tile is read once for all M rows (5 a B tile, 3 B tiles).
+#include <algorithm>
 #include <vector>
 
 static const int64_t ROWS = 16;        // weight rows a tile (the A tile's rows)
 static const int LIMBS = 3;
-
+static const int64_t PER_TILE = 5;     // activation rows a B tile holds (their limbs: 15 of 16 columns)
+static const int TILES = 3;            // B and C tiles beside the A tile: up to 15 activation rows
+                                       // (tiles: C_t = t, A = 3, B_t = 4 + t)
 
 struct TileConfig {
     uint8_t palette, start_row, reserved[14];
     uint16_t colsb[16];
     uint8_t rows[16];
+};
+
+// The activation rows in groups of PER_TILE, one B tile (and one C tile) a group
+struct Groups {
+    int64_t n, rows[TILES], width[TILES];   // groups, rows and B-tile row bytes of each
+    Groups(int64_t M, int64_t bytes) : n((M + PER_TILE - 1) / PER_TILE) {
+        for (int64_t t = 0; t < n; ++t) {
+            rows[t] = std::min(PER_TILE, M - t * PER_TILE);
+            width[t] = bytes * LIMBS * rows[t];
+        }
+    }
+    // the tile unit's configuration: C_t [16, 4 * columns] bytes, A [16, 64], B_t [16, width]
+    void configure() const {
+        TileConfig cfg = {};
+        cfg.palette = 1;
+        cfg.rows[3] = ROWS, cfg.colsb[3] = 64;
+        for (int64_t t = 0; t < n; ++t) {
+            cfg.rows[t] = ROWS, cfg.colsb[t] = 4 * LIMBS * rows[t];
+            cfg.rows[4 + t] = ROWS, cfg.colsb[4 + t] = width[t];
+        }
+        _tile_loadconfig(&cfg);
+    }
 };
 
 #if defined(INT8)
@@ -64,28 +89,36 @@ static void split_rows(const float* x, int8_t* b, float* sx, int64_t M, int64_t 
 }
 
 __attribute__((target("amx-tile,amx-int8")))
+static inline void dp_int8(int64_t T, const int8_t* a, int64_t lda, const int8_t* const* b, const int64_t* ldb) {
+    _tile_loadd(3, a, lda);
+    _tile_loadd(4, b[0], ldb[0]);
+    _tile_dpbssd(0, 3, 4);
+    if (T > 1) { _tile_loadd(5, b[1], ldb[1]); _tile_dpbssd(1, 3, 5); }
+    if (T > 2) { _tile_loadd(6, b[2], ldb[2]); _tile_dpbssd(2, 3, 6); }
+}
+
+__attribute__((target("amx-tile,amx-int8")))
 extern "C" void kernel(const float* x, const int8_t* w, const float* s, float* y,
                        const int64_t M, const int64_t N, const int64_t K, const int64_t G) {
-    const int64_t Gs = K / G, width = 4 * LIMBS * M, cols = LIMBS * M, blocks = N / ROWS;
-    std::vector<int8_t> b(K / CHUNK * ROWS * width);
+    const int64_t Gs = K / G, blocks = N / ROWS;
+    const Groups grp(M, 4);
+    std::vector<int8_t> bt[TILES];
     std::vector<float> sx(M * Gs);
-    split_rows(x, b.data(), sx.data(), M, K, G);
+    for (int64_t t = 0; t < grp.n; ++t) {
+        bt[t].resize(K / CHUNK * ROWS * grp.width[t]);
+        split_rows(x + t * PER_TILE * K, bt[t].data(), sx.data() + t * PER_TILE * Gs, grp.rows[t], K, G);
+    }
     #pragma omp parallel
     {
-        TileConfig cfg = {};
-        cfg.palette = 1;
-        cfg.rows[0] = ROWS, cfg.colsb[0] = 4 * cols;         // C: int32 [16, cols]
-        cfg.rows[1] = ROWS, cfg.colsb[1] = CHUNK;            // A: the weights' [16, 64] bytes
-        cfg.rows[2] = ROWS, cfg.colsb[2] = width;            // B: [16, 4 * cols] limb bytes
-        _tile_loadconfig(&cfg);
-        alignas(64) int32_t c[ROWS * 4 * LIMBS];
+        grp.configure();
+        alignas(64) int32_t c[TILES][ROWS * LIMBS * PER_TILE];
         const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-        const __m512i at_c = _mm512_mullo_epi32(lane, _mm512_set1_epi32((int)cols));
         const __m512i at_s = _mm512_mullo_epi32(lane, _mm512_set1_epi32((int)Gs));
         #pragma omp for schedule(static)
         for (int64_t blk = 0; blk < blocks; ++blk) {
             const int8_t* wb = w + blk * ROWS * K;
-            __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+            __m512 acc[TILES * PER_TILE];
+            for (int64_t m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
             for (int64_t g = 0; g < Gs; ++g) {
                 // this block's rows AHEAD groups on, or the next block's first groups
                 const int64_t ga = g + AHEAD;
@@ -93,15 +126,21 @@ extern "C" void kernel(const float* x, const int8_t* w, const float* s, float* y
                 for (int64_t r = 0; r < ROWS; ++r)
                     for (int64_t l = 0; l < G; l += 64) _mm_prefetch(pf + r * K + l, _MM_HINT_T0);
                 _tile_zero(0);
+                if (grp.n > 1) _tile_zero(1);
+                if (grp.n > 2) _tile_zero(2);
                 for (int64_t k = g * G; k < (g + 1) * G; k += CHUNK) {
-                    _tile_loadd(1, wb + k, K);
-                    _tile_loadd(2, b.data() + k / CHUNK * ROWS * width, width);
-                    _tile_dpbssd(0, 1, 2);
+                    const int8_t* b[TILES];
+                    for (int64_t t = 0; t < grp.n; ++t) b[t] = bt[t].data() + k / CHUNK * ROWS * grp.width[t];
+                    dp_int8(grp.n, wb + k, K, b, grp.width);
                 }
-                _tile_stored(0, c, 4 * cols);
+                _tile_stored(0, c[0], 4 * LIMBS * grp.rows[0]);
+                if (grp.n > 1) _tile_stored(1, c[1], 4 * LIMBS * grp.rows[1]);
+                if (grp.n > 2) _tile_stored(2, c[2], 4 * LIMBS * grp.rows[2]);
                 const __m512 sw = _mm512_i32gather_ps(at_s, s + blk * ROWS * Gs + g, 4);   // [16] row scales
                 for (int64_t m = 0; m < M; ++m) {
-                    const int32_t* cm = c + m * LIMBS;
+                    const int64_t t = m / PER_TILE, cols = LIMBS * grp.rows[t];
+                    const __m512i at_c = _mm512_mullo_epi32(lane, _mm512_set1_epi32((int)cols));
+                    const int32_t* cm = c[t] + (m % PER_TILE) * LIMBS;
                     __m512 v = _mm512_cvtepi32_ps(_mm512_i32gather_epi32(at_c, cm + 2, 4));
                     v = _mm512_fmadd_ps(v, _mm512_set1_ps(1.f / 254.f),
                                         _mm512_cvtepi32_ps(_mm512_i32gather_epi32(at_c, cm + 1, 4)));
@@ -144,36 +183,49 @@ static void split_rows(const float* x, uint16_t* b, int64_t M, int64_t K) {
 }
 
 __attribute__((target("amx-tile,amx-bf16")))
+static inline void dp_bf16(int64_t T, const uint16_t* a, int64_t lda, const uint16_t* const* b, const int64_t* ldb) {
+    _tile_loadd(3, a, lda);
+    _tile_loadd(4, b[0], ldb[0]);
+    _tile_dpbf16ps(0, 3, 4);
+    if (T > 1) { _tile_loadd(5, b[1], ldb[1]); _tile_dpbf16ps(1, 3, 5); }
+    if (T > 2) { _tile_loadd(6, b[2], ldb[2]); _tile_dpbf16ps(2, 3, 6); }
+}
+
+__attribute__((target("amx-tile,amx-bf16")))
 extern "C" void kernel(const float* x, const uint16_t* w, float* y, const int64_t M, const int64_t N, const int64_t K) {
-    const int64_t width = 2 * LIMBS * M, cols = LIMBS * M, blocks = N / ROWS, chunks = K / CHUNK;
-    std::vector<uint16_t> b(chunks * ROWS * width);
-    split_rows(x, b.data(), M, K);
+    const int64_t blocks = N / ROWS, chunks = K / CHUNK;
+    const Groups grp(M, 4);                                  // B rows: 2 bf16 (4 bytes) a column
+    std::vector<uint16_t> bt[TILES];
+    for (int64_t t = 0; t < grp.n; ++t) {
+        bt[t].resize(chunks * ROWS * grp.width[t] / 2);
+        split_rows(x + t * PER_TILE * K, bt[t].data(), grp.rows[t], K);
+    }
     #pragma omp parallel
     {
-        TileConfig cfg = {};
-        cfg.palette = 1;
-        cfg.rows[0] = ROWS, cfg.colsb[0] = 4 * cols;         // C: fp32 [16, cols]
-        cfg.rows[1] = ROWS, cfg.colsb[1] = 2 * CHUNK;        // A: the weights' [16, 32] bf16
-        cfg.rows[2] = ROWS, cfg.colsb[2] = 2 * width;        // B: [16, 2 * cols] limb bf16
-        _tile_loadconfig(&cfg);
-        alignas(64) float c[ROWS * 4 * LIMBS];
+        grp.configure();
+        alignas(64) float c[TILES][ROWS * LIMBS * PER_TILE];
         #pragma omp for schedule(static)
         for (int64_t blk = 0; blk < blocks; ++blk) {
             const uint16_t* wb = w + blk * ROWS * K;
             _tile_zero(0);
+            if (grp.n > 1) _tile_zero(1);
+            if (grp.n > 2) _tile_zero(2);
             for (int64_t ch = 0; ch < chunks; ++ch) {
                 // this block's rows AHEAD chunks on, or the next block's first chunks
                 const int64_t ca = ch + AHEAD;
                 const char* pf = (const char*)(ca < chunks ? wb + ca * CHUNK : wb + ROWS * K + (ca - chunks) * CHUNK);
                 for (int64_t r = 0; r < ROWS; ++r) _mm_prefetch(pf + r * 2 * K, _MM_HINT_T0);
-                _tile_loadd(1, wb + ch * CHUNK, 2 * K);
-                _tile_loadd(2, b.data() + ch * ROWS * width, 2 * width);
-                _tile_dpbf16ps(0, 1, 2);
+                const uint16_t* b[TILES];
+                for (int64_t t = 0; t < grp.n; ++t) b[t] = bt[t].data() + ch * ROWS * grp.width[t] / 2;
+                dp_bf16(grp.n, wb + ch * CHUNK, 2 * K, b, grp.width);
             }
-            _tile_stored(0, c, 4 * cols);
+            _tile_stored(0, c[0], 4 * LIMBS * grp.rows[0]);
+            if (grp.n > 1) _tile_stored(1, c[1], 4 * LIMBS * grp.rows[1]);
+            if (grp.n > 2) _tile_stored(2, c[2], 4 * LIMBS * grp.rows[2]);
             for (int64_t r = 0; r < ROWS; ++r)
                 for (int64_t m = 0; m < M; ++m) {
-                    const float* cm = c + r * cols + m * LIMBS;
+                    const int64_t t = m / PER_TILE;
+                    const float* cm = c[t] + r * LIMBS * grp.rows[t] + (m % PER_TILE) * LIMBS;
                     y[m * N + blk * ROWS + r] = (cm[2] + cm[1]) + cm[0];
                 }
         }

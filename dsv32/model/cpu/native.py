@@ -89,7 +89,7 @@ def _build(files: tuple[str, ...], defines: list[str], args: list[str]) -> Calla
 
 
 AMX = "amx"                 # the `isa` of the GEMV on AMX tiles (amx_gemv.cpp): int8 and bf16 weights
-AMX_ROWS = 16               # ... which needs N >= 16 rows, at most 4 activation rows, int8 groups of 64k
+AMX_ROWS, AMX_MAX_M = 16, 15  # ... which needs N >= 16 weight rows, <= 15 activation rows, int8 groups of 64k
 AMX_FLAGS = {torch.int8: ("amx_tile", "amx_int8"), torch.bfloat16: ("amx_tile", "amx_bf16", "avx512_bf16")}
 _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA, _SYS_ARCH_PRCTL = 0x1023, 18, 158
 
@@ -136,8 +136,13 @@ def binding(dtype: torch.dtype, isa: int | str | None = None) -> Callable:
     return _build(("gemv.cpp",), [DEFINES[dtype]] + ([] if isa is None else [f"ISA {isa}"]), GEMV_ARGS[dtype])
 
 
+def on_amx(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None) -> bool:
+    """Whether `gemv(x, w, scale)` runs on AMX tiles here."""
+    return supports(x, w, scale) and _amx_fits(x.shape[0], w, scale) and amx_ready(w.dtype)
+
+
 def _amx_fits(M: int, w: torch.Tensor, scale: torch.Tensor | None) -> bool:
-    if M > 4 or w.shape[0] < AMX_ROWS:
+    if M > AMX_MAX_M or w.shape[0] < AMX_ROWS:
         return False
     return w.dtype == torch.bfloat16 or (w.dtype == torch.int8 and (w.shape[1] // scale.shape[1]) % 64 == 0)
 
@@ -261,7 +266,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, isa: int 
                          f"{w.dtype} (K and the int8 group must be multiples of {ALIGN})")
     if isa == AMX and not (amx_ready(w.dtype) and _amx_fits(x.shape[0], w, scale)):
         raise ValueError(f"native gemv on AMX: needs AMX for {w.dtype} weights (here: {amx_ready(w.dtype)}), "
-                         f">= {AMX_ROWS} weight rows, <= 4 activation rows, int8 groups of a multiple of 64 columns")
+                         f">= {AMX_ROWS} weight rows, <= {AMX_MAX_M} activation rows, int8 groups of a multiple of 64 columns")
     return _gemv(x, w, scale, isa)
 
 

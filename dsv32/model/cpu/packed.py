@@ -16,7 +16,8 @@ from . import native
 from .compile import dynamic, kernel, tracing
 
 GROUP = 128                # int8: one scale per GROUP columns of a row
-GEMV_MAX_ROWS = 4          # activation rows up to which the dequantise-and-reduce kernel runs
+GEMV_MAX_ROWS = 8          # activation rows up to which the dequantise-and-reduce kernel runs (on
+                           # AMX tiles: native.AMX_MAX_M; bench/README.md, "Weight-format kernels")
 TILE_ROWS = 512            # GEMM path: output rows of one dequantised tile (fewer make the fp32 GEMM
                            # pack the activations again for each tile: 128 rows ran 2-3x slower)
 TILE_ELEMS = 1 << 21       # ... and at most this many fp32 elements (8 MiB): long rows split along K
@@ -113,7 +114,7 @@ def packed_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None,
             y = (_gemv_half(x2, w) if scale is None else _gemv_int8(x2, w, scale)).t()
     elif x2.shape[0] == 0:
         y = x2.new_empty(0, w.shape[0])
-    elif x2.shape[0] <= GEMV_MAX_ROWS:
+    elif x2.shape[0] <= GEMV_MAX_ROWS or native.on_amx(x2, w, scale):
         y = native.gemv(x2, w, scale) if native.supports(x2, w, scale) else _gemv(x2.contiguous(), w, scale)
     else:
         y = _gemm_tiled(x2, w, scale)
