@@ -41,7 +41,7 @@ struct Groups {
         }
     }
     // the tile unit's configuration: C_t [16, 4 * columns] bytes, A [16, 64], B_t [16, width]
-    void configure() const {
+    __attribute__((target("amx-tile"))) void configure() const {
         TileConfig cfg = {};
         cfg.palette = 1;
         cfg.rows[3] = ROWS, cfg.colsb[3] = 64;
@@ -51,7 +51,28 @@ struct Groups {
         }
         _tile_loadconfig(&cfg);
     }
+    __attribute__((target("amx-tile"))) void zero() const {
+        _tile_zero(0);
+        if (n > 1) _tile_zero(1);
+        if (n > 2) _tile_zero(2);
+    }
+    // C_t -> c + t * ROWS * LIMBS * PER_TILE (4-byte values: int32 or fp32), [16, LIMBS * rows[t]]
+    __attribute__((target("amx-tile"))) void store(void* c) const {
+        char* at = (char*)c;
+        const int64_t tile = 4 * ROWS * LIMBS * PER_TILE;
+        _tile_stored(0, at, 4 * LIMBS * rows[0]);
+        if (n > 1) _tile_stored(1, at + tile, 4 * LIMBS * rows[1]);
+        if (n > 2) _tile_stored(2, at + 2 * tile, 4 * LIMBS * rows[2]);
+    }
 };
+
+// C_t += A . B_t for the groups (tile numbers are immediates: one line a tile); A at a, B_t at b[t]
+#define TILE_PRODUCTS(OP, T, a, lda, b, ldb)                                  \
+    _tile_loadd(3, a, lda);                                                   \
+    _tile_loadd(4, b[0], ldb[0]);                                             \
+    OP(0, 3, 4);                                                              \
+    if (T > 1) { _tile_loadd(5, b[1], ldb[1]); OP(1, 3, 5); }                 \
+    if (T > 2) { _tile_loadd(6, b[2], ldb[2]); OP(2, 3, 6); }
 
 #if defined(INT8)
 static const int64_t CHUNK = 64;       // columns a tile op (the A tile's 64 bytes a row)
@@ -89,15 +110,6 @@ static void split_rows(const float* x, int8_t* b, float* sx, int64_t M, int64_t 
 }
 
 __attribute__((target("amx-tile,amx-int8")))
-static inline void dp_int8(int64_t T, const int8_t* a, int64_t lda, const int8_t* const* b, const int64_t* ldb) {
-    _tile_loadd(3, a, lda);
-    _tile_loadd(4, b[0], ldb[0]);
-    _tile_dpbssd(0, 3, 4);
-    if (T > 1) { _tile_loadd(5, b[1], ldb[1]); _tile_dpbssd(1, 3, 5); }
-    if (T > 2) { _tile_loadd(6, b[2], ldb[2]); _tile_dpbssd(2, 3, 6); }
-}
-
-__attribute__((target("amx-tile,amx-int8")))
 extern "C" void kernel(const float* x, const int8_t* w, const float* s, float* y,
                        const int64_t M, const int64_t N, const int64_t K, const int64_t G) {
     const int64_t Gs = K / G, blocks = N / ROWS;
@@ -125,17 +137,13 @@ extern "C" void kernel(const float* x, const int8_t* w, const float* s, float* y
                 const char* pf = (const char*)(ga < Gs ? wb + ga * G : wb + ROWS * K + (ga - Gs) * G);
                 for (int64_t r = 0; r < ROWS; ++r)
                     for (int64_t l = 0; l < G; l += 64) _mm_prefetch(pf + r * K + l, _MM_HINT_T0);
-                _tile_zero(0);
-                if (grp.n > 1) _tile_zero(1);
-                if (grp.n > 2) _tile_zero(2);
+                grp.zero();
                 for (int64_t k = g * G; k < (g + 1) * G; k += CHUNK) {
                     const int8_t* b[TILES];
                     for (int64_t t = 0; t < grp.n; ++t) b[t] = bt[t].data() + k / CHUNK * ROWS * grp.width[t];
-                    dp_int8(grp.n, wb + k, K, b, grp.width);
+                    TILE_PRODUCTS(_tile_dpbssd, grp.n, wb + k, K, b, grp.width)
                 }
-                _tile_stored(0, c[0], 4 * LIMBS * grp.rows[0]);
-                if (grp.n > 1) _tile_stored(1, c[1], 4 * LIMBS * grp.rows[1]);
-                if (grp.n > 2) _tile_stored(2, c[2], 4 * LIMBS * grp.rows[2]);
+                grp.store(c);
                 const __m512 sw = _mm512_i32gather_ps(at_s, s + blk * ROWS * Gs + g, 4);   // [16] row scales
                 for (int64_t m = 0; m < M; ++m) {
                     const int64_t t = m / PER_TILE, cols = LIMBS * grp.rows[t];
@@ -183,15 +191,6 @@ static void split_rows(const float* x, uint16_t* b, int64_t M, int64_t K) {
 }
 
 __attribute__((target("amx-tile,amx-bf16")))
-static inline void dp_bf16(int64_t T, const uint16_t* a, int64_t lda, const uint16_t* const* b, const int64_t* ldb) {
-    _tile_loadd(3, a, lda);
-    _tile_loadd(4, b[0], ldb[0]);
-    _tile_dpbf16ps(0, 3, 4);
-    if (T > 1) { _tile_loadd(5, b[1], ldb[1]); _tile_dpbf16ps(1, 3, 5); }
-    if (T > 2) { _tile_loadd(6, b[2], ldb[2]); _tile_dpbf16ps(2, 3, 6); }
-}
-
-__attribute__((target("amx-tile,amx-bf16")))
 extern "C" void kernel(const float* x, const uint16_t* w, float* y, const int64_t M, const int64_t N, const int64_t K) {
     const int64_t blocks = N / ROWS, chunks = K / CHUNK;
     const Groups grp(M, 4);                                  // B rows: 2 bf16 (4 bytes) a column
@@ -207,9 +206,7 @@ extern "C" void kernel(const float* x, const uint16_t* w, float* y, const int64_
         #pragma omp for schedule(static)
         for (int64_t blk = 0; blk < blocks; ++blk) {
             const uint16_t* wb = w + blk * ROWS * K;
-            _tile_zero(0);
-            if (grp.n > 1) _tile_zero(1);
-            if (grp.n > 2) _tile_zero(2);
+            grp.zero();
             for (int64_t ch = 0; ch < chunks; ++ch) {
                 // this block's rows AHEAD chunks on, or the next block's first chunks
                 const int64_t ca = ch + AHEAD;
@@ -217,11 +214,9 @@ extern "C" void kernel(const float* x, const uint16_t* w, float* y, const int64_
                 for (int64_t r = 0; r < ROWS; ++r) _mm_prefetch(pf + r * 2 * K, _MM_HINT_T0);
                 const uint16_t* b[TILES];
                 for (int64_t t = 0; t < grp.n; ++t) b[t] = bt[t].data() + ch * ROWS * grp.width[t] / 2;
-                dp_bf16(grp.n, wb + ch * CHUNK, 2 * K, b, grp.width);
+                TILE_PRODUCTS(_tile_dpbf16ps, grp.n, wb + ch * CHUNK, 2 * K, b, grp.width)
             }
-            _tile_stored(0, c[0], 4 * LIMBS * grp.rows[0]);
-            if (grp.n > 1) _tile_stored(1, c[1], 4 * LIMBS * grp.rows[1]);
-            if (grp.n > 2) _tile_stored(2, c[2], 4 * LIMBS * grp.rows[2]);
+            grp.store(c);
             for (int64_t r = 0; r < ROWS; ++r)
                 for (int64_t m = 0; m < M; ++m) {
                     const int64_t t = m / PER_TILE;
