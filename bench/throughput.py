@@ -1,7 +1,7 @@
 """Generation throughput at batch 1..32 on the common benchmark model, with and without prefix hits.
 
     python bench/throughput.py [--batches 1 2 4 8 16 32] [--prompt 512] [--shared 448]
-                               [--tokens 64] [--write-readme]
+                               [--tokens 64] [--weight-format fp32] [--model DIR] [--write-readme]
 
 Each request has a `--prompt`-token prompt whose first `--shared` tokens are common to all
 requests; "prefix hits" warms the prefix cache with one earlier request, "cold" disables prefix
@@ -21,11 +21,11 @@ from common import bench_model_dir, machine, markdown_table, write_section
 HEADING = "## Throughput (bench/throughput.py)"
 
 
-def run(model, tok, path, B: int, prompt_len: int, shared: int, tokens: int, prefix: bool) -> dict:
+def run(model, tok, path, B: int, prompt_len: int, shared: int, tokens: int, prefix: bool, fmt: str) -> dict:
     from dsv32.engine.engine import EngineConfig, LLMEngine
     from dsv32.engine.sequence import SamplingParams
     eng = LLMEngine(EngineConfig(model=str(path), max_model_len=prompt_len + tokens + 64, max_num_seqs=B,
-                                 max_num_batched_tokens=4096, enable_prefix_caching=prefix),
+                                 max_num_batched_tokens=4096, enable_prefix_caching=prefix, weight_format=fmt),
                     model=model, tokenizer=tok)
     g = torch.Generator().manual_seed(B)
     common = torch.randint(1000, 100000, (shared,), generator=g).tolist()
@@ -57,17 +57,21 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--shared", type=int, default=448)
     ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--weight-format", default="fp32", choices=["fp32", "bf16", "fp16", "int8"])
+    ap.add_argument("--model", default=None, help="checkpoint directory (default: the common benchmark model)")
     ap.add_argument("--write-readme", action="store_true")
     args = ap.parse_args()
 
     from dsv32.chat import Tokenizer
     from dsv32.model.checkpoint import load_model
-    path = bench_model_dir()
-    model, tok = load_model(path), Tokenizer.load(path)
+    path = args.model or bench_model_dir()
+    model, tok = load_model(path, weight_format=args.weight_format, progress=False), Tokenizer.load(path)
+    for B in (1, 2):                             # compile the decode graphs (one row, and any batch) untimed
+        run(model, tok, path, B, 64, 0, 4, False, args.weight_format)
     rows, base = [], None
     for B in tqdm(args.batches, desc="batch sizes"):
-        cold = run(model, tok, path, B, args.prompt, args.shared, args.tokens, prefix=False)
-        warm = run(model, tok, path, B, args.prompt, args.shared, args.tokens, prefix=True)
+        cold = run(model, tok, path, B, args.prompt, args.shared, args.tokens, False, args.weight_format)
+        warm = run(model, tok, path, B, args.prompt, args.shared, args.tokens, True, args.weight_format)
         base = base or cold["decode"]
         rows.append([B, f"{cold['decode']:.1f}", f"{cold['decode'] / base:.1f}x", f"{cold['e2e']:.1f}",
                      f"{warm['e2e']:.1f}", f"{warm['e2e'] / cold['e2e']:.2f}x", f"{warm['hit']:.0f}"])
@@ -77,7 +81,8 @@ def main() -> None:
                            rows)
     print(table)
     if args.write_readme:
-        write_section(HEADING, f"Common benchmark model, fp32, {args.prompt}-token prompts sharing "
+        write_section(HEADING, f"{'Common benchmark model' if args.model is None else args.model}, "
+                               f"{args.weight_format}, {args.prompt}-token prompts sharing "
                                f"{args.shared} tokens, {args.tokens} output tokens each; {machine()}.\n\n{table}")
 
 

@@ -141,7 +141,7 @@ def gemv_vs_tiled(K: int = 2048, N: int = 4096, rounds: int = 5) -> list[list]:
     from dsv32.model.cpu.packed import GEMV_MAX_ROWS, _gemm_tiled, quantize_int8
     q, s = quantize_int8(torch.randn(N, K) / K ** 0.5)
     rows = []
-    for M in (1, 2, 4, 8, 12, 15, 16, 32):
+    for M in (1, 2, 4, 8, 15, 16, 32, 60, 64):
         x = torch.randn(M, K)
         fs = {"vector": lambda: gemv(x, q, s, 512), "tiled": lambda: _gemm_tiled(x, q, s)}
         amx = amx_ready(torch.int8) and M <= AMX_MAX_M

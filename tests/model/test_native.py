@@ -65,11 +65,11 @@ def need_amx(fmt: str) -> None:
 @pytest.mark.parametrize("N,K", [(37, 256), (64, 192), (16, 1024), (2048, 128)])   # int8 192: one 3-tile group a row
 def test_amx_gemv_equals_reference(fmt, N, K):
     """The AMX kernels (activations as three limbs of the weights' type) are as close to the fp32
-    reference as the vector kernel, for 1-15 activation rows (1-3 B tiles), with tail rows past
-    the last 16, and for activations spread over 8 decades."""
+    reference as the vector kernel, for 1-33 activation rows (1-3 B tiles, 1-3 passes), with tail
+    rows past the last 16, and for activations spread over 8 decades."""
     need_amx(fmt)
     w, s = weights(fmt, N, K)
-    for M in (1, 2, 4, 5, 6, 11, 15):                  # 5 rows a B tile: one, two and three tiles
+    for M in (1, 2, 5, 6, 11, 15, 16, 33):              # 5 rows a B tile, 15 a pass: 1-3 tiles, 1-3 passes
         x = torch.randn(M, K, generator=G)
         ref = packed_linear_reference(x, w, s)
         torch.testing.assert_close(native.gemv(x, w, s, native.AMX), ref, rtol=1e-5, atol=1e-5)
@@ -102,7 +102,7 @@ def test_amx_gemv_propagates_nan_and_refuses_what_it_cannot_take(fmt):
     x[0, 7] = float("nan")
     y = native.gemv(x, w, s, native.AMX)
     assert y[0].isnan().all() and y[1].isfinite().all()
-    bad = [(15, 256, 1), (40, 256, 16)] + ([(40, 160, 1)] if fmt == "int8" else [])   # < 16 rows, 16 rows, 160-wide groups
+    bad = [(15, 256, 1), (40, 256, native.AMX_MAX_M + 1)] + ([(40, 160, 1)] if fmt == "int8" else [])  # 160: groups
     for N, K, M in bad:
         w, s = weights(fmt, N, K)
         with pytest.raises(ValueError, match="AMX"):

@@ -89,7 +89,9 @@ def _build(files: tuple[str, ...], defines: list[str], args: list[str]) -> Calla
 
 
 AMX = "amx"                 # the `isa` of the GEMV on AMX tiles (amx_gemv.cpp): int8 and bf16 weights
-AMX_ROWS, AMX_MAX_M = 16, 15  # ... which needs N >= 16 weight rows, <= 15 activation rows, int8 groups of 64k
+AMX_ROWS, AMX_PASS_M, AMX_MAX_M = 16, 15, 60  # ... which needs N >= 16 weight rows and int8 groups of
+                           # 64k; it reads W once for up to 15 activation rows, in passes up to 60
+                           # (still faster than the tiled GEMM: bench/README.md, "Weight-format kernels")
 AMX_FLAGS = {torch.int8: ("amx_tile", "amx_int8"), torch.bfloat16: ("amx_tile", "amx_bf16", "avx512_bf16")}
 _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA, _SYS_ARCH_PRCTL = 0x1023, 18, 158
 
@@ -278,10 +280,14 @@ def _gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, isa: int
     y = x.new_empty(M, N)
     if isa is None and _amx_fits(M, w, scale) and amx_ready(w.dtype):
         isa = AMX
-    if scale is None:
-        binding(w.dtype, isa)(x, w, y, M, N, K)
-    else:
-        binding(w.dtype, isa)(x, w, scale.contiguous(), y, M, N, K, K // scale.shape[1])
+    f = binding(w.dtype, isa)
+    step = AMX_PASS_M if isa == AMX else M
+    for m in range(0, M, step):                  # y [M, N]: rows m.. of x and y are contiguous
+        xs, ys, n = x[m:m + step], y[m:m + step], min(step, M - m)
+        if scale is None:
+            f(xs, w, ys, n, N, K)
+        else:
+            f(xs, w, scale.contiguous(), ys, n, N, K, K // scale.shape[1])
     return y
 
 
