@@ -108,7 +108,8 @@ def packed_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None,
     lead, K = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, K).float()                                        # [M, K]
     if tracing():               # traced into a larger graph (model/decode.py)
-        if w.numel() >= NATIVE_IN_GRAPH and native.supports(x2, w, scale):
+        one_row = isinstance(x2.shape[0], int) and x2.shape[0] == 1     # else a batch graph's dynamic rows
+        if (w.numel() >= NATIVE_IN_GRAPH or not one_row) and native.supports(x2, w, scale):
             y = torch.ops.dsv32.packed_gemv(x2, w, scale)
         else:
             y = (_gemv_half(x2, w) if scale is None else _gemv_int8(x2, w, scale)).t()
