@@ -56,13 +56,13 @@ struct Groups {
         if (n > 1) _tile_zero(1);
         if (n > 2) _tile_zero(2);
     }
-    // C_t -> c + t * ROWS * LIMBS * PER_TILE (4-byte values: int32 or fp32), [16, LIMBS * rows[t]]
+    // C_t -> c + t * ROWS * 16 (4-byte values: int32 or fp32), row r at c + r * 16: a row's columns
+    // are the lanes of one vector (those past LIMBS * rows[t] are not written)
     __attribute__((target("amx-tile"))) void store(void* c) const {
         char* at = (char*)c;
-        const int64_t tile = 4 * ROWS * LIMBS * PER_TILE;
-        _tile_stored(0, at, 4 * LIMBS * rows[0]);
-        if (n > 1) _tile_stored(1, at + tile, 4 * LIMBS * rows[1]);
-        if (n > 2) _tile_stored(2, at + 2 * tile, 4 * LIMBS * rows[2]);
+        _tile_stored(0, at, 64);
+        if (n > 1) _tile_stored(1, at + 64 * ROWS, 64);
+        if (n > 2) _tile_stored(2, at + 128 * ROWS, 64);
     }
 };
 
@@ -109,6 +109,38 @@ static void split_rows(const float* x, int8_t* b, float* sx, int64_t M, int64_t 
         }
 }
 
+static const int64_t FEW = 2;          // activation rows up to which each row's sums are gathered
+                                       // from C (~4 gathers a row); above, C's rows are read whole
+
+// Few rows: out[m] (lane r: weight row r) += (C[r, (m, 0)] + C[r, (m, 1)] / 254 + C[r, (m, 2)] / 254^2)
+// * s[r, g] * sx[m, g], C's three columns of row m gathered over the 16 weight rows
+static inline void gather_sums(const int32_t* c, const float* sb, const float* sx, int64_t M, int64_t Gs,
+                               int64_t g, __m512* out) {
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i at_c = _mm512_slli_epi32(lane, 4);                              // row r at c + 16 r
+    const __m512 sw = _mm512_i32gather_ps(_mm512_mullo_epi32(lane, _mm512_set1_epi32((int)Gs)), sb + g, 4);
+    for (int64_t m = 0; m < M; ++m) {
+        const int32_t* cm = c + m * LIMBS;
+        __m512 v = _mm512_cvtepi32_ps(_mm512_i32gather_epi32(at_c, cm + 2, 4));
+        v = _mm512_fmadd_ps(v, _mm512_set1_ps(1.f / 254.f), _mm512_cvtepi32_ps(_mm512_i32gather_epi32(at_c, cm + 1, 4)));
+        v = _mm512_fmadd_ps(v, _mm512_set1_ps(1.f / 254.f), _mm512_cvtepi32_ps(_mm512_i32gather_epi32(at_c, cm, 4)));
+        out[m] = _mm512_fmadd_ps(v, _mm512_mul_ps(sw, _mm512_set1_ps(sx[m * Gs + g])), out[m]);
+    }
+}
+
+// More rows: acc[t][r, lane (m, j)] += C_t[r, lane] * s[r, g] * lsx[g, t, lane], C's rows read whole
+static inline void row_sums(const int32_t (*c)[ROWS * 16], const float* sb, const float* lsx, int64_t T, int64_t Gs,
+                            int64_t g, float (*acc)[ROWS * 16]) {
+    for (int64_t r = 0; r < ROWS; ++r) {
+        const __m512 sw = _mm512_set1_ps(sb[r * Gs + g]);
+        for (int64_t t = 0; t < T; ++t) {
+            const __m512 f = _mm512_mul_ps(_mm512_loadu_ps(lsx + (g * T + t) * 16), sw);
+            float* a = acc[t] + r * 16;
+            _mm512_store_ps(a, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(c[t] + r * 16)), f, _mm512_load_ps(a)));
+        }
+    }
+}
+
 __attribute__((target("amx-tile,amx-int8")))
 extern "C" void kernel(const float* x, const int8_t* w, const float* s, float* y,
                        const int64_t M, const int64_t N, const int64_t K, const int64_t G) {
@@ -120,17 +152,25 @@ extern "C" void kernel(const float* x, const int8_t* w, const float* s, float* y
         bt[t].resize(K / CHUNK * ROWS * grp.width[t]);
         split_rows(x + t * PER_TILE * K, bt[t].data(), sx.data() + t * PER_TILE * Gs, grp.rows[t], K, G);
     }
+    // [Gs][tiles][16]: lane m * LIMBS + j of tile t in group g weighs limb j: sx[m, g] / 254^j (0 past its columns)
+    std::vector<float> lsx(M > FEW ? Gs * grp.n * 16 : 0, 0.f);
+    for (int64_t g = 0; g < Gs && M > FEW; ++g)
+        for (int64_t t = 0; t < grp.n; ++t)
+            for (int64_t l = 0; l < LIMBS * grp.rows[t]; ++l)
+                lsx[(g * grp.n + t) * 16 + l] = sx[(t * PER_TILE + l / LIMBS) * Gs + g] *
+                                                (l % LIMBS == 0 ? 1.f : l % LIMBS == 1 ? 1.f / 254.f : 1.f / 64516.f);
     #pragma omp parallel
     {
         grp.configure();
-        alignas(64) int32_t c[TILES][ROWS * LIMBS * PER_TILE];
-        const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-        const __m512i at_s = _mm512_mullo_epi32(lane, _mm512_set1_epi32((int)Gs));
+        alignas(64) int32_t c[TILES][ROWS * 16] = {};
+        alignas(64) float acc[TILES][ROWS * 16];        // more rows: weight row r, lane (m, j): limb j's sum
+        __m512 few[FEW];                                 // few rows: row m, lane r
         #pragma omp for schedule(static)
         for (int64_t blk = 0; blk < blocks; ++blk) {
             const int8_t* wb = w + blk * ROWS * K;
-            __m512 acc[TILES * PER_TILE];
-            for (int64_t m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
+            const float* sb = s + blk * ROWS * Gs;
+            for (int64_t m = 0; m < std::min(M, FEW); ++m) few[m] = _mm512_setzero_ps();
+            if (M > FEW) std::fill(acc[0], acc[0] + grp.n * ROWS * 16, 0.f);
             for (int64_t g = 0; g < Gs; ++g) {
                 // this block's rows AHEAD groups on, or the next block's first groups
                 const int64_t ga = g + AHEAD;
@@ -144,20 +184,21 @@ extern "C" void kernel(const float* x, const int8_t* w, const float* s, float* y
                     TILE_PRODUCTS(_tile_dpbssd, grp.n, wb + k, K, b, grp.width)
                 }
                 grp.store(c);
-                const __m512 sw = _mm512_i32gather_ps(at_s, s + blk * ROWS * Gs + g, 4);   // [16] row scales
-                for (int64_t m = 0; m < M; ++m) {
-                    const int64_t t = m / PER_TILE, cols = LIMBS * grp.rows[t];
-                    const __m512i at_c = _mm512_mullo_epi32(lane, _mm512_set1_epi32((int)cols));
-                    const int32_t* cm = c[t] + (m % PER_TILE) * LIMBS;
-                    __m512 v = _mm512_cvtepi32_ps(_mm512_i32gather_epi32(at_c, cm + 2, 4));
-                    v = _mm512_fmadd_ps(v, _mm512_set1_ps(1.f / 254.f),
-                                        _mm512_cvtepi32_ps(_mm512_i32gather_epi32(at_c, cm + 1, 4)));
-                    v = _mm512_fmadd_ps(v, _mm512_set1_ps(1.f / 254.f),
-                                        _mm512_cvtepi32_ps(_mm512_i32gather_epi32(at_c, cm, 4)));
-                    acc[m] = _mm512_fmadd_ps(v, _mm512_mul_ps(sw, _mm512_set1_ps(sx[m * Gs + g])), acc[m]);
-                }
+                if (M > FEW)
+                    row_sums(c, sb, lsx.data(), grp.n, Gs, g, acc);
+                else
+                    gather_sums(c[0], sb, sx.data(), M, Gs, g, few);
             }
-            for (int64_t m = 0; m < M; ++m) _mm512_storeu_ps(y + m * N + blk * ROWS, acc[m]);
+            if (M <= FEW) {
+                for (int64_t m = 0; m < M; ++m) _mm512_storeu_ps(y + m * N + blk * ROWS, few[m]);
+                continue;
+            }
+            for (int64_t t = 0; t < grp.n; ++t)
+                for (int64_t r = 0; r < ROWS; ++r)
+                    for (int64_t i = 0; i < grp.rows[t]; ++i) {
+                        const float* a = acc[t] + r * 16 + i * LIMBS;
+                        y[(t * PER_TILE + i) * N + blk * ROWS + r] = (a[2] + a[1]) + a[0];
+                    }
         }
         _tile_release();
     }
@@ -202,7 +243,7 @@ extern "C" void kernel(const float* x, const uint16_t* w, float* y, const int64_
     #pragma omp parallel
     {
         grp.configure();
-        alignas(64) float c[TILES][ROWS * LIMBS * PER_TILE];
+        alignas(64) float c[TILES][ROWS * 16];
         #pragma omp for schedule(static)
         for (int64_t blk = 0; blk < blocks; ++blk) {
             const uint16_t* wb = w + blk * ROWS * K;
@@ -220,7 +261,7 @@ extern "C" void kernel(const float* x, const uint16_t* w, float* y, const int64_
             for (int64_t r = 0; r < ROWS; ++r)
                 for (int64_t m = 0; m < M; ++m) {
                     const int64_t t = m / PER_TILE;
-                    const float* cm = c[t] + r * LIMBS * grp.rows[t] + (m % PER_TILE) * LIMBS;
+                    const float* cm = c[t] + r * 16 + (m % PER_TILE) * LIMBS;
                     y[m * N + blk * ROWS + r] = (cm[2] + cm[1]) + cm[0];
                 }
         }
