@@ -42,14 +42,17 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.to(torch.int8).view(N, K), s
 
 
-def dequantize(w: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype = torch.float32
-               ) -> torch.Tensor:
-    """Reference: the packed weight [N, K] in `dtype`."""
-    if w.dtype != torch.int8:
+def dequantize(w: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype = torch.float32,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """Reference: the packed weight [N, K] in `dtype` (or written into `out`, contiguous fp32 [N, K])."""
+    if out is not None:
+        out.copy_(w)
+    elif w.dtype != torch.int8:
         return w.to(dtype)
-    N, K = w.shape
-    out = w.float()                                                      # [N, K], then scaled in place
-    out.view(N, scale.shape[1], -1).mul_(scale.unsqueeze(-1))
+    else:
+        out = w.float()                                                  # [N, K], then scaled in place
+    if scale is not None:
+        out.view(w.shape[0], scale.shape[1], -1).mul_(scale.unsqueeze(-1))
     return out.to(dtype)
 
 
@@ -92,11 +95,13 @@ def _gemm_tiled(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, ro
     rows = min(N, rows)
     cols = min(K, max(G, elems // rows // G * G))
     out_t = x.new_empty(N, x.shape[0])                                   # y^T [N, M]
+    buf = x.new_empty(rows * cols)      # one tile's memory for all: a fresh 4 MB tile page-faults each call
     for r in range(0, N, rows):
         o = out_t[r:r + rows]
         for c in range(0, K, cols):
             s = None if scale is None else scale[r:r + rows, c // G:(c + cols) // G]
-            tile = dequantize(w[r:r + rows, c:c + cols], s)              # [rows, cols] fp32
+            wt = w[r:r + rows, c:c + cols]
+            tile = dequantize(wt, s, out=buf[:wt.numel()].view(wt.shape))  # [rows, cols] fp32
             xt = x[:, c:c + cols].t()                                    # [cols, M]
             torch.mm(tile, xt, out=o) if c == 0 else o.addmm_(tile, xt)
     return out_t.t()
