@@ -58,7 +58,7 @@ def e4m3_arith(b: torch.Tensor) -> torch.Tensor:
 def candidates(N: int, K: int) -> dict:
     """name -> (callable, stored bytes) for y = x W^T with W [N, K]."""
     from dsv32.model.fp8 import block_dequant, block_quant
-    from dsv32.model.cpu.native import AMX, amx_ready, gemv
+    from dsv32.model.cpu.native import gemv
     from dsv32.model.cpu.packed import _gemv, quantize_int8
     x = torch.randn(1, K)
     w = torch.randn(N, K) / K ** 0.5
@@ -78,18 +78,11 @@ def candidates(N: int, K: int) -> dict:
         "fp16 F.linear (fp16 activations)": (lambda: F.linear(xh, w16), 2 * N * K),
         **slow,
         "bf16, compiled upcast-and-reduce": (lambda: _gemv(x, wb16, None), 2 * N * K),
-        **({"bf16, native AVX-512 (cpu/gemv.cpp)": (lambda: gemv(x, wb16, None, 512), 2 * N * K),
-            "bf16, native AMX tiles (cpu/amx_gemv.cpp) [chosen: bf16]": (lambda: gemv(x, wb16, None, AMX), 2 * N * K)}
-           if amx_ready(torch.bfloat16) else
-           {"bf16, native (cpu/gemv.cpp) [chosen: bf16]": (lambda: gemv(x, wb16, None), 2 * N * K)}),
+        **native_pair("bf16", "bf16", x, wb16, None, 2 * N * K),
         "fp16, compiled upcast-and-reduce": (lambda: _gemv(x, w16, None), 2 * N * K),
         "fp16, native [chosen: fp16]": (lambda: gemv(x, w16, None), 2 * N * K),
         "int8 + scale per (row, 128), compiled": (lambda: _gemv(x, q, s), N * K + 4 * s.numel()),
-        **({"int8 + scale per (row, 128), native AVX-512": (lambda: gemv(x, q, s, 512), N * K + 4 * s.numel()),
-            "int8 + scale per (row, 128), native AMX tiles [chosen: int8, fp8]": (lambda: gemv(x, q, s, AMX),
-                                                                                  N * K + 4 * s.numel())}
-           if amx_ready(torch.int8) else
-           {"int8 + scale per (row, 128), native [chosen: int8, fp8]": (lambda: gemv(x, q, s), N * K + 4 * s.numel())}),
+        **native_pair("int8 + scale per (row, 128)", "int8, fp8", x, q, s, N * K + 4 * s.numel()),
         "int8 + scale per row, compiled": (lambda: row_k(x, qrow, srow), N * K + 4 * N),
         "int8 per row, activations int8 per tensor (fbgemm dynamic; other numerics)":
             (dynamic_int8(w), N * K + 4 * N),
@@ -97,6 +90,16 @@ def candidates(N: int, K: int) -> dict:
         "fp8 e4m3 decoded in the compiled kernel": (lambda: fp8_k(x, b8, s8rows), N * K + 4 * s8rows.numel()),
         "fp8 e4m3 dequantised per call, F.linear": (lambda: F.linear(x, block_dequant(w8, s8)), N * K),
     }
+
+
+def native_pair(label: str, chosen: str, x, w, s, nbytes: int) -> dict:
+    """The native GEMV candidates of one format: on AMX hosts the AVX-512 loop beside the tile kernel
+    (which the format runs), elsewhere the vector loop alone."""
+    from dsv32.model.cpu.native import AMX, amx_ready, gemv
+    if not amx_ready(w.dtype):
+        return {f"{label}, native (cpu/gemv.cpp) [chosen: {chosen}]": (lambda: gemv(x, w, s), nbytes)}
+    return {f"{label}, native AVX-512 (cpu/gemv.cpp)": (lambda: gemv(x, w, s, 512), nbytes),
+            f"{label}, native AMX tiles (cpu/amx_gemv.cpp) [chosen: {chosen}]": (lambda: gemv(x, w, s, AMX), nbytes)}
 
 
 def dynamic_int8(w: torch.Tensor):
@@ -143,8 +146,9 @@ def gemv_vs_tiled(K: int = 2048, N: int = 4096, rounds: int = 5) -> list[list]:
     rows = []
     for M in (1, 2, 4, 8, 15, 16, 32, 60, 64):
         x = torch.randn(M, K)
-        fs = {"vector": lambda: gemv(x, q, s, 512), "tiled": lambda: _gemm_tiled(x, q, s)}
         amx = amx_ready(torch.int8) and M <= AMX_MAX_M
+        vector = 512 if amx_ready(torch.int8) else None          # AMX implies AVX-512; else the best loop
+        fs = {"vector": lambda: gemv(x, q, s, vector), "tiled": lambda: _gemm_tiled(x, q, s)}
         if amx:
             fs["amx"] = lambda: gemv(x, q, s, AMX)
         for f in fs.values():

@@ -140,13 +140,15 @@ def binding(dtype: torch.dtype, isa: int | str | None = None) -> Callable:
 
 def on_amx(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None) -> bool:
     """Whether `gemv(x, w, scale)` runs on AMX tiles here."""
-    return supports(x, w, scale) and _amx_fits(x.shape[0], w, scale) and amx_ready(w.dtype)
+    return supports(x, w, scale) and _takes_amx(x.shape[0], w, scale)
 
 
-def _amx_fits(M: int, w: torch.Tensor, scale: torch.Tensor | None) -> bool:
+def _takes_amx(M: int, w: torch.Tensor, scale: torch.Tensor | None) -> bool:
+    """Whether the AMX kernel takes M activation rows with this weight here (shapes, then the CPU)."""
     if M > AMX_MAX_M or w.shape[0] < AMX_ROWS:
         return False
-    return w.dtype == torch.bfloat16 or (w.dtype == torch.int8 and (w.shape[1] // scale.shape[1]) % 64 == 0)
+    fits = w.dtype == torch.bfloat16 or (w.dtype == torch.int8 and (w.shape[1] // scale.shape[1]) % 64 == 0)
+    return fits and amx_ready(w.dtype)
 
 
 class Pages(NamedTuple):
@@ -266,7 +268,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, isa: int 
     if not supports(x, w, scale):
         raise ValueError(f"native gemv: unsupported x {tuple(x.shape)} {x.dtype}, w {tuple(w.shape)} "
                          f"{w.dtype} (K and the int8 group must be multiples of {ALIGN})")
-    if isa == AMX and not (amx_ready(w.dtype) and _amx_fits(x.shape[0], w, scale)):
+    if isa == AMX and not _takes_amx(x.shape[0], w, scale):
         raise ValueError(f"native gemv on AMX: needs AMX for {w.dtype} weights (here: {amx_ready(w.dtype)}), "
                          f">= {AMX_ROWS} weight rows, <= {AMX_MAX_M} activation rows, int8 groups of a multiple of 64 columns")
     return _gemv(x, w, scale, isa)
@@ -278,16 +280,14 @@ def _gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, isa: int
     x, w = x.contiguous(), w.contiguous()
     (M, K), N = x.shape, w.shape[0]
     y = x.new_empty(M, N)
-    if isa is None and _amx_fits(M, w, scale) and amx_ready(w.dtype):
+    if isa is None and _takes_amx(M, w, scale):
         isa = AMX
     f = binding(w.dtype, isa)
+    scales = () if scale is None else (scale.contiguous(),)
+    groups = () if scale is None else (K // scale.shape[1],)
     step = AMX_PASS_M if isa == AMX else M
     for m in range(0, M, step):                  # y [M, N]: rows m.. of x and y are contiguous
-        xs, ys, n = x[m:m + step], y[m:m + step], min(step, M - m)
-        if scale is None:
-            f(xs, w, ys, n, N, K)
-        else:
-            f(xs, w, scale.contiguous(), ys, n, N, K, K // scale.shape[1])
+        f(x[m:m + step], w, *scales, y[m:m + step], min(step, M - m), N, K, *groups)
     return y
 
 
