@@ -3,13 +3,14 @@ checkpoint, one side-by-side table per weight precision (llama.cpp F32 / F16 / B
 dsv32 fp32 / fp16 / bf16 / int8), on the common benchmark model and on a weight-bound "wide" model.
 
     python bench/vs_llamacpp.py [--models bench wide] [--precisions F32 F16 BF16 Q8_0]
-        [--depths 1024 8192 32768 65536] [--prefill 512 8192 32768] [--reps 3] [--write-readme]
+        [--depths 1024 8192 32768 65536] [--prefill 512 8192 32768] [--reps 3] [--kv-cache-dtype fp8]
+        [--write-readme]
     python bench/vs_llamacpp.py --quick        # end-to-end smoke run: 1K decode, 512 prefill
 
 A benchmark, not a test (never run in CI). llama.cpp is built once into ~/.cache/dsv32/llama.cpp
 (bench/llamacpp.py) and converts the checkpoint with its own convert_hf_to_gguf.py. Both sides
 use 2 threads; llama.cpp runs as llama-bench does by default here (f16 KV cache, flash attention
-on), dsv32 with an fp32 KV cache. Every measurement is a fresh process: its peak RSS is its own.
+on), dsv32 with an fp32 KV cache (or `--kv-cache-dtype fp8`: the deployment layout). Every measurement is a fresh process: its peak RSS is its own.
 Decode at depth D: llama-bench prefills D tokens, then times generation; dsv32 marks D cache slots
 computed (decode cost does not depend on the cached values) and times decode steps.
 Parity: llama-debug's fp32 logits (-fa off, f32 KV cache) for a prompt longer than index_topk
@@ -64,22 +65,22 @@ def decode_bytes(model) -> int:
     return int(total)
 
 
-def child_decode(path: str, fmt: str, depth: int, steps: int) -> dict:
+def child_decode(path: str, fmt: str, depth: int, steps: int, kv: str = "auto") -> dict:
     from decode_longctx import dsv32_ms_per_token
     from dsv32.chat import Tokenizer
     from dsv32.model.checkpoint import load_model
     model = load_model(path, weight_format=fmt, progress=False)
-    ms = dsv32_ms_per_token(model, Tokenizer.load(path), path, depth, steps)
+    ms = dsv32_ms_per_token(model, Tokenizer.load(path), path, depth, steps, kv)
     return {"ms": ms, "decode_bytes": decode_bytes(model)}
 
 
-def child_prefill(path: str, fmt: str, L: int, chunk: int = 2048) -> dict:
+def child_prefill(path: str, fmt: str, L: int, kv: str = "auto", chunk: int = 2048) -> dict:
     import torch
 
     from dsv32.engine.engine import EngineConfig, LLMEngine
     from dsv32.engine.sequence import SamplingParams
     eng = LLMEngine(EngineConfig(model=path, max_model_len=L + 64, max_num_seqs=1, max_num_batched_tokens=chunk,
-                                 enable_prefix_caching=False, weight_format=fmt))
+                                 enable_prefix_caching=False, weight_format=fmt, kv_cache_dtype=kv))
     warm = torch.randint(1000, 8000, (64,)).tolist()      # compile the kernels outside the timing
     eng.add_request("w", warm, SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))
     while eng.has_unfinished():
@@ -139,7 +140,7 @@ def compare(name: str, prec: str, args, bw: float) -> str:
     nbytes = floor = None
     for d in args.depths:
         ts, sd, r1 = llamacpp.bench(gguf, gen=args.gen, depth=d, reps=args.reps, repack=repack)
-        ours = dsv32("decode", str(path), fmt, d, args.steps)
+        ours = dsv32("decode", str(path), fmt, d, args.steps, args.kv_cache_dtype)
         rss["llama.cpp"], rss["dsv32"] = max(rss["llama.cpp"], r1), max(rss["dsv32"], ours["peak_rss"])
         nbytes = ours["decode_bytes"]
         floor = nbytes / bw / 1e6
@@ -147,15 +148,15 @@ def compare(name: str, prec: str, args, bw: float) -> str:
                      f"{ours['ms'] * ts / 1e3:.2f}x", f"{ours['ms'] / floor:.2f}x"])
     for L in args.prefill:
         ts, sd, r1 = llamacpp.bench(gguf, prompt=L, reps=args.reps, repack=repack)
-        ours = dsv32("prefill", str(path), fmt, L)
+        ours = dsv32("prefill", str(path), fmt, L, args.kv_cache_dtype)
         rss["llama.cpp"], rss["dsv32"] = max(rss["llama.cpp"], r1), max(rss["dsv32"], ours["peak_rss"])
         rows.append([f"prefill tok/s @{L}", f"{ts:.0f} (±{sd:.0f})", f"{ours['tok_s']:.0f}",
                      f"{ours['tok_s'] / ts:.2f}x", "-"])
     rows.append(["peak RSS GiB (all runs)", f"{rss['llama.cpp'] / GIB:.2f}", f"{rss['dsv32'] / GIB:.2f}",
                  f"{rss['dsv32'] / rss['llama.cpp']:.2f}x", "-"])
-    table = markdown_table(["test", f"llama.cpp {prec}", f"dsv32 {fmt}", "dsv32 / llama.cpp",
-                            "dsv32 / floor"], rows)
-    return (f"### {name} model, llama.cpp {prec} vs dsv32 {fmt}\n\n{table}\n\n"
+    ours = f"dsv32 {fmt}" + (", FP8 cache" if args.kv_cache_dtype == "fp8" else "")
+    table = markdown_table(["test", f"llama.cpp {prec}", ours, "dsv32 / llama.cpp", "dsv32 / floor"], rows)
+    return (f"### {name} model, llama.cpp {prec} vs {ours}\n\n{table}\n\n"
             f"Weight bytes per decode token (dsv32 {fmt}): {nbytes / 1e6:.0f} MB, floor {floor:.2f} ms "
             f"at {bw:.1f} GB/s. Parity: {parity(path, prec, fmt)}.")
 
@@ -169,6 +170,9 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3, help="llama-bench repetitions")
     ap.add_argument("--gen", type=int, default=32, help="llama-bench tokens generated per decode test")
     ap.add_argument("--steps", type=int, default=32, help="dsv32 decode steps timed per depth")
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
+                    help="dsv32's cache: the compute dtype (fp32), or FP8 latents and indexer keys (788 bytes "
+                         "a token a layer where llama.cpp's f16 cache holds ~1400)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 1K decode, 512 prefill, 1 repetition")
     ap.add_argument("--write-readme", action="store_true")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)

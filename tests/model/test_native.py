@@ -54,6 +54,7 @@ def test_unsupported_shapes_use_the_compiled_kernel():
 
 
 AMX_HERE = {"int8": native.amx_ready(torch.int8), "bf16": native.amx_ready(torch.bfloat16)}
+AMX_INDEX = [native.AMX] if native._has_amx(torch.bfloat16) else []   # the indexer on tiles (FP8 pools)
 
 
 def need_amx(fmt: str) -> None:
@@ -279,7 +280,7 @@ def test_native_decode_attention_over_an_fp8_cache(H, Hi, S, topk, block):
     ref = _eager(a, stored_lat, stored_ik, q, iq, iw)
     slot = int(pages.table[(S - 1) // block]) * block + (S - 1) % block
     want = [t[-1] for t in (*quantize_groups(latents[:, :C]), latents[:, C:].to(torch.bfloat16), *quantize_groups(index_keys))]
-    for isa in ISAS:
+    for isa in ISAS + AMX_INDEX:
         for t in pages[:2] + pages[4:]:
             t[slot] = 0
         out = native.decode_attention(latents[-1], index_keys[-1], q, iq, iw, pages, S, topk, a.scale, C, isa)
@@ -290,3 +291,40 @@ def test_native_decode_attention_over_an_fp8_cache(H, Hi, S, topk, block):
     with pytest.raises(ValueError, match="decode_attention"):                 # a pool of the wrong layout
         native.decode_attention(latents[-1], index_keys[-1], q, iq, iw, pages._replace(rope=pages.rope.float()), S,
                                 topk, a.scale, C)
+
+
+BOUND = 1.2e-7             # of sum_h |w_h| sum_d |q_hd k_d|: fp32's rounding (<= 6.2e-8 seen, scalar code); two limbs 3.3e-7
+
+
+@pytest.mark.parametrize("Hi,S,block", [(8, 1000, 64), (16, 300, 16), (24, 130, 64), (64, 200, 64), (65, 70, 64),
+                                        (5, 37, 64)])
+@pytest.mark.parametrize("fp8", [False, True])
+def test_native_index_scores_equal_the_indexer(Hi, S, block, fp8):
+    """The scores decode_attention selects from, each instruction-set variant (and AMX tiles over an
+    FP8 pool, where the CPU has AMX-BF16), against the indexer's formula in float64 over the keys as
+    the pool holds them: within BOUND of sum_h |w_h| sum_d |q_hd k_d| (the AMX kernel's query in two
+    bf16 limbs instead of three misses it). The FP8 keys take every e4m3 value, both signs
+    (subnormals included: a table that zeroes them misses it too)."""
+    from dsv32.engine.cache import dequantize_groups, quantize_groups
+    Di = 128
+    keys = torch.randn(S, Di, generator=G) * 4
+    if fp8:
+        keys[:2] = _e4m3_probes(256).view(2, Di)[:, torch.randperm(Di, generator=G)] / 448 * 3
+    iq, iw = torch.randn(Hi, Di, generator=G), torch.randn(Hi, generator=G)
+    pages = _paged(torch.zeros(S, 1), keys, block)
+    pages.index[int(pages.table[(S - 1) // block]) * block + (S - 1) % block] = keys[-1]   # (left as noise)
+    if fp8:
+        ik, ik_scale = quantize_groups(pages.index)
+        pages = pages._replace(index=ik, index_scale=ik_scale)
+        keys = dequantize_groups(*quantize_groups(keys), torch.float32)
+    exact = (iw.double()[:, None] * (iq.double() @ keys.double().T).relu()).sum(0)
+    bound = BOUND * (iw.double().abs()[:, None] * (iq.double().abs() @ keys.double().abs().T)).sum(0)
+    for isa in ISAS + (AMX_INDEX if fp8 and Hi <= 64 else []):
+        err = (native.index_scores(iq, iw, pages, S, isa).double() - exact).abs()
+        assert bool((err <= bound).all()), (isa, float((err / bound).max()))
+    if AMX_INDEX and not fp8 and Hi <= 64:             # the AMX build scores fp32 pools on the vector path
+        assert torch.equal(native.index_scores(iq, iw, pages, S, native.AMX), native.index_scores(iq, iw, pages, S, 512))
+    with pytest.raises(ValueError, match="index_scores"):
+        native.index_scores(iq, iw, pages, pages.table.numel() * block + 1)
+    with pytest.raises(ValueError, match="index_scores"):
+        native.index_scores(iq, iw[:-1], pages, S)

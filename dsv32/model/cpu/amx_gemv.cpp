@@ -25,12 +25,6 @@ static const int64_t PER_TILE = 5;     // activation rows a B tile holds (their 
 static const int TILES = 3;            // B and C tiles beside the A tile: up to 15 activation rows
                                        // (tiles: C_t = t, A = 3, B_t = 4 + t)
 
-struct TileConfig {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-};
-
 // The activation rows in groups of PER_TILE, one B tile (and one C tile) a group
 struct Groups {
     int64_t n, rows[TILES], width[TILES];   // groups, rows and B-tile row bytes of each

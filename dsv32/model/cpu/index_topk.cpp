@@ -3,7 +3,8 @@
 // sum_h w[h] * relu(q[h] . key_s) for the keys s = 0..S-1 at pool row slot_of(table, B, s), then
 // the k best key ids (top_ids.cpp: ties to the lower id; ascending). Built by native.py after
 // cache_rows.cpp and top_ids.cpp, before decode_attention.cpp. Blocks of keys are split across
-// OpenMP threads for the scores; the selection is serial.
+// OpenMP threads for the scores; the selection is serial. Where built with AMX, an FP8 pool's scores
+// are amx_index.cpp's.
 //
 // With AVX-512 the scores go 16 keys at a time: per head, 16 accumulators (one a key) over the
 // key rows, then one transposing reduction turns them into a vector of 16 dot products (~46
@@ -42,10 +43,12 @@ static const int64_t TILE = 0;
 
 static const int64_t CHUNK = 16;                         // rows dequantised at a time (FP8)
 
-// the number of ids written to out: K, or fewer where fewer scores exceed -inf (NaN)
-static int64_t index_topk(const float* q, const float* w, const Rows& keys, const int64_t* table, float* scores,
-                       int64_t* out, const int64_t H, const int64_t D, const int64_t S, const int64_t K,
-                       const int64_t B) {
+// scores[s] for the keys s < S (on AMX tiles for an FP8 pool where built with AMX)
+static void index_scores(const float* q, const float* w, const Rows& keys, const int64_t* table, float* scores,
+                         const int64_t H, const int64_t D, const int64_t S, const int64_t B) {
+#if defined(AMX) && ISA == 512
+    if (!keys.f32 && H <= 64 && D == GROUP) return amx_index_scores(q, w, keys, table, scores, H, S, B);
+#endif
     const int64_t nb = (S + B - 1) / B;
     #pragma omp parallel
     {
@@ -64,6 +67,13 @@ static int64_t index_topk(const float* q, const float* w, const Rows& keys, cons
             }
         }
     }
+}
+
+// the number of ids written to out: K, or fewer where fewer scores exceed -inf (NaN)
+static int64_t index_topk(const float* q, const float* w, const Rows& keys, const int64_t* table, float* scores,
+                       int64_t* out, const int64_t H, const int64_t D, const int64_t S, const int64_t K,
+                       const int64_t B) {
+    index_scores(q, w, keys, table, scores, H, D, S, B);
     TopScratch sc;
     sc.reserve(S);
     return top_ids(scores, S, K, out, sc);

@@ -59,6 +59,13 @@ static inline vf vmax0(vf a) { return a < 0.f ? 0.f : a; }
 #endif
 
 #if ISA == 512
+// the AMX tile configuration (LDTILECFG's 64 bytes): palette 1, each tile's rows and bytes a row
+struct TileConfig {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+};
+
 // lane j of the result: the sum of a[j]'s 16 lanes
 static inline __m512 sum16(const __m512* a) {
     __m512 b[8], c[4];

@@ -1,0 +1,72 @@
+"""One decode row's attention over an FP8 cache (native.decode_attention: the indexer's scores over
+every key, their top-k, the sparse attention over 256 rows) per layer at depth, with the indexer's
+scores on the AVX-512 code (dequantise, fp32 FMAs) and on AMX tiles (amx_index.cpp), alternating.
+
+    python bench/index_kernels.py [--depths 1024 8192 32768 65536] [--index-heads 8 64] [--write-readme]
+
+Index heads 8: the common benchmark model; 64: DeepSeek-V3.2's. A benchmark, not a test.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from common import machine, markdown_table, write_section
+
+HEADING = "## Indexer kernels (bench/index_kernels.py)"
+
+
+def pools(S: int, block: int = 64, C: int = 512, R: int = 64, Di: int = 128):
+    """FP8 pools holding S random keys in shuffled blocks (engine/cache.py's layout)."""
+    from dsv32.engine.cache import quantize_groups
+    from dsv32.model.cpu import native
+    nb = -(-S // block)
+    lat, lat_scale = quantize_groups(torch.randn(nb * block, C))
+    ik, ik_scale = quantize_groups(torch.randn(nb * block, Di))
+    rope = torch.randn(nb * block, R).to(torch.bfloat16)
+    return native.Pages(lat, ik, torch.randperm(nb), block, lat_scale, rope, ik_scale)
+
+
+def per_layer_us(S: int, Hi: int, rounds: int, H: int = 4, C: int = 512, R: int = 64) -> dict:
+    """Best-of-rounds microseconds a call, AVX-512 and AMX in turn."""
+    from dsv32.model.cpu import native
+    pages = pools(S)
+    args = (torch.randn(C + R), torch.randn(128), torch.randn(H, C + R), torch.randn(Hi, 128), torch.randn(Hi))
+    best = {512: float("inf"), native.AMX: float("inf")}
+    for _ in range(rounds):
+        for isa in best:
+            t0 = time.perf_counter()
+            for _ in range(10):
+                native.decode_attention(*args, pages, S, 256, 0.1, C, isa)
+            best[isa] = min(best[isa], (time.perf_counter() - t0) / 10 * 1e6)
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--depths", type=int, nargs="+", default=[1024, 8192, 32768, 65536])
+    ap.add_argument("--index-heads", type=int, nargs="+", default=[8, 64])
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--write-readme", action="store_true")
+    args = ap.parse_args()
+    from dsv32.model.cpu import native
+    if not native._has_amx(torch.bfloat16):
+        raise SystemExit("this CPU (or Linux, for this process) has no AMX-BF16: nothing to compare")
+    rows = []
+    for Hi in args.index_heads:
+        for S in args.depths:
+            t = per_layer_us(S, Hi, args.rounds)
+            rows.append([Hi, S, f"{t[512]:.0f}", f"{t[native.AMX]:.0f}", f"{t[512] / t[native.AMX]:.2f}x",
+                         f"{S * 132 / t[native.AMX] / 1e3:.1f}"])
+            print(rows[-1], flush=True)
+    table = markdown_table(["index heads", "keys", "AVX-512 us", "AMX us", "speed-up", "AMX key GB/s"], rows)
+    text = f"{machine()}; a call = one layer of one decode row (4 attention heads), FP8 pools.\n\n{table}"
+    print(text)
+    if args.write_readme:
+        write_section(HEADING, text)
+
+
+if __name__ == "__main__":
+    main()
