@@ -52,7 +52,7 @@ def main() -> None:
     ap.add_argument("--write-readme", action="store_true")
     args = ap.parse_args()
     from dsv32.model.cpu import native
-    if not native._has_amx(torch.bfloat16):
+    if not native._amx_index_ready():
         raise SystemExit("this CPU (or Linux, for this process) has no AMX-BF16: nothing to compare")
     rows = []
     for Hi in args.index_heads:

@@ -54,7 +54,7 @@ def test_unsupported_shapes_use_the_compiled_kernel():
 
 
 AMX_HERE = {"int8": native.amx_ready(torch.int8), "bf16": native.amx_ready(torch.bfloat16)}
-AMX_INDEX = [native.AMX] if native._has_amx(torch.bfloat16) else []   # the indexer on tiles (FP8 pools)
+AMX_INDEX = [native.AMX] if native._amx_index_ready() else []   # the indexer on tiles (FP8 pools)
 
 
 def need_amx(fmt: str) -> None:
@@ -328,3 +328,24 @@ def test_native_index_scores_equal_the_indexer(Hi, S, block, fp8):
         native.index_scores(iq, iw, pages, pages.table.numel() * block + 1)
     with pytest.raises(ValueError, match="index_scores"):
         native.index_scores(iq, iw[:-1], pages, S)
+
+
+def test_a_failed_amx_index_build_falls_back_to_the_vector_code_with_a_warning(monkeypatch):
+    """Where amx_index.cpp does not build (an older compiler), FP8 pools are scored by the AVX-512
+    code, and a warning says so."""
+    from dsv32.model.cpu.compile import KernelError
+    real = native._build
+
+    def no_amx(files, defines, args):
+        if "AMX" in defines and "amx_index.cpp" in files:
+            raise KernelError("could not build amx_index.cpp: unknown option -mamx-bf16")
+        return real(files, defines, args)
+    monkeypatch.setattr(native, "_build", no_amx)
+    monkeypatch.setattr(native, "_has_amx", lambda dtype: True)
+    native._amx_index_ready.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="AVX-512 code, not on AMX tiles.*mamx-bf16"):
+            assert native._index_defines(None, fp8=True) == []
+        assert native._index_defines(None, fp8=False) == [] and native._index_defines(512, fp8=True) == ["ISA 512"]
+    finally:
+        native._amx_index_ready.cache_clear()

@@ -225,10 +225,24 @@ def decode_attention(latent: torch.Tensor, index_k: torch.Tensor, q: torch.Tenso
     return o
 
 
+@functools.cache
+def _amx_index_ready() -> bool:
+    """Whether the indexer scores FP8 pools on AMX tiles here: the CPU has AMX-BF16, Linux lets
+    this process use the tile data, and amx_index.cpp builds."""
+    if not _has_amx(torch.bfloat16):
+        return False
+    try:
+        _build(INDEX_FILES + ("index_scores.cpp",), ["AMX"], INDEX_SCORES_ARGS)
+    except KernelError as e:
+        warnings.warn(f"the indexer scores FP8 caches with its AVX-512 code, not on AMX tiles: {e}", stacklevel=3)
+        return False
+    return True
+
+
 def _index_defines(isa: int | str | None, fp8: bool) -> list[str]:
     """The build of the indexer's kernels: AMX (amx_index.cpp scores FP8 pools on tiles) by default
-    for FP8 pools where the CPU has AMX-BF16, or as `isa` asks."""
-    if isa == AMX or (isa is None and fp8 and _has_amx(torch.bfloat16)):
+    for FP8 pools where `_amx_index_ready`, or as `isa` asks."""
+    if isa == AMX or (isa is None and fp8 and _amx_index_ready()):
         return ["AMX"]
     return [] if isa is None else [f"ISA {isa}"]
 
