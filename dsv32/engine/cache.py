@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from dsv32.model.cpu.indexer import FP8Keys
 from dsv32.model.cpu.native import GROUP as QUANT_GROUP, Pages
 from dsv32.model.fp8 import FP8, FP8_MAX
 
@@ -96,11 +97,11 @@ class PagedCache:
             return dequantize_groups(_rows(self.ik[layer], slots), _rows(self.ik_scale[layer], slots), self.dtype)
         return _rows(self.ik[layer], slots)
 
-    def index_span(self, layer: int, start: int, stop: int) -> torch.Tensor:
-        """Indexer keys of the consecutive slots [start, stop): a view (an FP8 cache dequantises
-        just those)."""
+    def index_span(self, layer: int, start: int, stop: int) -> torch.Tensor | FP8Keys:
+        """Indexer keys of the consecutive slots [start, stop): a view (of an FP8 cache: its values
+        and scales, which the indexer dequantises a block at a time or reads on AMX tiles)."""
         if self.fp8:
-            return dequantize_groups(self.ik[layer, start:stop], self.ik_scale[layer, start:stop], self.dtype)
+            return FP8Keys(self.ik[layer, start:stop], self.ik_scale[layer, start:stop])
         return self.ik[layer, start:stop]
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:

@@ -64,4 +64,5 @@ def test_drop_thinking_only_decides_about_earlier_developer_messages(messages):
     assert encode_messages(messages, "thinking") == encode_messages(without, "thinking", drop_thinking=False)
     for i, m in enumerate(messages):
         if m["role"] == "assistant" and i < last_user and m.get("reasoning_content"):
-            assert m["reasoning_content"] + THINK_END not in kept
+            # (with its opening marker: a reasoning of ">" alone is the end of "<｜Assistant｜>")
+            assert THINK_START + m["reasoning_content"] + THINK_END not in kept

@@ -7,6 +7,7 @@ The slow obvious reference is `Indexer.scores` + `Indexer.top` (attention.py) ov
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence, Union
 
 import torch
@@ -16,15 +17,34 @@ from .compile import has_compiler
 
 SCORE_BYTES = 2 << 20          # fp32 bytes of one [t*H, n] block of per-head scores
 
-# One row's keys: (position of the first key, keys [n, Di]) for consecutive positions, or
-# (positions [n] long, keys [n, Di]) for keys gathered from scattered places.
-Run = tuple[Union[int, torch.Tensor], torch.Tensor]
+
+@dataclass(frozen=True)
+class FP8Keys:
+    """Consecutive keys as an FP8 pool holds them: e4m3 values [n, Di], one fp32 scale per 128 [n, Di/128]."""
+
+    values: torch.Tensor
+    scales: torch.Tensor
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.values.shape
+
+    def rows(self, a: int, b: int) -> torch.Tensor:
+        """Keys a..b-1 in fp32 (value x scale, as engine/cache.py's dequantize_groups)."""
+        v = self.values[a:b].float().unflatten(-1, (-1, native.GROUP))
+        return (v * self.scales[a:b].unsqueeze(-1)).flatten(-2)
+
+
+# One row's keys: (position of the first key, keys [n, Di] or FP8Keys) for consecutive positions,
+# or (positions [n] long, keys [n, Di]) for keys gathered from scattered places.
+Run = tuple[Union[int, torch.Tensor], Union[torch.Tensor, FP8Keys]]
 
 
 def index_scores(q: torch.Tensor, w: torch.Tensor, runs: Sequence[Run], S: int) -> torch.Tensor:
     """q [t, H, Di], w [t, H] (fp32) and one row's key runs -> scores [t, S] fp32:
     `sum_h w[t,h] * relu(q[t,h] . k[s])`, -inf where no run holds key s. Per block: a GEMM, then
-    the head sum in one native pass on the CPU with a C++ compiler (else relu_ and a bmm)."""
+    the head sum in one native pass on the CPU with a C++ compiler (else relu_ and a bmm); FP8 runs
+    in one native call on AMX tiles where `native.takes_fp8_rows`."""
     t, H, D = q.shape
     spans = sorted((pos, pos + keys.shape[0]) for pos, keys in runs if isinstance(pos, int))
     ends = [0] + [b for _, b in spans]                                   # runs of consecutive keys
@@ -38,8 +58,11 @@ def index_scores(q: torch.Tensor, w: torch.Tensor, runs: Sequence[Run], S: int) 
     n_blk = max(64, SCORE_BYTES // (4 * t * H))
     for pos, keys in runs:
         whole = isinstance(pos, int)                                     # consecutive: written in place
+        if whole and isinstance(keys, FP8Keys) and native.takes_fp8_rows(q, keys.values, keys.scales):
+            native.index_scores_fp8(q, w, keys.values, keys.scales, out[:, pos:pos + keys.shape[0]])
+            continue
         for j in range(0, keys.shape[0], n_blk):
-            kb = keys[j:j + n_blk].float()                               # [n, Di]
+            kb = keys.rows(j, j + n_blk) if isinstance(keys, FP8Keys) else keys[j:j + n_blk].float()   # [n, Di]
             s = torch.mm(qf, kb.t())                                     # [t*H, n]
             n = kb.shape[0]
             blk = out[:, pos + j: pos + j + n] if whole else out.new_empty(t, n)   # [t, n]
