@@ -101,7 +101,7 @@ class PagedCache:
         """Indexer keys of the consecutive slots [start, stop): a view (of an FP8 cache: its values
         and scales, which the indexer dequantises a block at a time or reads on AMX tiles)."""
         if self.fp8:
-            return FP8Keys(self.ik[layer, start:stop], self.ik_scale[layer, start:stop])
+            return FP8Keys(self.ik[layer, start:stop], self.ik_scale[layer, start:stop], self.dtype)
         return self.ik[layer, start:stop]
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:

@@ -24,15 +24,17 @@ class FP8Keys:
 
     values: torch.Tensor
     scales: torch.Tensor
+    dtype: torch.dtype = torch.float32      # the cache's compute dtype (what its reads dequantise to)
 
     @property
     def shape(self) -> torch.Size:
         return self.values.shape
 
     def rows(self, a: int, b: int) -> torch.Tensor:
-        """Keys a..b-1 in fp32 (value x scale, as engine/cache.py's dequantize_groups)."""
+        """Keys a..b-1 dequantised (value x scale in fp32, then the compute dtype: as engine/cache.py's
+        dequantize_groups)."""
         v = self.values[a:b].float().unflatten(-1, (-1, native.GROUP))
-        return (v * self.scales[a:b].unsqueeze(-1)).flatten(-2)
+        return (v * self.scales[a:b].unsqueeze(-1)).flatten(-2).to(self.dtype)
 
 
 # One row's keys: (position of the first key, keys [n, Di] or FP8Keys) for consecutive positions,
@@ -58,11 +60,12 @@ def index_scores(q: torch.Tensor, w: torch.Tensor, runs: Sequence[Run], S: int) 
     n_blk = max(64, SCORE_BYTES // (4 * t * H))
     for pos, keys in runs:
         whole = isinstance(pos, int)                                     # consecutive: written in place
-        if whole and isinstance(keys, FP8Keys) and native.takes_fp8_rows(q, keys.values, keys.scales):
+        if (whole and isinstance(keys, FP8Keys) and keys.dtype == torch.float32
+                and native.takes_fp8_rows(q, keys.values, keys.scales)):
             native.index_scores_fp8(q, w, keys.values, keys.scales, out[:, pos:pos + keys.shape[0]])
             continue
         for j in range(0, keys.shape[0], n_blk):
-            kb = keys.rows(j, j + n_blk) if isinstance(keys, FP8Keys) else keys[j:j + n_blk].float()   # [n, Di]
+            kb = (keys.rows(j, j + n_blk) if isinstance(keys, FP8Keys) else keys[j:j + n_blk]).float()   # [n, Di]
             s = torch.mm(qf, kb.t())                                     # [t*H, n]
             n = kb.shape[0]
             blk = out[:, pos + j: pos + j + n] if whole else out.new_empty(t, n)   # [t, n]
