@@ -212,17 +212,8 @@ __attribute__((target("avx512bf16")))
 static void split_rows(const float* x, uint16_t* b, int64_t M, int64_t K) {
     const int64_t width = 2 * LIMBS * M;
     for (int64_t m = 0; m < M; ++m)
-        for (int64_t k = 0; k < K; k += 16) {
-            uint16_t* at = b + (k / CHUNK) * ROWS * width + (k % CHUNK) / 2 * width + m * 2 * LIMBS;
-            __m512 v = _mm512_loadu_ps(x + m * K + k);
-            for (int j = 0; j < LIMBS; ++j) {
-                const __m256i h = (__m256i)_mm512_cvtneps_pbh(v);           // 16 bf16, rounded to nearest
-                alignas(32) uint32_t q[8];                                   // 8 pairs of columns
-                _mm256_store_si256((__m256i*)q, h);
-                for (int i = 0; i < 8; ++i) std::memcpy(at + i * width + 2 * j, q + i, 4);
-                v = _mm512_sub_ps(v, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
-            }
-        }
+        for (int64_t k = 0; k < K; k += 16)
+            bf16_limbs(x + m * K + k, b + (k / CHUNK) * ROWS * width + (k % CHUNK) / 2 * width + m * 2 * LIMBS, width, 2);
 }
 
 __attribute__((target("amx-tile,amx-bf16")))

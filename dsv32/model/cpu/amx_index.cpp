@@ -18,43 +18,47 @@ static const int64_t KEYS = 16;           // keys a tile (the A tile's rows)
 static const int64_t STEP = 32;           // key values a tile op (the A tile's 64 bytes a row)
 static const int LIMBS_Q = 3;
 
-// the 128 e4m3 magnitudes (bytes 0..127) as bf16 bits, in four vectors of 32
-static void e4m3_bf16_table(__m512i t[4]) {
-    alignas(64) uint16_t v[128];
-    for (int i = 0; i < 128; ++i) v[i] = bf16_of(fp8_value((uint8_t)i));
-    for (int i = 0; i < 4; ++i) t[i] = _mm512_load_si512(v + 32 * i);
+// the 128 e4m3 magnitudes (bytes 0..127) as bf16 bits, built once
+static const uint16_t* e4m3_bf16_table() {
+    alignas(64) static uint16_t v[128];
+    static const bool built = [] {
+        for (int i = 0; i < 128; ++i) v[i] = bf16_of(fp8_value((uint8_t)i));
+        return true;
+    }();
+    (void)built;
+    return v;
 }
 
 // out[i] = the bf16 bits of e4m3 byte x[i], for i < n (a multiple of 32): the magnitude looked up,
 // the sign moved from bit 7 to bit 15
-static inline void e4m3_to_bf16(const uint8_t* x, uint16_t* out, int64_t n, const __m512i t[4]) {
+static inline void e4m3_to_bf16(const uint8_t* x, uint16_t* out, int64_t n) {
+    const uint16_t* table = e4m3_bf16_table();
+    const __m512i t0 = _mm512_load_si512(table), t1 = _mm512_load_si512(table + 32);
+    const __m512i t2 = _mm512_load_si512(table + 64), t3 = _mm512_load_si512(table + 96);
     const __m512i bit6 = _mm512_set1_epi16(0x40), sign = _mm512_set1_epi16((short)0x8000);
     for (int64_t i = 0; i < n; i += 32) {
         const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(x + i)));
-        const __m512i lo = _mm512_permutex2var_epi16(t[0], b, t[1]), hi = _mm512_permutex2var_epi16(t[2], b, t[3]);
+        const __m512i lo = _mm512_permutex2var_epi16(t0, b, t1), hi = _mm512_permutex2var_epi16(t2, b, t3);
         const __m512i v = _mm512_mask_blend_epi16(_mm512_test_epi16_mask(b, bit6), lo, hi);
         _mm512_storeu_si512(out + i, _mm512_ternarylogic_epi32(v, _mm512_slli_epi16(b, 8), sign, 0xF8));  // v | (b << 8 & sign)
     }
 }
 
-// q [H, D] -> its limbs as B tiles: tile (j, k, t) at bq + ((j * D / STEP + k) * T + t) * 16 * 2 * cols
-// holds limb j of values k * STEP .. + STEP of heads 16 t .. 16 t + cols, row r column c the pair
-// (2r, 2r + 1); heads past H stay 0
+// q [H, D] -> its limbs (vec.h's bf16_limbs) as B tiles: tile (j, k, t) at bq + ((j * D / STEP + k) * T
+// + t) * 16 * 2 * cols holds limb j of values k * STEP .. + STEP of heads 16 t .. 16 t + cols, row r
+// column c the pair (2r, 2r + 1); heads past H stay 0
 __attribute__((target("avx512bf16")))
 static void split_query(const float* q, uint16_t* bq, int64_t H, int64_t D, int64_t T, int64_t cols) {
+    const int64_t tile = 16 * 2 * cols;
     for (int64_t h = 0; h < H; ++h)
-        for (int64_t d = 0; d < D; d += 16) {
-            __m512 v = _mm512_loadu_ps(q + h * D + d);
-            for (int j = 0; j < LIMBS_Q; ++j) {
-                const __m256i b = (__m256i)_mm512_cvtneps_pbh(v);
-                alignas(32) uint32_t pair[8];
-                _mm256_store_si256((__m256i*)pair, b);
-                uint16_t* tile = bq + ((j * (D / STEP) + d / STEP) * T + h / 16) * 16 * 2 * cols;
-                for (int i = 0; i < 8; ++i)
-                    std::memcpy(tile + ((d % STEP) / 2 + i) * 2 * cols + 2 * (h % 16), pair + i, 4);
-                v = _mm512_sub_ps(v, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16)));
-            }
-        }
+        for (int64_t d = 0; d < D; d += 16)
+            bf16_limbs(q + h * D + d, bq + (d / STEP * T + h / 16) * tile + (d % STEP) / 2 * 2 * cols + 2 * (h % 16),
+                       2 * cols, D / STEP * T * tile);
+}
+
+// acc[r] += w * relu(s[r] * c[r, :]) for the keys r < m, c a C tile's rows (16 floats a row)
+static inline void add_head_sums(const float* c, const __m512* s, int64_t m, __m512 w, __m512* acc) {
+    for (int64_t r = 0; r < m; ++r) acc[r] = _mm512_fmadd_ps(vmax0(_mm512_mul_ps(s[r], _mm512_load_ps(c + r * 16))), w, acc[r]);
 }
 
 // The tile unit's operations on a tile number held in a variable (the instructions take immediates):
@@ -104,14 +108,9 @@ static void batch_scores(const float* scale, int64_t n, int64_t T, const float (
                          float* out) {
     for (int64_t kt = 0; kt * KEYS < n; ++kt) {
         const int64_t m = n - kt * KEYS < KEYS ? n - kt * KEYS : KEYS;
-        __m512 acc[KEYS];
-        for (int64_t r = 0; r < KEYS; ++r) {
-            acc[r] = _mm512_setzero_ps();
-            const __m512 sr = _mm512_set1_ps(r < m ? scale[kt * KEYS + r] : 0.f);
-            for (int64_t t = 0; r < m && t < T; ++t)
-                acc[r] = _mm512_fmadd_ps(vmax0(_mm512_mul_ps(sr, _mm512_load_ps(c[kt * T + t] + r * 16))),
-                                         _mm512_load_ps(wt[t]), acc[r]);
-        }
+        __m512 acc[KEYS], sr[KEYS];
+        for (int64_t r = 0; r < KEYS; ++r) acc[r] = _mm512_setzero_ps(), sr[r] = _mm512_set1_ps(r < m ? scale[kt * KEYS + r] : 0.f);
+        for (int64_t t = 0; t < T; ++t) add_head_sums(c[kt * T + t], sr, m, _mm512_load_ps(wt[t]), acc);
         _mm512_mask_storeu_ps(out + kt * KEYS, (__mmask16)((1u << m) - 1), sum16(acc));
     }
 }
@@ -124,8 +123,6 @@ static void amx_index_scores(const float* q, const float* w, const Rows& keys, c
     split_query(q, bq.data(), H, GROUP, T, cols);
     alignas(64) float wt[4][16] = {};                        // the head weights, by head tile
     for (int64_t h = 0; h < H; ++h) wt[h / 16][h % 16] = w[h];
-    __m512i lut[4];
-    e4m3_bf16_table(lut);
     const int64_t nb = (S + B - 1) / B;
     #pragma omp parallel
     {
@@ -142,7 +139,7 @@ static void amx_index_scores(const float* q, const float* w, const Rows& keys, c
             const int64_t s1 = (b + 1) * B < S ? (b + 1) * B : S;
             for (int64_t s = b * B; s < s1; s += BATCH) {
                 const int64_t n = std::min(s1 - s, BATCH), row = table[b] * B + s - b * B;
-                e4m3_to_bf16(keys.q + row * GROUP, a.data(), n * GROUP, lut);
+                e4m3_to_bf16(keys.q + row * GROUP, a.data(), n * GROUP);
                 batch_products(a.data(), n, bq.data(), T, cols, c);
                 batch_scores(keys.scale + row, n, T, wt, c, scores + s);
             }

@@ -26,7 +26,7 @@ __attribute__((target("amx-tile,amx-bf16"))) static inline void rows_dp(int c, i
 // wt: OpenMP over the key tiles
 __attribute__((target("amx-tile,amx-bf16")))
 static void rows_pass(const uint16_t* bq, const float* wt, const uint8_t* keys, const float* scale, float* out,
-                      int64_t i0, int64_t i1, int64_t T, int64_t cols, int64_t n, int64_t ldo, const __m512i lut[4]) {
+                      int64_t i0, int64_t i1, int64_t T, int64_t cols, int64_t n, int64_t ldo) {
     const int64_t tile = 16 * 2 * cols, STEPS = GROUP / STEP, per_q = LIMBS_Q * STEPS * T * tile;
     const int64_t tiles = (n + KEYS - 1) / KEYS;
     #pragma omp parallel
@@ -42,7 +42,7 @@ static void rows_pass(const uint16_t* bq, const float* wt, const uint8_t* keys, 
         #pragma omp for schedule(static)
         for (int64_t kt = 0; kt < tiles; ++kt) {
             const int64_t m = std::min(n - kt * KEYS, KEYS);
-            e4m3_to_bf16(keys + kt * KEYS * GROUP, a.data(), m * GROUP, lut);
+            e4m3_to_bf16(keys + kt * KEYS * GROUP, a.data(), m * GROUP);
             _tile_loadd(4, a.data() + 0 * STEP, 2 * GROUP);
             _tile_loadd(5, a.data() + 1 * STEP, 2 * GROUP);
             _tile_loadd(6, a.data() + 2 * STEP, 2 * GROUP);
@@ -73,9 +73,7 @@ static void rows_pass(const uint16_t* bq, const float* wt, const uint8_t* keys, 
                 if (th == 0)
                     for (int64_t r = 0; r < KEYS; ++r) acc[r] = _mm512_setzero_ps();
                 const __m512 wv = _mm512_loadu_ps(wt + ((i - i0) * T + th) * 16);
-                const float* cp = c[p & 1];
-                for (int64_t r = 0; r < m; ++r)
-                    acc[r] = _mm512_fmadd_ps(vmax0(_mm512_mul_ps(sr[r], _mm512_load_ps(cp + r * 16))), wv, acc[r]);
+                add_head_sums(c[p & 1], sr, m, wv, acc);
                 if (th == T - 1) _mm512_mask_storeu_ps(out + i * ldo + kt * KEYS, (__mmask16)((1u << m) - 1), sum16(acc));
             }
         }
@@ -92,8 +90,6 @@ extern "C" void kernel(const float* q, const float* w, const uint8_t* keys, cons
     const int64_t pass = std::max<int64_t>(4, (1 << 20) / (2 * per_q));
     std::vector<uint16_t> bq(std::min(t, pass) * per_q);
     std::vector<float> wt(std::min(t, pass) * T * 16);
-    __m512i lut[4];
-    e4m3_bf16_table(lut);
     for (int64_t i0 = 0; i0 < t; i0 += pass) {
         const int64_t i1 = std::min(t, i0 + pass);
         std::fill(bq.begin(), bq.end(), 0), std::fill(wt.begin(), wt.end(), 0.f);
@@ -101,7 +97,7 @@ extern "C" void kernel(const float* q, const float* w, const uint8_t* keys, cons
             split_query(q + i * H * GROUP, bq.data() + (i - i0) * per_q, H, GROUP, T, cols);
             for (int64_t h = 0; h < H; ++h) wt[((i - i0) * T + h / 16) * 16 + h % 16] = w[i * H + h];
         }
-        rows_pass(bq.data(), wt.data(), keys, scale, out, i0, i1, T, cols, n, ldo, lut);
+        rows_pass(bq.data(), wt.data(), keys, scale, out, i0, i1, T, cols, n, ldo);
     }
 }
 #endif

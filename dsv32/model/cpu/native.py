@@ -124,8 +124,8 @@ def _tile_permission() -> bool:
     """Ask Linux (once) to let this process use the AMX tile data."""
     if ctypes.CDLL(None).syscall(_SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA) == 0:
         return True
-    warnings.warn("the CPU has AMX but Linux refused this process its tile data (arch_prctl): the GEMV "
-                  "runs its AVX-512 code", stacklevel=3)
+    warnings.warn("the CPU has AMX but Linux refused this process its tile data (arch_prctl): the AMX "
+                  "kernels (GEMV, indexer) run their AVX-512 code", stacklevel=3)
     return False
 
 

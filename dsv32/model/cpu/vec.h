@@ -66,6 +66,24 @@ struct TileConfig {
     uint8_t rows[16];
 };
 
+#if defined(AMX)
+// The query / activation split of the AMX kernels (amx_gemv.cpp, amx_index.cpp) for the 16 values
+// x[0..16): x = b0 + b1 + b2 + e (|e| <= 2^-24 |x|), each limb the bf16 rounding of what the earlier
+// ones left (bf16 products are exact in fp32, so three limbs keep fp32's accuracy). Limb j's pair
+// (x[2i], x[2i + 1]) goes to at + i * pair_stride + j * limb_stride (uint16 units).
+__attribute__((target("avx512bf16")))
+static inline void bf16_limbs(const float* x, uint16_t* at, int64_t pair_stride, int64_t limb_stride) {
+    __m512 v = _mm512_loadu_ps(x);
+    for (int j = 0; j < 3; ++j) {
+        const __m256i h = (__m256i)_mm512_cvtneps_pbh(v);               // 16 bf16, rounded to nearest
+        alignas(32) uint32_t pair[8];
+        _mm256_store_si256((__m256i*)pair, h);
+        for (int i = 0; i < 8; ++i) std::memcpy(at + i * pair_stride + j * limb_stride, pair + i, 4);
+        v = _mm512_sub_ps(v, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+    }
+}
+#endif
+
 // lane j of the result: the sum of a[j]'s 16 lanes
 static inline __m512 sum16(const __m512* a) {
     __m512 b[8], c[4];
