@@ -7,58 +7,97 @@
 // significant bits, so bf16 holds every one, subnormals included) and 16 keys are an A tile. The
 // query is split, as amx_gemv.cpp splits activations, into three bf16 limbs, q = b0 + b1 + b2 + e
 // (|e| <= 2^-24 |q|), laid along the B tile's columns by head; TDPBF16PS sums the exact bf16
-// products in fp32, all three limbs into the same accumulator, and each key's sums meet its scale in
-// fp32: score = sum_h w[h] relu(scale * (q[h] . e4m3)). Callers guarantee H <= 64 (up to four C
-// tiles of 16 heads) and D == GROUP (one scale a key, as the model's 128 values).
+// products in fp32 (with up to 8 heads limbs 0 and 1 side by side in one tile, limb 2 in another:
+// two tile ops where three would fill half their columns), and each key's sums meet its scale in
+// fp32: score = sum_h w[h] relu(scale * (q[h] . e4m3)). Each thread pipelines its batches of keys:
+// the vector unit converts the next batch and sums the heads of the last while the tile unit
+// multiplies this one. Callers guarantee H <= 64 (up to four C tiles of 16 heads) and D == GROUP
+// (one scale a key, as the model's 128 values).
 #if defined(AMX) && ISA == 512
 #include <algorithm>
+#include <omp.h>
 #include <vector>
 
 static const int64_t KEYS = 16;           // keys a tile (the A tile's rows)
 static const int64_t STEP = 32;           // key values a tile op (the A tile's 64 bytes a row)
 static const int LIMBS_Q = 3;
 
-// the 128 e4m3 magnitudes (bytes 0..127) as bf16 bits, built once
-static const uint16_t* e4m3_bf16_table() {
-    alignas(64) static uint16_t v[128];
-    static const bool built = [] {
-        for (int i = 0; i < 128; ++i) v[i] = bf16_of(fp8_value((uint8_t)i));
-        return true;
+// the 128 e4m3 magnitudes (bytes 0..127) as bf16, built once: hi[i] and lo[i] its high and low byte
+struct E4m3Bf16 { alignas(64) uint8_t hi[128]; alignas(64) uint8_t lo[128]; };
+static const E4m3Bf16& e4m3_bf16_table() {
+    static const E4m3Bf16 t = [] {
+        E4m3Bf16 v;
+        for (int i = 0; i < 128; ++i) {
+            const uint16_t b = bf16_of(fp8_value((uint8_t)i));
+            v.hi[i] = (uint8_t)(b >> 8), v.lo[i] = (uint8_t)b;
+        }
+        return v;
     }();
-    (void)built;
-    return v;
+    return t;
 }
 
-// out[i] = the bf16 bits of e4m3 byte x[i], for i < n (a multiple of 32): the magnitude looked up,
-// the sign moved from bit 7 to bit 15
-static inline void e4m3_to_bf16(const uint8_t* x, uint16_t* out, int64_t n) {
-    const uint16_t* table = e4m3_bf16_table();
-    const __m512i t0 = _mm512_load_si512(table), t1 = _mm512_load_si512(table + 32);
-    const __m512i t2 = _mm512_load_si512(table + 64), t3 = _mm512_load_si512(table + 96);
-    const __m512i bit6 = _mm512_set1_epi16(0x40), sign = _mm512_set1_epi16((short)0x8000);
-    for (int64_t i = 0; i < n; i += 32) {
-        const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(x + i)));
-        const __m512i lo = _mm512_permutex2var_epi16(t0, b, t1), hi = _mm512_permutex2var_epi16(t2, b, t3);
-        const __m512i v = _mm512_mask_blend_epi16(_mm512_test_epi16_mask(b, bit6), lo, hi);
-        _mm512_storeu_si512(out + i, _mm512_ternarylogic_epi32(v, _mm512_slli_epi16(b, 8), sign, 0xF8));  // v | (b << 8 & sign)
+// out[j] = the bf16 bits of e4m3 byte x[perm(j)], for j < n (a multiple of 64): each byte's high and
+// low bf16 byte looked up (VPERMT2B over the 128 magnitudes; its bit 7, the sign, joins the high
+// byte) and the two interleaved, which within each 128-bit lane pairs bytes 0..7 (one vector) and
+// 8..15 (the next): perm (`permuted`) reorders the values of each 64, as split_query does the query's
+struct E4m3Lookup { __m512i h0, h1, l0, l1; };
+__attribute__((target("avx512vbmi")))
+static inline E4m3Lookup e4m3_lookup() {
+    const E4m3Bf16& t = e4m3_bf16_table();
+    return {_mm512_load_si512(t.hi), _mm512_load_si512(t.hi + 64), _mm512_load_si512(t.lo), _mm512_load_si512(t.lo + 64)};
+}
+__attribute__((target("avx512vbmi")))
+static inline void e4m3_to_bf16(const E4m3Lookup& t, const uint8_t* x, uint16_t* out, int64_t n) {
+    const __m512i sign = _mm512_set1_epi8((char)0x80);
+    for (int64_t i = 0; i < n; i += 64) {
+        const __m512i b = _mm512_loadu_si512(x + i);
+        const __m512i lo = _mm512_permutex2var_epi8(t.l0, b, t.l1);
+        const __m512i hi = _mm512_ternarylogic_epi32(_mm512_permutex2var_epi8(t.h0, b, t.h1), b, sign, 0xF8);  // | b & sign
+        _mm512_storeu_si512(out + i, _mm512_unpacklo_epi8(lo, hi));
+        _mm512_storeu_si512(out + i + 32, _mm512_unpackhi_epi8(lo, hi));
     }
 }
 
-// q [H, D] -> its limbs (vec.h's bf16_limbs) as B tiles: tile (j, k, t) at bq + ((j * D / STEP + k) * T
-// + t) * 16 * 2 * cols holds limb j of values k * STEP .. + STEP of heads 16 t .. 16 t + cols, row r
-// column c the pair (2r, 2r + 1); heads past H stay 0
+// the value e4m3_to_bf16 puts at position j of each 64: lane j / 8 % 4 of vector j / 32 holds the
+// lane's bytes 8 * (j / 32) .. + 8
+static inline int64_t permuted(int64_t j) { return j / 64 * 64 + j % 32 / 8 * 16 + j % 64 / 32 * 8 + j % 8; }
+
+// The query's B tiles: its three bf16 limbs (vec.h's bf16_limbs) by head along the columns, each
+// tile 32 values (16 pairs, one a row) of the key dimension, in the order e4m3_to_bf16 lays out the
+// keys (`permuted`). With up to 8 heads (`packed`) limbs 0 and 1 share a tile (columns 0..7 and
+// 8..15) and limb 2 has the next (columns 0..7): two tile ops a key tile, not three, whose halves the
+// head sum adds. Tile (slot, k, t) lies at bq + ((slot * D / STEP + k) * T + t) * 16 * 2 * cols for
+// the value step k and head tile t (heads 16 t ..); heads past H stay 0.
+static bool packed_heads(int64_t H) { return H <= 8; }
+static int64_t query_slots(int64_t H) { return packed_heads(H) ? 2 : LIMBS_Q; }
+static int64_t query_cols(int64_t H) { return packed_heads(H) ? 16 : H < 16 ? H : 16; }
+
 __attribute__((target("avx512bf16")))
-static void split_query(const float* q, uint16_t* bq, int64_t H, int64_t D, int64_t T, int64_t cols) {
-    const int64_t tile = 16 * 2 * cols;
-    for (int64_t h = 0; h < H; ++h)
-        for (int64_t d = 0; d < D; d += 16)
-            bf16_limbs(q + h * D + d, bq + (d / STEP * T + h / 16) * tile + (d % STEP) / 2 * 2 * cols + 2 * (h % 16),
-                       2 * cols, D / STEP * T * tile);
+static void split_query(const float* q, uint16_t* bq, int64_t H, int64_t D, int64_t T, int64_t cols, bool packed) {
+    const int64_t tile = 16 * 2 * cols, per_slot = D / STEP * T * tile;
+    alignas(64) float qp[GROUP];
+    uint16_t limbs[LIMBS_Q][16];                             // limb j of pair i at limbs[j][2 i]
+    for (int64_t h = 0; h < H; ++h) {
+        for (int64_t d = 0; d < D; ++d) qp[d] = q[h * D + permuted(d)];
+        for (int64_t d = 0; d < D; d += 16) {
+            bf16_limbs(qp + d, limbs[0], 2, 16);
+            for (int64_t j = 0; j < LIMBS_Q; ++j) {
+                const int64_t slot = packed ? j / 2 : j, col = (packed ? 8 * (j % 2) : 0) + h % 16;
+                uint16_t* at = bq + slot * per_slot + (d / STEP * T + h / 16) * tile + (d % STEP) / 2 * 2 * cols + 2 * col;
+                for (int64_t i = 0; i < 8; ++i) std::memcpy(at + i * 2 * cols, limbs[j] + 2 * i, 4);
+            }
+        }
+    }
 }
 
-// acc[r] += w * relu(s[r] * c[r, :]) for the keys r < m, c a C tile's rows (16 floats a row)
-static inline void add_head_sums(const float* c, const __m512* s, int64_t m, __m512 w, __m512* acc) {
-    for (int64_t r = 0; r < m; ++r) acc[r] = _mm512_fmadd_ps(vmax0(_mm512_mul_ps(s[r], _mm512_load_ps(c + r * 16))), w, acc[r]);
+// acc[r] += w * relu(s[r] * c[r, :]) for the keys r < m, c a C tile's rows (16 floats a row); packed:
+// the row's two halves added first (w zero past 8)
+static inline void add_head_sums(const float* c, const __m512* s, int64_t m, __m512 w, __m512* acc, bool packed = false) {
+    for (int64_t r = 0; r < m; ++r) {
+        __m512 v = _mm512_load_ps(c + r * 16);
+        if (packed) v = _mm512_add_ps(v, _mm512_shuffle_f32x4(v, v, 0x4E));
+        acc[r] = _mm512_fmadd_ps(vmax0(_mm512_mul_ps(s[r], v)), w, acc[r]);
+    }
 }
 
 // The tile unit's operations on a tile number held in a variable (the instructions take immediates):
@@ -80,47 +119,84 @@ __attribute__((target("amx-tile,amx-bf16"))) static inline void tile_limbs(int64
     }
 }
 
-// c[i] = the products of a batch of n <= NKT * 16 keys a [n, GROUP] (bf16) with the query's heads
-// (bq: split_query's limbs), as C tile i = kt * T + t holds them for key tile kt, head tile t (NKT =
-// 4 / T key tiles a batch: 64 keys for H <= 16); row r of c[i]: key kt * 16 + r's heads. Per 32
-// values the three limbs of a head tile are loaded once (B_5..7) and each key tile once per head
-// tile (A: ~40% faster than a B tile a limb and an A tile a product)
-__attribute__((target("amx-tile,amx-bf16")))
-static void batch_products(const uint16_t* a, int64_t n, const uint16_t* bq, int64_t T, int64_t cols,
-                           float (*c)[KEYS * 16]) {
-    const int64_t tiles = (n + KEYS - 1) / KEYS, tile = 16 * 2 * cols, ldb = 4 * cols;
-    for (int64_t i = 0; i < tiles * T; ++i) tile_zero(i);
-    for (int64_t k = 0; k < GROUP / STEP; ++k)
-        for (int64_t t = 0; t < T; ++t) {
-            _tile_loadd(5, bq + ((0 * (GROUP / STEP) + k) * T + t) * tile, ldb);
-            _tile_loadd(6, bq + ((1 * (GROUP / STEP) + k) * T + t) * tile, ldb);
-            _tile_loadd(7, bq + ((2 * (GROUP / STEP) + k) * T + t) * tile, ldb);
-            for (int64_t kt = 0; kt < tiles; ++kt) {
-                if (tiles > 1 || t == 0) _tile_loadd(4, a + kt * KEYS * GROUP + k * STEP, 2 * GROUP);
-                tile_limbs(kt * T + t);
-            }
-        }
-    for (int64_t i = 0; i < tiles * T; ++i) tile_store(i, c[i]);
-}
-
-// out[r] = sum_h w[h] relu(scale[r] * c[r, h]) for the n keys of a batch
-static void batch_scores(const float* scale, int64_t n, int64_t T, const float (*wt)[16], const float (*c)[KEYS * 16],
-                         float* out) {
-    for (int64_t kt = 0; kt * KEYS < n; ++kt) {
-        const int64_t m = n - kt * KEYS < KEYS ? n - kt * KEYS : KEYS;
-        __m512 acc[KEYS], sr[KEYS];
-        for (int64_t r = 0; r < KEYS; ++r) acc[r] = _mm512_setzero_ps(), sr[r] = _mm512_set1_ps(r < m ? scale[kt * KEYS + r] : 0.f);
-        for (int64_t t = 0; t < T; ++t) add_head_sums(c[kt * T + t], sr, m, _mm512_load_ps(wt[t]), acc);
-        _mm512_mask_storeu_ps(out + kt * KEYS, (__mmask16)((1u << m) - 1), sum16(acc));
+// C_i += A . B_5 + A . B_6 (the packed query's two tiles)
+__attribute__((target("amx-tile,amx-bf16"))) static inline void tile_limbs2(int64_t i) {
+    switch (i) {
+        case 0: _tile_dpbf16ps(0, 4, 5); _tile_dpbf16ps(0, 4, 6); break;
+        case 1: _tile_dpbf16ps(1, 4, 5); _tile_dpbf16ps(1, 4, 6); break;
+        case 2: _tile_dpbf16ps(2, 4, 5); _tile_dpbf16ps(2, 4, 6); break;
+        default: _tile_dpbf16ps(3, 4, 5); _tile_dpbf16ps(3, 4, 6);
     }
 }
 
-__attribute__((target("amx-tile,amx-bf16,avx512bf16")))
+// out[r] = sum_h w[h] relu(scale[r] * c[t][r, h]) for the m keys of one key tile (its C tiles c[t],
+// one a head tile)
+static void key_tile_scores(const float* scale, int64_t m, int64_t T, bool packed, const float (*wt)[16],
+                            const float (*c)[KEYS * 16], float* out) {
+    __m512 acc[KEYS], sr[KEYS];
+    for (int64_t r = 0; r < KEYS; ++r) acc[r] = _mm512_setzero_ps(), sr[r] = _mm512_set1_ps(r < m ? scale[r] : 0.f);
+    for (int64_t t = 0; t < T; ++t) add_head_sums(c[t], sr, m, _mm512_load_ps(wt[t]), acc, packed);
+    _mm512_mask_storeu_ps(out, (__mmask16)((1u << m) - 1), sum16(acc));
+}
+
+struct Batch { int64_t row, s, n; };                 // a batch's first pool row and key id, and its keys
+
+// One thread's batches of keys (up to 4 / T key tiles each, 64 keys for H <= 16), pipelined: while
+// the tile unit multiplies batch i (C tile kt * T + t: key tile kt, head tile t; per 32 values the
+// query's tiles B_5.. are loaded once and each key tile once per head tile), the vector unit converts
+// batch i + 1's keys (into the other half of `a`) and sums the heads of batch i - 1 (from the other
+// half of `c`), a share after each tile op group, so that neither waits for the other
+__attribute__((target("amx-tile,amx-bf16,avx512vbmi")))
+static void run_batches(const std::vector<Batch>& work, const Rows& keys, const uint16_t* bq, const float (*wt)[16],
+                        float* scores, int64_t T, int64_t cols, bool packed) {
+    const int64_t W = (int64_t)work.size(), STEPS = GROUP / STEP, tile = 16 * 2 * cols, ldb = 4 * cols;
+    const int64_t BATCH = 4 / T * KEYS;
+    const E4m3Lookup lut = e4m3_lookup();
+    std::vector<uint16_t> a(2 * BATCH * GROUP, 0);
+    alignas(64) float c[2][4][KEYS * 16] = {};
+    if (W) e4m3_to_bf16(lut, keys.q + work[0].row * GROUP, a.data(), work[0].n * GROUP);
+    for (int64_t i = 0; i <= W; ++i) {
+        const uint16_t* ai = a.data() + (i % 2) * BATCH * GROUP;
+        uint16_t* an = a.data() + ((i + 1) % 2) * BATCH * GROUP;
+        const int64_t conv = i + 1 < W ? work[i + 1].n * GROUP : 0;    // bytes of batch i + 1 to convert
+        const uint8_t* xn = i + 1 < W ? keys.q + work[i + 1].row * GROUP : nullptr;
+        const int64_t prev = i > 0 ? (work[i - 1].n + KEYS - 1) / KEYS : 0;   // key tiles of batch i - 1 to sum
+        int64_t converted = 0, summed = 0;
+        auto catch_up = [&](int64_t g, int64_t G) {         // the vector work due after g of G groups
+            const int64_t to = std::min(conv, (conv * g / G + 63) / 64 * 64);
+            if (to > converted) e4m3_to_bf16(lut, xn + converted, an + converted, to - converted), converted = to;
+            for (; summed < prev * g / G; ++summed) {
+                const Batch& p = work[i - 1];
+                key_tile_scores(keys.scale + p.row + summed * KEYS, std::min(KEYS, p.n - summed * KEYS), T, packed, wt,
+                                c[(i - 1) % 2] + summed * T, scores + p.s + summed * KEYS);
+            }
+        };
+        if (i == W) { catch_up(1, 1); break; }
+        const int64_t tiles = (work[i].n + KEYS - 1) / KEYS, G = STEPS * T * tiles;
+        for (int64_t j = 0; j < tiles * T; ++j) tile_zero(j);
+        int64_t g = 0;
+        for (int64_t k = 0; k < STEPS; ++k)
+            for (int64_t t = 0; t < T; ++t) {
+                _tile_loadd(5, bq + ((0 * STEPS + k) * T + t) * tile, ldb);
+                _tile_loadd(6, bq + ((1 * STEPS + k) * T + t) * tile, ldb);
+                if (!packed) _tile_loadd(7, bq + ((2 * STEPS + k) * T + t) * tile, ldb);
+                for (int64_t kt = 0; kt < tiles; ++kt) {
+                    if (tiles > 1 || t == 0) _tile_loadd(4, ai + kt * KEYS * GROUP + k * STEP, 2 * GROUP);
+                    if (packed) tile_limbs2(kt * T + t); else tile_limbs(kt * T + t);
+                    catch_up(++g, G);
+                }
+            }
+        for (int64_t j = 0; j < tiles * T; ++j) tile_store(j, c[i % 2][j]);
+    }
+}
+
+__attribute__((target("amx-tile,amx-bf16,avx512bf16,avx512vbmi")))
 static void amx_index_scores(const float* q, const float* w, const Rows& keys, const int64_t* table, float* scores,
                              const int64_t H, const int64_t S, const int64_t B) {
-    const int64_t T = (H + 15) / 16, cols = H < 16 ? H : 16, BATCH = 4 / T * KEYS;
-    std::vector<uint16_t> bq(LIMBS_Q * (GROUP / STEP) * T * 16 * 2 * cols, 0);
-    split_query(q, bq.data(), H, GROUP, T, cols);
+    const bool packed = packed_heads(H);
+    const int64_t T = (H + 15) / 16, cols = query_cols(H), BATCH = 4 / T * KEYS;
+    std::vector<uint16_t> bq(query_slots(H) * (GROUP / STEP) * T * 16 * 2 * cols, 0);
+    split_query(q, bq.data(), H, GROUP, T, cols, packed);
     alignas(64) float wt[4][16] = {};                        // the head weights, by head tile
     for (int64_t h = 0; h < H; ++h) wt[h / 16][h % 16] = w[h];
     const int64_t nb = (S + B - 1) / B;
@@ -132,18 +208,13 @@ static void amx_index_scores(const float* q, const float* w, const Rows& keys, c
         cfg.rows[4] = KEYS, cfg.colsb[4] = 64;                                            // A: 16 keys x 32 bf16
         for (int i = 5; i < 8; ++i) cfg.rows[i] = STEP / 2, cfg.colsb[i] = 4 * cols;     // B: 16 pairs x cols
         _tile_loadconfig(&cfg);
-        std::vector<uint16_t> a(BATCH * GROUP, 0);
-        alignas(64) float c[4][KEYS * 16] = {};
-        #pragma omp for schedule(static)
-        for (int64_t b = 0; b < nb; ++b) {                   // a block's keys lie in consecutive rows
-            const int64_t s1 = (b + 1) * B < S ? (b + 1) * B : S;
-            for (int64_t s = b * B; s < s1; s += BATCH) {
-                const int64_t n = std::min(s1 - s, BATCH), row = table[b] * B + s - b * B;
-                e4m3_to_bf16(keys.q + row * GROUP, a.data(), n * GROUP);
-                batch_products(a.data(), n, bq.data(), T, cols, c);
-                batch_scores(keys.scale + row, n, T, wt, c, scores + s);
-            }
+        const int64_t threads = omp_get_num_threads(), id = omp_get_thread_num();
+        std::vector<Batch> work;                             // this thread's share of the blocks, in batches
+        for (int64_t b = nb * id / threads; b < nb * (id + 1) / threads; ++b) {   // a block's keys: consecutive rows
+            const int64_t s1 = std::min((b + 1) * B, S);
+            for (int64_t s = b * B; s < s1; s += BATCH) work.push_back({table[b] * B + s - b * B, s, std::min(s1 - s, BATCH)});
         }
+        run_batches(work, keys, bq.data(), wt, scores, T, cols, packed);
         _tile_release();
     }
 }

@@ -24,7 +24,7 @@ __attribute__((target("amx-tile,amx-bf16"))) static inline void rows_dp(int c, i
 
 // out[i, s] for the queries i0 <= i < i1, their limbs in bq (at (i - i0) * per_q) and head weights in
 // wt: OpenMP over the key tiles
-__attribute__((target("amx-tile,amx-bf16")))
+__attribute__((target("amx-tile,amx-bf16,avx512vbmi")))
 static void rows_pass(const uint16_t* bq, const float* wt, const uint8_t* keys, const float* scale, float* out,
                       int64_t i0, int64_t i1, int64_t T, int64_t cols, int64_t n, int64_t ldo) {
     const int64_t tile = 16 * 2 * cols, STEPS = GROUP / STEP, per_q = LIMBS_Q * STEPS * T * tile;
@@ -38,11 +38,12 @@ static void rows_pass(const uint16_t* bq, const float* wt, const uint8_t* keys, 
         for (int i = 4; i < 8; ++i) cfg.rows[i] = KEYS, cfg.colsb[i] = 64;               // A_k: 16 keys x 32 bf16
         _tile_loadconfig(&cfg);
         std::vector<uint16_t> a(KEYS * GROUP, 0);
+        const E4m3Lookup lut = e4m3_lookup();
         alignas(64) float c[2][KEYS * 16] = {};
         #pragma omp for schedule(static)
         for (int64_t kt = 0; kt < tiles; ++kt) {
             const int64_t m = std::min(n - kt * KEYS, KEYS);
-            e4m3_to_bf16(keys + kt * KEYS * GROUP, a.data(), m * GROUP);
+            e4m3_to_bf16(lut, keys + kt * KEYS * GROUP, a.data(), m * GROUP);
             _tile_loadd(4, a.data() + 0 * STEP, 2 * GROUP);
             _tile_loadd(5, a.data() + 1 * STEP, 2 * GROUP);
             _tile_loadd(6, a.data() + 2 * STEP, 2 * GROUP);
@@ -83,7 +84,7 @@ static void rows_pass(const uint16_t* bq, const float* wt, const uint8_t* keys, 
 
 // Passes of as many queries as keep their limbs within ~1 MB (the L2 cache), each over every key
 // tile: the keys are converted once a pass, the limbs read from L2 for every key tile
-__attribute__((target("amx-tile,amx-bf16,avx512bf16")))
+__attribute__((target("amx-tile,amx-bf16,avx512bf16,avx512vbmi")))
 extern "C" void kernel(const float* q, const float* w, const uint8_t* keys, const float* scale, float* out,
                        const int64_t t, const int64_t H, const int64_t n, const int64_t ldo) {
     const int64_t T = (H + 15) / 16, cols = H < 16 ? H : 16, per_q = LIMBS_Q * (GROUP / STEP) * T * 16 * 2 * cols;
@@ -94,7 +95,7 @@ extern "C" void kernel(const float* q, const float* w, const uint8_t* keys, cons
         const int64_t i1 = std::min(t, i0 + pass);
         std::fill(bq.begin(), bq.end(), 0), std::fill(wt.begin(), wt.end(), 0.f);
         for (int64_t i = i0; i < i1; ++i) {
-            split_query(q + i * H * GROUP, bq.data() + (i - i0) * per_q, H, GROUP, T, cols);
+            split_query(q + i * H * GROUP, bq.data() + (i - i0) * per_q, H, GROUP, T, cols, false);
             for (int64_t h = 0; h < H; ++h) wt[((i - i0) * T + h / 16) * 16 + h % 16] = w[i * H + h];
         }
         rows_pass(bq.data(), wt.data(), keys, scale, out, i0, i1, T, cols, n, ldo);

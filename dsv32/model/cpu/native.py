@@ -231,9 +231,9 @@ def decode_attention(latent: torch.Tensor, index_k: torch.Tensor, q: torch.Tenso
 
 @functools.cache
 def _amx_index_ready() -> bool:
-    """Whether the indexer scores FP8 pools on AMX tiles here: the CPU has AMX-BF16, Linux lets
-    this process use the tile data, and amx_index.cpp builds."""
-    if not _has_amx(torch.bfloat16):
+    """Whether the indexer scores FP8 pools on AMX tiles here: the CPU has AMX-BF16 (and VBMI's byte
+    lookups), Linux lets this process use the tile data, and amx_index.cpp builds."""
+    if not (_has_amx(torch.bfloat16) and "avx512vbmi" in _cpu_flags()):
         return False
     try:
         _build(INDEX_FILES + ("index_scores.cpp",), ["AMX"], INDEX_SCORES_ARGS)
