@@ -15,6 +15,7 @@
 // (one scale a key, as the model's 128 values).
 #if defined(AMX) && ISA == 512
 #include <algorithm>
+#include <array>
 #include <omp.h>
 #include <vector>
 
@@ -74,17 +75,23 @@ static int64_t query_cols(int64_t H) { return packed_heads(H) ? 16 : H < 16 ? H 
 
 __attribute__((target("avx512bf16")))
 static void split_query(const float* q, uint16_t* bq, int64_t H, int64_t D, int64_t T, int64_t cols, bool packed) {
+    static const auto order = [] { std::array<int16_t, GROUP> o{}; for (int64_t j = 0; j < GROUP; ++j) o[j] = (int16_t)permuted(j); return o; }();
     const int64_t tile = 16 * 2 * cols, per_slot = D / STEP * T * tile;
     alignas(64) float qp[GROUP];
-    uint16_t limbs[LIMBS_Q][16];                             // limb j of pair i at limbs[j][2 i]
+    uint16_t limbs[LIMBS_Q][16];                             // packed: limb j of pair i at limbs[j][2 i]
     for (int64_t h = 0; h < H; ++h) {
-        for (int64_t d = 0; d < D; ++d) qp[d] = q[h * D + permuted(d)];
+        for (int64_t d = 0; d < D; ++d) qp[d] = q[h * D + d / GROUP * GROUP + order[d % GROUP]];
         for (int64_t d = 0; d < D; d += 16) {
-            bf16_limbs(qp + d, limbs[0], 2, 16);
-            for (int64_t j = 0; j < LIMBS_Q; ++j) {
-                const int64_t slot = packed ? j / 2 : j, col = (packed ? 8 * (j % 2) : 0) + h % 16;
-                uint16_t* at = bq + slot * per_slot + (d / STEP * T + h / 16) * tile + (d % STEP) / 2 * 2 * cols + 2 * col;
-                for (int64_t i = 0; i < 8; ++i) std::memcpy(at + i * 2 * cols, limbs[j] + 2 * i, 4);
+            uint16_t* at = bq + (d / STEP * T + h / 16) * tile + (d % STEP) / 2 * 2 * cols + 2 * (h % 16);
+            if (!packed) {                                   // limb j in slot j
+                bf16_limbs(qp + d, at, 2 * cols, per_slot);
+                continue;
+            }
+            bf16_limbs(qp + d, limbs[0], 2, 16);             // limbs 0, 1: slot 0, columns h, 8 + h; limb 2: slot 1
+            for (int64_t i = 0; i < 8; ++i) {
+                std::memcpy(at + i * 2 * cols, limbs[0] + 2 * i, 4);
+                std::memcpy(at + i * 2 * cols + 16, limbs[1] + 2 * i, 4);
+                std::memcpy(at + per_slot + i * 2 * cols, limbs[2] + 2 * i, 4);
             }
         }
     }
