@@ -23,9 +23,10 @@
   amx_index.cpp         the indexer's scores over an FP8 pool on AMX-BF16 tiles, where the CPU has
                         them: each e4m3 key byte looked up as the bf16 of its exact value, the query
                         in three bf16 limbs (as amx_gemv.cpp), so the scores are as exact as fp32's
-                        while the vector unit no longer spends H * D / 16 FMAs a key (per layer at
-                        8-64K keys 1.3-1.7x faster with 8 index heads, 2.5-4.7x with 64:
-                        bench/README.md). `index_scores` exposes the scores alone.
+                        while the vector unit no longer spends H * D / 16 FMAs a key; it converts
+                        the next batch's keys while the tiles multiply this one (per layer at 8-64K
+                        keys 1.7-2.2x faster with 8 index heads, 3.5-4.6x with 64: bench/README.md).
+                        `index_scores` exposes the scores alone.
                         Reference: Indexer.scores over the dequantised keys.
   amx_index_rows.cpp    the same for a prefill's queries over a run of consecutive FP8 keys
                         (`index_scores_fp8`, which cpu/indexer.index_scores takes for FP8 runs): a
