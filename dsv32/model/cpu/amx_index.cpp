@@ -75,12 +75,16 @@ static int64_t query_cols(int64_t H) { return packed_heads(H) ? 16 : H < 16 ? H 
 
 __attribute__((target("avx512bf16")))
 static void split_query(const float* q, uint16_t* bq, int64_t H, int64_t D, int64_t T, int64_t cols, bool packed) {
-    static const auto order = [] { std::array<int16_t, GROUP> o{}; for (int64_t j = 0; j < GROUP; ++j) o[j] = (int16_t)permuted(j); return o; }();
+    static const auto order = [] {                           // D == GROUP
+        std::array<int16_t, GROUP> o{};
+        for (int64_t j = 0; j < GROUP; ++j) o[j] = (int16_t)permuted(j);
+        return o;
+    }();
     const int64_t tile = 16 * 2 * cols, per_slot = D / STEP * T * tile;
     alignas(64) float qp[GROUP];
     uint16_t limbs[LIMBS_Q][16];                             // packed: limb j of pair i at limbs[j][2 i]
     for (int64_t h = 0; h < H; ++h) {
-        for (int64_t d = 0; d < D; ++d) qp[d] = q[h * D + d / GROUP * GROUP + order[d % GROUP]];
+        for (int64_t d = 0; d < GROUP; ++d) qp[d] = q[h * D + order[d]];
         for (int64_t d = 0; d < D; d += 16) {
             uint16_t* at = bq + (d / STEP * T + h / 16) * tile + (d % STEP) / 2 * 2 * cols + 2 * (h % 16);
             if (!packed) {                                   // limb j in slot j
