@@ -351,6 +351,18 @@ def test_a_failed_amx_index_build_falls_back_to_the_vector_code_with_a_warning(m
         native._amx_index_ready.cache_clear()
 
 
+def test_amx_index_needs_vbmi(monkeypatch):
+    """The AMX indexer converts the e4m3 keys with VBMI's byte lookups: a CPU with AMX-BF16 but
+    without VBMI scores FP8 pools with the vector code (and builds nothing that would fault)."""
+    monkeypatch.setattr(native, "_has_amx", lambda dtype: True)
+    monkeypatch.setattr(native, "_cpu_flags", lambda: frozenset({"amx_tile", "amx_bf16", "avx512_bf16"}))
+    native._amx_index_ready.cache_clear()
+    try:
+        assert not native._amx_index_ready() and native._index_defines(None, fp8=True) == []
+    finally:
+        native._amx_index_ready.cache_clear()
+
+
 @pytest.mark.skipif(not AMX_INDEX, reason="no AMX-BF16 here")
 @pytest.mark.parametrize("t,H,n", [(50, 8, 1000), (37, 24, 333), (9, 64, 130), (3, 5, 17), (30, 16, 64)])
 def test_native_index_scores_fp8_equal_the_indexer(t, H, n):
