@@ -44,6 +44,28 @@ def test_greedy_argmax_and_ties_to_lowest_id():
     assert out.logprobs == [None] * 3 and out.kept == [None] * 3
 
 
+def test_plain_greedy_rows_take_the_argmax_alone_with_the_same_tokens_and_draws():
+    """A batch of greedy rows with nothing else to apply skips the general path's bookkeeping: the
+    same tokens as that path (asked for the kept masks, which forces it), ties and NaN included,
+    and no uniform drawn (a later sampled row draws what a fresh sampler would)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 3, (6, 50), generator=g).float()
+    x[2, 7] = float("nan")
+    rows = [seq(temperature=0) for _ in range(6)]
+    fast, general = Sampler(seed=3), Sampler(seed=3)
+    out = fast(x, rows, EOS)
+    assert out.token_ids == general(x, rows, EOS, return_kept=True).token_ids == [first_max(r) for r in x.tolist()]
+    assert out.logprobs == [None] * 6 and out.kept == [None] * 6 and not out.failed
+    fresh = Sampler(seed=3)
+    hot = logits_of(log_probs(P4))
+    assert fast(hot, [seq(temperature=1.0)], EOS).token_ids == fresh(hot, [seq(temperature=1.0)], EOS).token_ids
+    # a greedy row that asks for logprobs (or has a bias) takes the general path and gets them
+    mixed = general(x[:2], [seq(temperature=0), seq(temperature=0, logprobs=2)], EOS)
+    assert mixed.token_ids == out.token_ids[:2] and mixed.logprobs[0] is None and mixed.logprobs[1] is not None
+    biased = general(x[:1], [seq(temperature=0, logit_bias={5: 100.0})], EOS)
+    assert biased.token_ids == [5]
+
+
 def test_first_argmax_matches_torch_with_ties_and_nan():
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 4, (64, 1000), generator=g).float()        # many tied maxima per row
