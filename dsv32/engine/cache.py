@@ -11,21 +11,9 @@ import torch
 
 from dsv32.model.cpu.indexer import FP8Keys
 from dsv32.model.cpu.native import GROUP as QUANT_GROUP, Pages
-from dsv32.model.fp8 import FP8, FP8_MAX
+from dsv32.model.fp8 import FP8, dequantize_groups, quantize_groups
 
 MIN_RUN_BLOCKS = 4       # shorter runs of consecutive blocks are gathered (copied) for the indexer
-
-
-def quantize_groups(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [..., d] -> fp8 values [..., d] and one fp32 scale per 128 values [..., d/128]."""
-    g = x.float().unflatten(-1, (-1, QUANT_GROUP))
-    scale = g.abs().amax(-1).clamp(min=1e-12) / FP8_MAX
-    q = (g / scale.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(FP8)
-    return q.flatten(-2), scale
-
-
-def dequantize_groups(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return (q.float().unflatten(-1, (-1, QUANT_GROUP)) * scale.unsqueeze(-1)).flatten(-2).to(dtype)
 
 
 def fp8_roundtrip(kv_rank: int):

@@ -1,10 +1,11 @@
-"""FP8 e4m3 block quantisation as DeepSeek ships it: one fp32 scale per 128x128 weight block."""
+"""FP8 e4m3 quantisation: 128x128 weight blocks as DeepSeek ships them, 1x128 groups for the caches."""
 from __future__ import annotations
 
 import torch
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448.0
+CACHE_GROUP = 128               # FP8 caches: one fp32 scale per 128 values (the deployment layout)
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -60,3 +61,17 @@ def act_quant_dequant(x: torch.Tensor, group: int = 128, ue8m0: bool = False) ->
         scale = torch.pow(2.0, torch.ceil(torch.log2(scale)))
     q = (g / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8).float() * scale
     return q.flatten(-2).to(x.dtype)
+
+
+def quantize_groups(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., d] -> fp8 values [..., d] and one fp32 scale per 128 values [..., d/128] (the FP8
+    caches' layout)."""
+    g = x.float().unflatten(-1, (-1, CACHE_GROUP))
+    scale = g.abs().amax(-1).clamp(min=1e-12) / FP8_MAX
+    q = (g / scale.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return q.flatten(-2), scale
+
+
+def dequantize_groups(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`quantize_groups`' values and scales -> value x scale in fp32, then `dtype`."""
+    return (q.float().unflatten(-1, (-1, CACHE_GROUP)) * scale.unsqueeze(-1)).flatten(-2).to(dtype)

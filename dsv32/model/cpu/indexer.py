@@ -12,6 +12,7 @@ from typing import Sequence, Union
 
 import torch
 
+from ..fp8 import dequantize_groups
 from . import native
 from .compile import has_compiler
 
@@ -31,10 +32,8 @@ class FP8Keys:
         return self.values.shape
 
     def rows(self, a: int, b: int) -> torch.Tensor:
-        """Keys a..b-1 dequantised (value x scale in fp32, then the compute dtype: as engine/cache.py's
-        dequantize_groups)."""
-        v = self.values[a:b].float().unflatten(-1, (-1, native.GROUP))
-        return (v * self.scales[a:b].unsqueeze(-1)).flatten(-2).to(self.dtype)
+        """Keys a..b-1 dequantised to the compute dtype."""
+        return dequantize_groups(self.values[a:b], self.scales[a:b], self.dtype)
 
 
 # One row's keys: (position of the first key, keys [n, Di] or FP8Keys) for consecutive positions,

@@ -52,7 +52,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from ..fp8 import FP8
+from ..fp8 import CACHE_GROUP, FP8
 from .compile import KernelError, require_compiler
 
 DEFINES = {torch.int8: "INT8", torch.float16: "HALF_FP16", torch.bfloat16: "HALF_BF16"}
@@ -71,7 +71,7 @@ INDEX_ROWS_ARGS = ["const float*"] * 2 + ["const uint8_t*", "const float*", "flo
 INDEX_FILES = ("cache_rows.cpp", "top_ids.cpp", "amx_index.cpp", "index_topk.cpp")   # and the entry's file
 HEAD_SUM_ARGS = ["const float*", "const float*", "float*"] + ["const int64_t"] * 4
 TOPK_ROWS_ARGS = ["const float*", "const int64_t*", "int64_t*"] + ["const int64_t"] * 3
-GROUP = 128                 # FP8 pools: one fp32 scale per GROUP values (cache_rows.cpp's GROUP)
+GROUP = CACHE_GROUP         # FP8 pools: one fp32 scale per GROUP values (cache_rows.cpp's GROUP)
 _NONE = torch.empty(0)      # the pointer arguments of the layout not in use
 
 
