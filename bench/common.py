@@ -17,6 +17,13 @@ sys.path.insert(0, str(ROOT))                     # run from a checkout without 
 BENCH_DIMS = dict(layers=2, hidden=256, heads=4, q_lora=256, kv_lora=512, nope=128, rope=64, v=128,
                   inter=512, moe_inter=256, experts=8, groups=4, topk_group=2, active=2,
                   index_heads=8, index_dim=128, topk=256, dense=1)
+# A weight-bound model: hidden 2048, the real MLA and indexer dims, 2 dense layers (inter 16384)
+# and 2 MoE layers (16 experts of 2048, 2 active + 1 shared), the real vocabulary (llama.cpp's
+# converter needs every tokenizer id inside the vocabulary, so bench/load.py's 8192 cannot be
+# converted); ~585M parameters read per decode token, ~1.2B resident; bf16 checkpoint.
+WIDE_DIMS = dict(layers=4, hidden=2048, heads=16, q_lora=512, kv_lora=512, nope=128, rope=64, v=128,
+                 inter=16384, moe_inter=2048, experts=16, groups=4, topk_group=2, active=2, dense=2,
+                 index_heads=8, index_dim=128, topk=256)
 README = Path(__file__).with_name("README.md")
 
 
@@ -26,6 +33,18 @@ def bench_model_dir() -> Path:
     path = ROOT / "bench" / "out" / "bench_model"
     if not (path / "model.safetensors.index.json").exists():
         init_tiny(path, seed=0, progress=True, **BENCH_DIMS)
+    return path
+
+
+def model_dir(name: str) -> Path:
+    """The checkpoint of the common benchmark model ("bench") or the weight-bound one ("wide"),
+    generated once under bench/out/."""
+    if name == "bench":
+        return bench_model_dir()
+    from dsv32.model.init_tiny import init_tiny
+    path = ROOT / "bench" / "out" / "wide_model"
+    if not (path / "model.safetensors.index.json").exists():
+        init_tiny(path, seed=0, progress=True, **WIDE_DIMS)
     return path
 
 

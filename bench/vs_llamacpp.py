@@ -25,28 +25,11 @@ import time
 from pathlib import Path
 
 import llamacpp
-from common import ROOT, bench_model_dir, machine, markdown_table, write_section
+from common import machine, markdown_table, model_dir, write_section
 
 HEADING = "## dsv32 vs llama.cpp (bench/vs_llamacpp.py)"
-# A weight-bound model: hidden 2048, the real MLA and indexer dims, 2 dense layers (inter 16384)
-# and 2 MoE layers (16 experts of 2048, 2 active + 1 shared), the real vocabulary (llama.cpp's
-# converter needs every tokenizer id inside the vocabulary, so bench/load.py's 8192 cannot be
-# converted); ~585M parameters read per decode token, ~1.2B resident; bf16 checkpoint.
-WIDE_DIMS = dict(layers=4, hidden=2048, heads=16, q_lora=512, kv_lora=512, nope=128, rope=64, v=128,
-                 inter=16384, moe_inter=2048, experts=16, groups=4, topk_group=2, active=2, dense=2,
-                 index_heads=8, index_dim=128, topk=256)
 PRECISIONS = {"F32": ("f32", "fp32"), "F16": ("f16", "fp16"), "BF16": ("bf16", "bf16"), "Q8_0": ("q8_0", "int8")}
 GIB = 1 << 30
-
-
-def model_dir(name: str) -> Path:
-    if name == "bench":
-        return bench_model_dir()
-    from dsv32.model.init_tiny import init_tiny
-    path = ROOT / "bench" / "out" / "wide_model"
-    if not (path / "model.safetensors.index.json").exists():
-        init_tiny(path, seed=0, progress=True, **WIDE_DIMS)
-    return path
 
 
 # ---- dsv32 side (child processes) -----------------------------------------------------------------
