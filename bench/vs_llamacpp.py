@@ -10,7 +10,9 @@ dsv32 fp32 / fp16 / bf16 / int8), on the common benchmark model and on a weight-
 A benchmark, not a test (never run in CI). llama.cpp is built once into ~/.cache/dsv32/llama.cpp
 (bench/llamacpp.py) and converts the checkpoint with its own convert_hf_to_gguf.py. Both sides
 use 2 threads; llama.cpp runs as llama-bench does by default here (f16 KV cache, flash attention
-on), dsv32 with an fp32 KV cache (or `--kv-cache-dtype fp8`: the deployment layout). Every measurement is a fresh process: its peak RSS is its own.
+on), dsv32 with an fp32 KV cache (or `--kv-cache-dtype fp8`: the deployment layout). Every
+measurement is a fresh process: its peak RSS is its own (dsv32's without Triton, as installed for
+`dsv32 serve`).
 Decode at depth D: llama-bench prefills D tokens, then times generation; dsv32 marks D cache slots
 computed (decode cost does not depend on the cached values) and times decode steps.
 Parity: llama-debug's fp32 logits (-fa off, f32 KV cache) for a prompt longer than index_topk
@@ -161,6 +163,9 @@ def main() -> None:
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
+        # as under `dsv32 serve`'s install (README: no test extra), which has no Triton: the test
+        # extra's Triton would be imported by inductor wherever installed (+72 MB RSS, never run on CPU)
+        sys.modules["triton"] = None
         kind, a = args.child[0], json.loads(args.child[1])
         fn = {"decode": child_decode, "prefill": child_prefill, "parity": child_parity,
               "bandwidth": child_bandwidth}[kind]
