@@ -123,7 +123,8 @@ def main() -> None:
     if args.write_readme:
         model_name = {"bench": "Common benchmark model (2 layers, hidden 256, real vocab, index_topk 256)",
                       "wide": "Wide model (4 layers, hidden 2048, real vocab, index_topk 256)"}[args.model]
-        write_section(HEADING, f"{model_name}, dsv32 {args.weight_format} weights, {args.kv_cache_dtype} cache, batch 1, {args.steps} decode steps per point; {machine()}.\n\n{table}")
+        write_section(HEADING, f"{model_name}, dsv32 {args.weight_format} weights, {args.kv_cache_dtype} cache, "
+                               f"batch 1, {args.steps} decode steps per point; {machine()}.\n\n{table}")
 
 
 if __name__ == "__main__":
