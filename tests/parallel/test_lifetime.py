@@ -31,17 +31,13 @@ def tokens(llm) -> list[int]:
 
 
 def test_engines_one_after_another_in_one_process(ckpt):
-    """`with`, shutdown(), then an LLM dropped without either: each next engine makes its own group."""
-    with LLM(model=str(ckpt), max_model_len=128, tensor_parallel_size=2) as llm:
-        ref = tokens(llm)
-        workers = list(llm.engine.executor.group.workers)
-    assert not dist.is_initialized() and not any(p.is_alive() for p in workers)
-
+    """shutdown(), an LLM dropped without it, then `with`: each next engine makes its own group."""
     llm = LLM(model=str(ckpt), max_model_len=128, tensor_parallel_size=2)
-    assert tokens(llm) == ref
+    workers = list(llm.engine.executor.group.workers)
+    ref = tokens(llm)
     llm.shutdown()
     llm.shutdown()                                  # a second call does nothing
-    assert not dist.is_initialized()
+    assert not dist.is_initialized() and not any(p.is_alive() for p in workers)
 
     dropped = LLM(model=str(ckpt), max_model_len=128, tensor_parallel_size=2)
     workers = list(dropped.engine.executor.group.workers)
@@ -52,6 +48,8 @@ def test_engines_one_after_another_in_one_process(ckpt):
 
     with LLM(model=str(ckpt), max_model_len=128, tensor_parallel_size=2) as llm:
         assert tokens(llm) == ref
+        workers = list(llm.engine.executor.group.workers)
+    assert not dist.is_initialized() and not any(p.is_alive() for p in workers)
 
 
 def test_a_live_engine_keeps_its_group(ckpt):
