@@ -13,6 +13,7 @@ from .engine import BatchError, LLMEngine
 from .sequence import RequestOutput, SamplingParams
 
 log = logging.getLogger("dsv32.engine")
+_ABORTED = object()   # put in a request's queue by abort(): its generate() ends without waiting for the engine
 
 
 class AsyncLLM:
@@ -81,8 +82,9 @@ class AsyncLLM:
     # ---- asyncio side ----------------------------------------------------------------------------
     async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str
                        ) -> AsyncIterator[RequestOutput]:
-        """Yield the request's cumulative output after every step that changed it.
-        Raises ValueError (bad request) before the first output; aborts if the consumer leaves."""
+        """Yield the request's cumulative output after every step that changed it (until it
+        finishes or `abort` ends it). Raises ValueError (bad request) before the first output;
+        aborts if the consumer leaves."""
         if request_id in self._queues:
             raise ValueError(f"request_id {request_id!r} is already running")
         prepared = self.engine.prepare(prompt, params)
@@ -93,6 +95,8 @@ class AsyncLLM:
         try:
             while not finished:
                 item = await q.get()
+                if item is _ABORTED:
+                    return
                 if isinstance(item, ValueError):
                     raise item
                 if isinstance(item, BaseException):
@@ -105,6 +109,9 @@ class AsyncLLM:
             self._queues.pop(request_id, None)
 
     async def abort(self, request_id: str) -> None:
+        """End the request: its generate() stops now, with no further output, even while the engine
+        is inside a long step (a first compile takes seconds); the engine frees it before its next."""
+        self._deliver(request_id, _ABORTED)
         self._inbox.put(("abort", request_id, None))
 
     def metrics(self) -> dict:

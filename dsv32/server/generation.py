@@ -80,6 +80,9 @@ class Generation:
                     else:
                         out = await asyncio.wait_for(agen.__anext__(), max(0.0, deadline - time.monotonic()))
                 except StopAsyncIteration:
+                    if self._cut:           # abort() ended the engine's stream before its next output
+                        reason = "shutdown"
+                        raise _cut_error() from None
                     return
                 except asyncio.TimeoutError:
                     reason = TIMEOUT
@@ -87,8 +90,7 @@ class Generation:
                     return
                 if self._cut:
                     reason = "shutdown"
-                    raise APIError(503, "the server shut down before this request finished",
-                                   code="server_shutdown")
+                    raise _cut_error()
                 now = time.monotonic()
                 if last_t is None:
                     first, arrival = out.metrics.get("first_token"), out.metrics.get("arrival")
@@ -123,6 +125,10 @@ class Generation:
             last = out
         assert last is not None
         return last
+
+
+def _cut_error() -> APIError:
+    return APIError(503, "the server shut down before this request finished", code="server_shutdown")
 
 
 def request_key(request: Request) -> str | None:

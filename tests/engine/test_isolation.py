@@ -1,8 +1,11 @@
 """Nothing one request does can end another: n > 1 forks at a full cache or a full running set wait
 instead of failing the step, and a request whose logits processor, detokenisation, sampling or
-forward raises ends with finish_reason "error" while every other request goes on unchanged."""
+forward raises ends with finish_reason "error" while every other request goes on unchanged; an
+abort ends its own request's stream at once, whatever the engine is doing."""
 import asyncio
 import logging
+import threading
+import time
 
 import pytest
 import torch
@@ -235,3 +238,41 @@ def test_async_engine_fails_only_the_failed_batch(ckpt, model, tok, monkeypatch)
     assert doomed.finished and doomed.outputs[0].finish_reason == "error" and "device lost" in doomed.outputs[0].error
     assert by.outputs[0].finish_reason == "length" and after.outputs[0].finish_reason == "length"
     assert eng.block_manager.usage == 0.0 and not eng.has_unfinished()
+
+
+def test_async_abort_ends_the_stream_while_a_step_runs(ckpt, model, tok, monkeypatch):
+    """abort() ends the request's generate() at once, not after the engine's step in progress (a
+    first compile can hold a step for seconds, past a server's shutdown grace); the engine frees the
+    request once that step is over."""
+    eng = make(ckpt, model, tok)
+    entered, release, real_step, calls = threading.Event(), threading.Event(), eng.step, []
+
+    def step():
+        calls.append(len(calls))
+        if len(calls) == 2:                 # the step after the first output hangs until released
+            entered.set()
+            release.wait(30)
+        return real_step()
+
+    monkeypatch.setattr(eng, "step", step)
+    llm = AsyncLLM(eng)
+
+    async def main():
+        agen = llm.generate(prompt(10, 50), greedy(50), "r")
+        first = await agen.__anext__()
+        await asyncio.to_thread(entered.wait, 30)
+        await llm.abort("r")
+        rest = [out async for out in agen]
+        return first, rest, release.is_set()
+
+    try:
+        first, rest, released = asyncio.run(asyncio.wait_for(main(), 20))
+        release.set()
+        deadline = time.monotonic() + 20
+        while eng.has_unfinished() and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        release.set()
+        llm.shutdown()
+    assert not first.finished and rest == [] and not released
+    assert not eng.has_unfinished() and eng.block_manager.usage == 0.0
