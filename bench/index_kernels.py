@@ -24,7 +24,7 @@ HEADING = "## Indexer kernels (bench/index_kernels.py)"
 
 def pools(S: int, block: int = 64, C: int = 512, R: int = 64, Di: int = 128):
     """FP8 pools holding S random keys in shuffled blocks (engine/cache.py's layout)."""
-    from dsv32.engine.cache import quantize_groups
+    from dsv32.model.fp8 import quantize_groups
     from dsv32.model.cpu import native
     nb = -(-S // block)
     lat, lat_scale = quantize_groups(torch.randn(nb * block, C))
@@ -51,7 +51,7 @@ def per_layer_us(S: int, Hi: int, rounds: int, H: int = 4, C: int = 512, R: int 
 def prefill_ms(t: int, H: int, n: int, rounds: int) -> tuple[float, float]:
     """Best-of-rounds ms of cpu/indexer.index_scores for t queries over n consecutive keys: fp32
     keys (GEMM + head sums), then FP8 keys (on AMX tiles), in turn."""
-    from dsv32.engine.cache import dequantize_groups, quantize_groups
+    from dsv32.model.fp8 import dequantize_groups, quantize_groups
     from dsv32.model.cpu.indexer import FP8Keys, index_scores
     values, scales = quantize_groups(torch.randn(n, 128))
     runs = [[(0, dequantize_groups(values, scales, torch.float32))], [(0, FP8Keys(values, scales))]]

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 
 from dsv32.model.cpu.indexer import FP8Keys
-from dsv32.model.cpu.native import GROUP as QUANT_GROUP, Pages
-from dsv32.model.fp8 import FP8, dequantize_groups, quantize_groups
+from dsv32.model.cpu.native import Pages
+from dsv32.model.fp8 import CACHE_GROUP, FP8, dequantize_groups, quantize_groups
 
 MIN_RUN_BLOCKS = 4       # shorter runs of consecutive blocks are gathered (copied) for the indexer
 
@@ -43,14 +43,14 @@ class PagedCache:
         self.dtype, self.fp8 = dtype, fp8
         slots = (n_layers, num_blocks * block_size)
         if fp8:
-            if kv_rank % QUANT_GROUP or index_dim % QUANT_GROUP:
+            if kv_rank % CACHE_GROUP or index_dim % CACHE_GROUP:
                 raise ValueError(f"FP8 caches need kv_lora_rank ({kv_rank}) and index_head_dim "
-                                 f"({index_dim}) to be multiples of {QUANT_GROUP}")
+                                 f"({index_dim}) to be multiples of {CACHE_GROUP}")
             self.c = torch.zeros(*slots, kv_rank, dtype=FP8, device=device)
-            self.c_scale = torch.zeros(*slots, kv_rank // QUANT_GROUP, device=device)
+            self.c_scale = torch.zeros(*slots, kv_rank // CACHE_GROUP, device=device)
             self.pe = torch.zeros(*slots, rope_dim, dtype=torch.bfloat16, device=device)
             self.ik = torch.zeros(*slots, index_dim, dtype=FP8, device=device)
-            self.ik_scale = torch.zeros(*slots, index_dim // QUANT_GROUP, device=device)
+            self.ik_scale = torch.zeros(*slots, index_dim // CACHE_GROUP, device=device)
         else:
             self.lat = torch.zeros(*slots, kv_rank + rope_dim, dtype=dtype, device=device)
             self.ik = torch.zeros(*slots, index_dim, dtype=dtype, device=device)
@@ -59,7 +59,7 @@ class PagedCache:
     def bytes_per_token(kv_rank: int, rope_dim: int, index_dim: int, dtype: torch.dtype, fp8: bool) -> int:
         """Cache bytes per token per layer (656 + 132 for the real model in FP8)."""
         if fp8:
-            return kv_rank + 4 * kv_rank // QUANT_GROUP + 2 * rope_dim + index_dim + 4 * index_dim // QUANT_GROUP
+            return kv_rank + 4 * kv_rank // CACHE_GROUP + 2 * rope_dim + index_dim + 4 * index_dim // CACHE_GROUP
         return (kv_rank + rope_dim + index_dim) * torch.finfo(dtype).bits // 8
 
     def write(self, layer: int, slots: torch.Tensor, latent: torch.Tensor, index_k: torch.Tensor) -> None:

@@ -241,7 +241,7 @@ def test_native_decode_attention_equals_the_eager_path(H, Hi, Di, S, topk, block
 
 def _paged_fp8(latents: torch.Tensor, index_keys: torch.Tensor, block: int, C: int) -> native.Pages:
     """`_paged` in the FP8 layout of engine/cache.py (quantize_groups: the reference of the writes)."""
-    from dsv32.engine.cache import quantize_groups
+    from dsv32.model.fp8 import quantize_groups
     p = _paged(latents, index_keys, block)
     c, c_scale = quantize_groups(p.latent[:, :C])
     ik, ik_scale = quantize_groups(p.index)
@@ -265,7 +265,7 @@ def test_native_decode_attention_over_an_fp8_cache(H, Hi, S, topk, block):
     """The FP8 pools (e4m3 + a scale per 128, bf16 rope): the bytes the kernel writes are
     quantize_groups' (every e4m3 value and midpoint probed), and its output is the eager path's over
     the dequantised keys."""
-    from dsv32.engine.cache import dequantize_groups, quantize_groups
+    from dsv32.model.fp8 import dequantize_groups, quantize_groups
     G.manual_seed(S)          # the same draws in any test order (some make the 2-key softmax ill-conditioned)
     C, R, Di = 512, 64, 128
     a = _mla(H, Hi, Di, topk, C, R)
@@ -305,7 +305,7 @@ def test_native_index_scores_equal_the_indexer(Hi, S, block, fp8):
     the pool holds them: within BOUND of sum_h |w_h| sum_d |q_hd k_d| (the AMX kernel's query in two
     bf16 limbs instead of three misses it). The FP8 keys take every e4m3 value, both signs
     (subnormals included: a table that zeroes them misses it too)."""
-    from dsv32.engine.cache import dequantize_groups, quantize_groups
+    from dsv32.model.fp8 import dequantize_groups, quantize_groups
     Di = 128
     keys = torch.randn(S, Di, generator=G) * 4
     if fp8:
@@ -370,7 +370,7 @@ def test_native_index_scores_fp8_equal_the_indexer(t, H, n):
     cpu/indexer.index_scores takes for FP8 runs with 16+ heads), written into a column slice of a wider score
     matrix, against the indexer's formula in float64: within BOUND, every e4m3 value among the keys,
     nothing outside the slice written."""
-    from dsv32.engine.cache import dequantize_groups, quantize_groups
+    from dsv32.model.fp8 import dequantize_groups, quantize_groups
     from dsv32.model.cpu.indexer import FP8Keys, index_scores
     keys = torch.randn(n, 128, generator=G) * 4
     keys[:2] = _e4m3_probes(256).view(2, 128)[:, torch.randperm(128, generator=G)] / 448 * 3
