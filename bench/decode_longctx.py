@@ -97,8 +97,8 @@ def main() -> None:
     ap.add_argument("--hf-max", type=int, default=8192, help="largest context to run transformers at")
     ap.add_argument("--weight-format", default="fp32", choices=["fp32", "bf16", "fp16", "int8", "fp8"],
                     help="dsv32's weight format (transformers stays fp32)")
-    ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
-                    help="dsv32's cache: the compute dtype, or FP8 latents and indexer keys")
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "bfloat16", "fp8"],
+                    help="dsv32's cache: the compute dtype, bf16, or FP8 latents and indexer keys")
     ap.add_argument("--write-readme", action="store_true")
     args = ap.parse_args()
 

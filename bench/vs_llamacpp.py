@@ -3,14 +3,15 @@ checkpoint, one side-by-side table per weight precision (llama.cpp F32 / F16 / B
 dsv32 fp32 / fp16 / bf16 / int8), on the common benchmark model and on a weight-bound "wide" model.
 
     python bench/vs_llamacpp.py [--models bench wide] [--precisions F32 F16 BF16 Q8_0]
-        [--depths 1024 8192 32768 65536] [--prefill 512 8192 32768] [--reps 3] [--kv-cache-dtype fp8]
+        [--depths 1024 8192 32768 65536] [--prefill 512 8192 32768] [--reps 3] [--kv-cache-dtype bfloat16]
         [--write-readme]
     python bench/vs_llamacpp.py --quick        # end-to-end smoke run: 1K decode, 512 prefill
 
 A benchmark, not a test (never run in CI). llama.cpp is built once into ~/.cache/dsv32/llama.cpp
 (bench/llamacpp.py) and converts the checkpoint with its own convert_hf_to_gguf.py. Both sides
 use 2 threads; llama.cpp runs as llama-bench does by default here (f16 KV cache, flash attention
-on), dsv32 with an fp32 KV cache (or `--kv-cache-dtype fp8`: the deployment layout). Every
+on), dsv32 with an fp32 KV cache (or `--kv-cache-dtype bfloat16`: llama.cpp's cache bytes, or
+`fp8`: the deployment layout). Every
 measurement is a fresh process: its peak RSS is its own (dsv32's without Triton, as installed for
 `dsv32 serve`).
 Decode at depth D: llama-bench prefills D tokens, then times generation; dsv32 marks D cache slots
@@ -139,7 +140,7 @@ def compare(name: str, prec: str, args, bw: float) -> str:
                      f"{ours['tok_s'] / ts:.2f}x", "-"])
     rows.append(["peak RSS GiB (all runs)", f"{rss['llama.cpp'] / GIB:.2f}", f"{rss['dsv32'] / GIB:.2f}",
                  f"{rss['dsv32'] / rss['llama.cpp']:.2f}x", "-"])
-    ours = f"dsv32 {fmt}" + (", FP8 cache" if args.kv_cache_dtype == "fp8" else "")
+    ours = f"dsv32 {fmt}" + {"auto": "", "bfloat16": ", bf16 cache", "fp8": ", FP8 cache"}[args.kv_cache_dtype]
     table = markdown_table(["test", f"llama.cpp {prec}", ours, "dsv32 / llama.cpp", "dsv32 / floor"], rows)
     return (f"### {name} model, llama.cpp {prec} vs {ours}\n\n{table}\n\n"
             f"Weight bytes per decode token (dsv32 {fmt}): {nbytes / 1e6:.0f} MB, floor {floor:.2f} ms "
@@ -155,9 +156,9 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3, help="llama-bench repetitions")
     ap.add_argument("--gen", type=int, default=32, help="llama-bench tokens generated per decode test")
     ap.add_argument("--steps", type=int, default=32, help="dsv32 decode steps timed per depth")
-    ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
-                    help="dsv32's cache: the compute dtype (fp32), or FP8 latents and indexer keys (788 bytes "
-                         "a token a layer where llama.cpp's f16 cache holds ~1400)")
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "bfloat16", "fp8"],
+                    help="dsv32's cache: the compute dtype (fp32), bf16 (the bytes of llama.cpp's f16 cache: "
+                         "1408 a token a layer), or FP8 latents and indexer keys (788)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 1K decode, 512 prefill, 1 repetition")
     ap.add_argument("--write-readme", action="store_true")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)

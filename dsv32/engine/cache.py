@@ -1,7 +1,7 @@
 """Paged caches: per layer, blocks of 64 token slots holding the MLA latent `[c | k_rope]` and the
 indexer key, addressed through one block table per sequence.
 
-Storage is either the compute dtype or the FP8 deployment layouts:
+Storage is the compute dtype, bf16 (read back in the compute dtype), or the FP8 deployment layouts:
   latent: 512 fp8 + 4 fp32 scales (one per 128) + 64 bf16 rope = 656 bytes/token;
   indexer key: 128 fp8 + 1 fp32 scale = 132 bytes/token.
 """
@@ -33,14 +33,16 @@ def _rows(pool: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
 
 
 class PagedCache:
-    """Block pools for every layer (main stack + MTP): latent and indexer keys, plain or FP8."""
+    """Block pools for every layer (main stack + MTP): latent and indexer keys, plain (in `storage`,
+    default the compute dtype `dtype`) or FP8."""
 
     def __init__(self, n_layers: int, num_blocks: int, kv_rank: int, rope_dim: int, index_dim: int,
                  block_size: int = 64, dtype: torch.dtype = torch.float32,
-                 device: str | torch.device = "cpu", fp8: bool = False):
+                 device: str | torch.device = "cpu", fp8: bool = False, storage: torch.dtype | None = None):
         self.n_layers, self.num_blocks, self.block_size = n_layers, num_blocks, block_size
         self.kv_rank, self.rope_dim, self.index_dim = kv_rank, rope_dim, index_dim
         self.dtype, self.fp8 = dtype, fp8
+        storage = dtype if storage is None else storage
         slots = (n_layers, num_blocks * block_size)
         if fp8:
             if kv_rank % CACHE_GROUP or index_dim % CACHE_GROUP:
@@ -52,8 +54,8 @@ class PagedCache:
             self.ik = torch.zeros(*slots, index_dim, dtype=FP8, device=device)
             self.ik_scale = torch.zeros(*slots, index_dim // CACHE_GROUP, device=device)
         else:
-            self.lat = torch.zeros(*slots, kv_rank + rope_dim, dtype=dtype, device=device)
-            self.ik = torch.zeros(*slots, index_dim, dtype=dtype, device=device)
+            self.lat = torch.zeros(*slots, kv_rank + rope_dim, dtype=storage, device=device)
+            self.ik = torch.zeros(*slots, index_dim, dtype=storage, device=device)
 
     @staticmethod
     def bytes_per_token(kv_rank: int, rope_dim: int, index_dim: int, dtype: torch.dtype, fp8: bool) -> int:
@@ -69,25 +71,26 @@ class PagedCache:
             self.pe[layer, slots] = latent[:, self.kv_rank:].to(torch.bfloat16)
             self.ik[layer, slots], self.ik_scale[layer, slots] = quantize_groups(index_k)
         else:
-            self.lat[layer].index_copy_(0, slots, latent.to(self.dtype))
-            self.ik[layer].index_copy_(0, slots, index_k.to(self.dtype))
+            self.lat[layer].index_copy_(0, slots, latent.to(self.lat.dtype))
+            self.ik[layer].index_copy_(0, slots, index_k.to(self.ik.dtype))
 
     def read_latent(self, layer: int, slots: torch.Tensor) -> torch.Tensor:
         """slots [...] -> latent rows [..., C+R] in the compute dtype."""
         if self.fp8:
             c = dequantize_groups(_rows(self.c[layer], slots), _rows(self.c_scale[layer], slots), self.dtype)
             return torch.cat((c, _rows(self.pe[layer], slots).to(self.dtype)), -1)
-        return _rows(self.lat[layer], slots)
+        return _rows(self.lat[layer], slots).to(self.dtype)
 
     def read_index(self, layer: int, slots: torch.Tensor) -> torch.Tensor:
         """slots [...] -> indexer keys [..., Di]."""
         if self.fp8:
             return dequantize_groups(_rows(self.ik[layer], slots), _rows(self.ik_scale[layer], slots), self.dtype)
-        return _rows(self.ik[layer], slots)
+        return _rows(self.ik[layer], slots).to(self.dtype)
 
     def index_span(self, layer: int, start: int, stop: int) -> torch.Tensor | FP8Keys:
-        """Indexer keys of the consecutive slots [start, stop): a view (of an FP8 cache: its values
-        and scales, which the indexer dequantises a block at a time or reads on AMX tiles)."""
+        """Indexer keys of the consecutive slots [start, stop): a view, in the pool's dtype (of an
+        FP8 cache: its values and scales; the indexer converts either a block at a time, or reads
+        FP8 on AMX tiles)."""
         if self.fp8:
             return FP8Keys(self.ik[layer, start:stop], self.ik_scale[layer, start:stop], self.dtype)
         return self.ik[layer, start:stop]
@@ -193,8 +196,8 @@ class PagedKV:
         return self.cache.read_latent(layer, self._slots(idx))                           # [B, T, K, C+R]
 
     def pages(self, layer: int, row: int = 0) -> tuple[Pages, int] | None:
-        """Row `row`'s keys in the cache's pools, through its block table, and its key count
-        (None unless the cache computes in fp32)."""
+        """Row `row`'s keys in the cache's pools (fp32, bf16 or FP8), through its block table, and
+        its key count (None unless the cache computes in fp32)."""
         c, table = self.cache, self.block_tables[row]
         if c.dtype != torch.float32:
             return None

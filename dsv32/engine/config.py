@@ -16,6 +16,10 @@ from .device import AUTO, resolve_device
 from .sequence import Sequence
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# the paged cache's storage: the compute dtype, bf16 (2 bytes a value, what llama.cpp's f16 cache
+# costs), or the FP8 deployment layout (e4m3 + group scales; "fp8_e4m3" names the same, as vLLM does)
+KV_CACHE_DTYPES = ("auto", "bfloat16", "fp8", "fp8_e4m3")
+KERNELS = ("off", "torch", "triton")
 DEFAULT_MAX_MODEL_LEN = 8192    # when not given: min(this, the model's max_position_embeddings)
 
 
@@ -31,7 +35,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     num_blocks: int | None = None           # default: enough for max_num_seqs full-length sequences
     kv_cache_memory: int | None = None      # bytes; alternative way to size the cache
-    kv_cache_dtype: str = "auto"            # "auto" (compute dtype) or "fp8"
+    kv_cache_dtype: str = "auto"            # one of KV_CACHE_DTYPES
     enable_prefix_caching: bool = True
     fp8_storage: bool = False               # keep FP8 weights, dequantise per block on the fly
     weight_format: WeightFormat = "fp32"    # CPU: fp32 | bf16 | fp16 | int8 | fp8 (model/formats.py)
@@ -39,6 +43,14 @@ class EngineConfig:
     enable_expert_parallel: bool = False    # partition routed experts across the ranks instead
     num_speculative_tokens: int = 0         # 1: MTP speculative decoding (the model's MTP layer drafts)
     kernels: str = "off"                    # "torch" / "triton": decode and prefill through dsv32.kernels
+
+    def __post_init__(self):
+        for name, allowed in (("dtype", DTYPES), ("kv_cache_dtype", KV_CACHE_DTYPES), ("kernels", KERNELS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
+        if self.kernels != "off" and self.cache_dtype != self.torch_dtype and not self.cache_fp8:
+            raise ValueError(f"kv_cache_dtype {self.kv_cache_dtype} with kernels {self.kernels} needs dtype "
+                             f"{self.kv_cache_dtype} (dsv32.kernels read a plain cache in the compute dtype)")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, model: str) -> EngineConfig:
@@ -54,6 +66,16 @@ class EngineConfig:
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
+
+    @property
+    def cache_fp8(self) -> bool:
+        """The paged cache keeps the FP8 deployment layout."""
+        return self.kv_cache_dtype in ("fp8", "fp8_e4m3")
+
+    @property
+    def cache_dtype(self) -> torch.dtype:
+        """The dtype of the paged cache's pools, where not FP8: the compute dtype or bf16."""
+        return torch.bfloat16 if self.kv_cache_dtype == "bfloat16" else self.torch_dtype
 
     @property
     def speculative(self) -> bool:
@@ -75,8 +97,7 @@ class EngineConfig:
         num_blocks = self.num_blocks
         if num_blocks is None and self.kv_cache_memory:
             per_block = bs * (mc.num_hidden_layers + mc.num_nextn_predict_layers) * PagedCache.bytes_per_token(
-                mc.kv_lora_rank, mc.qk_rope_head_dim, mc.index_head_dim, self.torch_dtype,
-                self.kv_cache_dtype == "fp8")
+                mc.kv_lora_rank, mc.qk_rope_head_dim, mc.index_head_dim, self.cache_dtype, self.cache_fp8)
             num_blocks = self.kv_cache_memory // per_block
         if num_blocks is None:
             num_blocks = blocks_per_seq * self.max_num_seqs
@@ -107,7 +128,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="sequences decoded together")
     p.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens,
                    help="tokens computed in one step (prefills are chunked to fit)")
-    p.add_argument("--kv-cache-dtype", default=d.kv_cache_dtype, choices=["auto", "fp8"])
+    p.add_argument("--kv-cache-dtype", default=d.kv_cache_dtype, choices=KV_CACHE_DTYPES,
+                   help="the paged cache's storage: auto (the compute dtype), bfloat16 (half of fp32's memory), "
+                        "fp8 / fp8_e4m3 (the deployment layout: e4m3 + a scale per 128 values, bf16 rope)")
     p.add_argument("--no-prefix-caching", action="store_true", help="do not reuse cached prompt blocks")
     p.add_argument("--fp8-storage", action="store_true",
                    help="keep FP8 checkpoint weights in FP8 (dequantised per block on the fly)")
@@ -120,6 +143,6 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="partition routed experts across the tensor-parallel ranks")
     p.add_argument("--num-speculative-tokens", type=int, default=d.num_speculative_tokens, choices=[0, 1],
                    help="1: MTP speculative decoding (same tokens, fewer steps when drafts are accepted)")
-    p.add_argument("--kernels", default=d.kernels, choices=["off", "torch", "triton"],
+    p.add_argument("--kernels", default=d.kernels, choices=KERNELS,
                    help="the fast paths (dsv32.kernels: FP8 GEMMs, paged DSA, packed experts; CUDA graphs on "
                         "a GPU) for plain forwards; off: the eager reference")

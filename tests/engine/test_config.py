@@ -3,6 +3,7 @@ with EngineConfig's defaults."""
 import argparse
 
 import pytest
+import torch
 
 from dsv32.cli import build_parser
 from dsv32.engine.config import EngineConfig, add_engine_args
@@ -40,3 +41,25 @@ def test_the_flags_fill_every_field_they_name():
         max_num_batched_tokens=512, kv_cache_dtype="fp8", enable_prefix_caching=False, fp8_storage=True,
         tensor_parallel_size=8, enable_expert_parallel=True, num_speculative_tokens=1,
         weight_format="int8", kernels="torch")
+
+
+def test_bad_settings_are_refused_by_name():
+    """A typo in a setting is an error that names it, not a silent default (an unknown cache dtype
+    once gave the plain cache)."""
+    for field, bad in (("kv_cache_dtype", "fp16"), ("dtype", "bf16"), ("kernels", "cuda")):
+        with pytest.raises(ValueError, match=f"{field} must be one of .*not '{bad}'"):
+            EngineConfig(model="m", **{field: bad})
+    with pytest.raises(ValueError, match="kv_cache_dtype bfloat16 with kernels triton needs dtype bfloat16"):
+        EngineConfig(model="m", kv_cache_dtype="bfloat16", kernels="triton")
+    assert EngineConfig(model="m", kv_cache_dtype="bfloat16", kernels="triton", dtype="bfloat16").cache_dtype == torch.bfloat16
+    e4m3 = EngineConfig(model="m", kv_cache_dtype="fp8_e4m3")
+    assert e4m3.cache_fp8 and EngineConfig(model="m", kv_cache_dtype="fp8").cache_fp8
+    assert not EngineConfig(model="m", kv_cache_dtype="bfloat16").cache_fp8
+
+
+def test_a_memory_budget_holds_twice_the_blocks_in_bf16(tiny_fp8_ue8m0):
+    from dsv32.model.config import ModelConfig
+    mc = ModelConfig.from_json(tiny_fp8_ue8m0)
+    blocks = {kv: EngineConfig(model="m", kv_cache_dtype=kv, kv_cache_memory=1 << 26).cache_blocks(mc, 128)
+              for kv in ("auto", "bfloat16", "fp8")}
+    assert blocks["bfloat16"] in (2 * blocks["auto"], 2 * blocks["auto"] + 1) and blocks["fp8"] > blocks["bfloat16"]

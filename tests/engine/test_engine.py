@@ -197,17 +197,25 @@ def test_stop_strings_cut_correctly(ckpt, model):
     assert run(eng, [prompt], [greedy(5)])[0].outputs[0].finish_reason == "length"
 
 
+def bf16_roundtrip(latent: torch.Tensor, index_k: torch.Tensor):
+    return latent.to(torch.bfloat16).to(latent.dtype), index_k.to(torch.bfloat16).to(index_k.dtype)
+
+
+@pytest.mark.parametrize("cache", ["fp8", "fp8_e4m3", "bfloat16"])
 @pytest.mark.parametrize("fmt", ["fp32", "bf16"])
-def test_fp8_cache_equals_quantise_dequantise_reference(ckpt, model, fmt):
-    """Eager decode over the FP8 cache (fp32), and the native one-row attention over its pools
-    (bf16 weights, exact on this bf16 checkpoint), against fp32 forwards over a quantise-dequantise
-    cache."""
+def test_fp8_and_bf16_caches_equal_a_rounding_reference(ckpt, model, fmt, cache):
+    """Eager decode over the FP8 or bf16 cache (fp32), and the native one-row attention over its
+    pools (bf16 weights, exact on this bf16 checkpoint), against fp32 forwards over a cache that
+    rounds what it stores the same way (quantise-dequantise; to bf16 and back)."""
     prompt = prompts_of([90], seed=9)[0]
     served = model if fmt == "fp32" else load_model(ckpt, weight_format=fmt, progress=False)
-    out = run(make_engine(ckpt, served, kv_cache_dtype="fp8"), [prompt], [greedy(8)])[0]
+    eng = make_engine(ckpt, served, kv_cache_dtype=cache)
+    pools = (eng.executor.cache.c, eng.executor.cache.ik) if cache != "bfloat16" else (eng.executor.cache.lat,)
+    assert {t.dtype for t in pools} == {torch.bfloat16 if cache == "bfloat16" else torch.float8_e4m3fn}
+    out = run(eng, [prompt], [greedy(8)])[0]
     cfg = model.config
-    kv = ContiguousKV(cfg.num_hidden_layers + 1, 1, 128, cfg.kv_lora_rank + cfg.qk_rope_head_dim,
-                      cfg.index_head_dim, quantize=fp8_roundtrip(cfg.kv_lora_rank))
+    kv = ContiguousKV(cfg.num_hidden_layers + 1, 1, 128, cfg.kv_lora_rank + cfg.qk_rope_head_dim, cfg.index_head_dim,
+                      quantize=bf16_roundtrip if cache == "bfloat16" else fp8_roundtrip(cfg.kv_lora_rank))
     toks = list(prompt)
     kv.begin(0, len(toks))
     with torch.no_grad():

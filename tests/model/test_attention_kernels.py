@@ -133,9 +133,13 @@ def test_causal_topk_without_a_compiler_takes_torch_topk(monkeypatch):
     assert torch.equal(kindexer.causal_topk(scores.clone(), pos, 10), want)
 
 
-def paged(fp8: bool, tables: list[list[int]], lens: list[int], T: int):
-    """A paged cache with random keys in every slot and a PagedKV over it, `T` new tokens per row."""
-    cache = PagedCache(1, 40, CFG.kv_lora_rank, CFG.qk_rope_head_dim, CFG.index_head_dim, fp8=fp8)
+LAYOUTS = {"fp32": {}, "bf16": dict(storage=torch.bfloat16), "fp8": dict(fp8=True)}   # PagedCache's pools
+
+
+def paged(layout: str, tables: list[list[int]], lens: list[int], T: int):
+    """A paged cache (`layout`: a key of LAYOUTS) with random keys in every slot and a PagedKV over
+    it, `T` new tokens per row."""
+    cache = PagedCache(1, 40, CFG.kv_lora_rank, CFG.qk_rope_head_dim, CFG.index_head_dim, **LAYOUTS[layout])
     slots = torch.arange(40 * 64)
     cache.write(0, slots, torch.randn(len(slots), CFG.kv_lora_rank + CFG.qk_rope_head_dim, generator=G),
                 torch.randn(len(slots), CFG.index_head_dim, generator=G))
@@ -147,12 +151,13 @@ def paged(fp8: bool, tables: list[list[int]], lens: list[int], T: int):
     return PagedKV(cache, bt, ctx, write), pos
 
 
-@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("T", [1, 9])
-def test_paged_runs_select_equals_gathered_reference(fp8, T):
+def test_paged_runs_select_equals_gathered_reference(layout, T):
     # row 0: long runs and short ones (gathered), row 1: one run and a shorter context
     tables = [[5, 6, 7, 8, 9, 0, 12, 3, 20, 21, 22, 23, 24, 25, 1], [30, 31, 32, 33, 34, 35]]
-    kv, pos = paged(fp8, tables, [15 * 64 - 10, 6 * 64 - 1], T)
+    kv, pos = paged(layout, tables, [15 * 64 - 10, 6 * 64 - 1], T)
+    fp8 = layout == "fp8"
     runs = kv.index_runs(0)
     assert MIN_RUN_BLOCKS == 4 and [len(r) for r in runs] == [3, 1]      # 2 long runs + 1 gathered
     assert isinstance(runs[0][2][0], torch.Tensor)
@@ -165,15 +170,15 @@ def test_paged_runs_select_equals_gathered_reference(fp8, T):
     assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("fp8", [False, True])
-def test_native_sparse_prefill_equals_the_gathered_path(fp8, monkeypatch):
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_native_sparse_prefill_equals_the_gathered_path(layout, monkeypatch):
     """MLA.mqa_sparse over a paged cache: each query's selected rows read in place
-    (native.sparse_prefill) == gathered for batched matmuls, fp32 and FP8 pools alike."""
+    (native.sparse_prefill) == gathered for batched matmuls, fp32, bf16 and FP8 pools alike."""
     torch.manual_seed(0)
     model = Transformer(CFG).eval()
     model.init_weights(std=0.05)
     mla = model.model.layers[0].self_attn
-    kv, pos = paged(fp8, [[5, 6, 7, 8, 9, 0, 12, 3], [30, 31, 32]], [8 * 64 - 10, 3 * 64 - 1], 9)
+    kv, pos = paged(layout, [[5, 6, 7, 8, 9, 0, 12, 3], [30, 31, 32]], [8 * 64 - 10, 3 * 64 - 1], 9)
     H, K = CFG.num_attention_heads, 16
     q_nope = torch.randn(2, 9, H, CFG.qk_nope_head_dim, generator=G)
     q_pe = torch.randn(2, 9, H, CFG.qk_rope_head_dim, generator=G)

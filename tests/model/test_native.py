@@ -293,20 +293,46 @@ def test_native_decode_attention_over_an_fp8_cache(H, Hi, S, topk, block):
                                 topk, a.scale, C)
 
 
+@pytest.mark.parametrize("H,Hi,S,topk,block", [(4, 16, 700, 256, 64), (3, 17, 100, 128, 16), (4, 16, 2, 8, 64)])
+def test_native_decode_attention_over_a_bf16_cache(H, Hi, S, topk, block):
+    """bf16 pools (kv_cache_dtype bfloat16): the kernel writes the new row rounded to nearest even
+    (as torch's .to(bfloat16)), and its output is the eager path's over the keys in bf16."""
+    G.manual_seed(S)
+    C, R, Di = 512, 64, 128
+    a = _mla(H, Hi, Di, topk, C, R)
+    latents, index_keys = torch.randn(S, C + R, generator=G) * 3, torch.randn(S, Di, generator=G)
+    latents[-1, :4] = torch.tensor([1 + 2 ** -8, 1 + 3 * 2 ** -8, -(1 + 2 ** -8), 3e-39])   # ties both ways, subnormal
+    q, iq, iw = torch.randn(H, C + R, generator=G) * 0.1, torch.randn(Hi, Di, generator=G), torch.randn(Hi, generator=G)
+    p = _paged(latents, index_keys, block)
+    pages = p._replace(latent=p.latent.to(torch.bfloat16), index=p.index.to(torch.bfloat16))
+    stored_lat, stored_ik = latents.to(torch.bfloat16), index_keys.to(torch.bfloat16)
+    ref = _eager(a, stored_lat.float(), stored_ik.float(), q, iq, iw)
+    slot = int(pages.table[(S - 1) // block]) * block + (S - 1) % block
+    for isa in ISAS + AMX_INDEX:
+        pages.latent[slot], pages.index[slot] = 0, 0
+        out = native.decode_attention(latents[-1], index_keys[-1], q, iq, iw, pages, S, topk, a.scale, C, isa)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        assert torch.equal(pages.latent[slot].view(torch.int16), stored_lat[-1].view(torch.int16)), isa
+        assert torch.equal(pages.index[slot].view(torch.int16), stored_ik[-1].view(torch.int16)), isa
+    with pytest.raises(ValueError, match="decode_attention"):                 # pools of two dtypes
+        native.decode_attention(latents[-1], index_keys[-1], q, iq, iw, pages._replace(index=p.index), S, topk,
+                                a.scale, C)
+
+
 BOUND = 1.2e-7             # of sum_h |w_h| sum_d |q_hd k_d|: fp32's rounding (<= 6.2e-8 seen, scalar code); two limbs 3.3e-7
 
 
 @pytest.mark.parametrize("Hi,S,block", [(8, 1000, 64), (16, 300, 16), (24, 130, 64), (64, 200, 64), (65, 70, 64),
                                         (5, 37, 64)])
-@pytest.mark.parametrize("fp8", [False, True])
-def test_native_index_scores_equal_the_indexer(Hi, S, block, fp8):
+@pytest.mark.parametrize("pool", ["fp32", "bf16", "fp8"])
+def test_native_index_scores_equal_the_indexer(Hi, S, block, pool):
     """The scores decode_attention selects from, each instruction-set variant (and AMX tiles over an
     FP8 pool, where the CPU has AMX-BF16), against the indexer's formula in float64 over the keys as
     the pool holds them: within BOUND of sum_h |w_h| sum_d |q_hd k_d| (the AMX kernel's query in two
     bf16 limbs instead of three misses it). The FP8 keys take every e4m3 value, both signs
     (subnormals included: a table that zeroes them misses it too)."""
     from dsv32.model.fp8 import dequantize_groups, quantize_groups
-    Di = 128
+    Di, fp8 = 128, pool == "fp8"
     keys = torch.randn(S, Di, generator=G) * 4
     if fp8:
         keys[:2] = _e4m3_probes(256).view(2, Di)[:, torch.randperm(Di, generator=G)] / 448 * 3
@@ -317,12 +343,15 @@ def test_native_index_scores_equal_the_indexer(Hi, S, block, fp8):
         ik, ik_scale = quantize_groups(pages.index)
         pages = pages._replace(index=ik, index_scale=ik_scale)
         keys = dequantize_groups(*quantize_groups(keys), torch.float32)
+    if pool == "bf16":
+        pages = pages._replace(index=pages.index.to(torch.bfloat16))
+        keys = keys.to(torch.bfloat16).float()
     exact = (iw.double()[:, None] * (iq.double() @ keys.double().T).relu()).sum(0)
     bound = BOUND * (iw.double().abs()[:, None] * (iq.double().abs() @ keys.double().abs().T)).sum(0)
-    for isa in ISAS + (AMX_INDEX if fp8 and Hi <= 64 else []):
+    for isa in ISAS + (AMX_INDEX if pool != "fp32" and Hi <= 64 else []):
         err = (native.index_scores(iq, iw, pages, S, isa).double() - exact).abs()
         assert bool((err <= bound).all()), (isa, float((err / bound).max()))
-    if AMX_INDEX and not fp8 and Hi <= 64:             # the AMX build scores fp32 pools on the vector path
+    if AMX_INDEX and pool == "fp32" and Hi <= 64:      # the AMX build scores fp32 pools on the vector path
         assert torch.equal(native.index_scores(iq, iw, pages, S, native.AMX), native.index_scores(iq, iw, pages, S, 512))
     with pytest.raises(ValueError, match="index_scores"):
         native.index_scores(iq, iw, pages, pages.table.numel() * block + 1)
@@ -345,8 +374,8 @@ def test_a_failed_amx_index_build_falls_back_to_the_vector_code_with_a_warning(m
     native._amx_index_ready.cache_clear()
     try:
         with pytest.warns(UserWarning, match="AVX-512 code, not on AMX tiles.*mamx-bf16"):
-            assert native._index_defines(None, fp8=True) == []
-        assert native._index_defines(None, fp8=False) == [] and native._index_defines(512, fp8=True) == ["ISA 512"]
+            assert native._index_defines(None, tiled=True) == []
+        assert native._index_defines(None, tiled=False) == [] and native._index_defines(512, tiled=True) == ["ISA 512"]
     finally:
         native._amx_index_ready.cache_clear()
 
@@ -358,7 +387,7 @@ def test_amx_index_needs_vbmi(monkeypatch):
     monkeypatch.setattr(native, "_cpu_flags", lambda: frozenset({"amx_tile", "amx_bf16", "avx512_bf16"}))
     native._amx_index_ready.cache_clear()
     try:
-        assert not native._amx_index_ready() and native._index_defines(None, fp8=True) == []
+        assert not native._amx_index_ready() and native._index_defines(None, tiled=True) == []
     finally:
         native._amx_index_ready.cache_clear()
 

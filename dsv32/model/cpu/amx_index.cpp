@@ -1,7 +1,7 @@
-// The lightning indexer's scores over an FP8 key pool on AMX tiles (built by native.py after
+// The lightning indexer's scores over an FP8 or bf16 key pool on AMX tiles (built by native.py after
 // cache_rows.cpp, before index_topk.cpp, with AMX defined, where the CPU has AMX-BF16 and the process
 // may use its tile data): score[s] = sum_h w[h] * relu(q[h] . key_s) for every key s < S, where the
-// AVX-512 code dequantises each key to fp32 and spends H * D / 16 FMAs on it (compute-bound).
+// AVX-512 code converts each key to fp32 and spends H * D / 16 FMAs on it (compute-bound).
 //
 // Each e4m3 byte becomes the bf16 of its exact value (a 128-entry table: e4m3 values have at most 4
 // significant bits, so bf16 holds every one, subnormals included) and 16 keys are an A tile. The
@@ -11,8 +11,9 @@
 // two tile ops where three would fill half their columns), and each key's sums meet its scale in
 // fp32: score = sum_h w[h] relu(scale * (q[h] . e4m3)). Each thread pipelines its batches of keys:
 // the vector unit converts the next batch and sums the heads of the last while the tile unit
-// multiplies this one. Callers guarantee H <= 64 (up to four C tiles of 16 heads) and D == GROUP
-// (one scale a key, as the model's 128 values).
+// multiplies this one. A bf16 pool's rows are A tiles as they lie (nothing converted, in order, no
+// scale). Callers guarantee H <= 64 (up to four C tiles of 16 heads) and D == GROUP (one scale a key,
+// as the model's 128 values).
 #if defined(AMX) && ISA == 512
 #include <algorithm>
 #include <array>
@@ -65,7 +66,7 @@ static inline int64_t permuted(int64_t j) { return j / 64 * 64 + j % 32 / 8 * 16
 
 // The query's B tiles: its three bf16 limbs (vec.h's bf16_limbs) by head along the columns, each
 // tile 32 values (16 pairs, one a row) of the key dimension, in the order e4m3_to_bf16 lays out the
-// keys (`permuted`). With up to 8 heads (`packed`) limbs 0 and 1 share a tile (columns 0..7 and
+// keys (`permuted`; a bf16 pool's keys in order: perm false). With up to 8 heads (`packed`) limbs 0 and 1 share a tile (columns 0..7 and
 // 8..15) and limb 2 has the next (columns 0..7): two tile ops a key tile, not three, whose halves the
 // head sum adds. Tile (slot, k, t) lies at bq + ((slot * D / STEP + k) * T + t) * 16 * 2 * cols for
 // the value step k and head tile t (heads 16 t ..); heads past H stay 0.
@@ -74,7 +75,8 @@ static int64_t query_slots(int64_t H) { return packed_heads(H) ? 2 : LIMBS_Q; }
 static int64_t query_cols(int64_t H) { return packed_heads(H) ? 16 : H < 16 ? H : 16; }
 
 __attribute__((target("avx512bf16")))
-static void split_query(const float* q, uint16_t* bq, int64_t H, int64_t D, int64_t T, int64_t cols, bool packed) {
+static void split_query(const float* q, uint16_t* bq, int64_t H, int64_t D, int64_t T, int64_t cols, bool packed,
+                        bool perm) {
     static const auto order = [] {                           // D == GROUP
         std::array<int16_t, GROUP> o{};
         for (int64_t j = 0; j < GROUP; ++j) o[j] = (int16_t)permuted(j);
@@ -84,7 +86,7 @@ static void split_query(const float* q, uint16_t* bq, int64_t H, int64_t D, int6
     alignas(64) float qp[GROUP];
     uint16_t limbs[LIMBS_Q][16];                             // packed: limb j of pair i at limbs[j][2 i]
     for (int64_t h = 0; h < H; ++h) {
-        for (int64_t d = 0; d < GROUP; ++d) qp[d] = q[h * D + order[d]];
+        for (int64_t d = 0; d < GROUP; ++d) qp[d] = q[h * D + (perm ? order[d] : d)];
         for (int64_t d = 0; d < D; d += 16) {
             uint16_t* at = bq + (d / STEP * T + h / 16) * tile + (d % STEP) / 2 * 2 * cols + 2 * (h % 16);
             if (!packed) {                                   // limb j in slot j
@@ -141,11 +143,11 @@ __attribute__((target("amx-tile,amx-bf16"))) static inline void tile_limbs2(int6
 }
 
 // out[r] = sum_h w[h] relu(scale[r] * c[t][r, h]) for the m keys of one key tile (its C tiles c[t],
-// one a head tile)
+// one a head tile; scale null: 1)
 static void key_tile_scores(const float* scale, int64_t m, int64_t T, bool packed, const float (*wt)[16],
                             const float (*c)[KEYS * 16], float* out) {
     __m512 acc[KEYS], sr[KEYS];
-    for (int64_t r = 0; r < KEYS; ++r) acc[r] = _mm512_setzero_ps(), sr[r] = _mm512_set1_ps(r < m ? scale[r] : 0.f);
+    for (int64_t r = 0; r < KEYS; ++r) acc[r] = _mm512_setzero_ps(), sr[r] = _mm512_set1_ps(r >= m ? 0.f : scale ? scale[r] : 1.f);
     for (int64_t t = 0; t < T; ++t) add_head_sums(c[t], sr, m, _mm512_load_ps(wt[t]), acc, packed);
     _mm512_mask_storeu_ps(out, (__mmask16)((1u << m) - 1), sum16(acc));
 }
@@ -163,14 +165,15 @@ static void run_batches(const std::vector<Batch>& work, const Rows& keys, const 
     const int64_t W = (int64_t)work.size(), STEPS = GROUP / STEP, tile = 16 * 2 * cols, ldb = 4 * cols;
     const int64_t BATCH = 4 / T * KEYS;
     const E4m3Lookup lut = e4m3_lookup();
+    const bool half = keys.q == nullptr;                  // a bf16 pool: its rows are the A tiles
     std::vector<uint16_t> a(2 * BATCH * GROUP, 0);
     alignas(64) float c[2][4][KEYS * 16] = {};
-    if (W) e4m3_to_bf16(lut, keys.q + work[0].row * GROUP, a.data(), work[0].n * GROUP);
+    if (W && !half) e4m3_to_bf16(lut, keys.q + work[0].row * GROUP, a.data(), work[0].n * GROUP);
     for (int64_t i = 0; i <= W; ++i) {
         const uint16_t* ai = a.data() + (i % 2) * BATCH * GROUP;
         uint16_t* an = a.data() + ((i + 1) % 2) * BATCH * GROUP;
-        const int64_t conv = i + 1 < W ? work[i + 1].n * GROUP : 0;    // bytes of batch i + 1 to convert
-        const uint8_t* xn = i + 1 < W ? keys.q + work[i + 1].row * GROUP : nullptr;
+        const int64_t conv = i + 1 < W && !half ? work[i + 1].n * GROUP : 0;   // bytes of batch i + 1 to convert
+        const uint8_t* xn = conv ? keys.q + work[i + 1].row * GROUP : nullptr;
         const int64_t prev = i > 0 ? (work[i - 1].n + KEYS - 1) / KEYS : 0;   // key tiles of batch i - 1 to sum
         int64_t converted = 0, summed = 0;
         auto catch_up = [&](int64_t g, int64_t G) {         // the vector work due after g of G groups
@@ -178,7 +181,7 @@ static void run_batches(const std::vector<Batch>& work, const Rows& keys, const 
             if (to > converted) e4m3_to_bf16(lut, xn + converted, an + converted, to - converted), converted = to;
             for (; summed < prev * g / G; ++summed) {
                 const Batch& p = work[i - 1];
-                key_tile_scores(keys.scale + p.row + summed * KEYS, std::min(KEYS, p.n - summed * KEYS), T, packed, wt,
+                key_tile_scores(half ? nullptr : keys.scale + p.row + summed * KEYS, std::min(KEYS, p.n - summed * KEYS), T, packed, wt,
                                 c[(i - 1) % 2] + summed * T, scores + p.s + summed * KEYS);
             }
         };
@@ -192,7 +195,9 @@ static void run_batches(const std::vector<Batch>& work, const Rows& keys, const 
                 _tile_loadd(6, bq + ((1 * STEPS + k) * T + t) * tile, ldb);
                 if (!packed) _tile_loadd(7, bq + ((2 * STEPS + k) * T + t) * tile, ldb);
                 for (int64_t kt = 0; kt < tiles; ++kt) {
-                    if (tiles > 1 || t == 0) _tile_loadd(4, ai + kt * KEYS * GROUP + k * STEP, 2 * GROUP);
+                    if (tiles > 1 || t == 0)
+                        _tile_loadd(4, (half ? keys.tail + (work[i].row + kt * KEYS) * GROUP : ai + kt * KEYS * GROUP)
+                                           + k * STEP, 2 * GROUP);
                     if (packed) tile_limbs2(kt * T + t); else tile_limbs(kt * T + t);
                     catch_up(++g, G);
                 }
@@ -207,7 +212,7 @@ static void amx_index_scores(const float* q, const float* w, const Rows& keys, c
     const bool packed = packed_heads(H);
     const int64_t T = (H + 15) / 16, cols = query_cols(H), BATCH = 4 / T * KEYS;
     std::vector<uint16_t> bq(query_slots(H) * (GROUP / STEP) * T * 16 * 2 * cols, 0);
-    split_query(q, bq.data(), H, GROUP, T, cols, packed);
+    split_query(q, bq.data(), H, GROUP, T, cols, packed, keys.q != nullptr);
     alignas(64) float wt[4][16] = {};                        // the head weights, by head tile
     for (int64_t h = 0; h < H; ++h) wt[h / 16][h % 16] = w[h];
     const int64_t nb = (S + B - 1) / B;

@@ -95,7 +95,7 @@ extern "C" void kernel(const float* q, const float* w, const uint8_t* keys, cons
         const int64_t i1 = std::min(t, i0 + pass);
         std::fill(bq.begin(), bq.end(), 0), std::fill(wt.begin(), wt.end(), 0.f);
         for (int64_t i = i0; i < i1; ++i) {
-            split_query(q + i * H * GROUP, bq.data() + (i - i0) * per_q, H, GROUP, T, cols, false);
+            split_query(q + i * H * GROUP, bq.data() + (i - i0) * per_q, H, GROUP, T, cols, false, true);
             for (int64_t h = 0; h < H; ++h) wt[((i - i0) * T + h / 16) * 16 + h % 16] = w[i * H + h];
         }
         rows_pass(bq.data(), wt.data(), keys, scale, out, i0, i1, T, cols, n, ldo);

@@ -1,9 +1,10 @@
 // How the decode kernels read and write a cache pool's rows (built by native.py after vec.h, before
-// index_topk.cpp): an fp32 pool, read in place, or the FP8 deployment layout of engine/cache.py:
-// e4m3 values with one fp32 scale per GROUP of them and, for the latent, its R rope values in bf16
-// after them. Reads hand out fp32 rows (a pointer into the fp32 pool, or rows dequantised into the
-// caller's scratch, value x scale as `dequantize_groups` rounds it); writes quantise as
-// `quantize_groups` does (scale = max(amax, 1e-12) / 448, value / scale rounded to nearest even).
+// index_topk.cpp): an fp32 pool, read in place; a bf16 pool; or the FP8 deployment layout of
+// engine/cache.py: e4m3 values with one fp32 scale per GROUP of them and, for the latent, its R rope
+// values in bf16 after them. Reads hand out fp32 rows (a pointer into the fp32 pool, or rows
+// converted into the caller's scratch: value x scale as `dequantize_groups` rounds it, bf16 exactly);
+// writes round as the engine's do (FP8: as `quantize_groups`, scale = max(amax, 1e-12) / 448, value /
+// scale rounded to nearest even; bf16: to nearest even).
 #include <cmath>
 
 static const int64_t GROUP = 128;
@@ -69,8 +70,23 @@ static inline uint16_t bf16_of(float x) {                  // nearest, ties to e
     return (uint16_t)((b + 0x7FFF + ((b >> 16) & 1)) >> 16);
 }
 
+// out[i] = the fp32 value of the bf16 x[i] for i < n (exact: the bits shifted up)
+static inline void bf16_dequant(const uint16_t* x, float* out, int64_t n) {
+    int64_t i = 0;
+#if ISA == 512
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(out + i, _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(x + i))), 16)));
+#elif ISA == 256
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(out + i, _mm256_castsi256_ps(_mm256_slli_epi32(
+            _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(x + i))), 16)));
+#endif
+    for (; i < n; ++i) out[i] = bf16_value(x[i]);
+}
+
 // One pool's rows of D values: fp32 [N, D], or (f32 null) FP8 values [N, D - R], their scales
-// [N, (D - R) / GROUP] and R bf16 values [N, R]
+// [N, (D - R) / GROUP] and R bf16 values [N, R]; a bf16 pool [N, D] is the last with R = D
 struct Rows {
     float* f32;
     uint8_t* q;
@@ -86,7 +102,7 @@ struct Rows {
             const int64_t row = slot + i;
             float* out = scratch + i * D;
             for (int64_t g = 0; g < Q; g += GROUP) fp8_dequant(q + row * Q + g, scale[row * (Q / GROUP) + g / GROUP], out + g, GROUP);
-            for (int64_t r = 0; r < R; ++r) out[Q + r] = bf16_value(tail[row * R + r]);
+            bf16_dequant(tail + row * R, out + Q, R);
         }
         return scratch;
     }
@@ -116,3 +132,11 @@ struct Rows {
         for (int64_t r = 0; r < R; ++r) tail[slot * R + r] = bf16_of(x[Q + r]);
     }
 };
+
+// layout 0: an fp32 pool f32 [N, D]; 1: FP8 (q, scale) with R bf16 values after them (half); 2: a
+// bf16 pool half [N, D] (the Python side: native.LAYOUTS)
+static inline Rows rows_of(int64_t layout, float* f32, uint8_t* q, float* scale, uint16_t* half, int64_t D, int64_t R) {
+    if (layout == 0) return Rows{f32, nullptr, nullptr, nullptr, D, 0};
+    if (layout == 1) return Rows{nullptr, q, scale, half, D, R};
+    return Rows{nullptr, nullptr, nullptr, half, D, D};
+}

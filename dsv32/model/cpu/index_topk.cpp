@@ -1,10 +1,10 @@
 // The lightning indexer of one query row (decode) over every earlier key, read from the cache
-// pool (cache_rows.cpp: in place, or 16 FP8 rows at a time dequantised), and its top-k: score[s] =
+// pool (cache_rows.cpp: in place, or 16 FP8 or bf16 rows at a time converted), and its top-k: score[s] =
 // sum_h w[h] * relu(q[h] . key_s) for the keys s = 0..S-1 at pool row slot_of(table, B, s), then
 // the k best key ids (top_ids.cpp: ties to the lower id; ascending). Built by native.py after
 // cache_rows.cpp and top_ids.cpp, before decode_attention.cpp. Blocks of keys are split across
-// OpenMP threads for the scores; the selection is serial. Where built with AMX, an FP8 pool's scores
-// are amx_index.cpp's.
+// OpenMP threads for the scores; the selection is serial. Where built with AMX, an FP8 or bf16 pool's
+// scores are amx_index.cpp's.
 //
 // With AVX-512 the scores go 16 keys at a time: per head, 16 accumulators (one a key) over the
 // key rows, then one transposing reduction turns them into a vector of 16 dot products (~46

@@ -62,11 +62,12 @@ _built: dict[tuple, Callable] = {}
 GEMV_ARGS = {torch.int8: ["const float*", "const int8_t*", "const float*", "float*"] + ["const int64_t"] * 4,
              torch.float16: ["const float*", "const uint16_t*", "float*"] + ["const int64_t"] * 3}
 GEMV_ARGS[torch.bfloat16] = GEMV_ARGS[torch.float16]
-DECODE_ATTENTION_ARGS = (["const float*"] * 5 + ["float*", "float*", "uint8_t*", "float*", "uint16_t*", "uint8_t*", "float*"]
-                         + ["const int64_t*", "float*", "int64_t*", "float*"] + ["const int64_t"] * 9 + ["const float"])
+POOL_ARGS = ["float*", "float*", "uint8_t*", "float*", "uint16_t*", "uint8_t*", "float*", "uint16_t*"]   # see _pools
+DECODE_ATTENTION_ARGS = (["const float*"] * 5 + POOL_ARGS + ["const int64_t*", "float*", "int64_t*", "float*"]
+                         + ["const int64_t"] * 9 + ["const float"])
 SPARSE_PREFILL_ARGS = (["const float*", "const int64_t*", "float*", "uint8_t*", "float*", "uint16_t*", "const int64_t*",
                        "float*"] + ["const int64_t"] * 7 + ["const float"])
-INDEX_SCORES_ARGS = ["const float*"] * 2 + ["float*", "uint8_t*", "float*", "const int64_t*", "float*"] + ["const int64_t"] * 5
+INDEX_SCORES_ARGS = ["const float*"] * 2 + ["float*", "uint8_t*", "float*", "uint16_t*", "const int64_t*", "float*"] + ["const int64_t"] * 5
 INDEX_ROWS_ARGS = ["const float*"] * 2 + ["const uint8_t*", "const float*", "float*"] + ["const int64_t"] * 4
 INDEX_FILES = ("cache_rows.cpp", "top_ids.cpp", "amx_index.cpp", "index_topk.cpp")   # and the entry's file
 HEAD_SUM_ARGS = ["const float*", "const float*", "float*"] + ["const int64_t"] * 4
@@ -173,9 +174,9 @@ def _takes_amx(M: int, w: torch.Tensor, scale: torch.Tensor | None) -> bool:
 class Pages(NamedTuple):
     """One row's keys in a key store's own storage, read and written in place: key position s is
     row `table[s // block] * block + s % block` of every pool; a contiguous store is one block,
-    table [0]. The pools are fp32 (latent [N, C+R], index [N, Di]) or FP8 (engine/cache.py's layout:
-    latent e4m3 [N, C] with latent_scale [N, C/128] and bf16 rope [N, R], index e4m3 [N, Di] with
-    index_scale [N, Di/128]); all contiguous."""
+    table [0]. The pools are fp32 or bf16 (latent [N, C+R], index [N, Di]) or FP8 (engine/cache.py's
+    layout: latent e4m3 [N, C] with latent_scale [N, C/128] and bf16 rope [N, R], index e4m3 [N, Di]
+    with index_scale [N, Di/128]); all contiguous."""
 
     latent: torch.Tensor
     index: torch.Tensor
@@ -186,19 +187,34 @@ class Pages(NamedTuple):
     index_scale: torch.Tensor | None = None
 
 
+LAYOUTS = {torch.float32: 0, FP8: 1, torch.bfloat16: 2}   # a latent pool's dtype -> cache_rows.cpp's rows_of
+
+
 def _pools_ok(p: Pages, D: int, Di: int, C: int) -> bool:
     """Whether the pools of `p` have the layout `Pages` describes for these sizes."""
     pools = [t for t in (p.latent, p.index, p.latent_scale, p.rope, p.index_scale) if t is not None]
     if not all(t.dim() == 2 and t.is_contiguous() for t in pools):
         return False
-    if p.latent.dtype == torch.float32:
-        return (len(pools) == 2 and p.index.dtype == torch.float32 and p.latent.shape[1] == D
+    if p.latent.dtype in (torch.float32, torch.bfloat16):
+        return (len(pools) == 2 and p.index.dtype == p.latent.dtype and p.latent.shape[1] == D
                 and p.index.shape[1] == Di)
     N = p.latent.shape[0]
     return (len(pools) == 5 and p.latent.dtype == p.index.dtype == FP8 and p.rope.dtype == torch.bfloat16
             and p.latent_scale.dtype == p.index_scale.dtype == torch.float32 and C % GROUP == 0 and Di % GROUP == 0
             and all(t.shape[0] == N for t in pools) and p.latent.shape[1] == C and p.rope.shape[1] == D - C
             and p.latent_scale.shape[1] == C // GROUP and p.index.shape[1] == Di and p.index_scale.shape[1] == Di // GROUP)
+
+
+def _pools(p: Pages) -> tuple[list[torch.Tensor], int]:
+    """The pool arguments of the kernels (POOL_ARGS: latent fp32, index fp32, latent e4m3, its
+    scales, the latent's bf16 values (FP8: its rope), index e4m3, its scales, index bf16; _NONE
+    where the layout has none) and the layout's number."""
+    layout = LAYOUTS[p.latent.dtype]
+    if layout == 0:
+        return [p.latent, p.index] + [_NONE] * 6, layout
+    if layout == 1:
+        return [_NONE, _NONE, p.latent, p.latent_scale, p.rope, p.index, p.index_scale, _NONE], layout
+    return [_NONE, _NONE, _NONE, _NONE, p.latent, _NONE, _NONE, p.index], layout
 
 
 def decode_attention(latent: torch.Tensor, index_k: torch.Tensor, q: torch.Tensor, iq: torch.Tensor,
@@ -218,15 +234,13 @@ def decode_attention(latent: torch.Tensor, index_k: torch.Tensor, q: torch.Tenso
         layout = ", ".join(f"{tuple(t.shape)} {t.dtype}" for t in pages if isinstance(t, torch.Tensor))
         raise ValueError(f"native decode_attention: unsupported shapes or dtypes: q {tuple(q.shape)} {q.dtype}, "
                          f"latent {tuple(latent.shape)}, iq {tuple(iq.shape)}, C {C}, pools and table {layout} "
-                         f"(fp32, or FP8 as native.Pages describes; contiguous) of {block}-key blocks for {S} keys")
-    fp8 = pages.latent.dtype == FP8
-    f = _build(INDEX_FILES + ("sparse_attention.cpp", "decode_attention.cpp"), _index_defines(isa, fp8),
+                         f"(fp32, bf16, or FP8 as native.Pages describes; contiguous) of {block}-key blocks for {S} keys")
+    pools, layout = _pools(pages)
+    f = _build(INDEX_FILES + ("sparse_attention.cpp", "decode_attention.cpp"), _index_defines(isa, layout > 0),
                DECODE_ATTENTION_ARGS)
     o, scores, ids = q.new_empty(H, C), q.new_empty(S), torch.empty(min(S, topk), dtype=torch.int64)
-    pools = ([_NONE, _NONE, pages.latent, pages.latent_scale, pages.rope, pages.index, pages.index_scale] if fp8
-             else [pages.latent, pages.index] + [_NONE] * 5)
     f(latent.contiguous(), index_k.contiguous(), q.contiguous(), iq.contiguous(), iw.contiguous(), *pools, table,
-      scores, ids, o, H, D, C, Hi, Di, S, topk, block, int(fp8), float(scale))
+      scores, ids, o, H, D, C, Hi, Di, S, topk, block, layout, float(scale))
     return o
 
 
@@ -244,10 +258,10 @@ def _amx_index_ready() -> bool:
     return True
 
 
-def _index_defines(isa: int | str | None, fp8: bool) -> list[str]:
-    """The build of the indexer's kernels: AMX (amx_index.cpp scores FP8 pools on tiles) by default
-    for FP8 pools where `_amx_index_ready`, or as `isa` asks."""
-    if isa == AMX or (isa is None and fp8 and _amx_index_ready()):
+def _index_defines(isa: int | str | None, tiled: bool) -> list[str]:
+    """The build of the indexer's kernels: AMX (amx_index.cpp scores FP8 and bf16 pools on tiles) by
+    default for those pools (`tiled`) where `_amx_index_ready`, or as `isa` asks."""
+    if isa == AMX or (isa is None and tiled and _amx_index_ready()):
         return ["AMX"]
     return [] if isa is None else [f"ISA {isa}"]
 
@@ -255,11 +269,11 @@ def _index_defines(isa: int | str | None, fp8: bool) -> list[str]:
 def index_scores(iq: torch.Tensor, iw: torch.Tensor, pages: Pages, S: int, isa: int | str | None = None
                  ) -> torch.Tensor:
     """The scores decode_attention selects its top-k from: `sum_h iw[h] relu(iq[h] . key_s)` for
-    iq [Hi, Di], iw [Hi] fp32 over the first S keys of `pages` (fp32, or FP8: on AMX tiles where the
-    CPU has AMX-BF16) -> [S] fp32. `isa`: as for `binding`."""
+    iq [Hi, Di], iw [Hi] fp32 over the first S keys of `pages` (fp32; bf16 or FP8: on AMX tiles
+    where the CPU has AMX-BF16) -> [S] fp32. `isa`: as for `binding`."""
     (Hi, Di), ik, ik_scale = iq.shape, pages.index, pages.index_scale
     fp8 = ik.dtype == FP8
-    pool_ok = (ik.dim() == 2 and ik.is_contiguous() and ik.shape[1] == Di and (ik.dtype == torch.float32 if not fp8 else
+    pool_ok = (ik.dim() == 2 and ik.is_contiguous() and ik.shape[1] == Di and (ik.dtype in LAYOUTS if not fp8 else
                Di % GROUP == 0 and ik_scale.dtype == torch.float32 and ik_scale.is_contiguous()
                and ik_scale.shape == (ik.shape[0], Di // GROUP)))
     if not (iq.dtype == iw.dtype == torch.float32 and iw.shape == (Hi,) and pool_ok and pages.table.dtype == torch.int64
@@ -267,9 +281,10 @@ def index_scores(iq: torch.Tensor, iw: torch.Tensor, pages: Pages, S: int, isa: 
         raise ValueError(f"native index_scores: unsupported iq {tuple(iq.shape)} {iq.dtype}, iw {tuple(iw.shape)}, "
                          f"index pool {tuple(pages.index.shape)} {pages.index.dtype} for {S} keys (AMX: Hi <= 64)")
     scores = iq.new_empty(S)
-    pools = [_NONE, ik, ik_scale] if fp8 else [ik, _NONE, _NONE]
-    _build(INDEX_FILES + ("index_scores.cpp",), _index_defines(isa, fp8), INDEX_SCORES_ARGS)(
-        iq.contiguous(), iw.contiguous(), *pools, pages.table.contiguous(), scores, Hi, Di, S, pages.block, int(fp8))
+    layout = LAYOUTS[ik.dtype]
+    pools = {0: [ik, _NONE, _NONE, _NONE], 1: [_NONE, ik, ik_scale, _NONE], 2: [_NONE, _NONE, _NONE, ik]}[layout]
+    _build(INDEX_FILES + ("index_scores.cpp",), _index_defines(isa, layout > 0), INDEX_SCORES_ARGS)(
+        iq.contiguous(), iw.contiguous(), *pools, pages.table.contiguous(), scores, Hi, Di, S, pages.block, layout)
     return scores
 
 
@@ -316,12 +331,11 @@ def sparse_prefill(q: torch.Tensor, ids: torch.Tensor, pages: Pages, scale: floa
     if not ok:
         raise ValueError(f"native sparse_prefill: unsupported q {tuple(q.shape)} {q.dtype}, ids {tuple(ids.shape)} "
                          f"{ids.dtype}, latent pool {tuple(pages.latent.shape)} {pages.latent.dtype}, C {C}")
-    fp8 = pages.latent.dtype == FP8
-    pools = [_NONE, pages.latent, pages.latent_scale, pages.rope] if fp8 else [pages.latent, _NONE, _NONE, _NONE]
+    pools, layout = _pools(pages)
     o = q.new_empty(t, H, C)
     _build(("cache_rows.cpp", "sparse_attention.cpp", "sparse_prefill.cpp"), [] if isa is None else [f"ISA {isa}"],
            SPARSE_PREFILL_ARGS)(
-        q.contiguous(), ids.contiguous(), *pools, table, o, t, H, D, C, K, pages.block, int(fp8), float(scale))
+        q.contiguous(), ids.contiguous(), *(pools[i] for i in (0, 2, 3, 4)), table, o, t, H, D, C, K, pages.block, layout, float(scale))
     return o
 
 

@@ -5,10 +5,10 @@
 // Queries are split across OpenMP threads. Reference: MLA.attend_latent.
 
 extern "C" void kernel(const float* q, const int64_t* ids, float* lat_f32, uint8_t* lat_q, float* lat_scale,
-                       uint16_t* lat_rope, const int64_t* table, float* o, const int64_t t, const int64_t H,
-                       const int64_t D, const int64_t C, const int64_t K, const int64_t B, const int64_t fp8,
+                       uint16_t* lat_half, const int64_t* table, float* o, const int64_t t, const int64_t H,
+                       const int64_t D, const int64_t C, const int64_t K, const int64_t B, const int64_t layout,
                        const float scale) {
-    const Rows lat = fp8 ? Rows{nullptr, lat_q, lat_scale, lat_rope, D, D - C} : Rows{lat_f32, nullptr, nullptr, nullptr, D, 0};
+    const Rows lat = rows_of(layout, lat_f32, lat_q, lat_scale, lat_half, D, D - C);
     #pragma omp parallel
     {
         std::vector<float> acc(H * (C + 2)), scratch(ROWS * D + H * ROWS);
