@@ -25,12 +25,12 @@ HEADING = "## Indexer kernels (bench/index_kernels.py)"
 def pools(S: int, block: int = 64, C: int = 512, R: int = 64, Di: int = 128):
     """FP8 pools holding S random keys in shuffled blocks (engine/cache.py's layout)."""
     from dsv32.model.fp8 import quantize_groups
-    from dsv32.model.cpu import native
+    from dsv32.model.cpu.pages import Pages
     nb = -(-S // block)
     lat, lat_scale = quantize_groups(torch.randn(nb * block, C))
     ik, ik_scale = quantize_groups(torch.randn(nb * block, Di))
     rope = torch.randn(nb * block, R).to(torch.bfloat16)
-    return native.Pages(lat, ik, torch.randperm(nb), block, lat_scale, rope, ik_scale)
+    return Pages(lat, ik, torch.randperm(nb), block, lat_scale, rope, ik_scale)
 
 
 def per_layer_us(S: int, Hi: int, rounds: int, H: int = 4, C: int = 512, R: int = 64) -> dict:

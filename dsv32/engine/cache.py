@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from dsv32.model.cpu.indexer import FP8Keys
-from dsv32.model.cpu.native import Pages
+from dsv32.model.cpu.pages import Pages
 from dsv32.model.fp8 import CACHE_GROUP, FP8, dequantize_groups, quantize_groups
 
 MIN_RUN_BLOCKS = 4       # shorter runs of consecutive blocks are gathered (copied) for the indexer
@@ -33,8 +33,8 @@ def _rows(pool: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
 
 
 class PagedCache:
-    """Block pools for every layer (main stack + MTP): latent and indexer keys, plain (in `storage`,
-    default the compute dtype `dtype`) or FP8."""
+    """Block pools for every layer (the main stack; the MTP layer's when it drafts): latent and
+    indexer keys, plain (in `storage`, default the compute dtype `dtype`) or FP8."""
 
     def __init__(self, n_layers: int, num_blocks: int, kv_rank: int, rope_dim: int, index_dim: int,
                  block_size: int = 64, dtype: torch.dtype = torch.float32,

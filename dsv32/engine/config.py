@@ -90,13 +90,17 @@ class EngineConfig:
                              f"max_position_embeddings {mc.max_position_embeddings}")
         return n
 
+    def cache_layers(self, mc: ModelConfig) -> int:
+        """Layers the paged cache holds: the main stack, and the MTP layer only when it drafts."""
+        return mc.num_hidden_layers + (mc.num_nextn_predict_layers if self.speculative else 0)
+
     def cache_blocks(self, mc: ModelConfig, max_model_len: int) -> int:
         """Number of 64-token cache blocks: given, from a memory budget, or max_num_seqs full sequences."""
         bs = Sequence.block_size
         blocks_per_seq = -(-max_model_len // bs)
         num_blocks = self.num_blocks
         if num_blocks is None and self.kv_cache_memory:
-            per_block = bs * (mc.num_hidden_layers + mc.num_nextn_predict_layers) * PagedCache.bytes_per_token(
+            per_block = bs * self.cache_layers(mc) * PagedCache.bytes_per_token(
                 mc.kv_lora_rank, mc.qk_rope_head_dim, mc.index_head_dim, self.cache_dtype, self.cache_fp8)
             num_blocks = self.kv_cache_memory // per_block
         if num_blocks is None:

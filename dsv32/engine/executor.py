@@ -39,7 +39,7 @@ def load_engine_model(cfg: EngineConfig, pc: ParallelContext = SINGLE) -> Transf
 
 
 def build_cache(cfg: EngineConfig, mc: ModelConfig, num_blocks: int) -> PagedCache:
-    return PagedCache(mc.num_hidden_layers + mc.num_nextn_predict_layers, num_blocks, mc.kv_lora_rank,
+    return PagedCache(cfg.cache_layers(mc), num_blocks, mc.kv_lora_rank,
                       mc.qk_rope_head_dim, mc.index_head_dim, Sequence.block_size, cfg.torch_dtype,
                       cfg.device, fp8=cfg.cache_fp8, storage=cfg.cache_dtype)
 

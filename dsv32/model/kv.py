@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .cpu.indexer import runs_of
-from .cpu.native import Pages
+from .cpu.pages import Pages
 
 
 class FreshKV:

@@ -63,10 +63,13 @@ def test_speculation_gives_the_same_tokens(ckpt, model, kw):
     sampled = SamplingParams(temperature=1.0, top_p=0.9, top_k=20, seed=7, max_tokens=40,
                              ignore_eos=True, logprobs=1)
     params = [greedy(40), greedy(40), sampled, greedy(40, stop_token_ids=[5])]
-    ref = run(make_engine(ckpt, model, **kw), prompts, params)
+    plain = make_engine(ckpt, model, **kw)
+    ref = run(plain, prompts, params)
     oracle = OracleDrafts({tuple(p): r.outputs[0].token_ids for p, r in zip(prompts, ref)})
     got, eng = spec_run(ckpt, model, prompts, params, oracle, **kw)
     same(ref, got)
+    n = model.config.num_hidden_layers              # the MTP layer's pools only where it drafts
+    assert (plain.executor.cache.n_layers, eng.executor.cache.n_layers) == (n, n + 1)
     s = eng.metrics()
     assert 0 < s["spec_accepted_tokens"] < s["spec_draft_tokens"]
     assert s["kv_cache_usage_perc"] == 0.0

@@ -7,6 +7,7 @@ from torch import nn
 from dsv32.model.cpu import native, packed
 from dsv32.model.cpu.compile import dynamic, kernel
 from dsv32.model.cpu.packed import packed_linear, packed_linear_reference, quantize_int8
+from dsv32.model.cpu.pages import Pages
 from dsv32.model.layers import Linear
 
 G = torch.Generator().manual_seed(0)
@@ -176,7 +177,7 @@ def test_a_failed_build_fails_the_load_with_a_clear_error(monkeypatch, tiny_bf16
         load_model(tiny_bf16, weight_format="int8", progress=False)
 
 
-def _paged(latents: torch.Tensor, index_keys: torch.Tensor, block: int) -> native.Pages:
+def _paged(latents: torch.Tensor, index_keys: torch.Tensor, block: int) -> Pages:
     """Keys [S, .] in position order spread over the blocks of larger pools in shuffled order, as
     the paged cache keeps them; the last key's row left as noise (the kernel writes it)."""
     S = latents.shape[0]
@@ -187,7 +188,7 @@ def _paged(latents: torch.Tensor, index_keys: torch.Tensor, block: int) -> nativ
         for pool, keys in zip(pools, (latents, index_keys)):
             part = keys[i * block:min((i + 1) * block, S - 1)]
             pool[t * block:t * block + part.shape[0]] = part
-    return native.Pages(*pools, table, block)
+    return Pages(*pools, table, block)
 
 
 def _mla(H: int, Hi: int, Di: int, topk: int, C: int, R: int):
@@ -239,13 +240,13 @@ def test_native_decode_attention_equals_the_eager_path(H, Hi, Di, S, topk, block
                                 topk, a.scale, C)
 
 
-def _paged_fp8(latents: torch.Tensor, index_keys: torch.Tensor, block: int, C: int) -> native.Pages:
+def _paged_fp8(latents: torch.Tensor, index_keys: torch.Tensor, block: int, C: int) -> Pages:
     """`_paged` in the FP8 layout of engine/cache.py (quantize_groups: the reference of the writes)."""
     from dsv32.model.fp8 import quantize_groups
     p = _paged(latents, index_keys, block)
     c, c_scale = quantize_groups(p.latent[:, :C])
     ik, ik_scale = quantize_groups(p.index)
-    return native.Pages(c, ik, p.table, block, c_scale, p.latent[:, C:].to(torch.bfloat16), ik_scale)
+    return Pages(c, ik, p.table, block, c_scale, p.latent[:, C:].to(torch.bfloat16), ik_scale)
 
 
 def _e4m3_probes(n: int) -> torch.Tensor:

@@ -17,11 +17,13 @@
                         the indexer's scores over every earlier key and their top-k
                         (index_topk.cpp), the absorbed attention over the selected latent rows
                         (sparse_attention.cpp). Instead of a cache write, slot arithmetic, a gather
-                        and ~20 eager ops. The pools are fp32 or the FP8 layout (cache_rows.cpp
-                        quantises and dequantises their rows as engine/cache.py does). Reference:
+                        and ~20 eager ops. The pools are fp32, bf16 or the FP8 layout
+                        (cache_rows.cpp rounds, quantises and converts their rows as
+                        engine/cache.py does). Reference:
                         KV.write, MLA.decode_select, MLA.attend_latent.
-  amx_index.cpp         the indexer's scores over an FP8 pool on AMX-BF16 tiles, where the CPU has
-                        them: each e4m3 key byte looked up as the bf16 of its exact value, the query
+  amx_index.cpp         the indexer's scores over an FP8 or bf16 pool on AMX-BF16 tiles, where the
+                        CPU has them: each e4m3 key byte looked up as the bf16 of its exact value
+                        (bf16 keys are tiles as they lie), the query
                         in three bf16 limbs (as amx_gemv.cpp), so the scores are as exact as fp32's
                         while the vector unit no longer spends H * D / 16 FMAs a key; it converts
                         the next batch's keys while the tiles multiply this one (per layer at 8-64K
@@ -48,12 +50,13 @@ import functools
 import platform
 import warnings
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import torch
 
 from ..fp8 import CACHE_GROUP, FP8
 from .compile import KernelError, require_compiler
+from .pages import LAYOUTS, NONE, POOL_ARGS, Pages, pool_args, pools_ok
 
 DEFINES = {torch.int8: "INT8", torch.float16: "HALF_FP16", torch.bfloat16: "HALF_BF16"}
 ALIGN = 32                  # K (and the int8 group size) must be multiples of this
@@ -62,7 +65,6 @@ _built: dict[tuple, Callable] = {}
 GEMV_ARGS = {torch.int8: ["const float*", "const int8_t*", "const float*", "float*"] + ["const int64_t"] * 4,
              torch.float16: ["const float*", "const uint16_t*", "float*"] + ["const int64_t"] * 3}
 GEMV_ARGS[torch.bfloat16] = GEMV_ARGS[torch.float16]
-POOL_ARGS = ["float*", "float*", "uint8_t*", "float*", "uint16_t*", "uint8_t*", "float*", "uint16_t*"]   # see _pools
 DECODE_ATTENTION_ARGS = (["const float*"] * 5 + POOL_ARGS + ["const int64_t*", "float*", "int64_t*", "float*"]
                          + ["const int64_t"] * 9 + ["const float"])
 SPARSE_PREFILL_ARGS = (["const float*", "const int64_t*", "float*", "uint8_t*", "float*", "uint16_t*", "const int64_t*",
@@ -73,7 +75,6 @@ INDEX_FILES = ("cache_rows.cpp", "top_ids.cpp", "amx_index.cpp", "index_topk.cpp
 HEAD_SUM_ARGS = ["const float*", "const float*", "float*"] + ["const int64_t"] * 4
 TOPK_ROWS_ARGS = ["const float*", "const int64_t*", "int64_t*"] + ["const int64_t"] * 3
 GROUP = CACHE_GROUP         # FP8 pools: one fp32 scale per GROUP values (cache_rows.cpp's GROUP)
-_NONE = torch.empty(0)      # the pointer arguments of the layout not in use
 
 
 def supports(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None) -> bool:
@@ -171,52 +172,6 @@ def _takes_amx(M: int, w: torch.Tensor, scale: torch.Tensor | None) -> bool:
     return fits and amx_ready(w.dtype)
 
 
-class Pages(NamedTuple):
-    """One row's keys in a key store's own storage, read and written in place: key position s is
-    row `table[s // block] * block + s % block` of every pool; a contiguous store is one block,
-    table [0]. The pools are fp32 or bf16 (latent [N, C+R], index [N, Di]) or FP8 (engine/cache.py's
-    layout: latent e4m3 [N, C] with latent_scale [N, C/128] and bf16 rope [N, R], index e4m3 [N, Di]
-    with index_scale [N, Di/128]); all contiguous."""
-
-    latent: torch.Tensor
-    index: torch.Tensor
-    table: torch.Tensor     # [nb] int64
-    block: int
-    latent_scale: torch.Tensor | None = None
-    rope: torch.Tensor | None = None
-    index_scale: torch.Tensor | None = None
-
-
-LAYOUTS = {torch.float32: 0, FP8: 1, torch.bfloat16: 2}   # a latent pool's dtype -> cache_rows.cpp's rows_of
-
-
-def _pools_ok(p: Pages, D: int, Di: int, C: int) -> bool:
-    """Whether the pools of `p` have the layout `Pages` describes for these sizes."""
-    pools = [t for t in (p.latent, p.index, p.latent_scale, p.rope, p.index_scale) if t is not None]
-    if not all(t.dim() == 2 and t.is_contiguous() for t in pools):
-        return False
-    if p.latent.dtype in (torch.float32, torch.bfloat16):
-        return (len(pools) == 2 and p.index.dtype == p.latent.dtype and p.latent.shape[1] == D
-                and p.index.shape[1] == Di)
-    N = p.latent.shape[0]
-    return (len(pools) == 5 and p.latent.dtype == p.index.dtype == FP8 and p.rope.dtype == torch.bfloat16
-            and p.latent_scale.dtype == p.index_scale.dtype == torch.float32 and C % GROUP == 0 and Di % GROUP == 0
-            and all(t.shape[0] == N for t in pools) and p.latent.shape[1] == C and p.rope.shape[1] == D - C
-            and p.latent_scale.shape[1] == C // GROUP and p.index.shape[1] == Di and p.index_scale.shape[1] == Di // GROUP)
-
-
-def _pools(p: Pages) -> tuple[list[torch.Tensor], int]:
-    """The pool arguments of the kernels (POOL_ARGS: latent fp32, index fp32, latent e4m3, its
-    scales, the latent's bf16 values (FP8: its rope), index e4m3, its scales, index bf16; _NONE
-    where the layout has none) and the layout's number."""
-    layout = LAYOUTS[p.latent.dtype]
-    if layout == 0:
-        return [p.latent, p.index] + [_NONE] * 6, layout
-    if layout == 1:
-        return [_NONE, _NONE, p.latent, p.latent_scale, p.rope, p.index, p.index_scale, _NONE], layout
-    return [_NONE, _NONE, _NONE, _NONE, p.latent, _NONE, _NONE, p.index], layout
-
-
 def decode_attention(latent: torch.Tensor, index_k: torch.Tensor, q: torch.Tensor, iq: torch.Tensor,
                      iw: torch.Tensor, pages: Pages, S: int, topk: int, scale: float, C: int,
                      isa: int | None = None) -> torch.Tensor:
@@ -228,14 +183,14 @@ def decode_attention(latent: torch.Tensor, index_k: torch.Tensor, q: torch.Tenso
     (H, D), (Hi, Di) = q.shape, iq.shape
     table, block = pages.table, pages.block
     ok = (all(t.dtype == torch.float32 for t in (latent, index_k, q, iq, iw)) and latent.numel() == D
-          and index_k.numel() == Di and C <= D and _pools_ok(pages, D, Di, C) and table.dtype == torch.int64
+          and index_k.numel() == Di and C <= D and pools_ok(pages, D, Di, C) and table.dtype == torch.int64
           and table.is_contiguous() and block > 0 and 0 < S <= table.numel() * block and topk > 0)
     if not ok:
         layout = ", ".join(f"{tuple(t.shape)} {t.dtype}" for t in pages if isinstance(t, torch.Tensor))
         raise ValueError(f"native decode_attention: unsupported shapes or dtypes: q {tuple(q.shape)} {q.dtype}, "
                          f"latent {tuple(latent.shape)}, iq {tuple(iq.shape)}, C {C}, pools and table {layout} "
                          f"(fp32, bf16, or FP8 as native.Pages describes; contiguous) of {block}-key blocks for {S} keys")
-    pools, layout = _pools(pages)
+    pools, layout = pool_args(pages)
     f = _build(INDEX_FILES + ("sparse_attention.cpp", "decode_attention.cpp"), _index_defines(isa, layout > 0),
                DECODE_ATTENTION_ARGS)
     o, scores, ids = q.new_empty(H, C), q.new_empty(S), torch.empty(min(S, topk), dtype=torch.int64)
@@ -282,7 +237,7 @@ def index_scores(iq: torch.Tensor, iw: torch.Tensor, pages: Pages, S: int, isa: 
                          f"index pool {tuple(pages.index.shape)} {pages.index.dtype} for {S} keys (AMX: Hi <= 64)")
     scores = iq.new_empty(S)
     layout = LAYOUTS[ik.dtype]
-    pools = {0: [ik, _NONE, _NONE, _NONE], 1: [_NONE, ik, ik_scale, _NONE], 2: [_NONE, _NONE, _NONE, ik]}[layout]
+    pools = {0: [ik, NONE, NONE, NONE], 1: [NONE, ik, ik_scale, NONE], 2: [NONE, NONE, NONE, ik]}[layout]
     _build(INDEX_FILES + ("index_scores.cpp",), _index_defines(isa, layout > 0), INDEX_SCORES_ARGS)(
         iq.contiguous(), iw.contiguous(), *pools, pages.table.contiguous(), scores, Hi, Di, S, pages.block, layout)
     return scores
@@ -325,13 +280,13 @@ def sparse_prefill(q: torch.Tensor, ids: torch.Tensor, pages: Pages, scale: floa
     (t, H, D), K = q.shape, ids.shape[1]
     table = pages.table
     ok = (q.dtype == torch.float32 and q.device.type == "cpu" and ids.dtype == torch.int64 and ids.shape[0] == t
-          and C <= D and _pools_ok(pages, D, pages.index.shape[1], C) and table.dtype == torch.int64
+          and C <= D and pools_ok(pages, D, pages.index.shape[1], C) and table.dtype == torch.int64
           and table.is_contiguous() and pages.block > 0
           and (ids.numel() == 0 or int(ids.max()) < table.numel() * pages.block))
     if not ok:
         raise ValueError(f"native sparse_prefill: unsupported q {tuple(q.shape)} {q.dtype}, ids {tuple(ids.shape)} "
                          f"{ids.dtype}, latent pool {tuple(pages.latent.shape)} {pages.latent.dtype}, C {C}")
-    pools, layout = _pools(pages)
+    pools, layout = pool_args(pages)
     o = q.new_empty(t, H, C)
     _build(("cache_rows.cpp", "sparse_attention.cpp", "sparse_prefill.cpp"), [] if isa is None else [f"ISA {isa}"],
            SPARSE_PREFILL_ARGS)(
