@@ -2,7 +2,8 @@
 
 Decode: one row's attention (native.decode_attention: the indexer's scores over every key, their
 top-k, the sparse attention over 256 rows) per layer at depth, the scores on the AVX-512 code
-(dequantise, fp32 FMAs) and on AMX tiles (amx_index.cpp), alternating. Prefill: a chunk's scores
+(dequantise, fp32 FMAs) and on AMX tiles (amx_index.cpp), alternating; and over a bf16 cache
+(`--kv-cache-dtype bfloat16`) on AMX tiles in the same rounds. Prefill: a chunk's scores
 (cpu/indexer.index_scores) over fp32 keys (GEMM + head sums) and over FP8 keys on AMX tiles
 (amx_index_rows.cpp), alternating.
 
@@ -34,17 +35,21 @@ def pools(S: int, block: int = 64, C: int = 512, R: int = 64, Di: int = 128):
 
 
 def per_layer_us(S: int, Hi: int, rounds: int, H: int = 4, C: int = 512, R: int = 64) -> dict:
-    """Best-of-rounds microseconds a call, AVX-512 and AMX in turn."""
+    """Best-of-rounds microseconds a call: FP8 pools on AVX-512 and on AMX, bf16 pools on AMX, in turn."""
     from dsv32.model.cpu import native
-    pages = pools(S)
+    fp8 = pools(S)
+    nb = fp8.table.numel()
+    half = fp8._replace(latent=torch.randn(nb * fp8.block, C + R).to(torch.bfloat16), latent_scale=None, rope=None,
+                        index=torch.randn(nb * fp8.block, 128).to(torch.bfloat16), index_scale=None)
     args = (torch.randn(C + R), torch.randn(128), torch.randn(H, C + R), torch.randn(Hi, 128), torch.randn(Hi))
-    best = {512: float("inf"), native.AMX: float("inf")}
+    runs = {"fp8 512": (fp8, 512), "fp8 amx": (fp8, native.AMX), "bf16 amx": (half, native.AMX)}
+    best = dict.fromkeys(runs, float("inf"))
     for _ in range(rounds):
-        for isa in best:
+        for name, (pages, isa) in runs.items():
             t0 = time.perf_counter()
             for _ in range(10):
                 native.decode_attention(*args, pages, S, 256, 0.1, C, isa)
-            best[isa] = min(best[isa], (time.perf_counter() - t0) / 10 * 1e6)
+            best[name] = min(best[name], (time.perf_counter() - t0) / 10 * 1e6)
     return best
 
 
@@ -79,10 +84,11 @@ def main() -> None:
     for Hi in args.index_heads:
         for S in args.depths:
             t = per_layer_us(S, Hi, args.rounds)
-            rows.append([Hi, S, f"{t[512]:.0f}", f"{t[native.AMX]:.0f}", f"{t[512] / t[native.AMX]:.2f}x",
-                         f"{S * 132 / t[native.AMX] / 1e3:.1f}"])
+            rows.append([Hi, S, f"{t['fp8 512']:.0f}", f"{t['fp8 amx']:.0f}", f"{t['fp8 512'] / t['fp8 amx']:.2f}x",
+                         f"{S * 132 / t['fp8 amx'] / 1e3:.1f}", f"{t['bf16 amx']:.0f}", f"{S * 256 / t['bf16 amx'] / 1e3:.1f}"])
             print(rows[-1], flush=True)
-    table = markdown_table(["index heads", "keys", "AVX-512 us", "AMX us", "speed-up", "AMX key GB/s"], rows)
+    table = markdown_table(["index heads", "keys", "AVX-512 us", "AMX us", "speed-up", "AMX key GB/s",
+                            "bf16 cache, AMX us", "its key GB/s"], rows)
     prows = []
     for Hi in args.index_heads:
         for t, n in ((256, 16384), (512, 8192), (2048, 2048), (2048, 8192)):
@@ -92,7 +98,7 @@ def main() -> None:
             print(prows[-1], flush=True)
     ptable = markdown_table(["index heads", "queries", "keys", "fp32 keys ms", "FP8 keys, AMX ms", "speed-up",
                              "AMX GFLOP/s"], prows)
-    text = (f"{machine()}; a call = one layer of one decode row (4 attention heads), FP8 pools.\n\n{table}\n\n"
+    text = (f"{machine()}; a call = one layer of one decode row (4 attention heads), FP8 pools (the last two columns: bf16 pools).\n\n{table}\n\n"
             f"A prefill's scores (cpu/indexer.index_scores, one run of consecutive keys; the engine asks for "
             f"4M / keys queries a call):\n\n{ptable}")
     print(text)

@@ -12,7 +12,7 @@
 // fp32: score = sum_h w[h] relu(scale * (q[h] . e4m3)). Each thread pipelines its batches of keys:
 // the vector unit converts the next batch and sums the heads of the last while the tile unit
 // multiplies this one. A bf16 pool's rows are A tiles as they lie (nothing converted, in order, no
-// scale). Callers guarantee H <= 64 (up to four C tiles of 16 heads) and D == GROUP (one scale a key,
+// scale; the next batch prefetched instead). Callers guarantee H <= 64 (up to four C tiles of 16 heads) and D == GROUP (one scale a key,
 // as the model's 128 values).
 #if defined(AMX) && ISA == 512
 #include <algorithm>
@@ -175,8 +175,13 @@ static void run_batches(const std::vector<Batch>& work, const Rows& keys, const 
         const int64_t conv = i + 1 < W && !half ? work[i + 1].n * GROUP : 0;   // bytes of batch i + 1 to convert
         const uint8_t* xn = conv ? keys.q + work[i + 1].row * GROUP : nullptr;
         const int64_t prev = i > 0 ? (work[i - 1].n + KEYS - 1) / KEYS : 0;   // key tiles of batch i - 1 to sum
-        int64_t converted = 0, summed = 0;
+        int64_t converted = 0, summed = 0, fetched = 0;
+        // a bf16 pool's next batch of rows, prefetched meanwhile (the tile loads would wait on memory:
+        // 463 -> 370 us at 32K keys, 8 heads; fetching an FP8 pool's batch i + 2 gained nothing)
+        const int64_t pf = i + 1 < W && half ? work[i + 1].n * GROUP * 2 : 0;
+        const char* pn = pf ? (const char*)(keys.tail + work[i + 1].row * GROUP) : nullptr;
         auto catch_up = [&](int64_t g, int64_t G) {         // the vector work due after g of G groups
+            for (const int64_t to = pf * g / G; fetched < to; fetched += 64) _mm_prefetch(pn + fetched, _MM_HINT_T0);
             const int64_t to = std::min(conv, (conv * g / G + 63) / 64 * 64);
             if (to > converted) e4m3_to_bf16(lut, xn + converted, an + converted, to - converted), converted = to;
             for (; summed < prev * g / G; ++summed) {
