@@ -53,7 +53,8 @@ def same(a, b, tol=1e-3):
                 assert abs(u.logprob - v.logprob) < tol
 
 
-@pytest.mark.parametrize("kw", [{}, {"max_num_batched_tokens": 37, "num_blocks": 8, "max_model_len": 256}])
+@pytest.mark.parametrize("kw", [{}, {"max_num_batched_tokens": 37, "num_blocks": 8, "max_model_len": 256},
+                                {"kv_cache_dtype": "bfloat16"}])
 def test_speculation_gives_the_same_tokens(ckpt, model, kw):
     """Greedy and seeded sampling, prompts longer than index_topk; then chunked prefill with
     preemption: accepted and rejected drafts alike leave tokens, logprobs and texts unchanged."""
