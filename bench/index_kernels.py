@@ -85,7 +85,8 @@ def main() -> None:
         for S in args.depths:
             t = per_layer_us(S, Hi, args.rounds)
             rows.append([Hi, S, f"{t['fp8 512']:.0f}", f"{t['fp8 amx']:.0f}", f"{t['fp8 512'] / t['fp8 amx']:.2f}x",
-                         f"{S * 132 / t['fp8 amx'] / 1e3:.1f}", f"{t['bf16 amx']:.0f}", f"{S * 256 / t['bf16 amx'] / 1e3:.1f}"])
+                         f"{S * 132 / t['fp8 amx'] / 1e3:.1f}", f"{t['bf16 amx']:.0f}",
+                         f"{S * 256 / t['bf16 amx'] / 1e3:.1f}"])
             print(rows[-1], flush=True)
     table = markdown_table(["index heads", "keys", "AVX-512 us", "AMX us", "speed-up", "AMX key GB/s",
                             "bf16 cache, AMX us", "its key GB/s"], rows)
@@ -98,7 +99,8 @@ def main() -> None:
             print(prows[-1], flush=True)
     ptable = markdown_table(["index heads", "queries", "keys", "fp32 keys ms", "FP8 keys, AMX ms", "speed-up",
                              "AMX GFLOP/s"], prows)
-    text = (f"{machine()}; a call = one layer of one decode row (4 attention heads), FP8 pools (the last two columns: bf16 pools).\n\n{table}\n\n"
+    text = (f"{machine()}; a call = one layer of one decode row (4 attention heads), FP8 pools (the last two "
+            f"columns: bf16 pools).\n\n{table}\n\n"
             f"A prefill's scores (cpu/indexer.index_scores, one run of consecutive keys; the engine asks for "
             f"4M / keys queries a call):\n\n{ptable}")
     print(text)

@@ -51,7 +51,8 @@ def test_bad_settings_are_refused_by_name():
             EngineConfig(model="m", **{field: bad})
     with pytest.raises(ValueError, match="kv_cache_dtype bfloat16 with kernels triton needs dtype bfloat16"):
         EngineConfig(model="m", kv_cache_dtype="bfloat16", kernels="triton")
-    assert EngineConfig(model="m", kv_cache_dtype="bfloat16", kernels="triton", dtype="bfloat16").cache_dtype == torch.bfloat16
+    both = EngineConfig(model="m", kv_cache_dtype="bfloat16", kernels="triton", dtype="bfloat16")
+    assert both.cache_dtype == torch.bfloat16
     e4m3 = EngineConfig(model="m", kv_cache_dtype="fp8_e4m3")
     assert e4m3.cache_fp8 and EngineConfig(model="m", kv_cache_dtype="fp8").cache_fp8
     assert not EngineConfig(model="m", kv_cache_dtype="bfloat16").cache_fp8

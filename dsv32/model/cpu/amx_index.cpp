@@ -12,8 +12,8 @@
 // fp32: score = sum_h w[h] relu(scale * (q[h] . e4m3)). Each thread pipelines its batches of keys:
 // the vector unit converts the next batch and sums the heads of the last while the tile unit
 // multiplies this one. A bf16 pool's rows are A tiles as they lie (nothing converted, in order, no
-// scale; the next batch prefetched instead). Callers guarantee H <= 64 (up to four C tiles of 16 heads) and D == GROUP (one scale a key,
-// as the model's 128 values).
+// scale; the next batch prefetched instead). Callers guarantee H <= 64 (up to four C tiles of 16
+// heads) and D == GROUP (one scale a key, as the model's 128 values).
 #if defined(AMX) && ISA == 512
 #include <algorithm>
 #include <array>
@@ -66,10 +66,11 @@ static inline int64_t permuted(int64_t j) { return j / 64 * 64 + j % 32 / 8 * 16
 
 // The query's B tiles: its three bf16 limbs (vec.h's bf16_limbs) by head along the columns, each
 // tile 32 values (16 pairs, one a row) of the key dimension, in the order e4m3_to_bf16 lays out the
-// keys (`permuted`; a bf16 pool's keys in order: perm false). With up to 8 heads (`packed`) limbs 0 and 1 share a tile (columns 0..7 and
-// 8..15) and limb 2 has the next (columns 0..7): two tile ops a key tile, not three, whose halves the
-// head sum adds. Tile (slot, k, t) lies at bq + ((slot * D / STEP + k) * T + t) * 16 * 2 * cols for
-// the value step k and head tile t (heads 16 t ..); heads past H stay 0.
+// keys (`permuted`; a bf16 pool's keys in order: perm false). With up to 8 heads (`packed`) limbs 0
+// and 1 share a tile (columns 0..7 and 8..15) and limb 2 has the next (columns 0..7): two tile ops a
+// key tile, not three, whose halves the head sum adds. Tile (slot, k, t) lies at
+// bq + ((slot * D / STEP + k) * T + t) * 16 * 2 * cols for the value step k and head tile t (heads
+// 16 t ..); heads past H stay 0.
 static bool packed_heads(int64_t H) { return H <= 8; }
 static int64_t query_slots(int64_t H) { return packed_heads(H) ? 2 : LIMBS_Q; }
 static int64_t query_cols(int64_t H) { return packed_heads(H) ? 16 : H < 16 ? H : 16; }
@@ -147,7 +148,8 @@ __attribute__((target("amx-tile,amx-bf16"))) static inline void tile_limbs2(int6
 static void key_tile_scores(const float* scale, int64_t m, int64_t T, bool packed, const float (*wt)[16],
                             const float (*c)[KEYS * 16], float* out) {
     __m512 acc[KEYS], sr[KEYS];
-    for (int64_t r = 0; r < KEYS; ++r) acc[r] = _mm512_setzero_ps(), sr[r] = _mm512_set1_ps(r >= m ? 0.f : scale ? scale[r] : 1.f);
+    for (int64_t r = 0; r < KEYS; ++r)
+        acc[r] = _mm512_setzero_ps(), sr[r] = _mm512_set1_ps(r >= m ? 0.f : scale ? scale[r] : 1.f);
     for (int64_t t = 0; t < T; ++t) add_head_sums(c[t], sr, m, _mm512_load_ps(wt[t]), acc, packed);
     _mm512_mask_storeu_ps(out, (__mmask16)((1u << m) - 1), sum16(acc));
 }
@@ -186,8 +188,8 @@ static void run_batches(const std::vector<Batch>& work, const Rows& keys, const 
             if (to > converted) e4m3_to_bf16(lut, xn + converted, an + converted, to - converted), converted = to;
             for (; summed < prev * g / G; ++summed) {
                 const Batch& p = work[i - 1];
-                key_tile_scores(half ? nullptr : keys.scale + p.row + summed * KEYS, std::min(KEYS, p.n - summed * KEYS), T, packed, wt,
-                                c[(i - 1) % 2] + summed * T, scores + p.s + summed * KEYS);
+                key_tile_scores(half ? nullptr : keys.scale + p.row + summed * KEYS, std::min(KEYS, p.n - summed * KEYS),
+                                T, packed, wt, c[(i - 1) % 2] + summed * T, scores + p.s + summed * KEYS);
             }
         };
         if (i == W) { catch_up(1, 1); break; }

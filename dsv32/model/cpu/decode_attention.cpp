@@ -8,7 +8,7 @@
 #include <algorithm>
 
 extern "C" void kernel(const float* latent, const float* index_k, const float* q, const float* iq, const float* iw,
-                       float* lat_f32, float* ik_f32, uint8_t* lat_q, float* lat_scale, uint16_t* lat_half,
+                       float* lat_f32, uint8_t* lat_q, float* lat_scale, uint16_t* lat_half, float* ik_f32,
                        uint8_t* ik_q, float* ik_scale, uint16_t* ik_half, const int64_t* table, float* scores, int64_t* ids,
                        float* o, const int64_t H, const int64_t D, const int64_t C, const int64_t Hi,
                        const int64_t Di, const int64_t S, const int64_t topk, const int64_t B, const int64_t layout,

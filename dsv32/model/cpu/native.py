@@ -65,11 +65,11 @@ _built: dict[tuple, Callable] = {}
 GEMV_ARGS = {torch.int8: ["const float*", "const int8_t*", "const float*", "float*"] + ["const int64_t"] * 4,
              torch.float16: ["const float*", "const uint16_t*", "float*"] + ["const int64_t"] * 3}
 GEMV_ARGS[torch.bfloat16] = GEMV_ARGS[torch.float16]
-DECODE_ATTENTION_ARGS = (["const float*"] * 5 + POOL_ARGS + ["const int64_t*", "float*", "int64_t*", "float*"]
+DECODE_ATTENTION_ARGS = (["const float*"] * 5 + POOL_ARGS * 2 + ["const int64_t*", "float*", "int64_t*", "float*"]
                          + ["const int64_t"] * 9 + ["const float"])
-SPARSE_PREFILL_ARGS = (["const float*", "const int64_t*", "float*", "uint8_t*", "float*", "uint16_t*", "const int64_t*",
-                       "float*"] + ["const int64_t"] * 7 + ["const float"])
-INDEX_SCORES_ARGS = ["const float*"] * 2 + ["float*", "uint8_t*", "float*", "uint16_t*", "const int64_t*", "float*"] + ["const int64_t"] * 5
+SPARSE_PREFILL_ARGS = (["const float*", "const int64_t*"] + POOL_ARGS + ["const int64_t*", "float*"]
+                       + ["const int64_t"] * 7 + ["const float"])
+INDEX_SCORES_ARGS = ["const float*"] * 2 + POOL_ARGS + ["const int64_t*", "float*"] + ["const int64_t"] * 5
 INDEX_ROWS_ARGS = ["const float*"] * 2 + ["const uint8_t*", "const float*", "float*"] + ["const int64_t"] * 4
 INDEX_FILES = ("cache_rows.cpp", "top_ids.cpp", "amx_index.cpp", "index_topk.cpp")   # and the entry's file
 HEAD_SUM_ARGS = ["const float*", "const float*", "float*"] + ["const int64_t"] * 4
@@ -189,12 +189,13 @@ def decode_attention(latent: torch.Tensor, index_k: torch.Tensor, q: torch.Tenso
         layout = ", ".join(f"{tuple(t.shape)} {t.dtype}" for t in pages if isinstance(t, torch.Tensor))
         raise ValueError(f"native decode_attention: unsupported shapes or dtypes: q {tuple(q.shape)} {q.dtype}, "
                          f"latent {tuple(latent.shape)}, iq {tuple(iq.shape)}, C {C}, pools and table {layout} "
-                         f"(fp32, bf16, or FP8 as native.Pages describes; contiguous) of {block}-key blocks for {S} keys")
-    pools, layout = pool_args(pages)
+                         f"(fp32, bf16, or FP8 as cpu/pages.Pages describes; contiguous) of {block}-key blocks "
+                         f"for {S} keys")
+    lat, ik, layout = pool_args(pages)
     f = _build(INDEX_FILES + ("sparse_attention.cpp", "decode_attention.cpp"), _index_defines(isa, layout > 0),
                DECODE_ATTENTION_ARGS)
     o, scores, ids = q.new_empty(H, C), q.new_empty(S), torch.empty(min(S, topk), dtype=torch.int64)
-    f(latent.contiguous(), index_k.contiguous(), q.contiguous(), iq.contiguous(), iw.contiguous(), *pools, table,
+    f(latent.contiguous(), index_k.contiguous(), q.contiguous(), iq.contiguous(), iw.contiguous(), *lat, *ik, table,
       scores, ids, o, H, D, C, Hi, Di, S, topk, block, layout, float(scale))
     return o
 
@@ -237,9 +238,9 @@ def index_scores(iq: torch.Tensor, iw: torch.Tensor, pages: Pages, S: int, isa: 
                          f"index pool {tuple(pages.index.shape)} {pages.index.dtype} for {S} keys (AMX: Hi <= 64)")
     scores = iq.new_empty(S)
     layout = LAYOUTS[ik.dtype]
-    pools = {0: [ik, NONE, NONE, NONE], 1: [NONE, ik, ik_scale, NONE], 2: [NONE, NONE, NONE, ik]}[layout]
+    pool = {0: [ik, NONE, NONE, NONE], 1: [NONE, ik, ik_scale, NONE], 2: [NONE, NONE, NONE, ik]}[layout]  # POOL_ARGS
     _build(INDEX_FILES + ("index_scores.cpp",), _index_defines(isa, layout > 0), INDEX_SCORES_ARGS)(
-        iq.contiguous(), iw.contiguous(), *pools, pages.table.contiguous(), scores, Hi, Di, S, pages.block, layout)
+        iq.contiguous(), iw.contiguous(), *pool, pages.table.contiguous(), scores, Hi, Di, S, pages.block, layout)
     return scores
 
 
@@ -286,11 +287,11 @@ def sparse_prefill(q: torch.Tensor, ids: torch.Tensor, pages: Pages, scale: floa
     if not ok:
         raise ValueError(f"native sparse_prefill: unsupported q {tuple(q.shape)} {q.dtype}, ids {tuple(ids.shape)} "
                          f"{ids.dtype}, latent pool {tuple(pages.latent.shape)} {pages.latent.dtype}, C {C}")
-    pools, layout = pool_args(pages)
+    lat, _, layout = pool_args(pages)
     o = q.new_empty(t, H, C)
     _build(("cache_rows.cpp", "sparse_attention.cpp", "sparse_prefill.cpp"), [] if isa is None else [f"ISA {isa}"],
            SPARSE_PREFILL_ARGS)(
-        q.contiguous(), ids.contiguous(), *(pools[i] for i in (0, 2, 3, 4)), table, o, t, H, D, C, K, pages.block, layout, float(scale))
+        q.contiguous(), ids.contiguous(), *lat, table, o, t, H, D, C, K, pages.block, layout, float(scale))
     return o
 
 

@@ -9,7 +9,9 @@ import torch
 from ..fp8 import CACHE_GROUP as GROUP, FP8
 
 NONE = torch.empty(0)       # the pointer arguments of the layouts not in use
-POOL_ARGS = ["float*", "float*", "uint8_t*", "float*", "uint16_t*", "uint8_t*", "float*", "uint16_t*"]   # pool_args'
+# a pool's arguments in the kernels' C signatures (`pool_args`): fp32 values, e4m3 values, their
+# scales, bf16 values (an FP8 latent's: its rope)
+POOL_ARGS = ["float*", "uint8_t*", "float*", "uint16_t*"]
 
 
 class Pages(NamedTuple):
@@ -46,13 +48,12 @@ def pools_ok(p: Pages, D: int, Di: int, C: int) -> bool:
             and p.latent_scale.shape[1] == C // GROUP and p.index.shape[1] == Di and p.index_scale.shape[1] == Di // GROUP)
 
 
-def pool_args(p: Pages) -> tuple[list[torch.Tensor], int]:
-    """The pool arguments of the kernels (POOL_ARGS: latent fp32, index fp32, latent e4m3, its
-    scales, the latent's bf16 values (FP8: its rope), index e4m3, its scales, index bf16; NONE
-    where the layout has none) and the layout's number."""
+def pool_args(p: Pages) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
+    """The latent's and the index's POOL_ARGS (NONE where the layout has none) and the layout's
+    number (LAYOUTS)."""
     layout = LAYOUTS[p.latent.dtype]
     if layout == 0:
-        return [p.latent, p.index] + [NONE] * 6, layout
+        return [p.latent, NONE, NONE, NONE], [p.index, NONE, NONE, NONE], layout
     if layout == 1:
-        return [NONE, NONE, p.latent, p.latent_scale, p.rope, p.index, p.index_scale, NONE], layout
-    return [NONE, NONE, NONE, NONE, p.latent, NONE, NONE, p.index], layout
+        return [NONE, p.latent, p.latent_scale, p.rope], [NONE, p.index, p.index_scale, NONE], layout
+    return [NONE, NONE, NONE, p.latent], [NONE, NONE, NONE, p.index], layout
