@@ -42,6 +42,16 @@ def _config(args) -> EngineConfig:
     return EngineConfig.from_args(args, _model(args))
 
 
+def _start(args, factory):
+    """`factory` (LLM, LLMEngine) started with the flags' settings; a setting it refuses (a cache
+    layout the model's dimensions do not take, a context past its positions) ends the command with
+    its message, not a traceback."""
+    try:
+        return factory(_config(args))
+    except ValueError as e:
+        raise SystemExit(f"dsv32 {args.command}: {e}") from None
+
+
 def _params(args, **kw) -> SamplingParams:
     return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                           top_k=args.top_k, seed=args.seed, **kw)
@@ -73,7 +83,7 @@ def cmd_generate(args) -> int:
 
     from .chat import ChatRequest, prepare_chat
     from .llm import LLM
-    llm = LLM(**asdict(_config(args)))
+    llm = _start(args, lambda cfg: LLM(**asdict(cfg)))
     params, prompts, plist = _params(args), [], []
     for p in read_prompts(args):
         if isinstance(p, str) and args.chat:
@@ -117,7 +127,7 @@ def _response_format(args) -> dict | None:
 def cmd_chat(args) -> int:
     """The terminal chat; 0 at /exit or end of input, 130 when Ctrl-C quits it."""
     from .engine import LLMEngine
-    with LLMEngine(_config(args)) as engine:
+    with _start(args, LLMEngine) as engine:
         try:
             return _chat_loop(engine, args)
         except KeyboardInterrupt:       # a second Ctrl-C while an answer was being stopped

@@ -116,6 +116,17 @@ def test_a_model_directory_without_config_is_a_clear_error(tmp_path):
         main(["generate", "--model", str(tmp_path), "--prompt", "x"])
 
 
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_settings_the_model_refuses_end_the_command_with_their_message(ckpt, command):
+    """A cache layout the model's dimensions do not take, or a context past its positions: the
+    engine's message, not a traceback."""
+    prompt = ["--prompt", "Hi"] if command == "generate" else []
+    for flags, message in ((["--kv-cache-dtype", "fp8"], "FP8 caches need kv_lora_rank"),
+                           (["--max-model-len", "99999999"], "max_model_len 99999999 exceeds the model's")):
+        with pytest.raises(SystemExit, match=f"^dsv32 {command}: {message}"):
+            main([command, "--model", str(ckpt), *prompt, *flags])
+
+
 def test_lower_layers_do_not_import_the_server():
     code = ("import sys, dsv32.engine.cli, dsv32.model.bundled; "
             "print(sorted(m for m in sys.modules if m.startswith('dsv32.server')))")
