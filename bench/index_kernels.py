@@ -4,8 +4,8 @@ Decode: one row's attention (native.decode_attention: the indexer's scores over 
 top-k, the sparse attention over 256 rows) per layer at depth, the scores on the AVX-512 code
 (dequantise, fp32 FMAs) and on AMX tiles (amx_index.cpp), alternating; and over a bf16 cache
 (`--kv-cache-dtype bfloat16`) on AMX tiles in the same rounds. Prefill: a chunk's scores
-(cpu/indexer.index_scores) over fp32 keys (GEMM + head sums) and over FP8 keys on AMX tiles
-(amx_index_rows.cpp), alternating.
+(cpu/indexer.index_scores) over fp32 keys (GEMM + head sums) and over FP8 and bf16 keys on AMX
+tiles (amx_index_rows.cpp, 16+ heads), alternating.
 
     python bench/index_kernels.py [--depths 1024 8192 32768 65536] [--index-heads 8 64] [--write-readme]
 
@@ -53,21 +53,22 @@ def per_layer_us(S: int, Hi: int, rounds: int, H: int = 4, C: int = 512, R: int 
     return best
 
 
-def prefill_ms(t: int, H: int, n: int, rounds: int) -> tuple[float, float]:
+def prefill_ms(t: int, H: int, n: int, rounds: int) -> list[float]:
     """Best-of-rounds ms of cpu/indexer.index_scores for t queries over n consecutive keys: fp32
-    keys (GEMM + head sums), then FP8 keys (on AMX tiles), in turn."""
+    keys (GEMM + head sums), FP8 keys and bf16 keys (on AMX tiles with 16+ heads), in turn."""
     from dsv32.model.fp8 import dequantize_groups, quantize_groups
     from dsv32.model.cpu.indexer import FP8Keys, index_scores
     values, scales = quantize_groups(torch.randn(n, 128))
-    runs = [[(0, dequantize_groups(values, scales, torch.float32))], [(0, FP8Keys(values, scales))]]
+    fp32 = dequantize_groups(values, scales, torch.float32)
+    runs = [[(0, fp32)], [(0, FP8Keys(values, scales))], [(0, fp32.to(torch.bfloat16))]]
     q, w = torch.randn(t, H, 128), torch.randn(t, H)
-    best = [float("inf")] * 2
+    best = [float("inf")] * 3
     for _ in range(rounds):
         for i, run in enumerate(runs):
             t0 = time.perf_counter()
             index_scores(q, w, run, n)
             best[i] = min(best[i], (time.perf_counter() - t0) * 1e3)
-    return best[0], best[1]
+    return best
 
 
 def main() -> None:
@@ -93,12 +94,12 @@ def main() -> None:
     prows = []
     for Hi in args.index_heads:
         for t, n in ((256, 16384), (512, 8192), (2048, 2048), (2048, 8192)):
-            f32, f8 = prefill_ms(t, Hi, n, args.rounds)
+            f32, f8, b16 = prefill_ms(t, Hi, n, args.rounds)
             prows.append([Hi, t, n, f"{f32:.1f}", f"{f8:.1f}", f"{f32 / f8:.2f}x",
-                          f"{2 * t * Hi * n * 128 / f8 / 1e6:.0f}"])
+                          f"{2 * t * Hi * n * 128 / f8 / 1e6:.0f}", f"{b16:.1f}"])
             print(prows[-1], flush=True)
     ptable = markdown_table(["index heads", "queries", "keys", "fp32 keys ms", "FP8 keys, AMX ms", "speed-up",
-                             "AMX GFLOP/s"], prows)
+                             "AMX GFLOP/s", "bf16 keys ms"], prows)
     text = (f"{machine()}; a call = one layer of one decode row (4 attention heads), FP8 pools (the last two "
             f"columns: bf16 pools).\n\n{table}\n\n"
             f"A prefill's scores (cpu/indexer.index_scores, one run of consecutive keys; the engine asks for "

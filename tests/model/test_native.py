@@ -394,29 +394,36 @@ def test_amx_index_needs_vbmi(monkeypatch):
 
 
 @pytest.mark.skipif(not AMX_INDEX, reason="no AMX-BF16 here")
+@pytest.mark.parametrize("pool", ["fp8", "bf16"])
 @pytest.mark.parametrize("t,H,n", [(50, 8, 1000), (37, 24, 333), (9, 64, 130), (3, 5, 17), (30, 16, 64)])
-def test_native_index_scores_fp8_equal_the_indexer(t, H, n):
-    """A prefill's queries over consecutive FP8 keys on AMX tiles (native.index_scores_fp8, which
-    cpu/indexer.index_scores takes for FP8 runs with 16+ heads), written into a column slice of a wider score
-    matrix, against the indexer's formula in float64: within BOUND, every e4m3 value among the keys,
-    nothing outside the slice written."""
+def test_native_index_scores_rows_equal_the_indexer(t, H, n, pool):
+    """A prefill's queries over consecutive FP8 or bf16 keys on AMX tiles (native.index_scores_rows,
+    which cpu/indexer.index_scores takes for such runs with 16+ heads), written into a column slice
+    of a wider score matrix, against the indexer's formula in float64: within BOUND, every e4m3 value
+    among the FP8 keys, nothing outside the slice written."""
     from dsv32.model.fp8 import dequantize_groups, quantize_groups
     from dsv32.model.cpu.indexer import FP8Keys, index_scores
     keys = torch.randn(n, 128, generator=G) * 4
-    keys[:2] = _e4m3_probes(256).view(2, 128)[:, torch.randperm(128, generator=G)] / 448 * 3
-    values, scales = quantize_groups(keys)
-    exact_keys = dequantize_groups(values, scales, torch.float32).double()
+    if pool == "fp8":
+        keys[:2] = _e4m3_probes(256).view(2, 128)[:, torch.randperm(128, generator=G)] / 448 * 3
+        values, scales = quantize_groups(keys)
+        exact_keys = dequantize_groups(values, scales, torch.float32).double()
+        halves = [FP8Keys(values[:n // 2], scales[:n // 2]), FP8Keys(values[n // 2:], scales[n // 2:])]
+    else:
+        values, scales = keys.to(torch.bfloat16), None
+        exact_keys = values.double()
+        halves = [values[:n // 2], values[n // 2:]]
     q, w = torch.randn(t, H, 128, generator=G), torch.randn(t, H, generator=G)
     exact = (w.double()[:, :, None] * torch.einsum("thd,sd->ths", q.double(), exact_keys).relu()).sum(1)
     bound = BOUND * (w.double().abs()[:, :, None] * torch.einsum("thd,sd->ths", q.double().abs(), exact_keys.abs())).sum(1)
     out = torch.full((t, n + 7), float("nan"))
-    native.index_scores_fp8(q, w, values, scales, out[:, 3:3 + n])
+    native.index_scores_rows(q, w, values, scales, out[:, 3:3 + n])
     assert bool(((out[:, 3:3 + n].double() - exact).abs() <= bound).all())
     assert bool(out[:, :3].isnan().all() and out[:, 3 + n:].isnan().all())
-    via_runs = index_scores(q, w, [(0, FP8Keys(values[:n // 2], scales[:n // 2])), (n // 2, FP8Keys(values[n // 2:], scales[n // 2:]))], n)
+    via_runs = index_scores(q, w, [(0, halves[0]), (n // 2, halves[1])], n)
     if H >= 16:                                       # index_scores takes the same kernel: a key's score is its own
         assert torch.equal(via_runs, out[:, 3:3 + n])
-    else:                                             # ... fewer heads: the fp32 GEMM over dequantised blocks
+    else:                                             # ... fewer heads: the fp32 GEMM over converted blocks
         assert bool(((via_runs.double() - exact).abs() <= bound).all())
-    with pytest.raises(ValueError, match="index_scores_fp8"):
-        native.index_scores_fp8(q, w, values, scales, out[:, :n - 1])
+    with pytest.raises(ValueError, match="index_scores_rows"):
+        native.index_scores_rows(q, w, values, scales, out[:, :n - 1])

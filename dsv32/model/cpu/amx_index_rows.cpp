@@ -1,7 +1,8 @@
 // The lightning indexer's scores of many query rows (a prefill chunk) over n consecutive keys of an
-// FP8 pool, on AMX tiles (built by native.py after cache_rows.cpp and amx_index.cpp, with AMX
-// defined): out[i, s] = sum_h w[i, h] * relu(scale[s] * (q[i, h] . e4m3[s])) for i < t, s < n, where
-// the CPU path otherwise dequantises the keys and multiplies in fp32 (a GEMM, then the head sums).
+// FP8 or bf16 pool, on AMX tiles (built by native.py after cache_rows.cpp and amx_index.cpp, with AMX
+// defined): out[i, s] = sum_h w[i, h] * relu(scale[s] * (q[i, h] . e4m3[s])) for i < t, s < n (bf16:
+// scale null, 1), where the CPU path otherwise converts the keys and multiplies in fp32 (a GEMM, then
+// the head sums). bf16 keys are loaded as they lie (a partial last tile copied, zero-padded).
 // The same numerics as amx_index.cpp (exact bf16 keys, three bf16 limbs of the query), as a GEMM:
 // OpenMP over tiles of 16 keys, each converted once and held in four A tiles (its 128 values), and
 // every query's limbs (B) multiplied with them, 12 tile ops a head tile, into two alternating C
@@ -26,7 +27,7 @@ __attribute__((target("amx-tile,amx-bf16"))) static inline void rows_dp(int c, i
 // wt: OpenMP over the key tiles
 __attribute__((target("amx-tile,amx-bf16,avx512vbmi")))
 static void rows_pass(const uint16_t* bq, const float* wt, const uint8_t* keys, const float* scale, float* out,
-                      int64_t i0, int64_t i1, int64_t T, int64_t cols, int64_t n, int64_t ldo) {
+                      int64_t i0, int64_t i1, int64_t T, int64_t cols, int64_t n, int64_t ldo, bool half) {
     const int64_t tile = 16 * 2 * cols, STEPS = GROUP / STEP, per_q = LIMBS_Q * STEPS * T * tile;
     const int64_t tiles = (n + KEYS - 1) / KEYS;
     #pragma omp parallel
@@ -43,13 +44,21 @@ static void rows_pass(const uint16_t* bq, const float* wt, const uint8_t* keys, 
         #pragma omp for schedule(static)
         for (int64_t kt = 0; kt < tiles; ++kt) {
             const int64_t m = std::min(n - kt * KEYS, KEYS);
-            e4m3_to_bf16(lut, keys + kt * KEYS * GROUP, a.data(), m * GROUP);
-            _tile_loadd(4, a.data() + 0 * STEP, 2 * GROUP);
-            _tile_loadd(5, a.data() + 1 * STEP, 2 * GROUP);
-            _tile_loadd(6, a.data() + 2 * STEP, 2 * GROUP);
-            _tile_loadd(7, a.data() + 3 * STEP, 2 * GROUP);
+            const uint16_t* at = a.data();                  // the tile's 16 keys as bf16 rows
+            if (!half) {
+                e4m3_to_bf16(lut, keys + kt * KEYS * GROUP, a.data(), m * GROUP);
+            } else if (m == KEYS) {
+                at = (const uint16_t*)keys + kt * KEYS * GROUP;
+            } else {
+                std::memcpy(a.data(), (const uint16_t*)keys + kt * KEYS * GROUP, m * GROUP * 2);
+                std::memset(a.data() + m * GROUP, 0, (KEYS - m) * GROUP * 2);
+            }
+            _tile_loadd(4, at + 0 * STEP, 2 * GROUP);
+            _tile_loadd(5, at + 1 * STEP, 2 * GROUP);
+            _tile_loadd(6, at + 2 * STEP, 2 * GROUP);
+            _tile_loadd(7, at + 3 * STEP, 2 * GROUP);
             __m512 sr[KEYS];
-            for (int64_t r = 0; r < KEYS; ++r) sr[r] = _mm512_set1_ps(r < m ? scale[kt * KEYS + r] : 0.f);
+            for (int64_t r = 0; r < KEYS; ++r) sr[r] = _mm512_set1_ps(r >= m ? 0.f : half ? 1.f : scale[kt * KEYS + r]);
             // unit v = (query i0 + v / T, head tile v % T): its tile ops into C_{v & 1}, stored to
             // c[v & 1]; the head sums of unit v - 1 run on the vector unit meanwhile
             __m512 acc[KEYS];
@@ -86,7 +95,7 @@ static void rows_pass(const uint16_t* bq, const float* wt, const uint8_t* keys, 
 // tile: the keys are converted once a pass, the limbs read from L2 for every key tile
 __attribute__((target("amx-tile,amx-bf16,avx512bf16,avx512vbmi")))
 extern "C" void kernel(const float* q, const float* w, const uint8_t* keys, const float* scale, float* out,
-                       const int64_t t, const int64_t H, const int64_t n, const int64_t ldo) {
+                       const int64_t t, const int64_t H, const int64_t n, const int64_t ldo, const int64_t half) {
     const int64_t T = (H + 15) / 16, cols = H < 16 ? H : 16, per_q = LIMBS_Q * (GROUP / STEP) * T * 16 * 2 * cols;
     const int64_t pass = std::max<int64_t>(4, (1 << 20) / (2 * per_q));
     std::vector<uint16_t> bq(std::min(t, pass) * per_q);
@@ -95,10 +104,10 @@ extern "C" void kernel(const float* q, const float* w, const uint8_t* keys, cons
         const int64_t i1 = std::min(t, i0 + pass);
         std::fill(bq.begin(), bq.end(), 0), std::fill(wt.begin(), wt.end(), 0.f);
         for (int64_t i = i0; i < i1; ++i) {
-            split_query(q + i * H * GROUP, bq.data() + (i - i0) * per_q, H, GROUP, T, cols, false, true);
+            split_query(q + i * H * GROUP, bq.data() + (i - i0) * per_q, H, GROUP, T, cols, false, !half);
             for (int64_t h = 0; h < H; ++h) wt[((i - i0) * T + h / 16) * 16 + h % 16] = w[i * H + h];
         }
-        rows_pass(bq.data(), wt.data(), keys, scale, out, i0, i1, T, cols, n, ldo);
+        rows_pass(bq.data(), wt.data(), keys, scale, out, i0, i1, T, cols, n, ldo, half);
     }
 }
 #endif

@@ -45,7 +45,7 @@ def index_scores(q: torch.Tensor, w: torch.Tensor, runs: Sequence[Run], S: int) 
     """q [t, H, Di], w [t, H] (fp32) and one row's key runs -> scores [t, S] fp32:
     `sum_h w[t,h] * relu(q[t,h] . k[s])`, -inf where no run holds key s. Per block: a GEMM, then
     the head sum in one native pass on the CPU with a C++ compiler (else relu_ and a bmm); FP8 runs
-    in one native call on AMX tiles where `native.takes_fp8_rows`."""
+    or bf16 runs in one native call on AMX tiles where `native.takes_rows`."""
     t, H, D = q.shape
     spans = sorted((pos, pos + keys.shape[0]) for pos, keys in runs if isinstance(pos, int))
     ends = [0] + [b for _, b in spans]                                   # runs of consecutive keys
@@ -59,9 +59,9 @@ def index_scores(q: torch.Tensor, w: torch.Tensor, runs: Sequence[Run], S: int) 
     n_blk = max(64, SCORE_BYTES // (4 * t * H))
     for pos, keys in runs:
         whole = isinstance(pos, int)                                     # consecutive: written in place
-        if (whole and isinstance(keys, FP8Keys) and keys.dtype == torch.float32
-                and native.takes_fp8_rows(q, keys.values, keys.scales)):
-            native.index_scores_fp8(q, w, keys.values, keys.scales, out[:, pos:pos + keys.shape[0]])
+        values, scales = (keys.values, keys.scales) if isinstance(keys, FP8Keys) else (keys, None)
+        if whole and q.dtype == torch.float32 and native.takes_rows(q, values, scales):     # fp32 compute
+            native.index_scores_rows(q, w, values, scales, out[:, pos:pos + keys.shape[0]])
             continue
         for j in range(0, keys.shape[0], n_blk):
             kb = (keys.rows(j, j + n_blk) if isinstance(keys, FP8Keys) else keys[j:j + n_blk]).float()   # [n, Di]

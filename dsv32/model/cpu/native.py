@@ -30,8 +30,8 @@
                         keys 1.7-2.2x faster with 8 index heads, 3.5-4.6x with 64: bench/README.md).
                         `index_scores` exposes the scores alone.
                         Reference: Indexer.scores over the dequantised keys.
-  amx_index_rows.cpp    the same for a prefill's queries over a run of consecutive FP8 keys
-                        (`index_scores_fp8`, which cpu/indexer.index_scores takes for FP8 runs): a
+  amx_index_rows.cpp    the same for a prefill's queries over a run of consecutive FP8 or bf16 keys
+                        (`index_scores_rows`, which cpu/indexer.index_scores takes for such runs): a
                         GEMM on tiles where the CPU path dequantises and multiplies in fp32.
   sparse_prefill.cpp    the sparse attention of a prefill's queries, each over its own selected rows
                         read in place (sparse_attention.cpp's per-query loop, OpenMP over the
@@ -70,7 +70,7 @@ DECODE_ATTENTION_ARGS = (["const float*"] * 5 + POOL_ARGS * 2 + ["const int64_t*
 SPARSE_PREFILL_ARGS = (["const float*", "const int64_t*"] + POOL_ARGS + ["const int64_t*", "float*"]
                        + ["const int64_t"] * 7 + ["const float"])
 INDEX_SCORES_ARGS = ["const float*"] * 2 + POOL_ARGS + ["const int64_t*", "float*"] + ["const int64_t"] * 5
-INDEX_ROWS_ARGS = ["const float*"] * 2 + ["const uint8_t*", "const float*", "float*"] + ["const int64_t"] * 4
+INDEX_ROWS_ARGS = ["const float*"] * 2 + ["const uint8_t*", "const float*", "float*"] + ["const int64_t"] * 5
 INDEX_FILES = ("cache_rows.cpp", "top_ids.cpp", "amx_index.cpp", "index_topk.cpp")   # and the entry's file
 HEAD_SUM_ARGS = ["const float*", "const float*", "float*"] + ["const int64_t"] * 4
 TOPK_ROWS_ARGS = ["const float*", "const int64_t*", "int64_t*"] + ["const int64_t"] * 3
@@ -244,32 +244,38 @@ def index_scores(iq: torch.Tensor, iw: torch.Tensor, pages: Pages, S: int, isa: 
     return scores
 
 
-def _fp8_rows_fit(q: torch.Tensor, values: torch.Tensor, scales: torch.Tensor) -> bool:
-    """Whether `index_scores_fp8` can score these queries [t, H, Di] over these FP8 keys here."""
-    return (q.device.type == "cpu" and q.dim() == 3 and q.shape[1] <= 64 and q.shape[2] == GROUP
-            and values.dtype == FP8 and values.dim() == 2 and values.shape[1] == GROUP and values.is_contiguous()
-            and scales.shape == (values.shape[0], 1) and scales.is_contiguous() and _amx_index_ready())
+def _rows_fit(q: torch.Tensor, values: torch.Tensor, scales: torch.Tensor | None) -> bool:
+    """Whether `index_scores_rows` can score these queries [t, H, Di] over these FP8 (with scales) or
+    bf16 keys here."""
+    keys_ok = (scales is not None and values.dtype == FP8 and scales.shape == (values.shape[0], 1)
+               and scales.is_contiguous()) or (scales is None and values.dtype == torch.bfloat16)
+    return (q.device.type == "cpu" and q.dim() == 3 and q.shape[1] <= 64 and q.shape[2] == GROUP and keys_ok
+            and values.dim() == 2 and values.shape[1] == GROUP and values.is_contiguous() and _amx_index_ready())
 
 
-def takes_fp8_rows(q: torch.Tensor, values: torch.Tensor, scales: torch.Tensor) -> bool:
-    """Whether cpu/indexer.index_scores scores a prefill's queries over a run of FP8 keys with
-    `index_scores_fp8`: where it can, with 16+ index heads (a tile's width; with fewer it is no
-    faster than dequantising for the fp32 GEMM, bench/README.md "Indexer kernels")."""
-    return q.dim() == 3 and q.shape[1] >= 16 and _fp8_rows_fit(q, values, scales)
+def takes_rows(q: torch.Tensor, values: torch.Tensor, scales: torch.Tensor | None) -> bool:
+    """Whether cpu/indexer.index_scores scores a prefill's queries over a run of FP8 or bf16 keys
+    with `index_scores_rows`: where it can, with 16+ index heads (a tile's width; with fewer it is no
+    faster than converting for the fp32 GEMM, bench/README.md "Indexer kernels")."""
+    return q.dim() == 3 and q.shape[1] >= 16 and _rows_fit(q, values, scales)
 
 
-def index_scores_fp8(q: torch.Tensor, w: torch.Tensor, values: torch.Tensor, scales: torch.Tensor,
-                     out: torch.Tensor) -> None:
-    """The indexer's scores of a prefill's queries q [t, H, Di] (w [t, H]) over n consecutive FP8 keys
-    (values [n, Di] e4m3, scales [n, 1]) on AMX tiles (amx_index_rows.cpp), written into out [t, n]
-    (rows may be apart): `sum_h w[i, h] relu(q[i, h] . key_s)`. Needs AMX-BF16, H <= 64, Di = 128."""
+def index_scores_rows(q: torch.Tensor, w: torch.Tensor, values: torch.Tensor, scales: torch.Tensor | None,
+                      out: torch.Tensor) -> None:
+    """The indexer's scores of a prefill's queries q [t, H, Di] (w [t, H]) over n consecutive keys
+    (FP8: values [n, Di] e4m3, scales [n, 1]; bf16: values [n, Di], scales None) on AMX tiles
+    (amx_index_rows.cpp), written into out [t, n] (rows may be apart): `sum_h w[i, h] relu(q[i, h] .
+    key_s)`. Needs AMX-BF16, H <= 64, Di = 128."""
     (t, H, _), n = q.shape, values.shape[0]
-    if not (_fp8_rows_fit(q, values, scales) and w.shape == (t, H) and out.shape == (t, n) and out.stride(1) == 1
+    if not (_rows_fit(q, values, scales) and w.shape == (t, H) and out.shape == (t, n) and out.stride(1) == 1
             and out.dtype == torch.float32):
-        raise ValueError(f"native index_scores_fp8: unsupported q {tuple(q.shape)}, keys {tuple(values.shape)} "
-                         f"{values.dtype}, out {tuple(out.shape)} (needs AMX-BF16, H <= 64, Di = {GROUP})")
+        raise ValueError(f"native index_scores_rows: unsupported q {tuple(q.shape)}, keys {tuple(values.shape)} "
+                         f"{values.dtype}, out {tuple(out.shape)} (needs AMX-BF16, H <= 64, Di = {GROUP}; FP8 keys "
+                         f"with scales [n, 1] or bf16 ones)")
+    half = scales is None
     _build(("cache_rows.cpp", "amx_index.cpp", "amx_index_rows.cpp"), ["AMX"], INDEX_ROWS_ARGS)(
-        q.float().contiguous(), w.float().contiguous(), values.view(torch.uint8), scales, out, t, H, n, out.stride(0))
+        q.float().contiguous(), w.float().contiguous(), values.view(torch.uint8), NONE if half else scales, out,
+        t, H, n, out.stride(0), int(half))
 
 
 def sparse_prefill(q: torch.Tensor, ids: torch.Tensor, pages: Pages, scale: float, C: int,
