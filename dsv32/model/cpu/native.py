@@ -56,7 +56,7 @@ import torch
 
 from ..fp8 import CACHE_GROUP, FP8
 from .compile import KernelError, require_compiler
-from .pages import LAYOUTS, NONE, POOL_ARGS, Pages, pool_args, pools_ok
+from .pages import LAYOUTS, NONE, POOL_ARGS, Pages, index_args, pool_args, pools_ok
 
 DEFINES = {torch.int8: "INT8", torch.float16: "HALF_FP16", torch.bfloat16: "HALF_BF16"}
 ALIGN = 32                  # K (and the int8 group size) must be multiples of this
@@ -238,9 +238,9 @@ def index_scores(iq: torch.Tensor, iw: torch.Tensor, pages: Pages, S: int, isa: 
                          f"index pool {tuple(pages.index.shape)} {pages.index.dtype} for {S} keys (AMX: Hi <= 64)")
     scores = iq.new_empty(S)
     layout = LAYOUTS[ik.dtype]
-    pool = {0: [ik, NONE, NONE, NONE], 1: [NONE, ik, ik_scale, NONE], 2: [NONE, NONE, NONE, ik]}[layout]  # POOL_ARGS
     _build(INDEX_FILES + ("index_scores.cpp",), _index_defines(isa, layout > 0), INDEX_SCORES_ARGS)(
-        iq.contiguous(), iw.contiguous(), *pool, pages.table.contiguous(), scores, Hi, Di, S, pages.block, layout)
+        iq.contiguous(), iw.contiguous(), *index_args(ik, ik_scale), pages.table.contiguous(), scores, Hi, Di, S,
+        pages.block, layout)
     return scores
 
 

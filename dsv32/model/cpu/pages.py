@@ -48,12 +48,20 @@ def pools_ok(p: Pages, D: int, Di: int, C: int) -> bool:
             and p.latent_scale.shape[1] == C // GROUP and p.index.shape[1] == Di and p.index_scale.shape[1] == Di // GROUP)
 
 
+def index_args(index: torch.Tensor, scale: torch.Tensor | None) -> list[torch.Tensor]:
+    """An index pool's POOL_ARGS (NONE where its layout, LAYOUTS[index.dtype], has none)."""
+    layout = LAYOUTS[index.dtype]
+    if layout == 0:
+        return [index, NONE, NONE, NONE]
+    return [NONE, index, scale, NONE] if layout == 1 else [NONE, NONE, NONE, index]
+
+
 def pool_args(p: Pages) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
     """The latent's and the index's POOL_ARGS (NONE where the layout has none) and the layout's
     number (LAYOUTS)."""
     layout = LAYOUTS[p.latent.dtype]
     if layout == 0:
-        return [p.latent, NONE, NONE, NONE], [p.index, NONE, NONE, NONE], layout
-    if layout == 1:
-        return [NONE, p.latent, p.latent_scale, p.rope], [NONE, p.index, p.index_scale, NONE], layout
-    return [NONE, NONE, NONE, p.latent], [NONE, NONE, NONE, p.index], layout
+        lat = [p.latent, NONE, NONE, NONE]
+    else:
+        lat = [NONE, p.latent, p.latent_scale, p.rope] if layout == 1 else [NONE, NONE, NONE, p.latent]
+    return lat, index_args(p.index, p.index_scale), layout
