@@ -9,9 +9,9 @@ dsv32's contexts are timed in alternating rounds (every context's engine built f
 steps of each in turn, the best round kept), so that a host whose speed drifts by minutes (this
 one's does, up to 2x) moves every context alike and the ratio to the first context stays fair.
 
-Decode cost does not depend on the cached values, so both caches are filled directly (dsv32:
-blocks allocated and marked computed; transformers: its DynamicCache filled with random latents
-and indexer keys of the right shapes) instead of spending minutes on prefill. dsv32 attends to
+Both caches are filled directly with random latents and indexer keys instead of spending minutes
+on prefill (dsv32: blocks allocated and marked computed, their slots written; transformers: its
+DynamicCache). Random keys score like a real context's; zeroed ones would tie every score. dsv32 attends to
 index_topk=256 gathered latent entries; transformers masks dense scores over the whole context.
 """
 from __future__ import annotations
@@ -28,8 +28,8 @@ HEADING = "## Decode at long context (bench/decode_longctx.py)"
 
 
 def engine_at_depth(model, tokenizer, path, L: int, steps: int, kv_cache_dtype: str = "auto"):
-    """An engine with one greedy request whose cache "holds" its first L-1 prompt tokens (blocks
-    allocated and marked computed, values never computed), room for `steps` more decode steps."""
+    """An engine with one greedy request whose cache holds its first L-1 prompt tokens (blocks
+    allocated and marked computed, random values: `fill_random`), room for `steps` more decode steps."""
     from dsv32.engine.engine import EngineConfig, LLMEngine
     from dsv32.engine.sequence import SamplingParams
     p = next(model.parameters())
@@ -43,7 +43,21 @@ def engine_at_depth(model, tokenizer, path, L: int, steps: int, kv_cache_dtype: 
     seq = eng.scheduler.waiting[0]
     eng.block_manager.allocate(seq, L - 1)
     seq.num_computed_tokens = L - 1
+    fill_random(eng.executor.cache)
     return eng
+
+
+def fill_random(cache, rows: int = 4096) -> None:
+    """Random latents and indexer keys in every slot of every layer, `rows` at a time (no transient
+    the size of a pool): keys that score like a real context's (zeroed pools tie every score, which
+    sends the top-k down its slowest path: ~70 us a layer at 32K)."""
+    g = torch.Generator().manual_seed(0)
+    n = cache.num_blocks * cache.block_size
+    for layer in range(cache.n_layers):
+        for s in range(0, n, rows):
+            slots = torch.arange(s, min(s + rows, n))
+            cache.write(layer, slots, torch.randn(len(slots), cache.kv_rank + cache.rope_dim, generator=g),
+                        torch.randn(len(slots), cache.index_dim, generator=g))
 
 
 def dsv32_ms_per_token(model, tokenizer, path, L: int, steps: int, kv_cache_dtype: str = "auto") -> float:

@@ -15,7 +15,8 @@ on), dsv32 with an fp32 KV cache (or `--kv-cache-dtype bfloat16`: llama.cpp's ca
 measurement is a fresh process: its peak RSS is its own (dsv32's without Triton, as installed for
 `dsv32 serve`).
 Decode at depth D: llama-bench prefills D tokens, then times generation; dsv32 marks D cache slots
-computed (decode cost does not depend on the cached values) and times decode steps.
+computed, writes random latents and indexer keys into them (decode_longctx.fill_random: scores like
+a real context's, no ties) and times decode steps.
 Parity: llama-debug's fp32 logits (-fa off, f32 KV cache) for a prompt longer than index_topk
 against dsv32 fp32 on llama.cpp's own token ids.
 """
