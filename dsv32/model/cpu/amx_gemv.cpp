@@ -159,7 +159,9 @@ extern "C" void kernel(const float* x, const int8_t* w, const float* s, float* y
         alignas(64) int32_t c[TILES][ROWS * 16] = {};
         alignas(64) float acc[TILES][ROWS * 16];        // more rows: weight row r, lane (m, j): limb j's sum
         __m512 few[FEW];                                 // few rows: row m, lane r
-        #pragma omp for schedule(static)
+        // blocks go to threads ~1/64 at a time as they come free: a static half each waits on the
+        // slower thread (a vCPU whose sibling is busy; the int8 LM head ~10% faster on a loaded host)
+        #pragma omp for schedule(dynamic, blocks / 64 + 1)
         for (int64_t blk = 0; blk < blocks; ++blk) {
             const int8_t* wb = w + blk * ROWS * K;
             const float* sb = s + blk * ROWS * Gs;
@@ -229,7 +231,7 @@ extern "C" void kernel(const float* x, const uint16_t* w, float* y, const int64_
     {
         grp.configure();
         alignas(64) float c[TILES][ROWS * 16];
-        #pragma omp for schedule(static)
+        #pragma omp for schedule(dynamic, blocks / 64 + 1)
         for (int64_t blk = 0; blk < blocks; ++blk) {
             const uint16_t* wb = w + blk * ROWS * K;
             grp.zero();

@@ -41,7 +41,7 @@ static void rows_pass(const uint16_t* bq, const float* wt, const uint8_t* keys, 
         std::vector<uint16_t> a(KEYS * GROUP, 0);
         const E4m3Lookup lut = e4m3_lookup();
         alignas(64) float c[2][KEYS * 16] = {};
-        #pragma omp for schedule(static)
+        #pragma omp for schedule(dynamic, tiles / 64 + 1)
         for (int64_t kt = 0; kt < tiles; ++kt) {
             const int64_t m = std::min(n - kt * KEYS, KEYS);
             const uint16_t* at = a.data();                  // the tile's 16 keys as bf16 rows

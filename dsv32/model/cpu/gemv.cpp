@@ -81,7 +81,7 @@ static inline float row_dot(const float* x, const wt* w, const float* s, int64_t
 #elif defined(INT8)
 extern "C" void kernel(const float* x, const wt* w, const float* s, float* y,
                        const int64_t M, const int64_t N, const int64_t K, const int64_t G) {
-    #pragma omp parallel for schedule(static)
+    #pragma omp parallel for schedule(dynamic, N / 64 + 1)
     for (int64_t n = 0; n < N; ++n)
         for (int64_t m = 0; m < M; ++m)
             y[m * N + n] = row_dot(x + m * K, w + n * K, s + n * (K / G), K, G);
@@ -89,7 +89,7 @@ extern "C" void kernel(const float* x, const wt* w, const float* s, float* y,
 #else
 extern "C" void kernel(const float* x, const wt* w, float* y,
                        const int64_t M, const int64_t N, const int64_t K) {
-    #pragma omp parallel for schedule(static)
+    #pragma omp parallel for schedule(dynamic, N / 64 + 1)
     for (int64_t n = 0; n < N; ++n)
         for (int64_t m = 0; m < M; ++m)
             y[m * N + n] = row_dot(x + m * K, w + n * K, nullptr, K, K);

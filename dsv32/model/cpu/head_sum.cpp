@@ -7,7 +7,7 @@
 
 extern "C" void kernel(const float* s, const float* w, float* out, const int64_t t, const int64_t H,
                        const int64_t n, const int64_t ld) {
-    #pragma omp parallel for schedule(static)
+    #pragma omp parallel for schedule(dynamic, t / 64 + 1)
     for (int64_t i = 0; i < t; ++i) {
         const float* si = s + i * H * n;
         const float* wi = w + i * H;

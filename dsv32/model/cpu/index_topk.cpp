@@ -53,7 +53,7 @@ static void index_scores(const float* q, const float* w, const Rows& keys, const
     #pragma omp parallel
     {
         std::vector<float> scratch(keys.f32 ? 0 : CHUNK * D);
-        #pragma omp for schedule(static)
+        #pragma omp for schedule(dynamic, nb / 64 + 1)
         for (int64_t b = 0; b < nb; ++b) {                   // a block's keys lie in consecutive rows
             const int64_t s1 = (b + 1) * B < S ? (b + 1) * B : S;
             for (int64_t s = b * B; s < s1; s += CHUNK) {

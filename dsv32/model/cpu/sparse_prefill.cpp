@@ -12,7 +12,7 @@ extern "C" void kernel(const float* q, const int64_t* ids, float* lat_f32, uint8
     #pragma omp parallel
     {
         std::vector<float> acc(H * (C + 2)), scratch(ROWS * D + H * ROWS);
-        #pragma omp for schedule(static)
+        #pragma omp for schedule(dynamic, t / 64 + 1)
         for (int64_t i = 0; i < t; ++i) {
             attend_rows(q + i * H * D, lat, table, ids + i * K, 0, K, acc.data(), scratch.data(), H, D, C, B, scale);
             merge_parts(acc.data(), 1, o + i * H * C, H, C);

@@ -8,7 +8,7 @@ extern "C" void kernel(const float* scores, const int64_t* limit, int64_t* out, 
     #pragma omp parallel
     {
         TopScratch sc;
-        #pragma omp for schedule(static)
+        #pragma omp for schedule(dynamic, t / 64 + 1)
         for (int64_t i = 0; i < t; ++i) {
             const int64_t n = std::min(std::max(limit[i], (int64_t)0), S);
             sc.reserve(n);
