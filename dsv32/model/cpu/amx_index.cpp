@@ -9,11 +9,12 @@
 // (|e| <= 2^-24 |q|), laid along the B tile's columns by head; TDPBF16PS sums the exact bf16
 // products in fp32 (with up to 8 heads limbs 0 and 1 side by side in one tile, limb 2 in another:
 // two tile ops where three would fill half their columns), and each key's sums meet its scale in
-// fp32: score = sum_h w[h] relu(scale * (q[h] . e4m3)). With up to 8 heads two key tiles are in
-// flight, each in an A tile of its own and each limb tile's products in a C tile of its own: tile
-// registers are not renamed, so with one A tile, and both limbs summed into one C tile, every tile
-// op waited for the one before (8 heads over 32K bf16 keys: 257 -> 177 us a call on a quiet host,
-// ~10% on a loaded one; FP8 pools about even). Each thread pipelines its batches of keys:
+// fp32: score = sum_h w[h] relu(scale * (q[h] . e4m3)). Over a bf16 pool with up to 8 heads
+// (`paired`) two key tiles are in flight, each in an A tile of its own and each limb tile's products
+// in a C tile of its own: the tile loads read the pool itself, and with one A tile every load waited
+// for the tile ops before it (32K keys: 257 -> 177 us a call on a quiet host, 0.80-0.84x on a loaded
+// one); over an FP8 pool, whose keys are converted a batch ahead, that gained nothing (0.98-1.23x)
+// and four key tiles a batch, one C tile each, stay. Each thread pipelines its batches of keys:
 // the vector unit converts the next batch and sums the heads of the last while the tile unit
 // multiplies this one. A bf16 pool's rows are A tiles as they lie (nothing converted, in order, no
 // scale; the next batch prefetched instead). Callers guarantee H <= 64 (up to four C tiles of 16
@@ -78,9 +79,10 @@ static inline int64_t permuted(int64_t j) { return j / 64 * 64 + j % 32 / 8 * 16
 static bool packed_heads(int64_t H) { return H <= 8; }
 static int64_t query_slots(int64_t H) { return packed_heads(H) ? 2 : LIMBS_Q; }
 static int64_t query_cols(int64_t H) { return packed_heads(H) ? 16 : H < 16 ? H : 16; }
-// keys a batch: packed, two key tiles (C tiles 0..3 hold their two limb tiles' sums); else 4 / T key
-// tiles (one C tile a key tile and head tile)
-static int64_t batch_keys(int64_t H) { return packed_heads(H) ? 2 * KEYS : 4 / ((H + 15) / 16) * KEYS; }
+// keys a batch: packed over a bf16 pool, two key tiles (C tiles 0..3 hold their two limb tiles'
+// sums: `paired`); else 4 / T key tiles (one C tile a key tile and head tile)
+static bool paired(int64_t H, bool half) { return packed_heads(H) && half; }
+static int64_t batch_keys(int64_t H, bool half) { return paired(H, half) ? 2 * KEYS : 4 / ((H + 15) / 16) * KEYS; }
 
 __attribute__((target("avx512bf16")))
 static void split_query(const float* q, uint16_t* bq, int64_t H, int64_t D, int64_t T, int64_t cols, bool packed,
@@ -118,8 +120,8 @@ static inline void add_head_sums(const float* c, const __m512* s, int64_t m, __m
 }
 
 // The tile unit's operations on a tile number held in a variable (the instructions take immediates):
-// C tiles 0..3, the A tile 4, B tiles 5..7; packed (up to 8 heads): A tiles 4 and 5, B tiles 6 and 7
-// (the same shapes: 16 rows of 64 bytes)
+// C tiles 0..3, the A tile 4, B tiles 5..7; paired: A tiles 4 and 5, B tiles 6 and 7 (the same
+// shapes: 16 rows of 64 bytes)
 __attribute__((target("amx-tile"))) static inline void tile_zero(int64_t i) {
     switch (i) { case 0: _tile_zero(0); break; case 1: _tile_zero(1); break; case 2: _tile_zero(2); break; default: _tile_zero(3); }
 }
@@ -137,10 +139,19 @@ __attribute__((target("amx-tile,amx-bf16"))) static inline void tile_limbs(int64
     }
 }
 
-// packed: key tile kt (0 or 1) in A tile 4 + kt; C tile 2 kt += A . B_6 (limbs 0 and 1), 2 kt + 1 +=
+// paired: key tile kt (0 or 1) in A tile 4 + kt; C tile 2 kt += A . B_6 (limbs 0 and 1), 2 kt + 1 +=
 // A . B_7 (limb 2)
 __attribute__((target("amx-tile"))) static inline void load_a(int64_t kt, const void* p, int64_t ld) {
     if (kt == 0) _tile_loadd(4, p, ld); else _tile_loadd(5, p, ld);
+}
+// C_i += A . B_5 + A . B_6 (the packed query's two tiles, over an FP8 pool's converted keys)
+__attribute__((target("amx-tile,amx-bf16"))) static inline void tile_limbs2(int64_t i) {
+    switch (i) {
+        case 0: _tile_dpbf16ps(0, 4, 5); _tile_dpbf16ps(0, 4, 6); break;
+        case 1: _tile_dpbf16ps(1, 4, 5); _tile_dpbf16ps(1, 4, 6); break;
+        case 2: _tile_dpbf16ps(2, 4, 5); _tile_dpbf16ps(2, 4, 6); break;
+        default: _tile_dpbf16ps(3, 4, 5); _tile_dpbf16ps(3, 4, 6);
+    }
 }
 __attribute__((target("amx-tile,amx-bf16"))) static inline void tile_pair(int64_t kt) {
     if (kt == 0) { _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7); }
@@ -158,15 +169,15 @@ static void key_tile_scores(const float* scale, int64_t m, int64_t T, const floa
     _mm512_mask_storeu_ps(out, (__mmask16)((1u << m) - 1), sum16(acc));
 }
 
-// the same, packed: c0 + c1 (limbs 0 and 1, limb 2 of one key tile) with each row's halves added
-// (the limbs of heads 0..7; w zero past 8)
+// the same, packed: c0 (+ c1 where paired: limbs 0 and 1, limb 2 of one key tile) with each row's
+// halves added (the limbs of heads 0..7; w zero past 8)
 static void pair_tile_scores(const float* scale, int64_t m, const float* w16, const float* c0, const float* c1,
                              float* out) {
     __m512 acc[KEYS];
     const __m512 w = _mm512_load_ps(w16);
     for (int64_t r = 0; r < KEYS; ++r) {
         if (r >= m) { acc[r] = _mm512_setzero_ps(); continue; }
-        __m512 v = _mm512_add_ps(_mm512_load_ps(c0 + r * 16), _mm512_load_ps(c1 + r * 16));
+        __m512 v = c1 ? _mm512_add_ps(_mm512_load_ps(c0 + r * 16), _mm512_load_ps(c1 + r * 16)) : _mm512_load_ps(c0 + r * 16);
         v = _mm512_add_ps(v, _mm512_shuffle_f32x4(v, v, 0x4E));
         acc[r] = _mm512_mul_ps(vmax0(scale ? _mm512_mul_ps(_mm512_set1_ps(scale[r]), v) : v), w);
     }
@@ -176,18 +187,18 @@ static void pair_tile_scores(const float* scale, int64_t m, const float* w16, co
 struct Batch { int64_t row, s, n; };                 // a batch's first pool row and key id, and its keys
 
 // One thread's batches of keys (`batch_keys`), pipelined: while the tile unit multiplies batch i
-// (packed: C tiles 2 kt, 2 kt + 1 for key tile kt; else C tile kt * T + t: key tile kt, head tile t;
+// (paired: C tiles 2 kt, 2 kt + 1 for key tile kt; else C tile kt * T + t: key tile kt, head tile t;
 // per 32 values the query's tiles are loaded once and each key tile once per head tile), the vector unit converts
 // batch i + 1's keys (into the other half of `a`) and sums the heads of batch i - 1 (from the other
 // half of `c`), a share after each tile op group, so that neither waits for the other
 __attribute__((target("amx-tile,amx-bf16,avx512vbmi")))
 static void run_batches(const std::vector<Batch>& work, const Rows& keys, const uint16_t* bq, const float (*wt)[16],
                         float* scores, int64_t H) {
-    const bool packed = packed_heads(H);
-    const int64_t T = (H + 15) / 16, cols = query_cols(H), BATCH = batch_keys(H);
+    const bool half = keys.q == nullptr;                  // a bf16 pool: its rows are the A tiles
+    const bool packed = packed_heads(H), pairs = paired(H, half);
+    const int64_t T = (H + 15) / 16, cols = query_cols(H), BATCH = batch_keys(H, half);
     const int64_t W = (int64_t)work.size(), STEPS = GROUP / STEP, tile = 16 * 2 * cols, ldb = 4 * cols;
     const E4m3Lookup lut = e4m3_lookup();
-    const bool half = keys.q == nullptr;                  // a bf16 pool: its rows are the A tiles
     std::vector<uint16_t> a(2 * BATCH * GROUP, 0);
     alignas(64) float c[2][4][KEYS * 16] = {};
     if (W && !half) e4m3_to_bf16(lut, keys.q + work[0].row * GROUP, a.data(), work[0].n * GROUP);
@@ -212,20 +223,21 @@ static void run_batches(const std::vector<Batch>& work, const Rows& keys, const 
                 const int64_t m = std::min(KEYS, p.n - summed * KEYS);
                 float* out = scores + p.s + summed * KEYS;
                 const float (*cp)[KEYS * 16] = c[(i - 1) % 2];
-                if (packed) pair_tile_scores(sc, m, wt[0], cp[2 * summed], cp[2 * summed + 1], out);
+                if (pairs) pair_tile_scores(sc, m, wt[0], cp[2 * summed], cp[2 * summed + 1], out);
+                else if (packed) pair_tile_scores(sc, m, wt[0], cp[summed], nullptr, out);
                 else key_tile_scores(sc, m, T, wt, cp + summed * T, out);
             }
         };
         if (i == W) { catch_up(1, 1); break; }
         const int64_t tiles = (work[i].n + KEYS - 1) / KEYS, G = STEPS * T * tiles;
-        const int64_t ctiles = packed ? 2 * tiles : tiles * T;
+        const int64_t ctiles = pairs ? 2 * tiles : tiles * T;
         auto a_at = [&](int64_t kt, int64_t k) {            // key tile kt's values k * STEP.. (A's rows)
             return (half ? keys.tail + (work[i].row + kt * KEYS) * GROUP : ai + kt * KEYS * GROUP) + k * STEP;
         };
         for (int64_t j = 0; j < ctiles; ++j) tile_zero(j);
         int64_t g = 0;
         for (int64_t k = 0; k < STEPS; ++k) {
-            if (packed) {
+            if (pairs) {
                 _tile_loadd(6, bq + k * tile, ldb);
                 _tile_loadd(7, bq + (STEPS + k) * tile, ldb);
                 for (int64_t kt = 0; kt < tiles; ++kt) load_a(kt, a_at(kt, k), 2 * GROUP);
@@ -233,13 +245,13 @@ static void run_batches(const std::vector<Batch>& work, const Rows& keys, const 
                 continue;
             }
             for (int64_t t = 0; t < T; ++t) {
-                for (int64_t slot = 0; slot < LIMBS_Q; ++slot) {
+                for (int64_t slot = 0; slot < query_slots(H); ++slot) {
                     const uint16_t* b = bq + ((slot * STEPS + k) * T + t) * tile;
                     if (slot == 0) _tile_loadd(5, b, ldb); else if (slot == 1) _tile_loadd(6, b, ldb); else _tile_loadd(7, b, ldb);
                 }
                 for (int64_t kt = 0; kt < tiles; ++kt) {
                     if (tiles > 1 || t == 0) _tile_loadd(4, a_at(kt, k), 2 * GROUP);
-                    tile_limbs(kt * T + t);
+                    if (packed) tile_limbs2(kt); else tile_limbs(kt * T + t);
                     catch_up(++g, G);
                 }
             }
@@ -252,7 +264,7 @@ __attribute__((target("amx-tile,amx-bf16,avx512bf16,avx512vbmi")))
 static void amx_index_scores(const float* q, const float* w, const Rows& keys, const int64_t* table, float* scores,
                              const int64_t H, const int64_t S, const int64_t B) {
     const bool packed = packed_heads(H);
-    const int64_t T = (H + 15) / 16, cols = query_cols(H), BATCH = batch_keys(H);
+    const int64_t T = (H + 15) / 16, cols = query_cols(H), BATCH = batch_keys(H, keys.q == nullptr);
     std::vector<uint16_t> bq(query_slots(H) * (GROUP / STEP) * T * 16 * 2 * cols, 0);
     split_query(q, bq.data(), H, GROUP, T, cols, packed, keys.q != nullptr);
     alignas(64) float wt[4][16] = {};                        // the head weights, by head tile
