@@ -47,7 +47,7 @@ def engine_at_depth(model, tokenizer, path, L: int, steps: int, kv_cache_dtype: 
     return eng
 
 
-def fill_random(cache, rows: int = 4096) -> None:
+def fill_random(cache, rows: int = 1024) -> None:
     """Random latents and indexer keys in every slot of every layer, `rows` at a time (no transient
     the size of a pool): keys that score like a real context's (zeroed pools tie every score, which
     sends the top-k down its slowest path: ~70 us a layer at 32K)."""

@@ -2,10 +2,10 @@
 
     python bench/decode_parts.py [--formats fp32 int8] [--depth 1024] [--steps 64] [--write-readme]
 
-Batch 1 on the common benchmark model, the cache "holding" depth-1 tokens (their values are not
-computed: decode cost does not depend on them). Each part is timed by a wrapper around the
-function that computes it (the wrappers cost ~1 us a call); the parts nest, so a row includes the
-rows under it with one more dot. A benchmark, not a test: it never runs in CI.
+Batch 1 on the common benchmark model, the cache holding depth-1 tokens of random latents and
+indexer keys (decode_longctx.engine_at_depth: no prefill spent). Each part is timed by a wrapper
+around the function that computes it (the wrappers cost ~1 us a call); the parts nest, so a row
+includes the rows under it with one more dot. A benchmark, not a test: it never runs in CI.
 """
 from __future__ import annotations
 
