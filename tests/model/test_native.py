@@ -324,7 +324,7 @@ BOUND = 1.2e-7             # of sum_h |w_h| sum_d |q_hd k_d|: fp32's rounding (<
 
 
 @pytest.mark.parametrize("Hi,S,block", [(8, 1000, 64), (16, 300, 16), (24, 130, 64), (64, 200, 64), (65, 70, 64),
-                                        (5, 37, 64)])
+                                        (5, 37, 64), (8, 300, 16), (8, 5000, 64)])   # last: threads share chunks
 @pytest.mark.parametrize("pool", ["fp32", "bf16", "fp8"])
 def test_native_index_scores_equal_the_indexer(Hi, S, block, pool):
     """The scores decode_attention selects from, each instruction-set variant (and AMX tiles over an
