@@ -11,8 +11,9 @@ one's does, up to 2x) moves every context alike and the ratio to the first conte
 
 Both caches are filled directly with random latents and indexer keys instead of spending minutes
 on prefill (dsv32: blocks allocated and marked computed, their slots written; transformers: its
-DynamicCache). Random keys score like a real context's; zeroed ones would tie every score. dsv32 attends to
-index_topk=256 gathered latent entries; transformers masks dense scores over the whole context.
+DynamicCache). Random keys score like a real context's; zeroed ones would tie every score. dsv32
+attends to index_topk=256 gathered latent entries; transformers masks dense scores over the whole
+context.
 """
 from __future__ import annotations
 

@@ -138,12 +138,6 @@ __attribute__((target("amx-tile,amx-bf16"))) static inline void tile_limbs(int64
         default: _tile_dpbf16ps(3, 4, 5); _tile_dpbf16ps(3, 4, 6); _tile_dpbf16ps(3, 4, 7);
     }
 }
-
-// paired: key tile kt (0 or 1) in A tile 4 + kt; C tile 2 kt += A . B_6 (limbs 0 and 1), 2 kt + 1 +=
-// A . B_7 (limb 2)
-__attribute__((target("amx-tile"))) static inline void load_a(int64_t kt, const void* p, int64_t ld) {
-    if (kt == 0) _tile_loadd(4, p, ld); else _tile_loadd(5, p, ld);
-}
 // C_i += A . B_5 + A . B_6 (the packed query's two tiles, over an FP8 pool's converted keys)
 __attribute__((target("amx-tile,amx-bf16"))) static inline void tile_limbs2(int64_t i) {
     switch (i) {
@@ -152,6 +146,12 @@ __attribute__((target("amx-tile,amx-bf16"))) static inline void tile_limbs2(int6
         case 2: _tile_dpbf16ps(2, 4, 5); _tile_dpbf16ps(2, 4, 6); break;
         default: _tile_dpbf16ps(3, 4, 5); _tile_dpbf16ps(3, 4, 6);
     }
+}
+
+// paired: key tile kt (0 or 1) in A tile 4 + kt; C tile 2 kt += A . B_6 (limbs 0 and 1), 2 kt + 1 +=
+// A . B_7 (limb 2)
+__attribute__((target("amx-tile"))) static inline void load_a(int64_t kt, const void* p, int64_t ld) {
+    if (kt == 0) _tile_loadd(4, p, ld); else _tile_loadd(5, p, ld);
 }
 __attribute__((target("amx-tile,amx-bf16"))) static inline void tile_pair(int64_t kt) {
     if (kt == 0) { _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7); }
@@ -177,7 +177,8 @@ static void pair_tile_scores(const float* scale, int64_t m, const float* w16, co
     const __m512 w = _mm512_load_ps(w16);
     for (int64_t r = 0; r < KEYS; ++r) {
         if (r >= m) { acc[r] = _mm512_setzero_ps(); continue; }
-        __m512 v = c1 ? _mm512_add_ps(_mm512_load_ps(c0 + r * 16), _mm512_load_ps(c1 + r * 16)) : _mm512_load_ps(c0 + r * 16);
+        __m512 v = _mm512_load_ps(c0 + r * 16);
+        if (c1) v = _mm512_add_ps(v, _mm512_load_ps(c1 + r * 16));
         v = _mm512_add_ps(v, _mm512_shuffle_f32x4(v, v, 0x4E));
         acc[r] = _mm512_mul_ps(vmax0(scale ? _mm512_mul_ps(_mm512_set1_ps(scale[r]), v) : v), w);
     }
@@ -188,9 +189,9 @@ struct Batch { int64_t row, s, n; };                 // a batch's first pool row
 
 // One thread's batches of keys (`batch_keys`), pipelined: while the tile unit multiplies batch i
 // (paired: C tiles 2 kt, 2 kt + 1 for key tile kt; else C tile kt * T + t: key tile kt, head tile t;
-// per 32 values the query's tiles are loaded once and each key tile once per head tile), the vector unit converts
-// batch i + 1's keys (into the other half of `a`) and sums the heads of batch i - 1 (from the other
-// half of `c`), a share after each tile op group, so that neither waits for the other
+// per 32 values the query's tiles are loaded once and each key tile once per head tile), the vector
+// unit converts batch i + 1's keys (into the other half of `a`) and sums the heads of batch i - 1
+// (from the other half of `c`), a share after each tile op group, so that neither waits for the other
 __attribute__((target("amx-tile,amx-bf16,avx512vbmi")))
 static void run_batches(const std::vector<Batch>& work, const Rows& keys, const uint16_t* bq, const float (*wt)[16],
                         float* scores, int64_t H) {
@@ -247,7 +248,9 @@ static void run_batches(const std::vector<Batch>& work, const Rows& keys, const 
             for (int64_t t = 0; t < T; ++t) {
                 for (int64_t slot = 0; slot < query_slots(H); ++slot) {
                     const uint16_t* b = bq + ((slot * STEPS + k) * T + t) * tile;
-                    if (slot == 0) _tile_loadd(5, b, ldb); else if (slot == 1) _tile_loadd(6, b, ldb); else _tile_loadd(7, b, ldb);
+                    if (slot == 0) _tile_loadd(5, b, ldb);
+                    else if (slot == 1) _tile_loadd(6, b, ldb);
+                    else _tile_loadd(7, b, ldb);
                 }
                 for (int64_t kt = 0; kt < tiles; ++kt) {
                     if (tiles > 1 || t == 0) _tile_loadd(4, a_at(kt, k), 2 * GROUP);
@@ -270,7 +273,7 @@ static void amx_index_scores(const float* q, const float* w, const Rows& keys, c
     alignas(64) float wt[4][16] = {};                        // the head weights, by head tile
     for (int64_t h = 0; h < H; ++h) wt[h / 16][h % 16] = w[h];
     // blocks handed to threads ~2K keys at a time, as they come free (a static half each waited on
-    // the slower thread: a vCPU whose sibling is busy; 8 heads over 32K keys ~10% faster on a loaded host)
+    // the slower thread: a vCPU whose sibling is busy; the FP8 pools' scores 0.93-0.98x on a loaded host)
     const int64_t nb = (S + B - 1) / B, CHUNK = std::max<int64_t>(1, 2048 / B);
     #pragma omp parallel
     {
@@ -286,7 +289,8 @@ static void amx_index_scores(const float* q, const float* w, const Rows& keys, c
             work.clear();
             for (int64_t b = b0; b < std::min(nb, b0 + CHUNK); ++b) {   // a block's keys: consecutive rows
                 const int64_t s1 = std::min((b + 1) * B, S);
-                for (int64_t s = b * B; s < s1; s += BATCH) work.push_back({table[b] * B + s - b * B, s, std::min(s1 - s, BATCH)});
+                for (int64_t s = b * B; s < s1; s += BATCH)
+                    work.push_back({table[b] * B + s - b * B, s, std::min(s1 - s, BATCH)});
             }
             run_batches(work, keys, bq.data(), wt, scores, H);
         }
