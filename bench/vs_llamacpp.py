@@ -11,9 +11,8 @@ A benchmark, not a test (never run in CI). llama.cpp is built once into ~/.cache
 (bench/llamacpp.py) and converts the checkpoint with its own convert_hf_to_gguf.py. Both sides
 use 2 threads; llama.cpp runs as llama-bench does by default here (f16 KV cache, flash attention
 on), dsv32 with an fp32 KV cache (or `--kv-cache-dtype bfloat16`: llama.cpp's cache bytes, or
-`fp8`: the deployment layout). Every
-measurement is a fresh process: its peak RSS is its own (dsv32's without Triton, as installed for
-`dsv32 serve`).
+`fp8`: the deployment layout). Every measurement is a fresh process: its peak RSS is its own
+(dsv32's without Triton, as installed for `dsv32 serve`).
 Decode at depth D: llama-bench prefills D tokens, then times generation; dsv32 marks D cache slots
 computed, writes random latents and indexer keys into them (decode_longctx.fill_random: scores like
 a real context's, no ties) and times decode steps.

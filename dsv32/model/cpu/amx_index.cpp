@@ -191,21 +191,20 @@ struct Batch { int64_t row, s, n; };                 // a batch's first pool row
 // (paired: C tiles 2 kt, 2 kt + 1 for key tile kt; else C tile kt * T + t: key tile kt, head tile t;
 // per 32 values the query's tiles are loaded once and each key tile once per head tile), the vector
 // unit converts batch i + 1's keys (into the other half of `a`) and sums the heads of batch i - 1
-// (from the other half of `c`), a share after each tile op group, so that neither waits for the other
+// (from the other half of `c`), a share after each tile op group, so that neither waits for the other.
+// a: the thread's 2 * batch_keys(H) * GROUP converted keys (none for a bf16 pool); c: its C tiles' rows.
 __attribute__((target("amx-tile,amx-bf16,avx512vbmi")))
 static void run_batches(const std::vector<Batch>& work, const Rows& keys, const uint16_t* bq, const float (*wt)[16],
-                        float* scores, int64_t H) {
+                        float* scores, int64_t H, uint16_t* a, float (*c)[4][KEYS * 16]) {
     const bool half = keys.q == nullptr;                  // a bf16 pool: its rows are the A tiles
     const bool packed = packed_heads(H), pairs = paired(H, half);
     const int64_t T = (H + 15) / 16, cols = query_cols(H), BATCH = batch_keys(H, half);
     const int64_t W = (int64_t)work.size(), STEPS = GROUP / STEP, tile = 16 * 2 * cols, ldb = 4 * cols;
     const E4m3Lookup lut = e4m3_lookup();
-    std::vector<uint16_t> a(2 * BATCH * GROUP, 0);
-    alignas(64) float c[2][4][KEYS * 16] = {};
-    if (W && !half) e4m3_to_bf16(lut, keys.q + work[0].row * GROUP, a.data(), work[0].n * GROUP);
+    if (W && !half) e4m3_to_bf16(lut, keys.q + work[0].row * GROUP, a, work[0].n * GROUP);
     for (int64_t i = 0; i <= W; ++i) {
-        const uint16_t* ai = a.data() + (i % 2) * BATCH * GROUP;
-        uint16_t* an = a.data() + ((i + 1) % 2) * BATCH * GROUP;
+        const uint16_t* ai = a + (i % 2) * BATCH * GROUP;
+        uint16_t* an = a + ((i + 1) % 2) * BATCH * GROUP;
         const int64_t conv = i + 1 < W && !half ? work[i + 1].n * GROUP : 0;   // bytes of batch i + 1 to convert
         const uint8_t* xn = conv ? keys.q + work[i + 1].row * GROUP : nullptr;
         const int64_t prev = i > 0 ? (work[i - 1].n + KEYS - 1) / KEYS : 0;   // key tiles of batch i - 1 to sum
@@ -284,6 +283,8 @@ static void amx_index_scores(const float* q, const float* w, const Rows& keys, c
         for (int i = 5; i < 8; ++i) cfg.rows[i] = STEP / 2, cfg.colsb[i] = 4 * cols;     // B: 16 pairs x cols
         _tile_loadconfig(&cfg);
         std::vector<Batch> work;                             // a chunk of blocks, in batches
+        std::vector<uint16_t> a(keys.q ? 2 * BATCH * GROUP : 0, 0);
+        alignas(64) float c[2][4][KEYS * 16];               // each batch's rows stored before they are read
         #pragma omp for schedule(dynamic, 1)
         for (int64_t b0 = 0; b0 < nb; b0 += CHUNK) {
             work.clear();
@@ -292,7 +293,7 @@ static void amx_index_scores(const float* q, const float* w, const Rows& keys, c
                 for (int64_t s = b * B; s < s1; s += BATCH)
                     work.push_back({table[b] * B + s - b * B, s, std::min(s1 - s, BATCH)});
             }
-            run_batches(work, keys, bq.data(), wt, scores, H);
+            run_batches(work, keys, bq.data(), wt, scores, H, a.data(), c);
         }
         _tile_release();
     }

@@ -134,7 +134,7 @@ struct Rows {
 };
 
 // layout 0: an fp32 pool f32 [N, D]; 1: FP8 (q, scale) with R bf16 values after them (half); 2: a
-// bf16 pool half [N, D] (the Python side: native.LAYOUTS)
+// bf16 pool half [N, D] (the Python side: cpu/pages.LAYOUTS)
 static inline Rows rows_of(int64_t layout, float* f32, uint8_t* q, float* scale, uint16_t* half, int64_t D, int64_t R) {
     if (layout == 0) return Rows{f32, nullptr, nullptr, nullptr, D, 0};
     if (layout == 1) return Rows{nullptr, q, scale, half, D, R};
