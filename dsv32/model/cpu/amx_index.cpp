@@ -125,9 +125,9 @@ static inline void add_head_sums(const float* c, const __m512* s, int64_t m, __m
 __attribute__((target("amx-tile"))) static inline void tile_zero(int64_t i) {
     switch (i) { case 0: _tile_zero(0); break; case 1: _tile_zero(1); break; case 2: _tile_zero(2); break; default: _tile_zero(3); }
 }
-__attribute__((target("amx-tile"))) static inline void tile_store(int64_t i, float* c) {
-    switch (i) { case 0: _tile_stored(0, c, 64); break; case 1: _tile_stored(1, c, 64); break;
-                 case 2: _tile_stored(2, c, 64); break; default: _tile_stored(3, c, 64); }
+__attribute__((target("amx-tile"))) static inline void tile_store(int64_t i, float* c, int64_t ld = 64) {
+    switch (i) { case 0: _tile_stored(0, c, ld); break; case 1: _tile_stored(1, c, ld); break;
+                 case 2: _tile_stored(2, c, ld); break; default: _tile_stored(3, c, ld); }
 }
 // C_i += A . B_5 + A . B_6 + A . B_7 (the query's three limbs)
 __attribute__((target("amx-tile,amx-bf16"))) static inline void tile_limbs(int64_t i) {

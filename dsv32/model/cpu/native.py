@@ -33,6 +33,12 @@
   amx_index_rows.cpp    the same for a prefill's queries over a run of consecutive FP8 or bf16 keys
                         (`index_scores_rows`, which cpu/indexer.index_scores takes for such runs): a
                         GEMM on tiles where the CPU path dequantises and multiplies in fp32.
+  amx_attention.cpp     the sparse attention (decode_attention's and sparse_prefill's) over a bf16
+                        pool on AMX-BF16 tiles, where the CPU has them, with 16+ heads and 64+
+                        rows: scores and weighted sums as GEMMs on tiles (the query and the
+                        softmax's probabilities in three bf16 limbs), where the vector code's FMAs
+                        ran at ~40 GFLOP/s with 128 heads (1.4-5.1x faster a call, bench/README.md
+                        "Sparse attention kernels"). Reference: MLA.attend_latent.
   sparse_prefill.cpp    the sparse attention of a prefill's queries, each over its own selected rows
                         read in place (sparse_attention.cpp's per-query loop, OpenMP over the
                         queries), where the reference gathers [t, K, C+R] rows for batched matmuls.
@@ -72,6 +78,7 @@ SPARSE_PREFILL_ARGS = (["const float*", "const int64_t*"] + POOL_ARGS + ["const 
 INDEX_SCORES_ARGS = ["const float*"] * 2 + POOL_ARGS + ["const int64_t*", "float*"] + ["const int64_t"] * 5
 INDEX_ROWS_ARGS = ["const float*"] * 2 + ["const uint8_t*", "const float*", "float*"] + ["const int64_t"] * 5
 INDEX_FILES = ("cache_rows.cpp", "top_ids.cpp", "amx_index.cpp", "index_topk.cpp")   # and the entry's file
+ATTENTION_FILES = ("amx_attention.cpp", "sparse_attention.cpp")          # after cache_rows.cpp, amx_index.cpp
 HEAD_SUM_ARGS = ["const float*", "const float*", "float*"] + ["const int64_t"] * 4
 TOPK_ROWS_ARGS = ["const float*", "const int64_t*", "int64_t*"] + ["const int64_t"] * 3
 GROUP = CACHE_GROUP         # FP8 pools: one fp32 scale per GROUP values (cache_rows.cpp's GROUP)
@@ -192,7 +199,7 @@ def decode_attention(latent: torch.Tensor, index_k: torch.Tensor, q: torch.Tenso
                          f"(fp32, bf16, or FP8 as cpu/pages.Pages describes; contiguous) of {block}-key blocks "
                          f"for {S} keys")
     lat, ik, layout = pool_args(pages)
-    f = _build(INDEX_FILES + ("sparse_attention.cpp", "decode_attention.cpp"), _index_defines(isa, layout > 0),
+    f = _build(INDEX_FILES + ATTENTION_FILES + ("decode_attention.cpp",), _index_defines(isa, layout > 0),
                DECODE_ATTENTION_ARGS)
     o, scores, ids = q.new_empty(H, C), q.new_empty(S), torch.empty(min(S, topk), dtype=torch.int64)
     f(latent.contiguous(), index_k.contiguous(), q.contiguous(), iq.contiguous(), iw.contiguous(), *lat, *ik, table,
@@ -279,11 +286,11 @@ def index_scores_rows(q: torch.Tensor, w: torch.Tensor, values: torch.Tensor, sc
 
 
 def sparse_prefill(q: torch.Tensor, ids: torch.Tensor, pages: Pages, scale: float, C: int,
-                   isa: int | None = None) -> torch.Tensor:
+                   isa: int | str | None = None) -> torch.Tensor:
     """Absorbed queries q [t, H, C+R] fp32 of one row, each over its selected key positions ids
     [t, K] (-1: empty) read in place from `pages` -> o_lat [t, H, C]: per head the softmax(scale
-    q . row) weighted sum of row[:C] (MLA.attend_latent without the gather). `isa`: as for
-    `binding`."""
+    q . row) weighted sum of row[:C] (MLA.attend_latent without the gather; over a bf16 pool on AMX
+    tiles where amx_attention.cpp takes the shapes). `isa`: as for `binding`."""
     (t, H, D), K = q.shape, ids.shape[1]
     table = pages.table
     ok = (q.dtype == torch.float32 and q.device.type == "cpu" and ids.dtype == torch.int64 and ids.shape[0] == t
@@ -295,7 +302,7 @@ def sparse_prefill(q: torch.Tensor, ids: torch.Tensor, pages: Pages, scale: floa
                          f"{ids.dtype}, latent pool {tuple(pages.latent.shape)} {pages.latent.dtype}, C {C}")
     lat, _, layout = pool_args(pages)
     o = q.new_empty(t, H, C)
-    _build(("cache_rows.cpp", "sparse_attention.cpp", "sparse_prefill.cpp"), [] if isa is None else [f"ISA {isa}"],
+    _build(("cache_rows.cpp", "amx_index.cpp", *ATTENTION_FILES, "sparse_prefill.cpp"), _index_defines(isa, layout == 2),
            SPARSE_PREFILL_ARGS)(
         q.contiguous(), ids.contiguous(), *lat, table, o, t, H, D, C, K, pages.block, layout, float(scale))
     return o

@@ -3,12 +3,16 @@
 //   o[h, :C] = sum_j softmax_j(scale * q[h] . row_j) * row_j[:C]
 // over the K selected key positions ids[j] (-1: an empty selection, skipped), row_j the pool row
 // at slot_of(table, B, ids[j]) (cache_rows.cpp: in place, or dequantised). Built by native.py after
-// index_topk.cpp, before decode_attention.cpp, and after cache_rows.cpp, before sparse_prefill.cpp.
+// amx_attention.cpp, before decode_attention.cpp and sparse_prefill.cpp.
 // The selected rows are split across OpenMP threads and each is read once, for every head: an
 // online softmax (running max and sum per head) accumulates each thread's part, a tile of rows at
-// a time, and the parts are merged in thread order at the end. sparse_prefill.cpp runs the same per
-// query of a prefill.
+// a time, and the parts are merged at the end, each thread a share of the heads. sparse_prefill.cpp
+// runs the same per query of a prefill. Where amx_attention.cpp takes the pool and shapes (a bf16
+// pool, many heads; built with AMX), its tiles do a thread's part instead, the decode's rows handed
+// to the threads a chunk at a time as they come free.
+#include <algorithm>
 #include <cmath>
+#include <memory>
 #include <vector>
 #include <omp.h>
 
@@ -93,6 +97,13 @@ static inline void add_rows(float* acc, int64_t P, const float* e, const float (
 static void attend_rows(const float* q, const Rows& rows, const int64_t* table, const int64_t* ids, int64_t j0,
                         int64_t j1, float* acc, float* scratch, const int64_t H, const int64_t D, const int64_t C,
                         const int64_t B, const float scale) {
+#if defined(AMX) && ISA == 512
+    if (amx_attends(rows, H, j1 - j0, D, C)) {
+        AmxAttention amx(q, nullptr, rows, table, scratch, B, H, D, C, scale);
+        amx.add(ids + j0, j1 - j0);
+        return amx.finish(acc);
+    }
+#endif
     const int64_t P = C + 2;
     float* sc = scratch + ROWS * D;                        // [H, ROWS]
     for (int64_t h = 0; h < H; ++h) {
@@ -133,22 +144,37 @@ static void attend_rows(const float* q, const Rows& rows, const int64_t* table, 
     }
 }
 
+// the floats of attend_rows' scratch
+static int64_t attend_scratch(int64_t H, int64_t D, int64_t C) {
+    const int64_t n = ROWS * D + H * ROWS;
+#if defined(AMX) && ISA == 512
+    return std::max(n, amx_scratch_floats(H, D, C));
+#else
+    (void)C;
+    return n;
+#endif
+}
+
 // o [H, C] = the softmax-weighted sums of n parts [n, H, P] merged in order (zero where nothing
-// was selected)
-static void merge_parts(const float* part, int64_t n, float* o, const int64_t H, const int64_t C) {
+// was selected), for the heads h0..h1
+static void merge_parts(const float* part, int64_t n, float* o, const int64_t H, const int64_t C, int64_t h0 = 0,
+                        int64_t h1 = -1) {
     const int64_t P = C + 2;
-    for (int64_t h = 0; h < H; ++h) {
+    for (int64_t h = h0; h < (h1 < 0 ? H : h1); ++h) {
         float M = -INFINITY, L = 0.f;
         for (int64_t t = 0; t < n; ++t) M = std::fmax(M, part[(t * H + h) * P + C]);
-        for (int64_t c = 0; c < C; ++c) o[h * C + c] = 0.f;
+        float* oh = o + h * C;
+        std::memset(oh, 0, C * sizeof(float));
         if (M == -INFINITY) continue;
         for (int64_t t = 0; t < n; ++t) {
             const float* acc = part + (t * H + h) * P;
             const float a = std::exp(acc[C] - M);
             L += a * acc[C + 1];
-            scale_axpy(o + h * C, 1.f, a, acc, C);
+            scale_axpy(oh, 1.f, a, acc, C);
         }
-        for (int64_t c = 0; c < C; ++c) o[h * C + c] /= L;
+        int64_t c = 0;                                     // o / L (vectors: inductor's flags build
+        for (; c + WIDTH <= C; c += WIDTH) vstore(oh + c, vdiv(vload(oh + c), vset1(L)));   // no loop vectorizer)
+        for (; c < C; ++c) oh[c] /= L;
     }
 }
 
@@ -156,15 +182,28 @@ static void sparse_attention(const float* q, const Rows& rows, const int64_t* ta
                              const int64_t H, const int64_t K, const int64_t D, const int64_t C, const int64_t B,
                              const float scale) {
     const int64_t P = C + 2;
-    std::vector<float> part(omp_get_max_threads() * H * P);
-    int used = 1;
+    std::unique_ptr<float[]> part(new float[omp_get_max_threads() * H * P]);
+#if defined(AMX) && ISA == 512
+    const bool amx = amx_attends(rows, H, K, D, C);
+    std::unique_ptr<uint16_t[]> bq(new uint16_t[amx ? query_halves(H, D) : 0]);
+#endif
     #pragma omp parallel
     {
         const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
-        if (t == 0) used = (int)nt;
-        std::vector<float> scratch(ROWS * D + H * ROWS);
-        attend_rows(q, rows, table, ids, K * t / nt, K * (t + 1) / nt, part.data() + t * H * P, scratch.data(),
-                    H, D, C, B, scale);
+        std::unique_ptr<float[]> scratch(new float[attend_scratch(H, D, C)]);
+        float* acc = part.get() + t * H * P;
+#if defined(AMX) && ISA == 512
+        if (amx) {                    // the query's tiles built once, shared; chunks as threads come free
+            #pragma omp for schedule(static, 1)
+            for (int64_t i = 0; i < amx_heads(H) / 16; ++i) query_tiles(q, bq.get(), H, D, i, i + 1);
+            AmxAttention state(q, bq.get(), rows, table, scratch.get(), B, H, D, C, scale);
+            #pragma omp for schedule(dynamic, 1) nowait
+            for (int64_t j = 0; j < K; j += AMX_ROWS) state.add(ids + j, std::min(AMX_ROWS, K - j));
+            state.finish(acc);
+        } else
+#endif
+        attend_rows(q, rows, table, ids, K * t / nt, K * (t + 1) / nt, acc, scratch.get(), H, D, C, B, scale);
+        #pragma omp barrier
+        merge_parts(part.get(), nt, o, H, C, H * t / nt, H * (t + 1) / nt);   // each thread its heads
     }
-    merge_parts(part.data(), used, o, H, C);
 }

@@ -11,10 +11,11 @@ extern "C" void kernel(const float* q, const int64_t* ids, float* lat_f32, uint8
     const Rows lat = rows_of(layout, lat_f32, lat_q, lat_scale, lat_half, D, D - C);
     #pragma omp parallel
     {
-        std::vector<float> acc(H * (C + 2)), scratch(ROWS * D + H * ROWS);
+        std::vector<float> acc(H * (C + 2));
+        std::unique_ptr<float[]> scratch(new float[attend_scratch(H, D, C)]);
         #pragma omp for schedule(dynamic, t / 64 + 1)
         for (int64_t i = 0; i < t; ++i) {
-            attend_rows(q + i * H * D, lat, table, ids + i * K, 0, K, acc.data(), scratch.data(), H, D, C, B, scale);
+            attend_rows(q + i * H * D, lat, table, ids + i * K, 0, K, acc.data(), scratch.get(), H, D, C, B, scale);
             merge_parts(acc.data(), 1, o + i * H * C, H, C);
         }
     }

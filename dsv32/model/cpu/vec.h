@@ -24,6 +24,7 @@ static inline void vstore(float* p, vf a) { _mm512_storeu_ps(p, a); }
 static inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
 static inline vf vadd(vf a, vf b) { return _mm512_add_ps(a, b); }
 static inline vf vmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
+static inline vf vdiv(vf a, vf b) { return _mm512_div_ps(a, b); }
 static inline vf vset1(float s) { return _mm512_set1_ps(s); }
 static inline float vsum(vf a) { return _mm512_reduce_add_ps(a); }
 static inline vf vmax0(vf a) { return _mm512_max_ps(_mm512_setzero_ps(), a); }   // NaN stays NaN
@@ -36,6 +37,7 @@ static inline void vstore(float* p, vf a) { _mm256_storeu_ps(p, a); }
 static inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
 static inline vf vadd(vf a, vf b) { return _mm256_add_ps(a, b); }
 static inline vf vmul(vf a, vf b) { return _mm256_mul_ps(a, b); }
+static inline vf vdiv(vf a, vf b) { return _mm256_div_ps(a, b); }
 static inline vf vset1(float s) { return _mm256_set1_ps(s); }
 static inline vf vmax0(vf a) { return _mm256_max_ps(_mm256_setzero_ps(), a); }
 static inline float vsum(vf a) {
@@ -53,6 +55,7 @@ static inline void vstore(float* p, vf a) { *p = a; }
 static inline vf vfma(vf a, vf b, vf c) { return a * b + c; }
 static inline vf vadd(vf a, vf b) { return a + b; }
 static inline vf vmul(vf a, vf b) { return a * b; }
+static inline vf vdiv(vf a, vf b) { return a / b; }
 static inline vf vset1(float s) { return s; }
 static inline float vsum(vf a) { return a; }
 static inline vf vmax0(vf a) { return a < 0.f ? 0.f : a; }

@@ -1,0 +1,115 @@
+"""The sparse attention with many heads over a bf16 cache: the vector code against AMX tiles.
+
+Decode: one row's attention over K selected latent rows (native.decode_attention with S = K =
+top-k, so every row is selected and no indexer runs), on the AVX-512 code (sparse_attention.cpp:
+scores and weighted sums by FMAs, rows read in place) and on AMX tiles (amx_attention.cpp: both
+products GEMMs on tiles, the query and the probabilities in three bf16 limbs), alternating in one
+process; beside them the gather + torch GEMMs in fp32 (MLA.attend_latent's formula: gather the rows,
+convert, q . rows^T, softmax, p . rows). Prefill: t queries, each over its own K rows
+(native.sparse_prefill), the same two builds.
+
+    python bench/attention_kernels.py [--heads 16 32 64 128] [--rows 256 2048] [--write-readme]
+
+Heads 128: DeepSeek-V3.2's on one rank; 16: the wide model's. A benchmark, not a test.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from common import host_load, machine, markdown_table, write_section
+
+HEADING = "## Sparse attention kernels (bench/attention_kernels.py)"
+C, R, BLOCK, SCALE = 512, 64, 64, 0.07
+
+
+def bf16_pages(S: int):
+    """bf16 pools holding S random keys in shuffled blocks."""
+    from dsv32.model.cpu.pages import Pages
+    nb = -(-S // BLOCK)
+    return Pages(torch.randn(nb * BLOCK, C + R).to(torch.bfloat16), torch.randn(nb * BLOCK, 128).to(torch.bfloat16),
+                 torch.randperm(nb), BLOCK)
+
+
+def gathered(q: torch.Tensor, pages, S: int) -> torch.Tensor:
+    """The gather + fp32 GEMMs of MLA.attend_latent for one row over the first S keys."""
+    pos = torch.arange(S)
+    rows = pages.latent[pages.table[pos // BLOCK] * BLOCK + pos % BLOCK].float()      # [S, C+R]
+    return torch.softmax(SCALE * q @ rows.T, -1) @ rows[:, :C]
+
+
+def decode_us(H: int, K: int, rounds: int) -> dict[str, float]:
+    """Best-of-rounds microseconds of one decode row's attention over K rows: AVX-512, AMX, gather + GEMM."""
+    from dsv32.model.cpu import native
+    pages = bf16_pages(K)
+    latent, index_k, q, iq, iw = torch.randn(C + R), torch.randn(128), torch.randn(H, C + R), torch.randn(8, 128), torch.randn(8)
+    runs = {"512": lambda: native.decode_attention(latent, index_k, q, iq, iw, pages, K, K, SCALE, C, 512),
+            "amx": lambda: native.decode_attention(latent, index_k, q, iq, iw, pages, K, K, SCALE, C, native.AMX),
+            "gemm": lambda: gathered(q, pages, K)}
+    return best_of(runs, rounds, 5)
+
+
+def prefill_ms(H: int, t: int, K: int, rounds: int) -> dict[str, float]:
+    """Best-of-rounds milliseconds of t queries' sparse attention, each over its own K of 4K rows."""
+    from dsv32.model.cpu import native
+    pages = bf16_pages(4 * K)
+    ids = torch.stack([torch.randperm(4 * K)[:K].sort().values for _ in range(t)])
+    q = torch.randn(t, H, C + R)
+    runs = {"512": lambda: native.sparse_prefill(q, ids, pages, SCALE, C, 512),
+            "amx": lambda: native.sparse_prefill(q, ids, pages, SCALE, C, native.AMX)}
+    return {k: v / 1e3 for k, v in best_of(runs, rounds, 1).items()}
+
+
+def best_of(runs: dict, rounds: int, calls: int) -> dict[str, float]:
+    """The runs alternating, `calls` calls a round: the best round's microseconds a call of each."""
+    for f in runs.values():
+        f()
+    best = dict.fromkeys(runs, float("inf"))
+    for _ in range(rounds):
+        for name, f in runs.items():
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                f()
+            best[name] = min(best[name], (time.perf_counter() - t0) / calls * 1e6)
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--heads", type=int, nargs="+", default=[16, 32, 64, 128])
+    ap.add_argument("--rows", type=int, nargs="+", default=[256, 2048])
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--write-readme", action="store_true")
+    args = ap.parse_args()
+    from dsv32.model.cpu import native
+    if not native._amx_index_ready():
+        raise SystemExit("this CPU (or Linux, for this process) has no AMX-BF16: nothing to compare")
+    print(f"host load: {host_load()}", flush=True)
+    rows = []
+    for H in args.heads:
+        for K in args.rows:
+            t = decode_us(H, K, args.rounds)
+            flops = 2 * H * K * (2 * C + R)
+            rows.append([H, K, f"{t['512']:.0f}", f"{t['amx']:.0f}", f"{t['512'] / t['amx']:.2f}x",
+                         f"{flops / t['amx'] / 1e3:.0f}", f"{t['gemm']:.0f}", f"{t['gemm'] / t['amx']:.2f}x"])
+            print(rows[-1], flush=True)
+    table = markdown_table(["heads", "rows", "AVX-512 us", "AMX us", "speed-up", "AMX GFLOP/s",
+                            "gather + GEMM us", "GEMM / AMX"], rows)
+    prows = []
+    for H in (16, 128):
+        t = prefill_ms(H, 64, 2048, max(3, args.rounds // 3))
+        prows.append([H, 64, 2048, f"{t['512']:.1f}", f"{t['amx']:.1f}", f"{t['512'] / t['amx']:.2f}x"])
+        print(prows[-1], flush=True)
+    ptable = markdown_table(["heads", "queries", "rows each", "AVX-512 ms", "AMX ms", "speed-up"], prows)
+    text = (f"{machine()}; bf16 latent pools (C {C} + rope {R}), best of {args.rounds} alternating rounds.\n\n"
+            f"One decode row (a layer):\n\n{table}\n\n"
+            f"A prefill's queries (native.sparse_prefill):\n\n{ptable}")
+    print(text)
+    if args.write_readme:
+        write_section(HEADING, text)
+
+
+if __name__ == "__main__":
+    main()
