@@ -1,4 +1,4 @@
-"""The sparse attention with many heads over a bf16 cache: the vector code against AMX tiles.
+"""The sparse attention with many heads over a bf16 or FP8 cache: the vector code against AMX tiles.
 
 Decode: one row's attention over K selected latent rows (native.decode_attention with S = K =
 top-k, so every row is selected and no indexer runs), on the AVX-512 code (sparse_attention.cpp:
@@ -6,9 +6,10 @@ scores and weighted sums by FMAs, rows read in place) and on AMX tiles (amx_atte
 products GEMMs on tiles, the query and the probabilities in three bf16 limbs), alternating in one
 process; beside them the gather + torch GEMMs in fp32 (MLA.attend_latent's formula: gather the rows,
 convert, q . rows^T, softmax, p . rows). Prefill: t queries, each over its own K rows
-(native.sparse_prefill), the same two builds.
+(native.sparse_prefill), the same two builds. Pools: bf16, and FP8 (engine/cache.py's layout: e4m3
+with a scale per 128 values, bf16 rope).
 
-    python bench/attention_kernels.py [--heads 16 32 64 128] [--rows 256 2048] [--write-readme]
+    python bench/attention_kernels.py [--heads 16 32 64 128] [--rows 256 2048] [--pools bf16 fp8] [--write-readme]
 
 Heads 128: DeepSeek-V3.2's on one rank; 16: the wide model's. A benchmark, not a test.
 """
@@ -25,25 +26,35 @@ HEADING = "## Sparse attention kernels (bench/attention_kernels.py)"
 C, R, BLOCK, SCALE = 512, 64, 64, 0.07
 
 
-def bf16_pages(S: int):
-    """bf16 pools holding S random keys in shuffled blocks."""
+def cache_pages(S: int, pool: str):
+    """bf16 or FP8 pools holding S random keys in shuffled blocks."""
     from dsv32.model.cpu.pages import Pages
+    from dsv32.model.fp8 import quantize_groups
     nb = -(-S // BLOCK)
-    return Pages(torch.randn(nb * BLOCK, C + R).to(torch.bfloat16), torch.randn(nb * BLOCK, 128).to(torch.bfloat16),
-                 torch.randperm(nb), BLOCK)
+    latent, index, table = torch.randn(nb * BLOCK, C + R), torch.randn(nb * BLOCK, 128), torch.randperm(nb)
+    if pool == "bf16":
+        return Pages(latent.to(torch.bfloat16), index.to(torch.bfloat16), table, BLOCK)
+    (c, c_scale), (ik, ik_scale) = quantize_groups(latent[:, :C]), quantize_groups(index)
+    return Pages(c, ik, table, BLOCK, c_scale, latent[:, C:].to(torch.bfloat16), ik_scale)
 
 
 def gathered(q: torch.Tensor, pages, S: int) -> torch.Tensor:
     """The gather + fp32 GEMMs of MLA.attend_latent for one row over the first S keys."""
+    from dsv32.model.fp8 import dequantize_groups
     pos = torch.arange(S)
-    rows = pages.latent[pages.table[pos // BLOCK] * BLOCK + pos % BLOCK].float()      # [S, C+R]
+    slots = pages.table[pos // BLOCK] * BLOCK + pos % BLOCK
+    if pages.latent_scale is None:
+        rows = pages.latent[slots].float()                                             # [S, C+R]
+    else:
+        rows = torch.cat((dequantize_groups(pages.latent[slots], pages.latent_scale[slots], torch.float32),
+                          pages.rope[slots].float()), -1)
     return torch.softmax(SCALE * q @ rows.T, -1) @ rows[:, :C]
 
 
-def decode_us(H: int, K: int, rounds: int) -> dict[str, float]:
+def decode_us(H: int, K: int, pool: str, rounds: int) -> dict[str, float]:
     """Best-of-rounds microseconds of one decode row's attention over K rows: AVX-512, AMX, gather + GEMM."""
     from dsv32.model.cpu import native
-    pages = bf16_pages(K)
+    pages = cache_pages(K, pool)
     latent, index_k, q, iq, iw = torch.randn(C + R), torch.randn(128), torch.randn(H, C + R), torch.randn(8, 128), torch.randn(8)
     runs = {"512": lambda: native.decode_attention(latent, index_k, q, iq, iw, pages, K, K, SCALE, C, 512),
             "amx": lambda: native.decode_attention(latent, index_k, q, iq, iw, pages, K, K, SCALE, C, native.AMX),
@@ -51,10 +62,10 @@ def decode_us(H: int, K: int, rounds: int) -> dict[str, float]:
     return best_of(runs, rounds, 5)
 
 
-def prefill_ms(H: int, t: int, K: int, rounds: int) -> dict[str, float]:
+def prefill_ms(H: int, t: int, K: int, pool: str, rounds: int) -> dict[str, float]:
     """Best-of-rounds milliseconds of t queries' sparse attention, each over its own K of 4K rows."""
     from dsv32.model.cpu import native
-    pages = bf16_pages(4 * K)
+    pages = cache_pages(4 * K, pool)
     ids = torch.stack([torch.randperm(4 * K)[:K].sort().values for _ in range(t)])
     q = torch.randn(t, H, C + R)
     runs = {"512": lambda: native.sparse_prefill(q, ids, pages, SCALE, C, 512),
@@ -80,6 +91,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--heads", type=int, nargs="+", default=[16, 32, 64, 128])
     ap.add_argument("--rows", type=int, nargs="+", default=[256, 2048])
+    ap.add_argument("--pools", nargs="+", default=["bf16", "fp8"], choices=["bf16", "fp8"])
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--write-readme", action="store_true")
     args = ap.parse_args()
@@ -88,22 +100,24 @@ def main() -> None:
         raise SystemExit("this CPU (or Linux, for this process) has no AMX-BF16: nothing to compare")
     print(f"host load: {host_load()}", flush=True)
     rows = []
-    for H in args.heads:
-        for K in args.rows:
-            t = decode_us(H, K, args.rounds)
-            flops = 2 * H * K * (2 * C + R)
-            rows.append([H, K, f"{t['512']:.0f}", f"{t['amx']:.0f}", f"{t['512'] / t['amx']:.2f}x",
-                         f"{flops / t['amx'] / 1e3:.0f}", f"{t['gemm']:.0f}", f"{t['gemm'] / t['amx']:.2f}x"])
-            print(rows[-1], flush=True)
-    table = markdown_table(["heads", "rows", "AVX-512 us", "AMX us", "speed-up", "AMX GFLOP/s",
+    for pool in args.pools:
+        for H in args.heads:
+            for K in args.rows:
+                t = decode_us(H, K, pool, args.rounds)
+                flops = 2 * H * K * (2 * C + R)
+                rows.append([pool, H, K, f"{t['512']:.0f}", f"{t['amx']:.0f}", f"{t['512'] / t['amx']:.2f}x",
+                             f"{flops / t['amx'] / 1e3:.0f}", f"{t['gemm']:.0f}", f"{t['gemm'] / t['amx']:.2f}x"])
+                print(rows[-1], flush=True)
+    table = markdown_table(["pool", "heads", "rows", "AVX-512 us", "AMX us", "speed-up", "AMX GFLOP/s",
                             "gather + GEMM us", "GEMM / AMX"], rows)
     prows = []
-    for H in (16, 128):
-        t = prefill_ms(H, 64, 2048, max(3, args.rounds // 3))
-        prows.append([H, 64, 2048, f"{t['512']:.1f}", f"{t['amx']:.1f}", f"{t['512'] / t['amx']:.2f}x"])
-        print(prows[-1], flush=True)
-    ptable = markdown_table(["heads", "queries", "rows each", "AVX-512 ms", "AMX ms", "speed-up"], prows)
-    text = (f"{machine()}; bf16 latent pools (C {C} + rope {R}), best of {args.rounds} alternating rounds.\n\n"
+    for pool in args.pools:
+        for H in (16, 128):
+            t = prefill_ms(H, 64, 2048, pool, max(3, args.rounds // 3))
+            prows.append([pool, H, 64, 2048, f"{t['512']:.1f}", f"{t['amx']:.1f}", f"{t['512'] / t['amx']:.2f}x"])
+            print(prows[-1], flush=True)
+    ptable = markdown_table(["pool", "heads", "queries", "rows each", "AVX-512 ms", "AMX ms", "speed-up"], prows)
+    text = (f"{machine()}; latent pools of C {C} + rope {R} values, best of {args.rounds} alternating rounds.\n\n"
             f"One decode row (a layer):\n\n{table}\n\n"
             f"A prefill's queries (native.sparse_prefill):\n\n{ptable}")
     print(text)

@@ -21,37 +21,53 @@
 static const int64_t AMX_ROWS = 128;                     // selected rows a chunk (a multiple of 32)
 static const int64_t AMX_MIN_HEADS = 16;                 // fewer: the vector code (a tile's width)
 
-// Whether K selected rows of a bf16 pool (its rows' D values as they lie) take the tiles: 16+ heads,
-// 64+ rows and 2048+ head-rows (below, the query's tiles and the rows padded to 32 cost more than the
-// vector code: 16 heads at 64 rows 1.17x, 128 heads at 32 rows 1.25x its time; at 16 x 128 even)
+// Whether K selected rows of a bf16 pool, or an FP8 one whose C values are the scaled groups (its rope
+// after them), take the tiles: 16+ heads, 64+ rows and 2048+ head-rows (below, the query's tiles and
+// the rows padded to 32 cost more than the vector code: 16 heads at 64 rows 1.17x, 128 heads at 32
+// rows 1.25x its time; at 16 x 128 even)
 static inline bool amx_attends(const Rows& rows, int64_t H, int64_t K, int64_t D, int64_t C) {
-    return rows.f32 == nullptr && rows.q == nullptr && H >= AMX_MIN_HEADS && K >= 64 && H * K >= 2048
-           && D % 32 == 0 && C % 32 == 0;
+    const bool pool = rows.f32 == nullptr && (rows.q == nullptr || (rows.R == D - C && C % GROUP == 0));
+    return pool && H >= AMX_MIN_HEADS && K >= 64 && H * K >= 2048 && D % 32 == 0 && C % 32 == 0;
 }
 
 // The thread's scratch (uint16 units): the query's B tiles [3 limbs][D/32 steps][T head tiles][16
 // pairs][16 heads][2], the gathered rows [AMX_ROWS][D], the paired rows [AMX_ROWS/2][C][2], p's limbs
-// [3][Hp][AMX_ROWS]; (floats) scores [AMX_ROWS][16 T], o [Hp][C], max and sum [Hp]. Hp: H rounded up
-// to 32 (head tiles go in pairs in the sums; the extra heads' p is zero).
+// [groups][3][Hp][AMX_ROWS] (FP8: one set a scaled group, p times the rows' scales); (floats) scores
+// [AMX_ROWS][16 T], o [Hp][C], max and sum [Hp], the rows' scales [C / GROUP][AMX_ROWS] and four C
+// tiles' rows. Hp: H rounded up to 32 (head tiles go in pairs in the sums; the extra heads' p is 0).
 struct AmxScratch {
     uint16_t *bq, *rows, *pairs, *pl;
-    float *sc, *o, *m, *l;
+    float *sc, *o, *m, *l, *scl, *part;
 };
 static inline int64_t amx_heads(int64_t H) { return (H + 31) / 32 * 32; }
 static inline int64_t query_halves(int64_t H, int64_t D) { return 3 * D * amx_heads(H); }
 static inline int64_t amx_scratch_floats(int64_t H, int64_t D, int64_t C) {
-    const int64_t Hp = amx_heads(H);
-    const int64_t halves = 3 * D * Hp + AMX_ROWS * D + AMX_ROWS * C + 3 * Hp * AMX_ROWS;
-    return halves / 2 + AMX_ROWS * Hp + Hp * C + 2 * Hp + 64;
+    const int64_t Hp = amx_heads(H), G = std::max<int64_t>(1, C / GROUP);
+    const int64_t halves = 3 * D * Hp + AMX_ROWS * D + AMX_ROWS * C + G * 3 * Hp * AMX_ROWS;
+    return halves / 2 + AMX_ROWS * Hp + Hp * C + 2 * Hp + G * AMX_ROWS + 4 * 256 + 64;
 }
 static inline AmxScratch amx_scratch(float* s, int64_t H, int64_t D, int64_t C) {
-    const int64_t Hp = amx_heads(H);
+    const int64_t Hp = amx_heads(H), G = std::max<int64_t>(1, C / GROUP);
     s = (float*)(((uintptr_t)s + 63) & ~(uintptr_t)63);
     AmxScratch a;
-    a.sc = s, a.o = a.sc + AMX_ROWS * Hp, a.m = a.o + Hp * C, a.l = a.m + Hp;
-    a.bq = (uint16_t*)(a.l + Hp), a.rows = a.bq + 3 * D * Hp, a.pairs = a.rows + AMX_ROWS * D;
+    a.part = s, a.sc = a.part + 4 * 256, a.o = a.sc + AMX_ROWS * Hp, a.m = a.o + Hp * C, a.l = a.m + Hp;
+    a.scl = a.l + Hp;
+    a.bq = (uint16_t*)(a.scl + G * AMX_ROWS), a.rows = a.bq + 3 * D * Hp, a.pairs = a.rows + AMX_ROWS * D;
     a.pl = a.pairs + AMX_ROWS * C;
     return a;
+}
+
+// out[i] = the bf16 of e4m3 byte x[i] / 256 (exact) for i < n (a multiple of 16), in order: the byte's
+// exponent and mantissa placed in an fp16's make the fp16 the value / 256 (cache_rows.cpp's
+// fp8_dequant), which converts to fp32 and rounds to bf16 unchanged (4 significant bits)
+__attribute__((target("avx512bf16")))
+static inline void e4m3_bf16(const uint8_t* x, uint16_t* out, int64_t n) {
+    const __m256i sign = _mm256_set1_epi16(0x4000);
+    for (int64_t i = 0; i < n; i += 16) {
+        const __m256i b = _mm256_slli_epi16(_mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)(x + i))), 7);
+        const __m512 f = _mm512_cvtph_ps(_mm256_add_epi16(b, _mm256_and_si256(b, sign)));
+        _mm256_storeu_si256((__m256i*)(out + i), (__m256i)_mm512_cvtneps_pbh(f));
+    }
 }
 
 // exp(x) for the softmax: 2^n e^r, n = round(x / ln 2), |r| <= ln 2 / 2, e^r by its Taylor series to
@@ -117,10 +133,9 @@ static void query_tiles(const float* q, uint16_t* bq, int64_t H, int64_t D, int6
         }
 }
 
-// out[l][i] = limb l of x[i] for the 16 values x, limbs `ld` apart (as bf16_limbs, in order)
+// out[l][i] = limb l of v[i] for the 16 values v, limbs `ld` apart (as bf16_limbs, in order)
 __attribute__((target("avx512bf16")))
-static inline void limbs16(const float* x, uint16_t* out, int64_t ld) {
-    __m512 v = _mm512_loadu_ps(x);
+static inline void limbs16(__m512 v, uint16_t* out, int64_t ld) {
     for (int l = 0; l < 3; ++l) {
         const __m256i h = (__m256i)_mm512_cvtneps_pbh(v);
         _mm256_storeu_si256((__m256i*)(out + l * ld), h);
@@ -144,33 +159,48 @@ static void pair_rows(const uint16_t* rows, uint16_t* pairs, int64_t n, int64_t 
     }
 }
 
-// sc [n32, Hp] = the chunk's rows . the query's limbs, for the head tiles t < Tq
+// sc [n32, Hp] = the chunk's rows . the query's limbs, for the head tiles t < Tq. FP8 rows (G scaled
+// groups of the first G * GROUP values, then the rope): each group's products summed on the tiles
+// apart, then scaled by the rows' scales into sc, the rope's added (in group order)
 __attribute__((target("amx-tile,amx-bf16")))
-static void chunk_scores(const AmxScratch& a, int64_t n32, int64_t Tq, int64_t Hp, int64_t D) {
-    const int64_t steps = D / 32, T = Hp / 16, RT = n32 / 16;
+static void chunk_scores(const AmxScratch& a, int64_t n32, int64_t Tq, int64_t Hp, int64_t D, int64_t G) {
+    const int64_t steps = D / 32, T = Hp / 16, RT = n32 / 16, per = GROUP / 32;
     for (int64_t t = 0; t < Tq; ++t)
         for (int64_t r0 = 0; r0 < RT; r0 += 4) {
             const int64_t m = std::min<int64_t>(4, RT - r0);
-            for (int64_t i = 0; i < m; ++i) tile_zero(i);
-            for (int64_t k = 0; k < steps; ++k) {
-                const uint16_t* b = a.bq + (k * T + t) * 512;
-                _tile_loadd(5, b, 64);
-                _tile_loadd(6, b + steps * T * 512, 64);
-                _tile_loadd(7, b + 2 * steps * T * 512, 64);
-                for (int64_t i = 0; i < m; ++i) {
-                    _tile_loadd(4, a.rows + (r0 + i) * 16 * D + k * 32, 2 * D);
-                    tile_limbs(i);
+            for (int64_t g = 0; g <= G; ++g) {              // the steps of group g (G: the rest)
+                for (int64_t i = 0; i < m; ++i) tile_zero(i);
+                for (int64_t k = g * per; k < (g < G ? (g + 1) * per : steps); ++k) {
+                    const uint16_t* b = a.bq + (k * T + t) * 512;
+                    _tile_loadd(5, b, 64);
+                    _tile_loadd(6, b + steps * T * 512, 64);
+                    _tile_loadd(7, b + 2 * steps * T * 512, 64);
+                    for (int64_t i = 0; i < m; ++i) {
+                        _tile_loadd(4, a.rows + (r0 + i) * 16 * D + k * 32, 2 * D);
+                        tile_limbs(i);
+                    }
+                }
+                if (G == 0) {                                // bf16 rows: the sums are the scores
+                    for (int64_t i = 0; i < m; ++i) tile_store(i, a.sc + (r0 + i) * 16 * Hp + t * 16, 4 * Hp);
+                    continue;
+                }
+                for (int64_t i = 0; i < m; ++i) tile_store(i, a.part + i * 256);
+                for (int64_t r = 0; r < m * 16; ++r) {
+                    float* out = a.sc + (r0 * 16 + r) * Hp + t * 16;
+                    const __m512 v = _mm512_load_ps(a.part + r * 16);
+                    const __m512 s = _mm512_set1_ps(g < G ? a.scl[g * AMX_ROWS + r0 * 16 + r] : 1.f);
+                    _mm512_storeu_ps(out, g == 0 ? _mm512_mul_ps(s, v) : _mm512_fmadd_ps(s, v, _mm512_loadu_ps(out)));
                 }
             }
-            for (int64_t i = 0; i < m; ++i) tile_store(i, a.sc + (r0 + i) * 16 * Hp + t * 16, 4 * Hp);
         }
 }
 
 // The online softmax of the chunk's n rows (of n32) for head tile t: p = exp(scale s - M) into the
-// limbs of p (A tiles: heads by rows; rows n.. zero), the running max and sum updated, o's rows
-// rescaled where the max grew
+// limbs of p (A tiles: heads by rows; rows n.. zero; FP8: of p times each group's row scales), the
+// running max and sum updated, o's rows rescaled where the max grew
 __attribute__((target("avx512bf16")))
-static void chunk_softmax(const AmxScratch& a, int64_t n, int64_t n32, int64_t t, int64_t Hp, int64_t C, float scale) {
+static void chunk_softmax(const AmxScratch& a, int64_t n, int64_t n32, int64_t t, int64_t Hp, int64_t C, int64_t G,
+                          float scale) {
     float* sc = a.sc + t * 16;
     const __m512 sv = _mm512_set1_ps(scale), old = _mm512_loadu_ps(a.m + t * 16);
     const __mmask16 seen = _mm512_cmp_ps_mask(old, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);   // o nonzero
@@ -195,16 +225,22 @@ static void chunk_softmax(const AmxScratch& a, int64_t n, int64_t n32, int64_t t
             float* o = a.o + (t * 16 + h) * C;
             for (int64_t c = 0; c < C; c += 16) _mm512_storeu_ps(o + c, _mm512_mul_ps(_mm512_set1_ps(ev[h]), _mm512_loadu_ps(o + c)));
         }
+    const int64_t limb = Hp * AMX_ROWS;
     for (int64_t r0 = 0; r0 < n32; r0 += 16) {
         transpose16(sc + r0 * Hp, Hp, pt, 16);
-        for (int64_t h = 0; h < 16; ++h) limbs16(pt + h * 16, a.pl + (t * 16 + h) * AMX_ROWS + r0, Hp * AMX_ROWS);
+        for (int64_t g = 0; g < std::max<int64_t>(1, G); ++g) {
+            const __m512 s = G ? _mm512_loadu_ps(a.scl + g * AMX_ROWS + r0) : _mm512_set1_ps(1.f);
+            for (int64_t h = 0; h < 16; ++h)
+                limbs16(_mm512_mul_ps(s, _mm512_load_ps(pt + h * 16)), a.pl + (g * 3 * Hp + t * 16 + h) * AMX_ROWS + r0, limb);
+        }
     }
 }
 
 // o [Hp, C] += p [Hp, n32] . rows [n32, :C]: C tiles (head tiles t, t + 1) x (column tiles c, c + 1)
 // loaded from o (zero for the first chunk), the chunk's K tiles of 32 rows, each with p's three limbs
+// (FP8: those of the columns' group)
 __attribute__((target("amx-tile,amx-bf16")))
-static void chunk_sums(const AmxScratch& a, int64_t n32, int64_t Tq, int64_t Hp, int64_t C, bool first) {
+static void chunk_sums(const AmxScratch& a, int64_t n32, int64_t Tq, int64_t Hp, int64_t C, int64_t G, bool first) {
     const int64_t ld = 4 * C, limb = Hp * AMX_ROWS;
     for (int64_t t = 0; t < Tq; t += 2)
         for (int64_t c = 0; c < C / 16; c += 2) {
@@ -219,7 +255,7 @@ static void chunk_sums(const AmxScratch& a, int64_t n32, int64_t Tq, int64_t Hp,
                 const uint16_t* b = a.pairs + kr * 16 * 2 * C + c * 32;
                 _tile_loadd(6, b, ld);
                 _tile_loadd(7, b + 32, ld);
-                const uint16_t* p = a.pl + t * 16 * AMX_ROWS + kr * 32;
+                const uint16_t* p = a.pl + ((G ? c * 16 / GROUP * 3 * Hp : 0) + t * 16) * AMX_ROWS + kr * 32;
                 for (int64_t l = 0; l < 3; ++l) {
                     _tile_loadd(4, p + l * limb, 2 * AMX_ROWS);
                     _tile_loadd(5, p + l * limb + 16 * AMX_ROWS, 2 * AMX_ROWS);
@@ -237,7 +273,7 @@ static void chunk_sums(const AmxScratch& a, int64_t n32, int64_t Tq, int64_t Hp,
 // (amx_scratch_floats(H, D, C) floats).
 struct AmxAttention {
     const Rows& rows;
-    const int64_t *table, B, H, D, C, Hp, Tq;
+    const int64_t *table, B, H, D, C, Hp, Tq, G;            // G: an FP8 pool's scaled groups (bf16: 0)
     const float scale;
     AmxScratch a;
     bool first = true;                                   // nothing summed yet
@@ -245,15 +281,15 @@ struct AmxAttention {
     __attribute__((target("amx-tile,amx-bf16,avx512bf16")))
     AmxAttention(const float* q, const uint16_t* bq, const Rows& rows, const int64_t* table, float* scratch,
                  int64_t B, int64_t H, int64_t D, int64_t C, float scale)
-        : rows(rows), table(table), B(B), H(H), D(D), C(C), Hp(amx_heads(H)), Tq((H + 15) / 16), scale(scale),
-          a(amx_scratch(scratch, H, D, C)) {
+        : rows(rows), table(table), B(B), H(H), D(D), C(C), Hp(amx_heads(H)), Tq((H + 15) / 16),
+          G(rows.q ? C / GROUP : 0), scale(scale), a(amx_scratch(scratch, H, D, C)) {
         if (bq == nullptr) query_tiles(q, a.bq, H, D, 0, Hp / 16);
         else a.bq = (uint16_t*)bq;
         TileConfig cfg = {};
         cfg.palette = 1;
         for (int i = 0; i < 8; ++i) cfg.rows[i] = 16, cfg.colsb[i] = 64;
         _tile_loadconfig(&cfg);
-        for (int64_t l = 0; l < 3; ++l)                      // a head tile past Tq keeps p = 0
+        for (int64_t l = 0; l < 3 * std::max<int64_t>(1, G); ++l)   // a head tile past Tq keeps p = 0
             std::memset(a.pl + (l * Hp + Tq * 16) * AMX_ROWS, 0, (Hp - Tq * 16) * AMX_ROWS * sizeof(uint16_t));
         for (int64_t h = 0; h < Hp; ++h) a.m[h] = -INFINITY, a.l[h] = 0.f;
     }
@@ -264,16 +300,27 @@ struct AmxAttention {
         for (int64_t j = 0; j < k;) {
             int64_t n = 0;
             for (; n < AMX_ROWS && j < k; ++j)
-                if (ids[j] >= 0) std::memcpy(a.rows + n * D, rows.tail + slot_of(table, B, ids[j]) * D, D * 2), ++n;
+                if (ids[j] >= 0) gather(slot_of(table, B, ids[j]), n++);
             if (n == 0) return;
             const int64_t n32 = (n + 31) / 32 * 32;
             std::memset(a.rows + n * D, 0, (n32 - n) * D * 2);
-            chunk_scores(a, n32, Tq, Hp, D);
-            for (int64_t t = 0; t < Tq; ++t) chunk_softmax(a, n, n32, t, Hp, C, scale);
+            for (int64_t g = 0; g < G; ++g) std::memset(a.scl + g * AMX_ROWS + n, 0, (n32 - n) * sizeof(float));
+            chunk_scores(a, n32, Tq, Hp, D, G);
+            for (int64_t t = 0; t < Tq; ++t) chunk_softmax(a, n, n32, t, Hp, C, G, scale);
             pair_rows(a.rows, a.pairs, n32, D, C);
-            chunk_sums(a, n32, Tq, Hp, C, first);
+            chunk_sums(a, n32, Tq, Hp, C, G, first);
             first = false;
         }
+    }
+
+    // pool row `slot` as the chunk's row n: bf16 as it lies; FP8 values / 256 in bf16 (exact), the rope
+    // after them, the scales times 256 by group
+    __attribute__((target("avx512bf16")))
+    void gather(int64_t slot, int64_t n) {
+        if (G == 0) return (void)std::memcpy(a.rows + n * D, rows.tail + slot * D, D * 2);
+        e4m3_bf16(rows.q + slot * C, a.rows + n * D, C);
+        std::memcpy(a.rows + n * D + C, rows.tail + slot * (D - C), (D - C) * 2);
+        for (int64_t g = 0; g < G; ++g) a.scl[g * AMX_ROWS + n] = rows.scale[slot * G + g] * 256.f;
     }
 
     __attribute__((target("amx-tile")))

@@ -302,7 +302,7 @@ def sparse_prefill(q: torch.Tensor, ids: torch.Tensor, pages: Pages, scale: floa
                          f"{ids.dtype}, latent pool {tuple(pages.latent.shape)} {pages.latent.dtype}, C {C}")
     lat, _, layout = pool_args(pages)
     o = q.new_empty(t, H, C)
-    _build(("cache_rows.cpp", "amx_index.cpp", *ATTENTION_FILES, "sparse_prefill.cpp"), _index_defines(isa, layout == 2),
+    _build(("cache_rows.cpp", "amx_index.cpp", *ATTENTION_FILES, "sparse_prefill.cpp"), _index_defines(isa, layout > 0),
            SPARSE_PREFILL_ARGS)(
         q.contiguous(), ids.contiguous(), *lat, table, o, t, H, D, C, K, pages.block, layout, float(scale))
     return o
