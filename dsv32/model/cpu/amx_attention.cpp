@@ -1,4 +1,4 @@
-// Sparse MLA attention over a bf16 latent pool on AMX tiles (built by native.py after cache_rows.cpp
+// Sparse MLA attention over a bf16 or FP8 latent pool on AMX tiles (built by native.py after cache_rows.cpp
 // and amx_index.cpp, whose tile operations it uses, before sparse_attention.cpp, with AMX defined,
 // where the CPU has AMX-BF16): sparse_attention.cpp's attend_rows with many heads, where its vector
 // code spends 2 H (D + C) FMA lanes a row and runs at ~40 GFLOP/s with 128 heads (the real model's).
@@ -13,7 +13,9 @@
 // The softmax keeps a running max and sum per head across chunks (o rescaled where the max grows; its
 // exp a vector polynomial, exp16), and the thread's part is handed back as attend_rows' (o, max, sum).
 // Outputs differ from the vector code's by fp32 rounding (other orders; tests hold both to float64).
-// A call 1.4-5.1x faster than the vector code from 16 heads over 256 rows to 128 over 2048, 1.9-4.3x
+// FP8 rows (chunk_scores, `gather`): the bf16 of each e4m3 value / 256 (exact), the scale per group
+// applied to the group's products after the tiles and folded into p for its columns' sums.
+// A call 1.3-5.4x faster than the vector code from 16 heads over 256 rows to 128 over 2048, 1.6-10x
 // than gathering the rows for torch's fp32 GEMMs (bench/README.md, "Sparse attention kernels").
 #if defined(AMX) && ISA == 512
 #include <algorithm>

@@ -34,10 +34,10 @@
                         (`index_scores_rows`, which cpu/indexer.index_scores takes for such runs): a
                         GEMM on tiles where the CPU path dequantises and multiplies in fp32.
   amx_attention.cpp     the sparse attention (decode_attention's and sparse_prefill's) over a bf16
-                        pool on AMX-BF16 tiles, where the CPU has them, with 16+ heads and 64+
-                        rows: scores and weighted sums as GEMMs on tiles (the query and the
+                        or FP8 pool on AMX-BF16 tiles, where the CPU has them, with 16+ heads and
+                        64+ rows: scores and weighted sums as GEMMs on tiles (the query and the
                         softmax's probabilities in three bf16 limbs), where the vector code's FMAs
-                        ran at ~40 GFLOP/s with 128 heads (1.4-5.1x faster a call, bench/README.md
+                        ran at ~40 GFLOP/s with 128 heads (1.3-5.4x faster a call, bench/README.md
                         "Sparse attention kernels"). Reference: MLA.attend_latent.
   sparse_prefill.cpp    the sparse attention of a prefill's queries, each over its own selected rows
                         read in place (sparse_attention.cpp's per-query loop, OpenMP over the
