@@ -96,3 +96,16 @@ def test_sparse_prefill_with_many_heads(H, pool):
             torch.testing.assert_close(out[i].double(), refs[i], rtol=1e-5, atol=1e-5, msg=lambda m: f"isa {isa}: {m}")
     if AMX_INDEX:
         assert not torch.equal(outs[AMX_INDEX[0]][3], outs[VECTOR[0]][3])
+
+
+def test_a_nan_in_a_selected_row_reaches_every_head():
+    """A NaN in the cache (a row the model overflowed into) makes every head's output NaN, on the
+    tiles as in the vector code (never a finite value that hides it)."""
+    H, S = 32, 300
+    pages = cache_pages(S, "bf16")
+    pages.latent[int(pages.table[5 // BLOCK]) * BLOCK + 5, 7] = float("nan")
+    latent, index_k = torch.randn(C + R, generator=G), torch.randn(Di, generator=G)
+    q, iq, iw = torch.randn(H, C + R, generator=G) * 0.3, torch.randn(16, Di, generator=G), torch.randn(16, generator=G)
+    for isa in VECTOR + AMX_INDEX:
+        out = native.decode_attention(latent, index_k, q, iq, iw, pages, S, S, SCALE, C, isa)
+        assert bool(out.isnan().all()), isa

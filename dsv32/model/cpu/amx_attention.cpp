@@ -73,9 +73,10 @@ static inline void e4m3_bf16(const uint8_t* x, uint16_t* out, int64_t n) {
 }
 
 // exp(x) for the softmax: 2^n e^r, n = round(x / ln 2), |r| <= ln 2 / 2, e^r by its Taylor series to
-// r^7 (relative error < 1e-8); below -104 the result underflows to 0
+// r^7 (relative error < 1e-8); below -104 the result underflows to 0 (min and max return their second
+// operand where one is NaN)
 static inline __m512 exp16(__m512 x) {
-    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.7f)), _mm512_set1_ps(-104.f));
+    x = _mm512_max_ps(_mm512_set1_ps(-104.f), _mm512_min_ps(_mm512_set1_ps(88.7f), x));   // NaN stays NaN
     const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
     __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
     r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
