@@ -289,8 +289,8 @@ def sparse_prefill(q: torch.Tensor, ids: torch.Tensor, pages: Pages, scale: floa
                    isa: int | str | None = None) -> torch.Tensor:
     """Absorbed queries q [t, H, C+R] fp32 of one row, each over its selected key positions ids
     [t, K] (-1: empty) read in place from `pages` -> o_lat [t, H, C]: per head the softmax(scale
-    q . row) weighted sum of row[:C] (MLA.attend_latent without the gather; over a bf16 pool on AMX
-    tiles where amx_attention.cpp takes the shapes). `isa`: as for `binding`."""
+    q . row) weighted sum of row[:C] (MLA.attend_latent without the gather; over a bf16 or FP8 pool
+    on AMX tiles where amx_attention.cpp takes the shapes). `isa`: as for `binding`."""
     (t, H, D), K = q.shape, ids.shape[1]
     table = pages.table
     ok = (q.dtype == torch.float32 and q.device.type == "cpu" and ids.dtype == torch.int64 and ids.shape[0] == t

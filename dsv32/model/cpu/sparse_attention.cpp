@@ -7,8 +7,8 @@
 // The selected rows are split across OpenMP threads and each is read once, for every head: an
 // online softmax (running max and sum per head) accumulates each thread's part, a tile of rows at
 // a time, and the parts are merged at the end, each thread a share of the heads. sparse_prefill.cpp
-// runs the same per query of a prefill. Where amx_attention.cpp takes the pool and shapes (a bf16
-// pool, many heads; built with AMX), its tiles do a thread's part instead, the decode's rows handed
+// runs the same per query of a prefill. Where amx_attention.cpp takes the pool and shapes (bf16 or
+// FP8, many heads; built with AMX), its tiles do a thread's part instead, the decode's rows handed
 // to the threads a chunk at a time as they come free.
 #include <algorithm>
 #include <cmath>
