@@ -227,6 +227,30 @@ def test_fp8_and_bf16_caches_equal_a_rounding_reference(ckpt, model, fmt, cache)
             logits = model(torch.tensor([[t]]), torch.tensor([[len(toks) - 1]]), kv)[0, -1]
 
 
+@pytest.mark.parametrize("cache", ["fp8", "bfloat16"])
+def test_many_heads_over_bf16_and_fp8_caches_equal_a_rounding_reference(tmp_path, cache):
+    """32 heads and a top-k of 64: the native attention's shapes that take AMX tiles where the CPU
+    has them (amx_attention.cpp: 16+ heads, 64+ rows), in prefill (sparse_prefill, chunks of 48
+    tokens over earlier keys) and decode, against fp32 forwards over a rounding cache."""
+    path = init_tiny(tmp_path, seed=5, layers=2, heads=32, topk=64, kv_lora=128, index_dim=128, index_heads=16)
+    model = load_model(path)
+    eng = make_engine(path, model, kv_cache_dtype=cache, max_num_batched_tokens=48)
+    prompt = prompts_of([150], seed=11)[0]
+    out = run(eng, [prompt], [greedy(6)])[0]
+    cfg = model.config
+    kv = ContiguousKV(cfg.num_hidden_layers + 1, 1, 256, cfg.kv_lora_rank + cfg.qk_rope_head_dim, cfg.index_head_dim,
+                      quantize=bf16_roundtrip if cache == "bfloat16" else fp8_roundtrip(cfg.kv_lora_rank))
+    toks = list(prompt)
+    kv.begin(0, len(toks))
+    with torch.no_grad():
+        logits = model(torch.tensor([toks]), kv=kv)[0, -1]
+        for t in out.outputs[0].token_ids:
+            assert t == int(logits.argmax())
+            toks.append(t)
+            kv.begin(len(toks) - 1, 1)
+            logits = model(torch.tensor([[t]]), torch.tensor([[len(toks) - 1]]), kv)[0, -1]
+
+
 def test_offline_llm_api(ckpt):
     llm = LLM(model=str(ckpt), max_model_len=256, max_num_seqs=4)
     outs = llm.generate(["Hello there", {"prompt_token_ids": [5, 6, 7]}], greedy(4), use_tqdm=False)
