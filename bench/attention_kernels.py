@@ -7,16 +7,23 @@ products GEMMs on tiles, the query and the probabilities in three bf16 limbs), a
 process; beside them the gather + torch GEMMs in fp32 (MLA.attend_latent's formula: gather the rows,
 convert, q . rows^T, softmax, p . rows). Prefill: t queries, each over its own K rows
 (native.sparse_prefill), the same two builds. Pools: bf16, and FP8 (engine/cache.py's layout: e4m3
-with a scale per 128 values, bf16 rope).
+with a scale per 128 values, bf16 rope). Engine: a checkpoint with DeepSeek-V3.2's attention shapes
+(128 heads, top-k 2048, 64 index heads; 2 small layers otherwise, fp32 weights) prefilling a
+`--engine-prompt`-token prompt in 2048-token chunks, then decoding, with the native attention calls
+on their default build (AMX) or on the AVX-512 one, alternating.
 
-    python bench/attention_kernels.py [--heads 16 32 64 128] [--rows 256 2048] [--pools bf16 fp8] [--write-readme]
+    python bench/attention_kernels.py [--heads 16 32 64 128] [--rows 256 2048] [--pools bf16 fp8]
+                                      [--engine-prompt 6144] [--write-readme]
 
 Heads 128: DeepSeek-V3.2's on one rank; 16: the wide model's. A benchmark, not a test.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -73,6 +80,52 @@ def prefill_ms(H: int, t: int, K: int, pool: str, rounds: int) -> dict[str, floa
     return {k: v / 1e3 for k, v in best_of(runs, rounds, 1).items()}
 
 
+@contextlib.contextmanager
+def vector_attention(on: bool):
+    """native.decode_attention and native.sparse_prefill on the AVX-512 build while `on`."""
+    from dsv32.model.cpu import native
+    real = native.decode_attention, native.sparse_prefill
+    if on:
+        native.decode_attention = lambda *a: real[0](*a, 512)
+        native.sparse_prefill = lambda *a: real[1](*a, 512)
+    try:
+        yield
+    finally:
+        native.decode_attention, native.sparse_prefill = real
+
+
+def engine_rates(L: int, pool: str, rounds: int) -> dict[str, tuple[float, float]]:
+    """{build: (prefill tok/s, decode ms/token)} of a 128-head checkpoint's engine, best of rounds."""
+    from dsv32.engine.engine import EngineConfig, LLMEngine
+    from dsv32.engine.sequence import SamplingParams
+    from dsv32.model.init_tiny import init_tiny
+    path = Path(tempfile.mkdtemp(prefix="dsv32_h128_"))
+    init_tiny(path, seed=1, layers=2, heads=128, topk=2048, kv_lora=C, rope=R, nope=128, v=128, index_dim=128,
+              index_heads=64, hidden=256, q_lora=256)
+    eng = LLMEngine(EngineConfig(model=str(path), max_model_len=L + 64, max_num_seqs=1, max_num_batched_tokens=2048,
+                                 enable_prefix_caching=False, kv_cache_dtype={"bf16": "bfloat16", "fp8": "fp8"}[pool]))
+
+    def run(vector: bool, seed: int, n: int = 9) -> tuple[float, float]:
+        prompt = torch.randint(1000, 8000, (L,), generator=torch.Generator().manual_seed(seed)).tolist()
+        eng.add_request(str(seed), prompt, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))
+        with vector_attention(vector):
+            t0 = time.perf_counter()
+            while not any(o.outputs[0].token_ids for o in eng.step()):
+                pass
+            t1 = time.perf_counter()
+            while eng.has_unfinished():
+                eng.step()
+        return L / (t1 - t0), (time.perf_counter() - t1) / (n - 1) * 1e3
+
+    run(False, 0, 3), run(True, 0, 3)                   # compile outside the timing
+    best = {"amx": (0.0, float("inf")), "512": (0.0, float("inf"))}
+    for r in range(rounds):
+        for name in best:
+            p, d = run(name == "512", r + 1)
+            best[name] = (max(best[name][0], p), min(best[name][1], d))
+    return best
+
+
 def best_of(runs: dict, rounds: int, calls: int) -> dict[str, float]:
     """The runs alternating, `calls` calls a round: the best round's microseconds a call of each."""
     for f in runs.values():
@@ -93,6 +146,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, nargs="+", default=[256, 2048])
     ap.add_argument("--pools", nargs="+", default=["bf16", "fp8"], choices=["bf16", "fp8"])
     ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--engine-prompt", type=int, default=6144, help="the engine run's prompt (0: none)")
     ap.add_argument("--write-readme", action="store_true")
     args = ap.parse_args()
     from dsv32.model.cpu import native
@@ -117,9 +171,20 @@ def main() -> None:
             prows.append([pool, H, 64, 2048, f"{t['512']:.1f}", f"{t['amx']:.1f}", f"{t['512'] / t['amx']:.2f}x"])
             print(prows[-1], flush=True)
     ptable = markdown_table(["pool", "heads", "queries", "rows each", "AVX-512 ms", "AMX ms", "speed-up"], prows)
+    erows = []
+    for pool in args.pools if args.engine_prompt else []:
+        e = engine_rates(args.engine_prompt, pool, 2)
+        erows.append([pool, args.engine_prompt, f"{e['512'][0]:.0f}", f"{e['amx'][0]:.0f}",
+                      f"{e['amx'][0] / e['512'][0]:.2f}x", f"{e['512'][1]:.1f}", f"{e['amx'][1]:.1f}",
+                      f"{e['512'][1] / e['amx'][1]:.2f}x"])
+        print(erows[-1], flush=True)
+    etable = markdown_table(["pool", "prompt", "prefill tok/s, AVX-512", "AMX", "speed-up", "decode ms/token, AVX-512",
+                             "AMX", "speed-up"], erows) if erows else ""
     text = (f"{machine()}; latent pools of C {C} + rope {R} values, best of {args.rounds} alternating rounds.\n\n"
             f"One decode row (a layer):\n\n{table}\n\n"
-            f"A prefill's queries (native.sparse_prefill):\n\n{ptable}")
+            f"A prefill's queries (native.sparse_prefill):\n\n{ptable}"
+            + (f"\n\nThe engine on a checkpoint with V3.2's attention shapes (128 heads, top-k 2048, 64 index "
+               f"heads; 2 layers of hidden 256, fp32 weights), best of 2 alternating rounds:\n\n{etable}" if etable else ""))
     print(text)
     if args.write_readme:
         write_section(HEADING, text)
