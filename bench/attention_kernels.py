@@ -62,7 +62,8 @@ def decode_us(H: int, K: int, pool: str, rounds: int) -> dict[str, float]:
     """Best-of-rounds microseconds of one decode row's attention over K rows: AVX-512, AMX, gather + GEMM."""
     from dsv32.model.cpu import native
     pages = cache_pages(K, pool)
-    latent, index_k, q, iq, iw = torch.randn(C + R), torch.randn(128), torch.randn(H, C + R), torch.randn(8, 128), torch.randn(8)
+    latent, index_k, q = torch.randn(C + R), torch.randn(128), torch.randn(H, C + R)
+    iq, iw = torch.randn(8, 128), torch.randn(8)
     runs = {"512": lambda: native.decode_attention(latent, index_k, q, iq, iw, pages, K, K, SCALE, C, 512),
             "amx": lambda: native.decode_attention(latent, index_k, q, iq, iw, pages, K, K, SCALE, C, native.AMX),
             "gemm": lambda: gathered(q, pages, K)}

@@ -109,3 +109,16 @@ def test_a_nan_in_a_selected_row_reaches_every_head():
     for isa in VECTOR + AMX_INDEX:
         out = native.decode_attention(latent, index_k, q, iq, iw, pages, S, S, SCALE, C, isa)
         assert bool(out.isnan().all()), isa
+
+
+@pytest.mark.parametrize("pool", ["bf16", "fp8"])
+def test_decode_attention_is_deterministic(pool):
+    """The same call gives the same bits every time, though the tiles hand the row chunks to whichever
+    thread comes free (each chunk's part is kept apart and the parts merged in order)."""
+    H, S = 64, 2048
+    pages = cache_pages(S, pool)
+    latent, index_k = torch.randn(C + R, generator=G), torch.randn(Di, generator=G)
+    q, iq, iw = torch.randn(H, C + R, generator=G) * 0.3, torch.randn(16, Di, generator=G), torch.randn(16, generator=G)
+    outs = {native.decode_attention(latent, index_k, q, iq, iw, pages, S, S, SCALE, C).numpy().tobytes()
+            for _ in range(30)}
+    assert len(outs) == 1

@@ -81,7 +81,8 @@ static inline __m512 exp16(__m512 x) {
     __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
     r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
     __m512 p = _mm512_set1_ps(1.f / 5040);
-    for (const float c : {1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+    for (const float c : {1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f})
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
     return _mm512_scalef_ps(p, n);
 }
 
@@ -94,11 +95,14 @@ static inline void transpose16(const float* a, int64_t lda, float* b, int64_t ld
     for (int i = 0; i < 16; i += 4)
         for (int j = 0; j < 2; ++j) {
             const __m512d x = _mm512_castps_pd(t[i + j]), y = _mm512_castps_pd(t[i + j + 2]);
-            r[i + j] = _mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), r[i + j + 2] = _mm512_castpd_ps(_mm512_unpackhi_pd(x, y));
+            r[i + j] = _mm512_castpd_ps(_mm512_unpacklo_pd(x, y));
+            r[i + j + 2] = _mm512_castpd_ps(_mm512_unpackhi_pd(x, y));
         }
     for (int i = 0; i < 16; i += 8)                          // 128-bit lanes: rows i.. and i + 4..
-        for (int j = 0; j < 4; ++j)
-            t[i + j] = _mm512_shuffle_f32x4(r[i + j], r[i + j + 4], 0x88), t[i + j + 4] = _mm512_shuffle_f32x4(r[i + j], r[i + j + 4], 0xDD);
+        for (int j = 0; j < 4; ++j) {
+            t[i + j] = _mm512_shuffle_f32x4(r[i + j], r[i + j + 4], 0x88);
+            t[i + j + 4] = _mm512_shuffle_f32x4(r[i + j], r[i + j + 4], 0xDD);
+        }
     for (int j = 0; j < 8; ++j) {                            // 256-bit halves: rows j and j + 8
         const __m512 lo = _mm512_shuffle_f32x4(t[j], t[j + 8], 0x88), hi = _mm512_shuffle_f32x4(t[j], t[j + 8], 0xDD);
         r[j] = lo, r[j + 8] = hi;
@@ -122,7 +126,8 @@ static void query_tiles(const float* q, uint16_t* bq, int64_t H, int64_t D, int6
                     for (int l = 0; l < 3; ++l) _mm512_store_ps(limbs[l][h], _mm512_setzero_ps());
                     continue;
                 }
-                __m512 v0 = _mm512_loadu_ps(q + (t * 16 + h) * D + k * 32), v1 = _mm512_loadu_ps(q + (t * 16 + h) * D + k * 32 + 16);
+                const float* x = q + (t * 16 + h) * D + k * 32;
+                __m512 v0 = _mm512_loadu_ps(x), v1 = _mm512_loadu_ps(x + 16);
                 for (int l = 0; l < 3; ++l) {
                     const __m512i b = (__m512i)_mm512_cvtne2ps_pbh(v1, v0);   // values 0..31 in order
                     _mm512_store_si512(limbs[l][h], b);
@@ -132,7 +137,8 @@ static void query_tiles(const float* q, uint16_t* bq, int64_t H, int64_t D, int6
                     v1 = _mm512_sub_ps(v1, _mm512_castsi512_ps(_mm512_slli_epi32(b1, 16)));
                 }
             }
-            for (int l = 0; l < 3; ++l) transpose16(limbs[l][0], 16, (float*)(bq + ((l * steps + k) * T + t) * tile), 16);
+            for (int l = 0; l < 3; ++l)
+                transpose16(limbs[l][0], 16, (float*)(bq + ((l * steps + k) * T + t) * tile), 16);
         }
 }
 
@@ -226,7 +232,8 @@ static void chunk_softmax(const AmxScratch& a, int64_t n, int64_t n32, int64_t t
     for (int64_t h = 0; h < 16; ++h)
         if (ev[h] != 1.f && (seen >> h & 1)) {
             float* o = a.o + (t * 16 + h) * C;
-            for (int64_t c = 0; c < C; c += 16) _mm512_storeu_ps(o + c, _mm512_mul_ps(_mm512_set1_ps(ev[h]), _mm512_loadu_ps(o + c)));
+            for (int64_t c = 0; c < C; c += 16)
+                _mm512_storeu_ps(o + c, _mm512_mul_ps(_mm512_set1_ps(ev[h]), _mm512_loadu_ps(o + c)));
         }
     const int64_t limb = Hp * AMX_ROWS;
     for (int64_t r0 = 0; r0 < n32; r0 += 16) {
@@ -234,7 +241,8 @@ static void chunk_softmax(const AmxScratch& a, int64_t n, int64_t n32, int64_t t
         for (int64_t g = 0; g < std::max<int64_t>(1, G); ++g) {
             const __m512 s = G ? _mm512_loadu_ps(a.scl + g * AMX_ROWS + r0) : _mm512_set1_ps(1.f);
             for (int64_t h = 0; h < 16; ++h)
-                limbs16(_mm512_mul_ps(s, _mm512_load_ps(pt + h * 16)), a.pl + (g * 3 * Hp + t * 16 + h) * AMX_ROWS + r0, limb);
+                limbs16(_mm512_mul_ps(s, _mm512_load_ps(pt + h * 16)), a.pl + (g * 3 * Hp + t * 16 + h) * AMX_ROWS + r0,
+                        limb);
         }
     }
 }
@@ -252,7 +260,8 @@ static void chunk_sums(const AmxScratch& a, int64_t n32, int64_t Tq, int64_t Hp,
             if (first) {
                 _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
             } else {
-                _tile_loadd(0, o0, ld); _tile_loadd(1, o0 + 16, ld); _tile_loadd(2, o1, ld); _tile_loadd(3, o1 + 16, ld);
+                _tile_loadd(0, o0, ld); _tile_loadd(1, o0 + 16, ld);
+                _tile_loadd(2, o1, ld); _tile_loadd(3, o1 + 16, ld);
             }
             for (int64_t kr = 0; kr < n32 / 32; ++kr) {
                 const uint16_t* b = a.pairs + kr * 16 * 2 * C + c * 32;
@@ -265,15 +274,17 @@ static void chunk_sums(const AmxScratch& a, int64_t n32, int64_t Tq, int64_t Hp,
                     _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7); _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
                 }
             }
-            _tile_stored(0, o0, ld); _tile_stored(1, o0 + 16, ld); _tile_stored(2, o1, ld); _tile_stored(3, o1 + 16, ld);
+            _tile_stored(0, o0, ld); _tile_stored(1, o0 + 16, ld);
+            _tile_stored(2, o1, ld); _tile_stored(3, o1 + 16, ld);
         }
 }
 
-// attend_rows (sparse_attention.cpp) on tiles, as one thread's state: `add` sums selected rows into
-// it a chunk at a time (in any order: the decode hands chunks to threads as they come free), `finish`
-// writes acc [H, C + 2] (o[:C] unnormalised, running max, running sum) as attend_rows does. bq: the
-// query's tiles (`query_tiles`, shared by the threads), or null to build them in scratch
-// (amx_scratch_floats(H, D, C) floats).
+// attend_rows (sparse_attention.cpp) on tiles, as one thread's state (holding the tiles while it
+// lives): `add` sums selected rows into it, AMX_ROWS at a time, `write` writes acc [H, C + 2] (o[:C]
+// unnormalised, running max, running sum) as attend_rows does, and `begin` starts afresh (the decode
+// hands each chunk of AMX_ROWS to the thread that comes free and keeps its part apart, so the merged
+// result does not depend on which thread took it). bq: the query's tiles (`query_tiles`, shared by
+// the threads), or null to build them in scratch (amx_scratch_floats(H, D, C) floats).
 struct AmxAttention {
     const Rows& rows;
     const int64_t *table, B, H, D, C, Hp, Tq, G;            // G: an FP8 pool's scaled groups (bf16: 0)
@@ -294,7 +305,14 @@ struct AmxAttention {
         _tile_loadconfig(&cfg);
         for (int64_t l = 0; l < 3 * std::max<int64_t>(1, G); ++l)   // a head tile past Tq keeps p = 0
             std::memset(a.pl + (l * Hp + Tq * 16) * AMX_ROWS, 0, (Hp - Tq * 16) * AMX_ROWS * sizeof(uint16_t));
+        begin();
+    }
+
+    __attribute__((target("amx-tile"))) ~AmxAttention() { _tile_release(); }
+
+    void begin() {
         for (int64_t h = 0; h < Hp; ++h) a.m[h] = -INFINITY, a.l[h] = 0.f;
+        first = true;
     }
 
     // the rows of the key positions ids[0..k) (-1: skipped), AMX_ROWS at a time
@@ -326,9 +344,7 @@ struct AmxAttention {
         for (int64_t g = 0; g < G; ++g) a.scl[g * AMX_ROWS + n] = rows.scale[slot * G + g] * 256.f;
     }
 
-    __attribute__((target("amx-tile")))
-    void finish(float* acc) {
-        _tile_release();
+    void write(float* acc) const {
         const int64_t P = C + 2;
         for (int64_t h = 0; h < H; ++h) {
             if (first) std::memset(acc + h * P, 0, C * sizeof(float));   // no rows: nothing summed
