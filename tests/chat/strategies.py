@@ -55,9 +55,20 @@ prose_calls = tool_calls().filter(
     lambda calls: not any(m in c["function"]["arguments"] for c in calls for m in FORMAT_MARKERS))
 
 
+def conversations():
+    """Any conversation the encoder accepts: roles in any order, tool results after each call; no two
+    neighbouring contents that spell a marker where they meet (consecutive system messages are
+    joined as they are, as in the official encoding: '</think' + '>')."""
+    return _conversations().filter(lambda msgs: not _joins_a_marker(msgs))
+
+
+def _joins_a_marker(msgs: list[dict]) -> bool:
+    texts = [m.get("content") or "" for m in msgs]
+    return any(m in a + b and m not in a and m not in b for a, b in zip(texts, texts[1:]) for m in FORMAT_MARKERS)
+
+
 @st.composite
-def conversations(draw):
-    """Any conversation the encoder accepts: roles in any order, tool results after each call."""
+def _conversations(draw):
     msgs = []
     for role in draw(st.lists(st.sampled_from(["system", "developer", "user", "assistant"]),
                               min_size=1, max_size=7)):
