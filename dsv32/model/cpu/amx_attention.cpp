@@ -1,7 +1,8 @@
-// Sparse MLA attention over a bf16 or FP8 latent pool on AMX tiles (built by native.py after cache_rows.cpp
-// and amx_index.cpp, whose tile operations it uses, before sparse_attention.cpp, with AMX defined,
-// where the CPU has AMX-BF16): sparse_attention.cpp's attend_rows with many heads, where its vector
-// code spends 2 H (D + C) FMA lanes a row and runs at ~40 GFLOP/s with 128 heads (the real model's).
+// Sparse MLA attention over a bf16 or FP8 latent pool on AMX tiles (built by native.py after
+// cache_rows.cpp and amx_index.cpp, whose tile operations it uses, before sparse_attention.cpp, with
+// AMX defined, where the CPU has AMX-BF16): sparse_attention.cpp's attend_rows with many heads, where
+// its vector code spends 2 H (D + C) FMA lanes a row and runs at ~40 GFLOP/s with 128 heads (the real
+// model's).
 // Both products are GEMMs on tiles, a chunk of the selected rows at a time (copied from their slots
 // into one buffer, 128 of them):
 //   scores [rows, heads] = rows [rows, D] . q^T: the copied rows are A tiles as they lie, the query
@@ -11,12 +12,14 @@
 //     three bf16 limbs as A tiles (the scores' 16 x 16 blocks transposed to put rows along them), the
 //     rows' first C values paired for B tiles (VNNI: two rows' values side by side).
 // The softmax keeps a running max and sum per head across chunks (o rescaled where the max grows; its
-// exp a vector polynomial, exp16), and the thread's part is handed back as attend_rows' (o, max, sum).
+// exp a vector polynomial, exp16), and the part is handed back as attend_rows' (o, max, sum).
 // Outputs differ from the vector code's by fp32 rounding (other orders; tests hold both to float64).
 // FP8 rows (chunk_scores, `gather`): the bf16 of each e4m3 value / 256 (exact), the scale per group
 // applied to the group's products after the tiles and folded into p for its columns' sums.
-// A call 1.3-5.4x faster than the vector code from 16 heads over 256 rows to 128 over 2048, 1.6-10x
-// than gathering the rows for torch's fp32 GEMMs (bench/README.md, "Sparse attention kernels").
+// A decode call 1.4-4.2x faster than the vector code from 16 heads over 256 rows to 128 over 2048
+// (up to 5.4x in other runs), 2.1-11x than gathering the rows for torch's fp32 GEMMs (bench/README.md,
+// "Sparse attention kernels"). The scratch keeps room for the query's tiles even where the decode
+// shares one copy (~0.4 MB a thread at 128 heads).
 #if defined(AMX) && ISA == 512
 #include <algorithm>
 
