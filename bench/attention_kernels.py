@@ -28,21 +28,20 @@ from pathlib import Path
 import torch
 
 from common import host_load, machine, markdown_table, write_section
+from index_kernels import pools
 
 HEADING = "## Sparse attention kernels (bench/attention_kernels.py)"
 C, R, BLOCK, SCALE = 512, 64, 64, 0.07
 
 
 def cache_pages(S: int, pool: str):
-    """bf16 or FP8 pools holding S random keys in shuffled blocks."""
+    """bf16 or FP8 (index_kernels.pools) pools holding S random keys in shuffled blocks."""
     from dsv32.model.cpu.pages import Pages
-    from dsv32.model.fp8 import quantize_groups
+    if pool == "fp8":
+        return pools(S, BLOCK, C, R)
     nb = -(-S // BLOCK)
-    latent, index, table = torch.randn(nb * BLOCK, C + R), torch.randn(nb * BLOCK, 128), torch.randperm(nb)
-    if pool == "bf16":
-        return Pages(latent.to(torch.bfloat16), index.to(torch.bfloat16), table, BLOCK)
-    (c, c_scale), (ik, ik_scale) = quantize_groups(latent[:, :C]), quantize_groups(index)
-    return Pages(c, ik, table, BLOCK, c_scale, latent[:, C:].to(torch.bfloat16), ik_scale)
+    return Pages(torch.randn(nb * BLOCK, C + R).to(torch.bfloat16), torch.randn(nb * BLOCK, 128).to(torch.bfloat16),
+                 torch.randperm(nb), BLOCK)
 
 
 def gathered(q: torch.Tensor, pages, S: int) -> torch.Tensor:

@@ -201,6 +201,25 @@ def bf16_roundtrip(latent: torch.Tensor, index_k: torch.Tensor):
     return latent.to(torch.bfloat16).to(latent.dtype), index_k.to(torch.bfloat16).to(index_k.dtype)
 
 
+def assert_greedy_over_a_rounding_cache(model, prompt: list[int], tokens: list[int], cache: str, max_len: int):
+    """Each token is the argmax of fp32 forwards (prompt, then one token at a time) over a cache of
+    max_len tokens that rounds what it stores as the `cache` dtype would (to bf16 and back, or FP8
+    quantise-dequantise)."""
+    cfg = model.config
+    kv = ContiguousKV(cfg.num_hidden_layers + 1, 1, max_len, cfg.kv_lora_rank + cfg.qk_rope_head_dim,
+                      cfg.index_head_dim,
+                      quantize=bf16_roundtrip if cache == "bfloat16" else fp8_roundtrip(cfg.kv_lora_rank))
+    toks = list(prompt)
+    kv.begin(0, len(toks))
+    with torch.no_grad():
+        logits = model(torch.tensor([toks]), kv=kv)[0, -1]
+        for t in tokens:
+            assert t == int(logits.argmax())
+            toks.append(t)
+            kv.begin(len(toks) - 1, 1)
+            logits = model(torch.tensor([[t]]), torch.tensor([[len(toks) - 1]]), kv)[0, -1]
+
+
 @pytest.mark.parametrize("cache", ["fp8", "fp8_e4m3", "bfloat16"])
 @pytest.mark.parametrize("fmt", ["fp32", "bf16"])
 def test_fp8_and_bf16_caches_equal_a_rounding_reference(ckpt, model, fmt, cache):
@@ -213,18 +232,7 @@ def test_fp8_and_bf16_caches_equal_a_rounding_reference(ckpt, model, fmt, cache)
     pools = (eng.executor.cache.c, eng.executor.cache.ik) if cache != "bfloat16" else (eng.executor.cache.lat,)
     assert {t.dtype for t in pools} == {torch.bfloat16 if cache == "bfloat16" else torch.float8_e4m3fn}
     out = run(eng, [prompt], [greedy(8)])[0]
-    cfg = model.config
-    kv = ContiguousKV(cfg.num_hidden_layers + 1, 1, 128, cfg.kv_lora_rank + cfg.qk_rope_head_dim, cfg.index_head_dim,
-                      quantize=bf16_roundtrip if cache == "bfloat16" else fp8_roundtrip(cfg.kv_lora_rank))
-    toks = list(prompt)
-    kv.begin(0, len(toks))
-    with torch.no_grad():
-        logits = model(torch.tensor([toks]), kv=kv)[0, -1]
-        for t in out.outputs[0].token_ids:
-            assert t == int(logits.argmax())
-            toks.append(t)
-            kv.begin(len(toks) - 1, 1)
-            logits = model(torch.tensor([[t]]), torch.tensor([[len(toks) - 1]]), kv)[0, -1]
+    assert_greedy_over_a_rounding_cache(model, prompt, out.outputs[0].token_ids, cache, 128)
 
 
 @pytest.mark.parametrize("cache", ["fp8", "bfloat16"])
@@ -237,18 +245,7 @@ def test_many_heads_over_bf16_and_fp8_caches_equal_a_rounding_reference(tmp_path
     eng = make_engine(path, model, kv_cache_dtype=cache, max_num_batched_tokens=48)
     prompt = prompts_of([150], seed=11)[0]
     out = run(eng, [prompt], [greedy(6)])[0]
-    cfg = model.config
-    kv = ContiguousKV(cfg.num_hidden_layers + 1, 1, 256, cfg.kv_lora_rank + cfg.qk_rope_head_dim, cfg.index_head_dim,
-                      quantize=bf16_roundtrip if cache == "bfloat16" else fp8_roundtrip(cfg.kv_lora_rank))
-    toks = list(prompt)
-    kv.begin(0, len(toks))
-    with torch.no_grad():
-        logits = model(torch.tensor([toks]), kv=kv)[0, -1]
-        for t in out.outputs[0].token_ids:
-            assert t == int(logits.argmax())
-            toks.append(t)
-            kv.begin(len(toks) - 1, 1)
-            logits = model(torch.tensor([[t]]), torch.tensor([[len(toks) - 1]]), kv)[0, -1]
+    assert_greedy_over_a_rounding_cache(model, prompt, out.outputs[0].token_ids, cache, 256)
 
 
 def test_offline_llm_api(ckpt):

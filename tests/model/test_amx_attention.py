@@ -46,6 +46,14 @@ def reference(q: torch.Tensor, pages: Pages, ids: list[int]) -> torch.Tensor:
     return torch.softmax(SCALE * q.double() @ rows.T, -1) @ rows[:, :C]
 
 
+def row_inputs(H: int) -> tuple[torch.Tensor, ...]:
+    """One decode row's new latent and index key, its absorbed queries [H, C+R] and its indexer's
+    queries and weights (16 heads)."""
+    latent, index_k = torch.randn(C + R, generator=G), torch.randn(Di, generator=G)
+    q, iq, iw = torch.randn(H, C + R, generator=G) * 0.3, torch.randn(16, Di, generator=G), torch.randn(16, generator=G)
+    return latent, index_k, q, iq, iw
+
+
 def takes_tiles(H: int, K: int) -> bool:
     """amx_attention.cpp's amx_attends for these pools."""
     return bool(AMX_INDEX) and H >= 16 and K >= 64 and H * K >= 2048
@@ -59,8 +67,7 @@ def test_decode_attention_with_many_heads(H, S, topk, pool):
     indexer's top-k (S > topk), on tiles where they are taken (a 44-row last chunk at S 300; 20 and
     48 heads pad a tile; (32, 40): too few rows, the vector code) and by the vector code."""
     pages = cache_pages(S, pool)
-    latent, index_k = torch.randn(C + R, generator=G), torch.randn(Di, generator=G)
-    q, iq, iw = torch.randn(H, C + R, generator=G) * 0.3, torch.randn(16, Di, generator=G), torch.randn(16, generator=G)
+    latent, index_k, q, iq, iw = row_inputs(H)
     outs = {isa: native.decode_attention(latent, index_k, q, iq, iw, pages, S, topk, SCALE, C, isa)
             for isa in VECTOR + AMX_INDEX}
     ids = list(range(S))
@@ -104,8 +111,7 @@ def test_a_nan_in_a_selected_row_reaches_every_head():
     H, S = 32, 300
     pages = cache_pages(S, "bf16")
     pages.latent[int(pages.table[5 // BLOCK]) * BLOCK + 5, 7] = float("nan")
-    latent, index_k = torch.randn(C + R, generator=G), torch.randn(Di, generator=G)
-    q, iq, iw = torch.randn(H, C + R, generator=G) * 0.3, torch.randn(16, Di, generator=G), torch.randn(16, generator=G)
+    latent, index_k, q, iq, iw = row_inputs(H)
     for isa in VECTOR + AMX_INDEX:
         out = native.decode_attention(latent, index_k, q, iq, iw, pages, S, S, SCALE, C, isa)
         assert bool(out.isnan().all()), isa
@@ -117,8 +123,7 @@ def test_decode_attention_is_deterministic(pool):
     thread comes free (each chunk's part is kept apart and the parts merged in order)."""
     H, S = 64, 2048
     pages = cache_pages(S, pool)
-    latent, index_k = torch.randn(C + R, generator=G), torch.randn(Di, generator=G)
-    q, iq, iw = torch.randn(H, C + R, generator=G) * 0.3, torch.randn(16, Di, generator=G), torch.randn(16, generator=G)
+    latent, index_k, q, iq, iw = row_inputs(H)
     outs = {native.decode_attention(latent, index_k, q, iq, iw, pages, S, S, SCALE, C).numpy().tobytes()
             for _ in range(30)}
     assert len(outs) == 1
