@@ -1,22 +1,35 @@
 """Fast CPU decode (packed weights, and fp32 ones where inductor finds a C++ compiler): one new
-token per row, SERVED attention. Around the attention over the cache, everything a block computes
-runs as compiled graphs (inductor; the packed reductions inline): the projections into attention
-(input norm, MLA and indexer projections, rope, the absorbed query) in one call, and everything
-after it (W_uv, o_proj, residual, post norm, the MLP, or the MoE router and shared expert) in
-another, instead of ~100 eager ops per layer. Each routed expert of a MoE layer is one call too.
-Each row's attention (cache write, indexer top-k, sparse attention) is one native call over the
-paged cache (cpu/native.py).
+token per row, SERVED attention.
 
-The slow reference is the eager `Block.reference`, which tests hold this to.
+One row (single-stream decode) runs each block in two native calls (cpu/layer.py): the attention
+half (norms, projections, ropes, absorbed query, then the cache write, indexer top-k and sparse
+attention over the paged cache) and the rest (W_uv, o_proj, the MLP or the MoE with its router).
+At small sizes this is what decode costs: each compiled graph, native call and OpenMP region of
+the path below spends more than its arithmetic.
+
+More rows, or a block the native row does not take (cpu/layer.NativeLayer.fits: mixed storages,
+the indexer's FP8 simulation), run compiled graphs (inductor; the packed reductions inline) around
+the attention: the projections into attention in one call, everything after it (W_uv, o_proj,
+residual, post norm, the MLP, or the MoE router and shared expert) in another, each routed expert
+in one call, instead of ~100 eager ops per layer; each row's attention is one native call over
+the paged cache (cpu/native.py).
+
+The slow reference is the eager `Block.reference`, which tests hold both to.
 """
 from __future__ import annotations
+
+import weakref
 
 import torch
 
 from .attention import Attention
 from .cpu import native
 from .cpu.compile import dynamic, has_compiler, kernel
+from .cpu.layer import NativeLayer
 from .moe import MLP, MoE
+
+# block -> its NativeLayer (None: the block's weights do not fit it), built again when a weight changed
+_native_layers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def applies(block, h: torch.Tensor, attention: Attention, doc, hooks) -> bool:
@@ -97,10 +110,37 @@ def _attention_rows(a, q, latent, index_k, iq, iw, kv, positions: torch.Tensor) 
     return (outs[0] if len(outs) == 1 else torch.stack(outs)).view(len(outs), 1, -1, a.kv_rank)
 
 
+def _native_layer(block) -> NativeLayer | None:
+    n = _native_layers.get(block, False)
+    if n is False or (n is not None and not n.current()):
+        dtype = NativeLayer.fits(block)
+        n = _native_layers[block] = None if dtype is None else NativeLayer(block, dtype)
+    return n
+
+
+def _native_step(block, h: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv
+                 ) -> torch.Tensor | None:
+    """One row's block forward in two native calls (cpu/layer.py), or None where they do not take it
+    (the weights' formats, a store without pages, a query that is not its row's last key)."""
+    n = _native_layer(block)
+    if n is None:
+        return None
+    a = block.self_attn
+    row = kv.pages(a.layer_idx, 0)
+    if row is None or int(positions[0, 0]) != row[1] - 1:
+        return None
+    o_lat = n.attention(h.view(-1), cos.view(-1), sin.view(-1), *row, a.topk, a.scale)
+    return n.ffn(h.view(-1), o_lat).view(h.shape)
+
+
 def step(block, h: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv
          ) -> torch.Tensor:
     """`block`'s forward of one new token per row: h [B, 1, D] -> [B, 1, D]."""
     one = h.shape[0] == 1
+    if one:
+        out = _native_step(block, h, positions, cos, sin, kv)
+        if out is not None:
+            return out
     key = (type(block).__name__, one)
     if not one:                                     # one graph for every batch size above 1
         for t in (h, cos, sin):

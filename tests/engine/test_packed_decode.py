@@ -8,6 +8,7 @@ from dsv32.model import decode
 from dsv32.model.block import Block
 from dsv32.model.cpu import compile as cpu_compile, native
 from dsv32.model.cpu.compile import kernel
+from dsv32.model.cpu.layer import NativeLayer
 from dsv32.model.checkpoint import load_model
 from dsv32.model.init_tiny import init_tiny
 
@@ -37,10 +38,28 @@ def test_int8_engine_decode_equals_full_forward(ckpt, monkeypatch):
 
 
 @pytest.mark.parametrize("fmt", ["int8", "fp16"])
-def test_one_row_decode_runs_the_direct_graphs_and_equals_full_forward(ckpt, fmt):
-    """One row: static shapes, so every kernel runs its own traced graph (cpu/compile.py) instead
-    of torch.compile's dynamic one."""
+def test_one_row_decode_runs_the_native_layer_and_equals_full_forward(ckpt, fmt, monkeypatch):
+    """One row: each block in two native calls (cpu/layer.py), no compiled graph of a block."""
     model = load_model(ckpt, weight_format=fmt, progress=False)
+    calls = []
+    real = NativeLayer.attention
+    monkeypatch.setattr(NativeLayer, "attention", lambda self, *a: calls.append(1) or real(self, *a))
+    prompts = prompts_of([30])
+    outs = run(make_engine(ckpt, model), prompts, [greedy(6)])
+    assert len(calls) >= 5 * 2                           # every decode step of both blocks
+    graphs = kernel(decode._attn_in, "Block", True).bound
+    assert not any(m in graphs for m in model.modules())  # no block ran a compiled graph
+    for m in model.modules():
+        if isinstance(m, Block):
+            m.forward = m.reference
+    check_against_full_forward(model, prompts[0], outs[0])
+
+
+def test_one_row_decode_of_blocks_the_native_layer_cannot_take_runs_the_direct_graphs(ckpt, monkeypatch):
+    """Where the native row does not fit the block, one row runs the traced graphs (cpu/compile.py)
+    with static shapes instead of torch.compile's dynamic ones."""
+    model = load_model(ckpt, weight_format="int8", progress=False)
+    monkeypatch.setattr(NativeLayer, "fits", staticmethod(lambda block: None))
     prompts = prompts_of([30])
     outs = run(make_engine(ckpt, model), prompts, [greedy(6)])
     k = kernel(decode._attn_in, "Block", True)

@@ -7,12 +7,18 @@
 // Reference: KV.write, MLA.decode_select, MLA.attend_latent.
 #include <algorithm>
 
-extern "C" void kernel(const float* latent, const float* index_k, const float* q, const float* iq, const float* iw,
-                       float* lat_f32, uint8_t* lat_q, float* lat_scale, uint16_t* lat_half, float* ik_f32,
-                       uint8_t* ik_q, float* ik_scale, uint16_t* ik_half, const int64_t* table, float* scores, int64_t* ids,
-                       float* o, const int64_t H, const int64_t D, const int64_t C, const int64_t Hi,
-                       const int64_t Di, const int64_t S, const int64_t topk, const int64_t B, const int64_t layout,
-                       const float scale) {
+#if defined(LAYER)                  // the decode layer's build: layer_attn.cpp calls this function
+#define DECODE_ROW static void decode_row
+#else
+#define DECODE_ROW extern "C" void kernel
+#endif
+
+DECODE_ROW(const float* latent, const float* index_k, const float* q, const float* iq, const float* iw,
+           float* lat_f32, uint8_t* lat_q, float* lat_scale, uint16_t* lat_half, float* ik_f32,
+           uint8_t* ik_q, float* ik_scale, uint16_t* ik_half, const int64_t* table, float* scores, int64_t* ids,
+           float* o, const int64_t H, const int64_t D, const int64_t C, const int64_t Hi,
+           const int64_t Di, const int64_t S, const int64_t topk, const int64_t B, const int64_t layout,
+           const float scale) {
     Rows lat = rows_of(layout, lat_f32, lat_q, lat_scale, lat_half, D, D - C);
     Rows ik = rows_of(layout, ik_f32, ik_q, ik_scale, ik_half, Di, 0);
     const int64_t slot = slot_of(table, B, S - 1);

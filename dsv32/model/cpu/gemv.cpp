@@ -1,7 +1,8 @@
 // Packed-weight GEMV for decode: y[m, n] = sum_k x[m, k] * W[n, k], fp32 activations, W stored as
-// int8 with one fp32 scale per (row, G columns) (INT8), or as fp16 / bf16 (HALF_FP16 / HALF_BF16).
-// Built by dsv32/model/cpu/native.py after vec.h, with one of those defined (and ISA, see vec.h,
-// when the tests build each variant).
+// int8 with one fp32 scale per (row, G columns) (INT8), as fp16 / bf16 (HALF_FP16 / HALF_BF16), or
+// fp32 (FP32: the native decode layer's plain weights). Built by dsv32/model/cpu/native.py after
+// vec.h, with one of those defined (and ISA, see vec.h, when the tests build each variant); LAYER
+// leaves the entry point to layer_attn.cpp / layer_ffn.cpp, which use row_dot.
 //
 // Each weight row is read once, in order, for all M activation rows; two accumulators per group
 // hide the FMA latency and the group's scale multiplies the vector sum (one horizontal sum a row).
@@ -11,6 +12,8 @@
 
 #if defined(INT8)
 typedef int8_t wt;
+#elif defined(FP32)
+typedef float wt;
 #else
 typedef uint16_t wt;
 #endif
@@ -18,7 +21,9 @@ typedef uint16_t wt;
 static const int64_t PREFETCH_BYTES = 16384;
 
 // WIDTH weights as fp32
-#if ISA == 512
+#if defined(FP32)
+static inline vf wload(const wt* p) { return vload(p); }
+#elif ISA == 512
 static inline vf wload(const wt* p) {
 #if defined(INT8)
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
@@ -76,8 +81,8 @@ static inline float row_dot(const float* x, const wt* w, const float* s, int64_t
     return vsum(acc);
 }
 
-#if defined(AMX)
-// the entry points are amx_gemv.cpp's
+#if defined(AMX) || defined(LAYER)
+// the entry points are amx_gemv.cpp's (or the decode layer's)
 #elif defined(INT8)
 extern "C" void kernel(const float* x, const wt* w, const float* s, float* y,
                        const int64_t M, const int64_t N, const int64_t K, const int64_t G) {

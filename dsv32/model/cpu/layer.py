@@ -1,0 +1,151 @@
+"""A block's decode row in two native calls (layer_attn.cpp: the norms, projections, ropes and
+absorbed query, then decode_attention.cpp's cache write, top-k and sparse attention; layer_ffn.cpp:
+W_uv, o_proj, the residuals, the MLP or the MoE with its router), instead of compiled graphs and
+Python between them: at the bench model's size every graph, native call and OpenMP region costs
+more than its arithmetic (bench/README.md, "Decode step, part by part").
+
+`NativeLayer.of(block)` gathers one block's weights as the kernels read them (every matrix of one
+storage: int8 with per-(row, group) scales, bf16, fp16, or plain fp32), or says why it cannot.
+model/decode.py decides when a step takes it; the reference is the eager `Block.reference`.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from . import native
+from .packed import group_size
+from .pages import NONE, POOL_ARGS, Pages, pool_args
+
+STORAGE = {torch.int8: "INT8", torch.bfloat16: "HALF_BF16", torch.float16: "HALF_FP16", torch.float32: "FP32"}
+_C_TYPE = {torch.int8: "const int8_t*", torch.bfloat16: "const uint16_t*", torch.float16: "const uint16_t*",
+           torch.float32: "const float*"}
+ATTN_FILES = ("gemv.cpp", *native.INDEX_FILES, *native.ATTENTION_FILES, "decode_attention.cpp", "layer.cpp",
+              "layer_attn.cpp")
+FFN_FILES = ("gemv.cpp", "layer.cpp", "layer_ffn.cpp")
+
+
+def _attn_args(w: str) -> list[str]:
+    f = "const float*"
+    return ([f] * 4 + [w, f, f, w, f, w, f, f, w, f, w, f, f, f, w, f, f] + POOL_ARGS * 2
+            + ["const int64_t*", "float*", "float*", "int64_t*", "float*"] + ["const int64_t"] * 13 + ["const float"] * 3)
+
+
+def _ffn_args(w: str) -> list[str]:
+    f = "const float*"
+    return (["float*", f, w, f, w, f, f, w, f, w, f, w, f, f, f, "const int64_t*", "float*", "int64_t*"]
+            + ["const int64_t"] * 12 + ["const float"] * 2)
+
+
+def _build(files: tuple[str, ...], dtype: torch.dtype, args: list[str], tiled: bool) -> Callable:
+    defines = [STORAGE[dtype], "LAYER"] + (native._index_defines(None, True) if tiled else [])
+    return native._build(files, defines, args)
+
+
+def _linear(m) -> list[tuple]:
+    """A Linear's weight and scales (None unless int8: NONE for the kernels) as (module, name)."""
+    return [(m, "weight"), (m, "weight_scale_inv")]
+
+
+def _linear_fits(m, dtype: torch.dtype) -> bool:
+    """Whether Linear `m` is stored as `dtype` the way layer.cpp reads it."""
+    w, s = m.weight, m.weight_scale_inv
+    if w.dtype != dtype or m.bias is not None or m.fp8_block or m.fp8_act or not w.is_contiguous():
+        return False
+    if dtype == torch.float32:
+        return m.packed is None and w.shape[1] % native.ALIGN == 0
+    return (m.packed is not None and w.shape[1] % native.ALIGN == 0 and (s is None) == (dtype != torch.int8)
+            and (s is None or (s.shape == (w.shape[0], w.shape[1] // group_size(w.shape[1])) and s.is_contiguous())))
+
+
+class NativeLayer:
+    """One block's weights in the order of the kernels' arguments (held: `current` says whether
+    they are still the block's), the routed experts' pointers as a table, and the sizes."""
+
+    def __init__(self, block, dtype: torch.dtype):
+        a, mlp = block.self_attn, block.mlp
+        ix = a.indexer
+        self.dtype, moe = dtype, hasattr(mlp, "gate")
+        dense = mlp.shared_experts if moe else mlp
+        attn = [(block.input_layernorm, "weight"), *_linear(a.q_a_proj), (a.q_a_layernorm, "weight"),
+                *_linear(a.q_b_proj), *_linear(a.kv_a_proj_with_mqa), (a.kv_a_layernorm, "weight"),
+                *_linear(a.kv_b_proj), *_linear(ix.wk), (ix.k_norm, "weight"), (ix.k_norm, "bias"),
+                *_linear(ix.wq_b), (ix.weights_proj, "weight")]
+        ffn = [*_linear(a.kv_b_proj), *_linear(a.o_proj), (block.post_attention_layernorm, "weight"),
+               *_linear(dense.gate_proj), *_linear(dense.up_proj), *_linear(dense.down_proj)]
+        ffn += [(mlp.gate, "weight"), (mlp.gate, "e_score_correction_bias")] if moe else []
+        experts = [r for e in mlp.experts for m in (e.gate_proj, e.up_proj, e.down_proj) for r in _linear(m)] \
+            if moe else []
+        self._where = [(m._parameters, name) for m, name in attn + ffn + experts]
+        self._held = [d[name] for d, name in self._where]
+        args = [NONE if t is None else t for t in self._held]
+        self.attn_args, self.ffn_args = args[:len(attn)], args[len(attn):len(attn) + len(ffn)] + ([] if moe else [NONE, NONE])
+        self.table = torch.tensor([t.data_ptr() for t in args[len(attn) + len(ffn):]] or [0], dtype=torch.int64)
+        self.sizes = (block.input_layernorm.weight.shape[0], a.q_a_proj.weight.shape[0], a.n_heads, a.nope, a.rope,
+                      a.kv_rank, a.v_dim, ix.n_heads, ix.head_dim, dense.gate_proj.weight.shape[0])
+        self.eps, self.k_eps = block.input_layernorm.eps, ix.k_norm.eps
+        self._fns: dict = {}                # the built kernels: attention by pool layout (tiled or not), "ffn"
+        g = mlp.gate if moe else None
+        self.route = ((g.n_experts, mlp.experts[0].gate_proj.weight.shape[0], g.n_group, g.topk_group, g.topk,
+                       int(g.norm), float(g.scaling)) if moe else (0, 0, 1, 1, 0, 0, 0.0))
+
+    def current(self) -> bool:
+        """Whether every weight held is still the block's (a `pack` or load replaces them)."""
+        return all(d[name] is t for (d, name), t in zip(self._where, self._held))
+
+    @staticmethod
+    def fits(block) -> torch.dtype | None:
+        """The storage of every matrix of `block` if the native row takes it, else None."""
+        a, mlp = block.self_attn, block.mlp
+        ix = a.indexer
+        if ix.fp8_sim or ix.weights_proj.weight.dtype != torch.float32 or ix.weights_proj.packed:
+            return None
+        moe = hasattr(mlp, "gate")
+        experts = list(mlp.experts) if moe else []
+        dense = mlp.shared_experts if moe else mlp
+        linears = [a.q_a_proj, a.q_b_proj, a.kv_a_proj_with_mqa, a.kv_b_proj, a.o_proj, ix.wk, ix.wq_b,
+                   dense.gate_proj, dense.up_proj, dense.down_proj]
+        if moe:
+            g = mlp.gate
+            if (any(e is None for e in experts) or mlp.packed is not None or g.weight.dtype != torch.float32
+                    or g.n_experts % g.n_group or g.n_experts // g.n_group < 2 or g.topk > g.n_experts):
+                return None
+            linears += [m for e in experts for m in (e.gate_proj, e.up_proj, e.down_proj)]
+        dtype = a.q_a_proj.weight.dtype
+        others = [block.input_layernorm.weight, block.post_attention_layernorm.weight, a.q_a_layernorm.weight,
+                  a.kv_a_layernorm.weight, ix.k_norm.weight, ix.k_norm.bias, ix.weights_proj.weight]
+        others += [mlp.gate.weight, mlp.gate.e_score_correction_bias] if moe else []
+        if (dtype not in STORAGE or not all(_linear_fits(m, dtype) for m in linears)
+                or not all(t.dtype == torch.float32 and t.is_contiguous() for t in others)):
+            return None
+        return dtype
+
+    def attention(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pages: Pages, S: int, topk: int,
+                  scale: float) -> torch.Tensor:
+        """h [D] -> o_lat [H, C] of the block's attention for the new token at key position S - 1,
+        whose latent and indexer key it writes into `pages`."""
+        D, Q, H, nope, R, C, v, Hi, Di, _ = self.sizes
+        lat, ik, layout = pool_args(pages)
+        f = self._fns.get(layout > 0)
+        if f is None:
+            f = self._fns[layout > 0] = _build(ATTN_FILES, self.dtype, _attn_args(_C_TYPE[self.dtype]), layout > 0)
+        work = h.new_empty(D + 2 * Q + 2 * (C + R) + Di + Hi + H * (nope + R) + Hi * Di + H * (C + R))
+        o, scores, ids = h.new_empty(H, C), h.new_empty(S), torch.empty(min(S, topk), dtype=torch.int64)
+        f(h, cos, sin, *self.attn_args, *lat, *ik, pages.table, work, scores, ids, o,
+          D, Q, H, nope, R, C, v, Hi, Di, S, topk, pages.block, layout, self.eps, self.k_eps, scale)
+        return o
+
+    def ffn(self, h: torch.Tensor, o_lat: torch.Tensor) -> torch.Tensor:
+        """h [D] and the attention's o_lat [H, C] -> the block's output [D]."""
+        D, _, H, nope, _, C, v, _, _, I = self.sizes
+        E, Ie, n_group, topk_group, k, norm, scaling = self.route
+        f = self._fns.get("ffn")
+        if f is None:
+            f = self._fns["ffn"] = _build(FFN_FILES, self.dtype, _ffn_args(_C_TYPE[self.dtype]), False)
+        out = h.clone()
+        work = h.new_empty(H * v + 2 * D + I + E + k * Ie)
+        ids = torch.empty(max(k, 1), dtype=torch.int64)
+        f(out, o_lat, *self.ffn_args, self.table, work, ids, D, H, nope, v, C, I, E, Ie, n_group, topk_group, k, norm,
+          scaling, self.eps)
+        return out
