@@ -25,6 +25,7 @@ import torch
 from .attention import Attention
 from .cpu import native
 from .cpu.compile import dynamic, has_compiler, kernel
+from .cpu import layer
 from .cpu.layer import NativeLayer
 from .moe import MLP, MoE
 
@@ -43,13 +44,11 @@ def applies(block, h: torch.Tensor, attention: Attention, doc, hooks) -> bool:
                                     and has_compiler())
 
 
-def _norm(norm, h: torch.Tensor) -> torch.Tensor:
-    return norm(h)
-
-
 def norm(norm, h: torch.Tensor) -> torch.Tensor:
-    """The final RMSNorm of h [B, 1, D] as one compiled call (~7 eager ops)."""
-    return kernel(_norm, h.shape[0] == 1)(norm, h if h.shape[0] == 1 else dynamic(h, 0))
+    """The final RMSNorm of h [B, 1, D] as one native call (~7 eager ops)."""
+    if h.dtype != torch.float32 or norm.weight.dtype != torch.float32:
+        return norm(h)
+    return layer.rms_norm(h, norm.weight, norm.eps)
 
 
 def _attn_in(block, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):

@@ -80,7 +80,7 @@ class Transformer(nn.Module):
         for layer in self.model.layers[: self.n_layers]:
             h = layer(h, positions, cos, sin, kv, attention, doc, hooks)
         if decode.applies(self.model.layers[0], h, attention, doc, hooks):    # one token per row:
-            return decode.norm(self.model.norm, h)                           # one compiled call
+            return decode.norm(self.model.norm, h)                           # one native call
         return self.model.norm(h)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, kv=None,

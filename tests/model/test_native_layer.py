@@ -127,3 +127,14 @@ def test_replaced_weights_are_read_not_the_old_ones():
             b.mlp.shared_experts.up_proj.weight_scale_inv * 2, requires_grad=False)
     (out, ref), _ = native_and_reference(b, cfg, 12)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 128), (3, 1, 96), (2, 5, 7)])
+def test_native_final_norm_equals_rmsnorm(shape):
+    """A decode step's final norm (decode.norm: rms_norm.cpp) against the eager RMSNorm."""
+    from dsv32.model.layers import RMSNorm
+    norm = RMSNorm(shape[-1], 1e-6)
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.1)
+    h = torch.randn(shape) * 3
+    torch.testing.assert_close(decode.norm(norm, h), norm(h), rtol=1e-6, atol=1e-6)

@@ -364,6 +364,9 @@ def _gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, isa: int
     scales = () if scale is None else (scale.contiguous(),)
     groups = () if scale is None else (K // scale.shape[1],)
     step = AMX_PASS_M if isa == AMX else M
+    if M <= step:
+        f(x, w, *scales, y, M, N, K, *groups)
+        return y
     for m in range(0, M, step):                  # y [M, N]: rows m.. of x and y are contiguous
         f(x[m:m + step], w, *scales, y[m:m + step], min(step, M - m), N, K, *groups)
     return y
