@@ -101,8 +101,8 @@ class Executor:
             h = self.model.hidden(x.ids.to(dev), x.pos.to(dev), kv, hooks=hooks)          # [B, T, D]
             if self.keep_hidden:
                 self.hiddens.append(h)
-            if not x.every:
-                h = h[torch.arange(h.shape[0], device=dev), x.last.to(dev)]               # [B, D]
+            if not x.every:                                                           # [B, D]:
+                h = h[:, 0] if h.shape[1] == 1 else h[torch.arange(h.shape[0], device=dev), x.last.to(dev)]
             return self.model.logits(h)
 
     @torch.inference_mode()

@@ -9,9 +9,11 @@ from torch import nn
 
 from .config import ModelConfig
 from .fp8 import FP8, act_quant_dequant, block_dequant, block_quant, scale_shape
+from .cpu.layer import embedding_fits, embedding_rows as native_embedding_rows
 from .cpu.packed import dequantize, embedding_rows, group_size, packed_linear, quantize_int8
 
 PACKED = {"int8": torch.int8, "bf16": torch.bfloat16, "fp16": torch.float16}   # packed storage dtypes
+NATIVE_ROWS = 64            # packed embeddings: up to this many tokens in one native call (cpu/layer.py)
 
 
 def _packed_params(mod: nn.Module, fmt: str, values: torch.Tensor) -> None:
@@ -129,6 +131,8 @@ class VocabParallelEmbedding(nn.Embedding):
 
     def _rows(self, ids: torch.Tensor) -> torch.Tensor:
         if self.packed:
+            if ids.numel() <= NATIVE_ROWS and ids.device.type == "cpu" and embedding_fits(self.weight, self.weight_scale_inv):
+                return native_embedding_rows(ids, self.weight, self.weight_scale_inv)    # a decode step's tokens
             return embedding_rows(ids, self.weight, self.weight_scale_inv, torch.float32)
         return F.embedding(ids, self.weight)
 

@@ -138,3 +138,24 @@ def test_native_final_norm_equals_rmsnorm(shape):
         norm.weight.normal_(1.0, 0.1)
     h = torch.randn(shape) * 3
     torch.testing.assert_close(decode.norm(norm, h), norm(h), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "bf16", "fp16"])
+def test_native_embedding_rows_equal_the_packed_reference(fmt):
+    """A decode step's token embeddings from a packed table (embedding.cpp) against
+    packed.embedding_rows, and an id outside the vocabulary is an IndexError, not a read."""
+    from dsv32.model.cpu.layer import embedding_rows
+    from dsv32.model.cpu.packed import embedding_rows as reference
+    from dsv32.model.layers import VocabParallelEmbedding
+    emb = VocabParallelEmbedding(1000, 256)
+    with torch.no_grad():
+        emb.weight.normal_()
+    emb.pack(fmt)
+    ids = torch.tensor([[0, 999, 17], [5, 5, 400]])
+    out = emb(ids)
+    assert out.dtype == torch.float32 and out.shape == (2, 3, 256)
+    torch.testing.assert_close(out, reference(ids, emb.weight, emb.weight_scale_inv, torch.float32), rtol=0, atol=0)
+    torch.testing.assert_close(embedding_rows(ids[:1, 1:], emb.weight, emb.weight_scale_inv), out[:1, 1:], rtol=0, atol=0)
+    for bad in (1000, -1):
+        with pytest.raises(IndexError, match="outside the vocabulary"):
+            emb(torch.tensor([[3, bad]]))

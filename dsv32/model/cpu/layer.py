@@ -25,6 +25,8 @@ _C_TYPE = {torch.int8: "const int8_t*", torch.bfloat16: "const uint16_t*", torch
 ATTN_FILES = ("gemv.cpp", *native.INDEX_FILES, *native.ATTENTION_FILES, "decode_attention.cpp", "layer.cpp",
               "layer_attn.cpp")
 FFN_FILES = ("gemv.cpp", "layer.cpp", "layer_ffn.cpp")
+EMBED_ARGS = {t: ["const int64_t*", c, "const float*", "float*"] + ["const int64_t"] * 3
+              for t, c in _C_TYPE.items()}
 NORM_ARGS = ["const float*", "const float*", "float*", "const int64_t", "const int64_t", "const float"]
 
 
@@ -54,6 +56,29 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     native._build(("gemv.cpp", "layer.cpp", "rms_norm.cpp"), ["FP32", "LAYER"], NORM_ARGS)(
         x.contiguous(), w, out, x.numel() // w.shape[0], w.shape[0], float(eps))
+    return out
+
+
+def embedding_fits(w: torch.Tensor, scale: torch.Tensor | None) -> bool:
+    """Whether `embedding_rows` reads this packed table (int8 with scales [V, D/group_size(D)],
+    bf16, fp16; D a multiple of native.ALIGN)."""
+    D = w.shape[1]
+    return (w.dtype in STORAGE and w.dtype != torch.float32 and w.device.type == "cpu" and w.is_contiguous()
+            and D % native.ALIGN == 0 and (scale is None) == (w.dtype != torch.int8)
+            and (scale is None or (scale.shape == (w.shape[0], D // group_size(D)) and scale.is_contiguous())))
+
+
+def embedding_rows(ids: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """Rows `ids` [...] of a packed table w [V, D] (`embedding_fits`) as fp32 [..., D] in one
+    native call (embedding.cpp; ~7 torch ops otherwise). IndexError for an id outside [0, V)."""
+    if not (embedding_fits(w, scale) and ids.dtype == torch.int64):
+        raise ValueError(f"native embedding_rows: unsupported table {tuple(w.shape)} {w.dtype}, ids {ids.dtype}")
+    out = torch.empty(*ids.shape, w.shape[1])
+    f = native._build(("gemv.cpp", "layer.cpp", "embedding.cpp"), [STORAGE[w.dtype], "LAYER"], EMBED_ARGS[w.dtype])
+    try:
+        f(ids.contiguous(), w, NONE if scale is None else scale, out, ids.numel(), *w.shape)
+    except RuntimeError as e:
+        raise IndexError(f"embedding: {e}") from None
     return out
 
 
