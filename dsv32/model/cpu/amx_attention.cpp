@@ -305,7 +305,7 @@ struct AmxAttention {
         TileConfig cfg = {};
         cfg.palette = 1;
         for (int i = 0; i < 8; ++i) cfg.rows[i] = 16, cfg.colsb[i] = 64;
-        _tile_loadconfig(&cfg);
+        load_tile_config(cfg);
         for (int64_t l = 0; l < 3 * std::max<int64_t>(1, G); ++l)   // a head tile past Tq keeps p = 0
             std::memset(a.pl + (l * Hp + Tq * 16) * AMX_ROWS, 0, (Hp - Tq * 16) * AMX_ROWS * sizeof(uint16_t));
         begin();

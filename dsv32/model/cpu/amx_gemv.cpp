@@ -16,8 +16,12 @@
 // earlier ones left (|e| <= 2^-24 |x|); the products of bf16 values are exact in fp32, which the
 // tile unit sums them in (no groups: one sum per limb over all K). Callers guarantee K % 32 == 0,
 // M <= 15. Both: ISA 512; the weight tile is read once for all M rows (5 a B tile, 3 B tiles).
+// The decode layer (layer.cpp, built with LAYER: no entry point here) runs the same blocks
+// (amx_block) over activations it splits once (AmxRows) inside its own OpenMP team.
 #include <algorithm>
 #include <vector>
+
+namespace amx_gemv {            // (the decode layer's build holds other kernels' ROWS, CHUNK, ...)
 
 static const int64_t ROWS = 16;        // weight rows a tile (the A tile's rows)
 static const int LIMBS = 3;
@@ -43,7 +47,7 @@ struct Groups {
             cfg.rows[t] = ROWS, cfg.colsb[t] = 4 * LIMBS * rows[t];
             cfg.rows[4 + t] = ROWS, cfg.colsb[4 + t] = width[t];
         }
-        _tile_loadconfig(&cfg);
+        load_tile_config(cfg);
     }
     __attribute__((target("amx-tile"))) void zero() const {
         _tile_zero(0);
@@ -135,73 +139,80 @@ static inline void row_sums(const int32_t (*c)[ROWS * 16], const float* sb, cons
     }
 }
 
-__attribute__((target("amx-tile,amx-int8")))
-extern "C" void kernel(const float* x, const int8_t* w, const float* s, float* y,
-                       const int64_t M, const int64_t N, const int64_t K, const int64_t G) {
-    const int64_t Gs = K / G, blocks = N / ROWS;
-    const Groups grp(M, 4);
+// The activations x [M, K] as the tile unit takes them: each group's B tile of limbs (split_rows),
+// their scales, and (M > FEW) the limbs' weights per lane
+struct AmxRows {
+    Groups grp;
     std::vector<int8_t> bt[TILES];
-    std::vector<float> sx(M * Gs);
-    for (int64_t t = 0; t < grp.n; ++t) {
-        bt[t].resize(K / CHUNK * ROWS * grp.width[t]);
-        split_rows(x + t * PER_TILE * K, bt[t].data(), sx.data() + t * PER_TILE * Gs, grp.rows[t], K, G);
-    }
-    // [Gs][tiles][16]: lane m * LIMBS + j of tile t in group g weighs limb j: sx[m, g] / 254^j (0 past its columns)
-    std::vector<float> lsx(M > FEW ? Gs * grp.n * 16 : 0, 0.f);
-    for (int64_t g = 0; g < Gs && M > FEW; ++g)
-        for (int64_t t = 0; t < grp.n; ++t)
-            for (int64_t l = 0; l < LIMBS * grp.rows[t]; ++l)
-                lsx[(g * grp.n + t) * 16 + l] = sx[(t * PER_TILE + l / LIMBS) * Gs + g] *
-                                                (l % LIMBS == 0 ? 1.f : l % LIMBS == 1 ? 1.f / 254.f : 1.f / 64516.f);
-    #pragma omp parallel
-    {
-        grp.configure();
-        alignas(64) int32_t c[TILES][ROWS * 16] = {};
-        alignas(64) float acc[TILES][ROWS * 16];        // more rows: weight row r, lane (m, j): limb j's sum
-        __m512 few[FEW];                                 // few rows: row m, lane r
-        // blocks go to threads ~1/64 at a time as they come free: a static half each waits on the
-        // slower thread (a vCPU whose sibling is busy; the int8 LM head ~10% faster on a loaded host)
-        #pragma omp for schedule(dynamic, blocks / 64 + 1)
-        for (int64_t blk = 0; blk < blocks; ++blk) {
-            const int8_t* wb = w + blk * ROWS * K;
-            const float* sb = s + blk * ROWS * Gs;
-            for (int64_t m = 0; m < std::min(M, FEW); ++m) few[m] = _mm512_setzero_ps();
-            if (M > FEW) std::fill(acc[0], acc[0] + grp.n * ROWS * 16, 0.f);
-            for (int64_t g = 0; g < Gs; ++g) {
-                // this block's rows AHEAD groups on, or the next block's first groups
-                const int64_t ga = g + AHEAD;
-                const char* pf = (const char*)(ga < Gs ? wb + ga * G : wb + ROWS * K + (ga - Gs) * G);
-                for (int64_t r = 0; r < ROWS; ++r)
-                    for (int64_t l = 0; l < G; l += 64) _mm_prefetch(pf + r * K + l, _MM_HINT_T0);
-                grp.zero();
-                for (int64_t k = g * G; k < (g + 1) * G; k += CHUNK) {
-                    const int8_t* b[TILES];
-                    for (int64_t t = 0; t < grp.n; ++t) b[t] = bt[t].data() + k / CHUNK * ROWS * grp.width[t];
-                    TILE_PRODUCTS(_tile_dpbssd, grp.n, wb + k, K, b, grp.width)
-                }
-                grp.store(c);
-                if (M > FEW)
-                    row_sums(c, sb, lsx.data(), grp.n, Gs, g, acc);
-                else
-                    gather_sums(c[0], sb, sx.data(), M, Gs, g, few);
-            }
-            if (M <= FEW) {
-                for (int64_t m = 0; m < M; ++m) _mm512_storeu_ps(y + m * N + blk * ROWS, few[m]);
-                continue;
-            }
-            for (int64_t t = 0; t < grp.n; ++t)
-                for (int64_t r = 0; r < ROWS; ++r)
-                    for (int64_t i = 0; i < grp.rows[t]; ++i) {
-                        const float* a = acc[t] + r * 16 + i * LIMBS;
-                        y[(t * PER_TILE + i) * N + blk * ROWS + r] = (a[2] + a[1]) + a[0];
-                    }
+    std::vector<float> sx, lsx;         // sx [M][K / G]; lsx [Gs][tiles][16]: lane m * LIMBS + j of tile t in
+                                        // group g weighs limb j: sx[m, g] / 254^j (0 past its columns)
+    int64_t M = 0, K = 0, G = 0;
+    AmxRows() : grp(1, 4) {}
+    void set(const float* x, int64_t M_, int64_t K_, int64_t G_) {
+        M = M_, K = K_, G = G_, grp = Groups(M, 4);
+        const int64_t Gs = K / G;
+        sx.assign(M * Gs, 0.f);
+        for (int64_t t = 0; t < grp.n; ++t) {
+            bt[t].resize(K / CHUNK * ROWS * grp.width[t]);
+            split_rows(x + t * PER_TILE * K, bt[t].data(), sx.data() + t * PER_TILE * Gs, grp.rows[t], K, G);
         }
-        _tile_release();
+        lsx.assign(M > FEW ? Gs * grp.n * 16 : 0, 0.f);
+        for (int64_t g = 0; g < Gs && M > FEW; ++g)
+            for (int64_t t = 0; t < grp.n; ++t)
+                for (int64_t l = 0; l < LIMBS * grp.rows[t]; ++l)
+                    lsx[(g * grp.n + t) * 16 + l] = sx[(t * PER_TILE + l / LIMBS) * Gs + g] *
+                                                    (l % LIMBS == 0 ? 1.f : l % LIMBS == 1 ? 1.f / 254.f : 1.f / 64516.f);
     }
-    for (int64_t n = blocks * ROWS; n < N; ++n)
-        for (int64_t m = 0; m < M; ++m)
-            y[m * N + n] = row_dot(x + m * K, w + n * K, s + n * Gs, K, G);
+};
+
+// A thread's tile outputs and sums (weight row r, lane (m, j): limb j's sum, where M > FEW)
+struct AmxSums {
+    alignas(64) int32_t c[TILES][ROWS * 16] = {};
+    alignas(64) float acc[TILES][ROWS * 16];
+};
+
+// y[m, n] for the 16 weight rows of block blk (n = 16 blk ..), every row m of a (W [N, K], s [N, K / G]);
+// the thread's tiles configured for a's groups
+__attribute__((target("amx-tile,amx-int8")))
+static inline void amx_block(const AmxRows& a, const int8_t* w, const float* s, float* y, int64_t N, int64_t blk,
+                             AmxSums& z) {
+    const int64_t M = a.M, K = a.K, G = a.G, Gs = K / G;
+    const Groups& grp = a.grp;
+    const int8_t* wb = w + blk * ROWS * K;
+    const float* sb = s + blk * ROWS * Gs;
+    __m512 few[FEW];                                     // few rows: row m, lane r
+    for (int64_t m = 0; m < std::min(M, FEW); ++m) few[m] = _mm512_setzero_ps();
+    if (M > FEW) std::fill(z.acc[0], z.acc[0] + grp.n * ROWS * 16, 0.f);
+    for (int64_t g = 0; g < Gs; ++g) {
+        // this block's rows AHEAD groups on, or the next block's first groups
+        const int64_t ga = g + AHEAD;
+        const char* pf = (const char*)(ga < Gs ? wb + ga * G : wb + ROWS * K + (ga - Gs) * G);
+        for (int64_t r = 0; r < ROWS; ++r)
+            for (int64_t l = 0; l < G; l += 64) _mm_prefetch(pf + r * K + l, _MM_HINT_T0);
+        grp.zero();
+        for (int64_t k = g * G; k < (g + 1) * G; k += CHUNK) {
+            const int8_t* b[TILES];
+            for (int64_t t = 0; t < grp.n; ++t) b[t] = a.bt[t].data() + k / CHUNK * ROWS * grp.width[t];
+            TILE_PRODUCTS(_tile_dpbssd, grp.n, wb + k, K, b, grp.width)
+        }
+        grp.store(z.c);
+        if (M > FEW)
+            row_sums(z.c, sb, a.lsx.data(), grp.n, Gs, g, z.acc);
+        else
+            gather_sums(z.c[0], sb, a.sx.data(), M, Gs, g, few);
+    }
+    if (M <= FEW) {
+        for (int64_t m = 0; m < M; ++m) _mm512_storeu_ps(y + m * N + blk * ROWS, few[m]);
+        return;
+    }
+    for (int64_t t = 0; t < grp.n; ++t)
+        for (int64_t r = 0; r < ROWS; ++r)
+            for (int64_t i = 0; i < grp.rows[t]; ++i) {
+                const float* acc = z.acc[t] + r * 16 + i * LIMBS;
+                y[(t * PER_TILE + i) * N + blk * ROWS + r] = (acc[2] + acc[1]) + acc[0];
+            }
 }
+
 #endif
 
 #if defined(HALF_BF16)
@@ -218,44 +229,95 @@ static void split_rows(const float* x, uint16_t* b, int64_t M, int64_t K) {
             bf16_limbs(x + m * K + k, b + (k / CHUNK) * ROWS * width + (k % CHUNK) / 2 * width + m * 2 * LIMBS, width, 2);
 }
 
-__attribute__((target("amx-tile,amx-bf16")))
-extern "C" void kernel(const float* x, const uint16_t* w, float* y, const int64_t M, const int64_t N, const int64_t K) {
-    const int64_t blocks = N / ROWS, chunks = K / CHUNK;
-    const Groups grp(M, 4);                                  // B rows: 2 bf16 (4 bytes) a column
+// The activations x [M, K] as the tile unit takes them: each group's B tile of limbs (split_rows)
+struct AmxRows {
+    Groups grp;
     std::vector<uint16_t> bt[TILES];
-    for (int64_t t = 0; t < grp.n; ++t) {
-        bt[t].resize(chunks * ROWS * grp.width[t] / 2);
-        split_rows(x + t * PER_TILE * K, bt[t].data(), grp.rows[t], K);
+    int64_t M = 0, K = 0;
+    AmxRows() : grp(1, 4) {}
+    void set(const float* x, int64_t M_, int64_t K_, int64_t = 0) {
+        M = M_, K = K_, grp = Groups(M, 4);                  // B rows: 2 bf16 (4 bytes) a column
+        for (int64_t t = 0; t < grp.n; ++t) {
+            bt[t].resize(K / CHUNK * ROWS * grp.width[t] / 2);
+            split_rows(x + t * PER_TILE * K, bt[t].data(), grp.rows[t], K);
+        }
     }
+};
+
+struct AmxSums { alignas(64) float c[TILES][ROWS * 16]; };   // a thread's tile outputs
+
+// y[m, n] for the 16 weight rows of block blk (n = 16 blk ..), every row m of a (W [N, K]); the
+// thread's tiles configured for a's groups
+__attribute__((target("amx-tile,amx-bf16")))
+static inline void amx_block(const AmxRows& a, const uint16_t* w, const float*, float* y, int64_t N, int64_t blk,
+                             AmxSums& z) {
+    const int64_t M = a.M, K = a.K, chunks = K / CHUNK;
+    const Groups& grp = a.grp;
+    const uint16_t* wb = w + blk * ROWS * K;
+    grp.zero();
+    for (int64_t ch = 0; ch < chunks; ++ch) {
+        // this block's rows AHEAD chunks on, or the next block's first chunks
+        const int64_t ca = ch + AHEAD;
+        const char* pf = (const char*)(ca < chunks ? wb + ca * CHUNK : wb + ROWS * K + (ca - chunks) * CHUNK);
+        for (int64_t r = 0; r < ROWS; ++r) _mm_prefetch(pf + r * 2 * K, _MM_HINT_T0);
+        const uint16_t* b[TILES];
+        for (int64_t t = 0; t < grp.n; ++t) b[t] = a.bt[t].data() + ch * ROWS * grp.width[t] / 2;
+        TILE_PRODUCTS(_tile_dpbf16ps, grp.n, wb + ch * CHUNK, 2 * K, b, grp.width)
+    }
+    grp.store(z.c);
+    for (int64_t r = 0; r < ROWS; ++r)
+        for (int64_t m = 0; m < M; ++m) {
+            const float* cm = z.c[m / PER_TILE] + r * 16 + (m % PER_TILE) * LIMBS;
+            y[m * N + blk * ROWS + r] = (cm[2] + cm[1]) + cm[0];
+        }
+}
+
+#endif
+
+}  // namespace amx_gemv
+
+#if !defined(LAYER)                  // the decode layer (layer.cpp) calls amx_block itself
+#if defined(INT8)
+__attribute__((target("amx-tile,amx-int8")))
+extern "C" void kernel(const float* x, const int8_t* w, const float* s, float* y,
+                       const int64_t M, const int64_t N, const int64_t K, const int64_t G) {
+    using namespace amx_gemv;
+    const int64_t blocks = N / ROWS;
+    AmxRows a;
+    a.set(x, M, K, G);
     #pragma omp parallel
     {
-        grp.configure();
-        alignas(64) float c[TILES][ROWS * 16];
+        a.grp.configure();
+        AmxSums z;
+        // blocks go to threads ~1/64 at a time as they come free: a static half each waits on the
+        // slower thread (a vCPU whose sibling is busy; the int8 LM head ~10% faster on a loaded host)
         #pragma omp for schedule(dynamic, blocks / 64 + 1)
-        for (int64_t blk = 0; blk < blocks; ++blk) {
-            const uint16_t* wb = w + blk * ROWS * K;
-            grp.zero();
-            for (int64_t ch = 0; ch < chunks; ++ch) {
-                // this block's rows AHEAD chunks on, or the next block's first chunks
-                const int64_t ca = ch + AHEAD;
-                const char* pf = (const char*)(ca < chunks ? wb + ca * CHUNK : wb + ROWS * K + (ca - chunks) * CHUNK);
-                for (int64_t r = 0; r < ROWS; ++r) _mm_prefetch(pf + r * 2 * K, _MM_HINT_T0);
-                const uint16_t* b[TILES];
-                for (int64_t t = 0; t < grp.n; ++t) b[t] = bt[t].data() + ch * ROWS * grp.width[t] / 2;
-                TILE_PRODUCTS(_tile_dpbf16ps, grp.n, wb + ch * CHUNK, 2 * K, b, grp.width)
-            }
-            grp.store(c);
-            for (int64_t r = 0; r < ROWS; ++r)
-                for (int64_t m = 0; m < M; ++m) {
-                    const int64_t t = m / PER_TILE;
-                    const float* cm = c[t] + r * 16 + (m % PER_TILE) * LIMBS;
-                    y[m * N + blk * ROWS + r] = (cm[2] + cm[1]) + cm[0];
-                }
-        }
+        for (int64_t blk = 0; blk < blocks; ++blk) amx_block(a, w, s, y, N, blk, z);
+        _tile_release();
+    }
+    for (int64_t n = blocks * ROWS; n < N; ++n)
+        for (int64_t m = 0; m < M; ++m)
+            y[m * N + n] = row_dot(x + m * K, w + n * K, s + n * (K / G), K, G);
+}
+#endif
+#if defined(HALF_BF16)
+__attribute__((target("amx-tile,amx-bf16")))
+extern "C" void kernel(const float* x, const uint16_t* w, float* y, const int64_t M, const int64_t N, const int64_t K) {
+    using namespace amx_gemv;
+    const int64_t blocks = N / ROWS;
+    AmxRows a;
+    a.set(x, M, K);
+    #pragma omp parallel
+    {
+        a.grp.configure();
+        AmxSums z;
+        #pragma omp for schedule(dynamic, blocks / 64 + 1)
+        for (int64_t blk = 0; blk < blocks; ++blk) amx_block(a, w, nullptr, y, N, blk, z);
         _tile_release();
     }
     for (int64_t n = blocks * ROWS; n < N; ++n)
         for (int64_t m = 0; m < M; ++m)
             y[m * N + n] = row_dot(x + m * K, w + n * K, nullptr, K, K);
 }
+#endif
 #endif

@@ -281,7 +281,7 @@ static void amx_index_scores(const float* q, const float* w, const Rows& keys, c
         for (int i = 0; i < 4; ++i) cfg.rows[i] = KEYS, cfg.colsb[i] = 4 * cols;         // C [16 keys, cols] fp32
         cfg.rows[4] = KEYS, cfg.colsb[4] = 64;                                            // A: 16 keys x 32 bf16
         for (int i = 5; i < 8; ++i) cfg.rows[i] = STEP / 2, cfg.colsb[i] = 4 * cols;     // B: 16 pairs x cols
-        _tile_loadconfig(&cfg);
+        load_tile_config(cfg);
         std::vector<Batch> work;                             // a chunk of blocks, in batches
         std::vector<uint16_t> a(keys.q ? 2 * BATCH * GROUP : 0, 0);
         alignas(64) float c[2][4][KEYS * 16];               // each batch's rows stored before they are read

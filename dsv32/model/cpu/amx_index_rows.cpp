@@ -37,7 +37,7 @@ static void rows_pass(const uint16_t* bq, const float* wt, const uint8_t* keys, 
         for (int i = 0; i < 2; ++i) cfg.rows[i] = KEYS, cfg.colsb[i] = 4 * cols;         // C [16 keys, cols] fp32
         for (int i = 2; i < 4; ++i) cfg.rows[i] = STEP / 2, cfg.colsb[i] = 4 * cols;     // B: 16 pairs x cols
         for (int i = 4; i < 8; ++i) cfg.rows[i] = KEYS, cfg.colsb[i] = 64;               // A_k: 16 keys x 32 bf16
-        _tile_loadconfig(&cfg);
+        load_tile_config(cfg);
         std::vector<uint16_t> a(KEYS * GROUP, 0);
         const E4m3Lookup lut = e4m3_lookup();
         alignas(64) float c[2][KEYS * 16] = {};

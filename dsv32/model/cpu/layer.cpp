@@ -1,19 +1,32 @@
 // The pieces of a block's decode row in native code (layer_attn.cpp, layer_ffn.cpp), built after
-// vec.h and gemv.cpp (LAYER: its weight type `wt` and row_dot, without its entry point). One token,
+// vec.h, gemv.cpp (LAYER: its weight type `wt` and row_dot, without its entry point) and, with AMX,
+// amx_gemv.cpp (its tile blocks for int8 and bf16 weights). One token,
 // every weight read in place in its packed format (int8 with a scale per row and group of
 // group_of(K) columns, bf16, fp16) or fp32; the small vectors between the products stay in the
 // caller's work buffer. Functions named team_* share their loop among the threads of the caller's
 // OpenMP parallel region and end without a barrier: the caller places one before the outputs are
 // read. Each mirrors a module of the eager forward, named beside it.
+#include <algorithm>
 #include <cmath>
 #include <omp.h>
 
 static const int64_t TEAM_ROWS = 16;                     // weight rows a thread takes at a time
 
+#if defined(AMX) && ISA == 512 && (defined(INT8) || defined(HALF_BF16))
+#define TILED 1                     // the weights' products on AMX tiles (amx_gemv.cpp's blocks)
+#else
+#define TILED 0
+#endif
+
 // A packed weight [N, K]; s: the int8 scales [N, K / group_of(K)] (unused otherwise)
 struct Weight { const wt* w; const float* s; int64_t N, K; };
 
 static inline int64_t group_of(int64_t K) { return K % 128 == 0 ? 128 : K; }   // cpu/packed.group_size
+
+// Weight rows [n0, n1) of m (rows n0 on: a Weight of its own)
+static inline Weight rows_of(const Weight& m, int64_t n0, int64_t n1) {
+    return Weight{m.w + n0 * m.K, m.s ? m.s + n0 * (m.K / group_of(m.K)) : nullptr, n1 - n0, m.K};
+}
 
 static inline float weight_dot(const Weight& m, int64_t n, const float* x) {
     const int64_t G = group_of(m.K);
@@ -24,10 +37,63 @@ static inline float weight_dot(const Weight& m, int64_t n, const float* x) {
 #endif
 }
 
-// y = W x (Linear)
-static void team_gemv(const Weight& m, const float* x, float* y) {
-    #pragma omp for schedule(dynamic, TEAM_ROWS) nowait
-    for (int64_t n = 0; n < m.N; ++n) y[n] = weight_dot(m, n, x);
+// An activation vector x [K] as the products read it; in TILED builds also as amx_gemv.cpp's
+// limbs, which one thread prepares (`set`) for every product that reads x
+struct Act {
+    const float* x = nullptr;
+    int64_t K = 0;
+#if TILED
+    amx_gemv::AmxRows tiles;
+    bool tiled = false;
+#endif
+    void set(const float* x_, int64_t K_) {
+        x = x_, K = K_;
+#if TILED
+#if defined(INT8)
+        tiled = group_of(K) % 64 == 0;                  // amx_gemv.cpp's int8 groups: a multiple of 64
+#else
+        tiled = true;
+#endif
+        if (tiled) tiles.set(x, 1, K, group_of(K));
+#endif
+    }
+};
+
+// Each thread's tiles for the team's products (one activation row: amx_gemv.cpp's groups of 1)
+static void tiles_begin() {
+#if TILED
+    amx_gemv::Groups(1, 4).configure();
+#endif
+}
+
+static void tiles_end() {
+#if TILED
+    _tile_release();
+#endif
+}
+
+// y[n] = W[n] . x for the rows of block blk (TEAM_ROWS rows from TEAM_ROWS * blk): a whole block
+// on tiles where x has them, else (and a last partial block) with row_dot
+static inline void weight_block(const Weight& m, const Act& a, float* y, int64_t blk) {
+    const int64_t n0 = blk * TEAM_ROWS, n1 = std::min(m.N, n0 + TEAM_ROWS);
+#if TILED
+    static_assert(TEAM_ROWS == amx_gemv::ROWS, "a block is one A tile");
+    if (a.tiled && n1 - n0 == TEAM_ROWS) {
+        thread_local amx_gemv::AmxSums z;
+        return amx_gemv::amx_block(a.tiles, m.w, m.s, y, m.N, blk, z);
+    }
+#endif
+    for (int64_t n = n0; n < n1; ++n) y[n] = weight_dot(m, n, a.x);
+}
+
+static inline int64_t blocks_of(const Weight& m) { return (m.N + TEAM_ROWS - 1) / TEAM_ROWS; }
+
+// y = W x (Linear). Runs of consecutive blocks go to the threads as they come free (each block
+// prefetches the next one's first rows: amx_gemv.cpp)
+static void team_gemv(const Weight& m, const Act& a, float* y) {
+    const int64_t blocks = blocks_of(m);
+    #pragma omp for schedule(dynamic, blocks / 64 + 1) nowait
+    for (int64_t blk = 0; blk < blocks; ++blk) weight_block(m, a, y, blk);
 }
 
 // y = W x for an fp32 weight [N, K] (the indexer's weights_proj, the MoE router)
@@ -97,11 +163,13 @@ static void team_absorb_q(const Weight& kvb, const float* q, int64_t ldq, int64_
     }
 }
 
-// MLA.absorb_o: out[h, j] = o_lat[h] . W_uv[h, j] (head h's W_uv: rows h*(nope+v) + nope + j of kv_b)
-static void team_absorb_o(const Weight& kvb, const float* o_lat, int64_t H, int64_t nope, int64_t v, float* out) {
-    #pragma omp for schedule(dynamic, TEAM_ROWS) nowait
-    for (int64_t t = 0; t < H * v; ++t) {
-        const int64_t h = t / v;
-        out[t] = weight_dot(kvb, h * (nope + v) + nope + t % v, o_lat + h * kvb.K);
+// MLA.absorb_o: out[h, j] = o_lat[h] . W_uv[h, j] (head h's W_uv: rows h*(nope+v) + nope + j of kv_b),
+// heads[h] holding o_lat[h] (set by the caller); the team takes (head, block of rows) pairs
+static void team_absorb_o(const Weight& kvb, const Act* heads, int64_t H, int64_t nope, int64_t v, float* out) {
+    const int64_t per = (v + TEAM_ROWS - 1) / TEAM_ROWS;
+    #pragma omp for schedule(dynamic, 1) nowait
+    for (int64_t t = 0; t < H * per; ++t) {
+        const int64_t h = t / per;
+        weight_block(rows_of(kvb, h * (nope + v) + nope, (h + 1) * (nope + v)), heads[h], out + h * v, t % per);
     }
 }

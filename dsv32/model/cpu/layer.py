@@ -42,9 +42,14 @@ def _ffn_args(w: str) -> list[str]:
             + ["const int64_t"] * 12 + ["const float"] * 2)
 
 
-def _build(files: tuple[str, ...], dtype: torch.dtype, args: list[str], tiled: bool) -> Callable:
-    defines = [STORAGE[dtype], "LAYER"] + (native._index_defines(None, True) if tiled else [])
-    return native._build(files, defines, args)
+def _build(files: tuple[str, ...], dtype: torch.dtype, args: list[str]) -> Callable:
+    """The layer kernel of `files` for weights stored as `dtype`: with AMX where the attention's
+    tiles are ready here (amx_index.cpp, amx_attention.cpp: they take bf16 and FP8 pools only) and
+    the weights' GEMV may use them too (amx_gemv.cpp: int8, bf16)."""
+    amx = native._amx_index_ready() and (dtype not in native.AMX_FLAGS or native.amx_ready(dtype))
+    if amx:
+        files = ("gemv.cpp", "amx_gemv.cpp", *files[1:])
+    return native._build(files, [STORAGE[dtype], "LAYER"] + (["AMX"] if amx else []), args)
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -124,7 +129,7 @@ class NativeLayer:
         self.sizes = (block.input_layernorm.weight.shape[0], a.q_a_proj.weight.shape[0], a.n_heads, a.nope, a.rope,
                       a.kv_rank, a.v_dim, ix.n_heads, ix.head_dim, dense.gate_proj.weight.shape[0])
         self.eps, self.k_eps = block.input_layernorm.eps, ix.k_norm.eps
-        self._fns: dict = {}                # the built kernels: attention by pool layout (tiled or not), "ffn"
+        self._fns: dict = {}                # the built kernels: "attention", "ffn"
         g = mlp.gate if moe else None
         self.route = ((g.n_experts, mlp.experts[0].gate_proj.weight.shape[0], g.n_group, g.topk_group, g.topk,
                        int(g.norm), float(g.scaling)) if moe else (0, 0, 1, 1, 0, 0, 0.0))
@@ -166,9 +171,9 @@ class NativeLayer:
         whose latent and indexer key it writes into `pages`."""
         D, Q, H, nope, R, C, v, Hi, Di, _ = self.sizes
         lat, ik, layout = pool_args(pages)
-        f = self._fns.get(layout > 0)
+        f = self._fns.get("attention")
         if f is None:
-            f = self._fns[layout > 0] = _build(ATTN_FILES, self.dtype, _attn_args(_C_TYPE[self.dtype]), layout > 0)
+            f = self._fns["attention"] = _build(ATTN_FILES, self.dtype, _attn_args(_C_TYPE[self.dtype]))
         work = h.new_empty(D + 2 * Q + 2 * (C + R) + Di + Hi + H * (nope + R) + Hi * Di + H * (C + R))
         o, scores, ids = h.new_empty(H, C), h.new_empty(S), torch.empty(min(S, topk), dtype=torch.int64)
         f(h, cos, sin, *self.attn_args, *lat, *ik, pages.table, work, scores, ids, o,
@@ -181,9 +186,9 @@ class NativeLayer:
         E, Ie, n_group, topk_group, k, norm, scaling = self.route
         f = self._fns.get("ffn")
         if f is None:
-            f = self._fns["ffn"] = _build(FFN_FILES, self.dtype, _ffn_args(_C_TYPE[self.dtype]), False)
+            f = self._fns["ffn"] = _build(FFN_FILES, self.dtype, _ffn_args(_C_TYPE[self.dtype]))
         out = h.clone()
-        work = h.new_empty(H * v + 2 * D + I + E + k * Ie)
+        work = h.new_empty(H * v + 3 * D + 3 * I + E + k * (3 * Ie + D))
         ids = torch.empty(max(k, 1), dtype=torch.int64)
         f(out, o_lat, *self.ffn_args, self.table, work, ids, D, H, nope, v, C, I, E, Ie, n_group, topk_group, k, norm,
           scaling, self.eps)

@@ -8,7 +8,6 @@
 // The MLP (dense block) or the shared expert is w1 / w3 / w2 (gate_proj / up_proj / down_proj);
 // a MoE block has E > 0 routed experts, whose six pointers each (w1, s1, w3, s3, w2, s2) are
 // experts[6e..6e+6) (scales: any pointer for unscaled formats).
-// work (floats): o [H*v], a [D], x [D], act [I], logits [E], acts of the chosen experts [k, Ie]
 #include <algorithm>
 
 // Gate.select and Gate.forward's weights: the k experts of the best topk_group groups (a group's
@@ -43,15 +42,15 @@ static void route(const float* s, const float* bias, int64_t E, int64_t n_group,
     for (int64_t j = 0; j < k; ++j) w[j] = (norm ? w[j] / (sum + 1e-20f) : w[j]) * scaling;
 }
 
-// act[n] = silu(w1[n] . x) * (w3[n] . x) (MLP's inner activations)
-static void team_swiglu(const Weight& w1, const Weight& w3, const float* x, float* act) {
-    #pragma omp for schedule(dynamic, TEAM_ROWS) nowait
-    for (int64_t n = 0; n < w1.N; ++n) act[n] = silu(weight_dot(w1, n, x)) * weight_dot(w3, n, x);
-}
-
 static Weight expert(const int64_t* experts, int64_t e, int j, int64_t N, int64_t K) {
     const int64_t* p = experts + 6 * e + 2 * j;
     return Weight{(const wt*)p[0], (const float*)p[1], N, K};
+}
+
+// act = silu(g) * u (SwiGLU's inner activations, from gate_proj's g and up_proj's u)
+static void team_swiglu(const float* g, const float* u, int64_t n, float* act) {
+    #pragma omp for schedule(static) nowait
+    for (int64_t i = 0; i < n; ++i) act[i] = silu(g[i]) * u[i];
 }
 
 extern "C" void kernel(float* h, const float* o_lat, const wt* kvb_w, const float* kvb_s, const wt* wo_w,
@@ -62,44 +61,70 @@ extern "C" void kernel(float* h, const float* o_lat, const wt* kvb_w, const floa
                        const int64_t I, const int64_t E, const int64_t Ie, const int64_t n_group,
                        const int64_t topk_group, const int64_t k, const int64_t norm, const float scaling,
                        const float eps) {
-    float *o = work, *a = o + H * v, *x = a + D, *act = x + D, *s = act + I, *acts = s + E;
+    // work: o [H*v], a [D], x [D], g, u, act [I], y [D], router scores [E], then per chosen expert
+    // g, u, act [Ie] and y [D]
+    float *o = work, *a = o + H * v, *x = a + D, *g = x + D, *u = g + I, *act = u + I, *y = act + I, *s = y + D;
+    float* ex = s + E;
+    const auto eg = [&](int64_t j) { return ex + j * (3 * Ie + D); };            // expert j's g; u, act, y follow
     const Weight kvb{kvb_w, kvb_s, H * (nope + v), C}, wo{wo_w, wo_s, D, H * v};
     const Weight w1{w1_w, w1_s, I, D}, w3{w3_w, w3_s, I, D}, w2{w2_w, w2_s, D, I};
     std::vector<float> wr(k);
+    std::vector<Act> heads(H), acts(k);
+    Act oa, xa, aa;
     #pragma omp parallel
     {
-        team_absorb_o(kvb, o_lat, H, nope, v, o);
+        tiles_begin();
+        #pragma omp for schedule(dynamic, 1)
+        for (int64_t j = 0; j < H; ++j) heads[j].set(o_lat + j * C, C);
+        team_absorb_o(kvb, heads.data(), H, nope, v, o);
         #pragma omp barrier
-        team_gemv(wo, o, a);
+        #pragma omp single
+        oa.set(o, H * v);
+        team_gemv(wo, oa, a);
         #pragma omp barrier
         #pragma omp single
         {
             for (int64_t i = 0; i < D; ++i) h[i] += a[i];
             rms_norm(h, post_norm, D, eps, x);
+            xa.set(x, D);
         }
-        team_swiglu(w1, w3, x, act);                                      // the MLP or the shared expert
+        team_gemv(w1, xa, g);                                             // the MLP or the shared expert
+        team_gemv(w3, xa, u);
         if (E > 0) team_gemv_f32(gate, E, D, x, s);                       // the router's logits
         #pragma omp barrier
-        if (E > 0) {
-            #pragma omp single
-            {
+        #pragma omp single
+        {
+            if (E > 0) {
                 for (int64_t e = 0; e < E; ++e) s[e] = sigmoid(s[e]);
                 route(s, bias, E, n_group, topk_group, k, norm != 0, scaling, ids, wr.data());
             }
-            #pragma omp for schedule(dynamic, TEAM_ROWS)
-            for (int64_t t = 0; t < k * Ie; ++t) {                        // the chosen experts' activations
-                const int64_t j = t / Ie, n = t % Ie;
-                const Weight e1 = expert(experts, ids[j], 0, Ie, D), e3 = expert(experts, ids[j], 1, Ie, D);
-                acts[t] = silu(weight_dot(e1, n, x)) * weight_dot(e3, n, x);
+        }
+        team_swiglu(g, u, I, act);
+        for (int64_t j = 0; j < k; ++j) {                                 // the chosen experts' g and u
+            team_gemv(expert(experts, ids[j], 0, Ie, D), xa, eg(j));
+            team_gemv(expert(experts, ids[j], 1, Ie, D), xa, eg(j) + Ie);
+        }
+        #pragma omp barrier
+        #pragma omp for schedule(dynamic, 1)
+        for (int64_t j = -1; j < k; ++j) {                                // the inner activations' limbs
+            if (j < 0) {
+                aa.set(act, I);
+                continue;
             }
+            float* ej = eg(j);
+            for (int64_t i = 0; i < Ie; ++i) ej[2 * Ie + i] = silu(ej[i]) * ej[Ie + i];
+            acts[j].set(ej + 2 * Ie, Ie);
         }
-        #pragma omp for schedule(dynamic, TEAM_ROWS)
+        team_gemv(w2, aa, y);
+        for (int64_t j = 0; j < k; ++j) team_gemv(expert(experts, ids[j], 2, D, Ie), acts[j], eg(j) + 3 * Ie);
+        #pragma omp barrier
+        #pragma omp for schedule(static)
         for (int64_t n = 0; n < D; ++n) {                                 // h + (routed + shared), or h + mlp
-            const float y = weight_dot(w2, n, act);
-            if (E == 0) { h[n] += y; continue; }
+            if (E == 0) { h[n] += y[n]; continue; }
             float routed = 0.f;
-            for (int64_t j = 0; j < k; ++j) routed += weight_dot(expert(experts, ids[j], 2, D, Ie), n, acts + j * Ie) * wr[j];
-            h[n] += routed + y;
+            for (int64_t j = 0; j < k; ++j) routed += eg(j)[3 * Ie + n] * wr[j];
+            h[n] += routed + y[n];
         }
+        tiles_end();
     }
 }

@@ -68,6 +68,13 @@ struct TileConfig {
     uint16_t colsb[16];
     uint8_t rows[16];
 };
+// LDTILECFG of cfg. The empty asm makes the compiler store every field first: GCC 12 does not count
+// the instruction as reading its operand's 64 bytes, and a configuration inlined into a larger
+// function lost its stores (a #GP at the load, once amx_gemv.cpp's kernel was split into functions).
+__attribute__((target("amx-tile"))) static inline void load_tile_config(const TileConfig& cfg) {
+    asm volatile("" : : "r"(&cfg) : "memory");
+    _tile_loadconfig(&cfg);
+}
 
 #if defined(AMX)
 // The query / activation split of the AMX kernels (amx_gemv.cpp, amx_index.cpp) for the 16 values
