@@ -110,6 +110,7 @@ def _attention_rows(a, q, latent, index_k, iq, iw, kv, positions: torch.Tensor) 
 
 
 def _native_layer(block) -> NativeLayer | None:
+    """The block's NativeLayer (gathered again when a weight was replaced), or None if it does not fit."""
     n = _native_layers.get(block, False)
     if n is False or (n is not None and not n.current()):
         dtype = NativeLayer.fits(block)
@@ -128,8 +129,9 @@ def _native_step(block, h: torch.Tensor, positions: torch.Tensor, cos: torch.Ten
     row = kv.pages(a.layer_idx, 0)
     if row is None or int(positions[0, 0]) != row[1] - 1:
         return None
-    o_lat = n.attention(h.view(-1), cos.view(-1), sin.view(-1), *row, a.topk, a.scale)
-    return n.ffn(h.view(-1), o_lat).view(h.shape)
+    x = h.reshape(-1)                                                    # [D] (the kernels read contiguous rows)
+    o_lat = n.attention(x, cos.reshape(-1), sin.reshape(-1), *row, a.topk, a.scale)
+    return n.ffn(x, o_lat).view(h.shape)
 
 
 def step(block, h: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv

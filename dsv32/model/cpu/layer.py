@@ -2,11 +2,14 @@
 absorbed query, then decode_attention.cpp's cache write, top-k and sparse attention; layer_ffn.cpp:
 W_uv, o_proj, the residuals, the MLP or the MoE with its router), instead of compiled graphs and
 Python between them: at the bench model's size every graph, native call and OpenMP region costs
-more than its arithmetic (bench/README.md, "Decode step, part by part").
+more than its arithmetic (bench/README.md, "Decode step, part by part"). The weights' products run
+on AMX tiles where amx_gemv.cpp takes them (int8, bf16), else gemv.cpp's row_dot.
 
-`NativeLayer.of(block)` gathers one block's weights as the kernels read them (every matrix of one
-storage: int8 with per-(row, group) scales, bf16, fp16, or plain fp32), or says why it cannot.
-model/decode.py decides when a step takes it; the reference is the eager `Block.reference`.
+`NativeLayer.fits(block)` says whether the kernels read every matrix of a block (one storage: int8
+with per-(row, group) scales, bf16, fp16, or plain fp32), `NativeLayer(block, dtype)` gathers them.
+model/decode.py decides when a step takes it; the reference is the eager `Block.reference`. Beside
+it, a decode step's other small pieces in one call each: `rms_norm` (the final norm) and
+`embedding_rows` (a packed table's rows).
 """
 from __future__ import annotations
 
@@ -160,8 +163,10 @@ class NativeLayer:
         others = [block.input_layernorm.weight, block.post_attention_layernorm.weight, a.q_a_layernorm.weight,
                   a.kv_a_layernorm.weight, ix.k_norm.weight, ix.k_norm.bias, ix.weights_proj.weight]
         others += [mlp.gate.weight, mlp.gate.e_score_correction_bias] if moe else []
+        norms = (block.input_layernorm, block.post_attention_layernorm, a.q_a_layernorm, a.kv_a_layernorm)
         if (dtype not in STORAGE or not all(_linear_fits(m, dtype) for m in linears)
-                or not all(t.dtype == torch.float32 and t.is_contiguous() for t in others)):
+                or not all(t.dtype == torch.float32 and t.is_contiguous() for t in others)
+                or len({n.eps for n in norms}) > 1):                    # the kernels take one RMSNorm eps
             return None
         return dtype
 
