@@ -23,9 +23,8 @@ import weakref
 import torch
 
 from .attention import Attention
-from .cpu import native
+from .cpu import layer, native
 from .cpu.compile import dynamic, has_compiler, kernel
-from .cpu import layer
 from .cpu.layer import NativeLayer
 from .moe import MLP, MoE
 

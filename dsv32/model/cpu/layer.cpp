@@ -1,11 +1,11 @@
 // The pieces of a block's decode row in native code (layer_attn.cpp, layer_ffn.cpp), built after
 // vec.h, gemv.cpp (LAYER: its weight type `wt` and row_dot, without its entry point) and, with AMX,
-// amx_gemv.cpp (its tile blocks for int8 and bf16 weights). One token,
-// every weight read in place in its packed format (int8 with a scale per row and group of
-// group_of(K) columns, bf16, fp16) or fp32; the small vectors between the products stay in the
-// caller's work buffer. Functions named team_* share their loop among the threads of the caller's
-// OpenMP parallel region and end without a barrier: the caller places one before the outputs are
-// read. Each mirrors a module of the eager forward, named beside it.
+// amx_gemv.cpp (its tile blocks for int8 and bf16 weights). One token, every weight read in place
+// in its packed format (int8 with a scale per row and group of group_of(K) columns, bf16, fp16) or
+// fp32; the small vectors between the products stay in the caller's work buffer. Functions named
+// team_* share their loop among the threads of the caller's OpenMP parallel region and end without
+// a barrier: the caller places one before the outputs are read. Each mirrors a module of the eager
+// forward, named beside it.
 #include <algorithm>
 #include <cmath>
 #include <omp.h>

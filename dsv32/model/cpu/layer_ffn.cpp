@@ -1,5 +1,5 @@
 // A block's second half for one decode row in one call (model/decode.py's native step), built by
-// cpu/layer.py after vec.h, gemv.cpp and layer.cpp: W_uv and o_proj of the attention's o_lat
+// cpu/layer.py after vec.h, gemv.cpp (amx_gemv.cpp) and layer.cpp: W_uv and o_proj of the attention's o_lat
 // [H, C], the residual, the post-attention norm and the MLP, or the MoE (the sigmoid router's
 // group-limited top-k, the shared expert and the chosen experts), the residual again: h [D] is
 // updated in place. Reference: the eager Block (MLA.absorb_o, o_proj, post_attention_layernorm,
@@ -9,6 +9,7 @@
 // a MoE block has E > 0 routed experts, whose six pointers each (w1, s1, w3, s3, w2, s2) are
 // experts[6e..6e+6) (scales: any pointer for unscaled formats).
 #include <algorithm>
+#include <vector>
 
 // Gate.select and Gate.forward's weights: the k experts of the best topk_group groups (a group's
 // score: its two best biased scores) by biased score s + bias, ties to the lower id; their
