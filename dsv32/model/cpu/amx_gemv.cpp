@@ -171,6 +171,26 @@ struct AmxSums {
     alignas(64) float acc[TILES][ROWS * 16];
 };
 
+// One row (decode's common case): out (lane r: weight row r) += (C[r, 0] + C[r, 1] / 254 + C[r, 2] /
+// 254^2) * s[r, g] * sx[g], from C stored packed (c: 16 rows of 3 int32, tile row stride 12 bytes):
+// each limb's column taken by two permutes where gather_sums' gathers cost ~3x the block's tile ops
+static inline void one_row_sums(const int32_t* c, const float* sb, float sx, int64_t Gs, int64_t g, __m512& out) {
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512 sw = _mm512_i32gather_ps(_mm512_mullo_epi32(lane, _mm512_set1_epi32((int)Gs)), sb + g, 4);
+    const __m512i c0 = _mm512_loadu_si512(c), c1 = _mm512_loadu_si512(c + 16), c2 = _mm512_loadu_si512(c + 32);
+    const __m512i three = _mm512_mullo_epi32(lane, _mm512_set1_epi32(3));
+    __m512 limb[LIMBS];
+    for (int j = 0; j < LIMBS; ++j) {                    // lane r: c[3 r + j], from c0|c1 below 32, else c2
+        const __m512i at = _mm512_add_epi32(three, _mm512_set1_epi32(j));
+        const __m512i low = _mm512_permutex2var_epi32(c0, at, c1);
+        const __mmask16 high = _mm512_cmpge_epi32_mask(at, _mm512_set1_epi32(32));
+        limb[j] = _mm512_cvtepi32_ps(_mm512_mask_permutexvar_epi32(low, high, _mm512_sub_epi32(at, _mm512_set1_epi32(32)), c2));
+    }
+    __m512 v = _mm512_fmadd_ps(limb[2], _mm512_set1_ps(1.f / 254.f), limb[1]);
+    v = _mm512_fmadd_ps(v, _mm512_set1_ps(1.f / 254.f), limb[0]);
+    out = _mm512_fmadd_ps(v, _mm512_mul_ps(sw, _mm512_set1_ps(sx)), out);
+}
+
 // y[m, n] for the 16 weight rows of block blk (n = 16 blk ..), every row m of a (W [N, K], s [N, K / G]);
 // the thread's tiles configured for a's groups
 __attribute__((target("amx-tile,amx-int8")))
@@ -194,6 +214,11 @@ static inline void amx_block(const AmxRows& a, const int8_t* w, const float* s, 
             const int8_t* b[TILES];
             for (int64_t t = 0; t < grp.n; ++t) b[t] = a.bt[t].data() + k / CHUNK * ROWS * grp.width[t];
             TILE_PRODUCTS(_tile_dpbssd, grp.n, wb + k, K, b, grp.width)
+        }
+        if (M == 1) {
+            _tile_stored(0, z.c[0], 4 * LIMBS);
+            one_row_sums(z.c[0], sb, a.sx[g], Gs, g, few[0]);
+            continue;
         }
         grp.store(z.c);
         if (M > FEW)
