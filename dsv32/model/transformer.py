@@ -2,6 +2,8 @@
 LM head, and the MTP layer stored after the main stack (skipped by it)."""
 from __future__ import annotations
 
+from itertools import islice
+
 import torch
 from torch import nn
 
@@ -77,7 +79,7 @@ class Transformer(nn.Module):
               hooks: Hooks | None = None) -> torch.Tensor:
         """Token embeddings h [B, T, D] at `positions` -> final (normed) hidden states [B, T, D]."""
         cos, sin = self.rotary(positions)
-        for layer in self.model.layers[: self.n_layers]:
+        for layer in islice(self.model.layers, self.n_layers):          # (a slice builds a ModuleList)
             h = layer(h, positions, cos, sin, kv, attention, doc, hooks)
         if decode.applies(self.model.layers[0], h, attention, doc, hooks):    # one token per row:
             return decode.norm(self.model.norm, h)                           # one native call
