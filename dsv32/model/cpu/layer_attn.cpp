@@ -1,6 +1,6 @@
 // A block's attention half for one decode row in one call (model/decode.py's native step), built
-// by cpu/layer.py after vec.h, gemv.cpp (amx_gemv.cpp), the decode attention's files and layer.cpp: the input
-// norm, MLA's and the indexer's projections, norms and ropes, the absorbed query, then
+// by cpu/layer.py after vec.h, gemv.cpp (amx_gemv.cpp), the decode attention's files and layer.cpp:
+// the input norm, MLA's and the indexer's projections, norms and ropes, the absorbed query, then
 // decode_attention.cpp's decode_row (cache write, indexer top-k, sparse attention) -> o_lat [H, C].
 // Reference: the eager Block (input_layernorm, MLA.project, Indexer.key / query, MLA.absorb_q,
 // then KV.write, MLA.decode_select, MLA.attend_latent).

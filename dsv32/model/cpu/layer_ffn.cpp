@@ -1,9 +1,10 @@
 // A block's second half for one decode row in one call (model/decode.py's native step), built by
-// cpu/layer.py after vec.h, gemv.cpp (amx_gemv.cpp) and layer.cpp: W_uv and o_proj of the attention's o_lat
-// [H, C], the residual, the post-attention norm and the MLP, or the MoE (the sigmoid router's
-// group-limited top-k, the shared expert and the chosen experts), the residual again: h [D] is
-// updated in place. Reference: the eager Block (MLA.absorb_o, o_proj, post_attention_layernorm,
-// MLP / MoE with Gate.forward and the chosen experts summed in id order as decode._routed_row).
+// cpu/layer.py after vec.h, gemv.cpp (amx_gemv.cpp) and layer.cpp: W_uv and o_proj of the
+// attention's o_lat [H, C], the residual, the post-attention norm and the MLP, or the MoE (the
+// sigmoid router's group-limited top-k, the shared expert and the chosen experts), the residual
+// again: h [D] is updated in place. Reference: the eager Block (MLA.absorb_o, o_proj,
+// post_attention_layernorm, MLP / MoE with Gate.forward and the chosen experts summed in id order
+// as decode._routed_row).
 //
 // The MLP (dense block) or the shared expert is w1 / w3 / w2 (gate_proj / up_proj / down_proj);
 // a MoE block has E > 0 routed experts, whose six pointers each (w1, s1, w3, s3, w2, s2) are
