@@ -303,9 +303,16 @@ static inline void amx_block(const AmxRows& a, const uint16_t* w, const float*, 
 
 #if !defined(LAYER)                  // the decode layer (layer.cpp) calls amx_block itself
 #if defined(INT8)
-__attribute__((target("amx-tile,amx-int8")))
-extern "C" void kernel(const float* x, const int8_t* w, const float* s, float* y,
-                       const int64_t M, const int64_t N, const int64_t K, const int64_t G) {
+#define AMX_GEMV_TARGET "amx-tile,amx-int8"
+#else
+#define AMX_GEMV_TARGET "amx-tile,amx-bf16"
+#endif
+
+// y = x W^T for either storage (int8: s and G; bf16: s null, G = K): the whole blocks on tiles, the
+// rows past the last whole 16 with row_dot
+__attribute__((target(AMX_GEMV_TARGET)))
+static void gemv_tiles(const float* x, const wt* w, const float* s, float* y, const int64_t M, const int64_t N,
+                       const int64_t K, const int64_t G) {
     using namespace amx_gemv;
     const int64_t blocks = N / ROWS;
     AmxRows a;
@@ -322,27 +329,18 @@ extern "C" void kernel(const float* x, const int8_t* w, const float* s, float* y
     }
     for (int64_t n = blocks * ROWS; n < N; ++n)
         for (int64_t m = 0; m < M; ++m)
-            y[m * N + n] = row_dot(x + m * K, w + n * K, s + n * (K / G), K, G);
+            y[m * N + n] = row_dot(x + m * K, w + n * K, s ? s + n * (K / G) : nullptr, K, G);
+}
+
+#if defined(INT8)
+extern "C" void kernel(const float* x, const int8_t* w, const float* s, float* y,
+                       const int64_t M, const int64_t N, const int64_t K, const int64_t G) {
+    gemv_tiles(x, w, s, y, M, N, K, G);
 }
 #endif
 #if defined(HALF_BF16)
-__attribute__((target("amx-tile,amx-bf16")))
 extern "C" void kernel(const float* x, const uint16_t* w, float* y, const int64_t M, const int64_t N, const int64_t K) {
-    using namespace amx_gemv;
-    const int64_t blocks = N / ROWS;
-    AmxRows a;
-    a.set(x, M, K);
-    #pragma omp parallel
-    {
-        a.grp.configure();
-        AmxSums z;
-        #pragma omp for schedule(dynamic, blocks / 64 + 1)
-        for (int64_t blk = 0; blk < blocks; ++blk) amx_block(a, w, nullptr, y, N, blk, z);
-        _tile_release();
-    }
-    for (int64_t n = blocks * ROWS; n < N; ++n)
-        for (int64_t m = 0; m < M; ++m)
-            y[m * N + n] = row_dot(x + m * K, w + n * K, nullptr, K, K);
+    gemv_tiles(x, w, nullptr, y, M, N, K, K);
 }
 #endif
 #endif
