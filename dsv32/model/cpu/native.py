@@ -45,9 +45,9 @@
                         Reference: MLA.attend_latent.
   layer.cpp             a block's decode row in two calls (layer_attn.cpp: norms, projections, ropes,
   layer_attn.cpp        the absorbed query, then decode_attention.cpp's row; layer_ffn.cpp: W_uv,
-  layer_ffn.cpp         o_proj, the MLP or the MoE with its router), the weights read with gemv.cpp's
-                        row_dot in any storage; built and called by cpu/layer.py. Reference: the
-                        eager Block.
+  layer_ffn.cpp         o_proj, the MLP or the MoE with its router), the weights read by
+                        amx_gemv.cpp's tile blocks (int8, bf16, where the CPU has AMX) or gemv.cpp's
+                        row_dot; built and called by cpu/layer.py. Reference: the eager Block.
   topk_rows.cpp         the prefill indexer's causal top-k of many query rows at once (OpenMP over
                         the rows). It and index_topk.cpp select with top_ids.cpp: a threshold
                         from a sample of the row, one vectorised pass keeping the ids above it, an
