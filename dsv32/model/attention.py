@@ -21,7 +21,7 @@ from .fp8 import act_quant_dequant
 from .hooks import Hooks, IndexView
 from .cpu import native
 from .cpu.absorb import absorb
-from .cpu.compile import has_compiler
+from .cpu.build import has_compiler
 from .cpu.indexer import ascending, causal_topk, index_scores, runs_of
 from .layers import Linear, RMSNorm, hadamard, rope_half, rope_interleaved
 from dsv32.parallel.context import SINGLE, ParallelContext

@@ -93,6 +93,25 @@ def _packs(mod: nn.Module, name: str, spec: TensorSpec, weight_format: str) -> s
     return packed_storage(weight_format, spec.quantised)
 
 
+def _to_empty(model: nn.Module, device) -> None:
+    """`model.to_empty(device=device)`: each tensor replaced by torch.empty storage (a tied one by
+    one new tensor), where torch's empty_like on a meta tensor runs a Python decomposition that imports
+    dynamo (~100 MB of RSS in a process that never compiles)."""
+    made: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}    # id -> (old, new): the old kept alive
+
+    def empty(t: torch.Tensor) -> torch.Tensor:
+        e = torch.empty(t.shape, dtype=t.dtype, device=device)
+        return nn.Parameter(e, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else e
+    for m in model.modules():
+        for tensors in (m._parameters, m._buffers):
+            for k, t in tensors.items():
+                if t is None:
+                    continue
+                if id(t) not in made:
+                    made[id(t)] = (t, empty(t))
+                tensors[k] = made[id(t)][1]
+
+
 def _materialise(model: nn.Module, layout: dict[str, TensorSpec], device, dtype,
                  fp8_storage: bool, block: tuple[int, int], cfg: ModelConfig,
                  weight_format: str = "fp32") -> list[str]:
@@ -126,7 +145,7 @@ def _materialise(model: nn.Module, layout: dict[str, TensorSpec], device, dtype,
 
     meta_buffers = [n for n, b in model.named_buffers() if b.is_meta]
     if meta_buffers or any(t.is_meta for t in model.parameters()):
-        model.to_empty(device=device)
+        _to_empty(model, device)
     else:
         model.to(device)
     # buffers built on the meta device carry no values: recompute them

@@ -24,7 +24,8 @@ import torch
 
 from .attention import Attention
 from .cpu import layer, native
-from .cpu.compile import dynamic, has_compiler, kernel
+from .cpu.build import has_compiler
+from .cpu.compile import dynamic, kernel
 from .cpu.layer import NativeLayer
 from .moe import MLP, MoE
 

@@ -53,8 +53,8 @@ def prepare_load(fmt: str, fp8_storage: bool, dtype: torch.dtype | None, device)
         raise ValueError(f"weight_format={fmt!r} packs weights for fp32 compute on CPU; "
                          f"got dtype {dtype}, device {device}")
     from .cpu import native
-    from .cpu.compile import require_compiler
+    from .cpu.build import require_compiler
     from .layers import PACKED
     require_compiler()
     for storage in {packed_storage(fmt, q) for q in (True, False)}:
-        native.binding(PACKED[storage])             # built, or read from inductor's disk cache
+        native.binding(PACKED[storage])             # built, or read from build.py's disk cache

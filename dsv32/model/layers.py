@@ -124,6 +124,12 @@ class VocabParallelEmbedding(nn.Embedding):
         self.packed: str | None = None      # "int8" / "bf16" / "fp16" after pack(): rows come out fp32
         self.register_parameter("weight_scale_inv", None)
 
+    def reset_parameters(self) -> None:
+        # nothing to draw on the meta device (load_model's build), where torch's normal_ would
+        # import dynamo (+~100 MB RSS) to run its decomposition
+        if not self.weight.is_meta:
+            super().reset_parameters()
+
     def pack(self, fmt: str) -> None:
         """Store the table packed as `fmt` ("int8", "bf16" or "fp16"); looked-up rows are fp32."""
         values = self.weight if self.weight.is_meta else dequantize(self.weight, self.weight_scale_inv)
@@ -164,9 +170,10 @@ class RMSNorm(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 def yarn_inv_freq(cfg: ModelConfig) -> torch.Tensor:
-    """Per-pair inverse frequencies [rope_dim/2] with YaRN interpolation of long wavelengths."""
+    """Per-pair inverse frequencies [rope_dim/2] with YaRN interpolation of long wavelengths (on the
+    CPU: under load_model's meta device, torch's arange would import its symbolic shapes, ~60 MB)."""
     dim, base = cfg.qk_rope_head_dim, cfg.rope_theta
-    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64, device="cpu") / dim))
     rs = cfg.rope_scaling
     if rs is None or rs.factor <= 1.0:
         return inv_freq.float()
@@ -178,7 +185,7 @@ def yarn_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     high = min(math.ceil(correction_dim(rs.beta_slow)), dim - 1)
     if low == high:
         high += 0.001
-    ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float64, device="cpu") - low) / (high - low)).clamp(0, 1)
     keep = 1.0 - ramp  # 1: extrapolate (high-frequency dims kept), 0: interpolate (divide by factor)
     return (inv_freq / rs.factor * (1 - keep) + inv_freq * keep).float()
 
@@ -188,7 +195,7 @@ class Rotary(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.register_buffer("inv_freq", yarn_inv_freq(cfg), persistent=False)
+        self.register_buffer("inv_freq", yarn_inv_freq(cfg).to(torch.get_default_device()), persistent=False)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         angles = positions.to(torch.float32).unsqueeze(-1) * self.inv_freq  # [..., rope/2]

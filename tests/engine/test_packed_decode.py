@@ -6,7 +6,7 @@ import torch
 
 from dsv32.model import decode
 from dsv32.model.block import Block
-from dsv32.model.cpu import compile as cpu_compile, native
+from dsv32.model.cpu import build, native
 from dsv32.model.cpu.compile import kernel
 from dsv32.model.cpu.layer import NativeLayer
 from dsv32.model.checkpoint import load_model
@@ -73,7 +73,7 @@ def test_one_row_decode_of_blocks_the_native_layer_cannot_take_runs_the_direct_g
 def test_fp32_decode_takes_the_compiled_path_and_without_a_compiler_the_eager_one(ckpt, monkeypatch):
     """fp32 weights on the CPU decode through the same graphs and native attention (equal to full
     forwards); with no C++ compiler found they run the eager blocks, and a warning says so."""
-    from dsv32.model.cpu.compile import KernelError
+    from dsv32.model.cpu.build import KernelError
     model = load_model(ckpt, progress=False)
     prompts = prompts_of([30, 9])
     steps = []
@@ -86,8 +86,8 @@ def test_fp32_decode_takes_the_compiled_path_and_without_a_compiler_the_eager_on
 
     def missing():
         raise KernelError("no C++ compiler (test)")
-    monkeypatch.setattr(cpu_compile, "require_compiler", missing)
-    cpu_compile.has_compiler.cache_clear()
+    monkeypatch.setattr(build, "require_compiler", missing)
+    build.has_compiler.cache_clear()
     try:
         steps.clear()
         with pytest.warns(UserWarning, match="fp32 CPU decode, the indexer's top-k and head sum and the sparse "
@@ -96,4 +96,4 @@ def test_fp32_decode_takes_the_compiled_path_and_without_a_compiler_the_eager_on
         assert not steps
         assert [o.outputs[0].token_ids for o in eager] == [o.outputs[0].token_ids for o in compiled]
     finally:
-        cpu_compile.has_compiler.cache_clear()
+        build.has_compiler.cache_clear()

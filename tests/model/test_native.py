@@ -163,16 +163,16 @@ def test_traced_graphs_call_the_native_gemv_for_large_weights_only_in_one_row_gr
     assert {tuple(s) for s in calls} == {tuple(m.small.weight.shape), tuple(m.big.weight.shape)}   # rows dynamic: all native
 
 
-def test_a_failed_build_fails_the_load_with_a_clear_error(monkeypatch, tiny_bf16):
-    from torch._inductor.codecache import CppPythonBindingsCodeCache
-
+def test_a_failed_build_fails_the_load_with_a_clear_error(monkeypatch, tmp_path, tiny_bf16):
     from dsv32.model.checkpoint import load_model
-    from dsv32.model.cpu.compile import KernelError
+    from dsv32.model.cpu import build
+    from dsv32.model.cpu.build import KernelError
 
     def broken(*a, **k):
-        raise RuntimeError("cc1plus: fatal error")
+        raise KernelError("cc1plus: fatal error")
     monkeypatch.setattr(native, "_built", {})
-    monkeypatch.setattr(CppPythonBindingsCodeCache, "load_pybinding", broken)
+    monkeypatch.setattr(build, "CACHE", tmp_path)                # nothing built yet
+    monkeypatch.setattr(build, "_compile", broken)
     with pytest.raises(KernelError, match="gemv.cpp.*cc1plus"):
         load_model(tiny_bf16, weight_format="int8", progress=False)
 
@@ -363,7 +363,7 @@ def test_native_index_scores_equal_the_indexer(Hi, S, block, pool):
 def test_a_failed_amx_index_build_falls_back_to_the_vector_code_with_a_warning(monkeypatch):
     """Where amx_index.cpp does not build (an older compiler), FP8 pools are scored by the AVX-512
     code, and a warning says so."""
-    from dsv32.model.cpu.compile import KernelError
+    from dsv32.model.cpu.build import KernelError
     real = native._build
 
     def no_amx(files, defines, args):

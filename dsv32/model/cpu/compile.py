@@ -1,5 +1,6 @@
 """Compiled CPU kernels (inductor): one `Kernel` per function and static key, and a clear error
-naming what is missing when inductor cannot build one (it needs a C++ compiler at run time).
+naming what is missing when inductor cannot build one (it needs a C++ compiler at run time: the
+one build.py finds).
 
 A call with static shapes (every decode of one row) runs a graph that `Kernel` traced itself
 (make_fx, the modules' weights as inputs) and built with inductor, called directly: ~5 us of
@@ -10,46 +11,16 @@ marked `dynamic` (batched decode: one graph for every batch size) goes through t
 """
 from __future__ import annotations
 
-import functools
 import types
-import warnings
 import weakref
 from typing import Callable
 
 import torch
 from torch import nn
 
+from .build import KernelError, require_compiler
+
 _kernels: dict[tuple, "Kernel"] = {}
-
-
-class KernelError(RuntimeError):
-    """A compiled kernel could not be built; the message names what is missing."""
-
-
-def require_compiler() -> None:
-    """Raise KernelError unless inductor finds a C++ compiler."""
-    from torch._inductor import cpp_builder
-    try:
-        cpp_builder.get_cpp_compiler()
-    except Exception as e:                                  # noqa: BLE001  (re-raised, explained)
-        raise KernelError(
-            "the packed weight formats (bf16/fp16/int8/fp8) compile their CPU kernels with "
-            "torch.compile (inductor), which needs a C++ compiler at run time (g++ or clang++ on PATH): "
-            f"{e}") from e
-
-
-@functools.cache
-def has_compiler() -> bool:
-    """Whether inductor finds a C++ compiler here. Paths that only run faster with one (the fp32
-    CPU decode's graphs, the indexer's native top-k and head sum, the in-place sparse prefill)
-    take their eager reference without it, and a warning says so once."""
-    try:
-        require_compiler()
-        return True
-    except KernelError as e:
-        warnings.warn(f"fp32 CPU decode, the indexer's top-k and head sum and the sparse prefill run their "
-                      f"slower eager paths: {e}", stacklevel=2)
-        return False
 
 
 def kernel(fn: Callable, *key) -> "Kernel":

@@ -14,7 +14,7 @@ import torch
 
 from ..fp8 import dequantize_groups
 from . import native
-from .compile import has_compiler
+from .build import has_compiler
 
 SCORE_BYTES = 2 << 20          # fp32 bytes of one [t*H, n] block of per-head scores
 

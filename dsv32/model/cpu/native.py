@@ -1,4 +1,4 @@
-"""Native decode kernels (C++ beside this file, built on first use by inductor's C++ toolchain):
+"""Native decode kernels (C++ beside this file, built on first use by build.py):
 
   gemv.cpp              the packed-weight GEMV: reads int8 / fp16 / bf16 weights at the memory's
                         bandwidth with fp32 activations, where inductor's generated reduction
@@ -66,7 +66,8 @@ from typing import Callable
 import torch
 
 from ..fp8 import CACHE_GROUP, FP8
-from .compile import KernelError, require_compiler
+from . import build
+from .build import KernelError
 from .pages import LAYOUTS, NONE, POOL_ARGS, Pages, index_args, pool_args, pools_ok
 
 DEFINES = {torch.int8: "INT8", torch.float16: "HALF_FP16", torch.bfloat16: "HALF_BF16"}
@@ -100,19 +101,13 @@ def supports(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None) -> bo
 
 def _build(files: tuple[str, ...], defines: list[str], args: list[str]) -> Callable:
     """The `kernel` of `files` (beside this module, in order, after vec.h) with `defines`, as a
-    Python callable."""
+    Python callable (build.py: compiled once, then read from its disk cache)."""
     key = (*files, *defines)
     f = _built.get(key)
     if f is None:
-        require_compiler()
-        from torch._inductor.codecache import CppPythonBindingsCodeCache
         here = Path(__file__).parent
         source = "".join(f"#define {d}\n" for d in defines) + "".join((here / name).read_text() for name in ("vec.h", *files))
-        try:
-            f = _built[key] = CppPythonBindingsCodeCache.load_pybinding(args, source)
-        except Exception as e:                              # noqa: BLE001  (re-raised, explained)
-            raise KernelError(f"could not build the native kernel dsv32/model/cpu/{files[-1]} with "
-                              f"inductor's C++ toolchain: {e}") from e
+        f = _built[key] = build.load(source, args, f"dsv32/model/cpu/{files[-1]}")
     return f
 
 
