@@ -34,6 +34,20 @@ def test_native_gemv_equals_reference(fmt, N, K, isa):
 
 
 @pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt", ["int8", "fp16", "bf16"])
+@pytest.mark.parametrize("N,K", [(9, 4224), (6, 4096)])
+def test_long_rows_four_at_a_time_sum_as_one_at_a_time(fmt, N, K, isa):
+    """K >= 4096: rows go four at a time (gemv.cpp's row_dots4, the last N % 4 one at a time), each
+    summed exactly as a row alone is (row_dot)."""
+    w, s = weights(fmt, N, K)
+    x = torch.randn(2, K, generator=G)
+    y = native.gemv(x, w, s, isa)
+    torch.testing.assert_close(y, packed_linear_reference(x, w, s), rtol=1e-5, atol=1e-5)
+    for i in range(N):
+        assert torch.equal(y[:, i:i + 1], native.gemv(x, w[i:i + 1], None if s is None else s[i:i + 1], isa))
+
+
+@pytest.mark.parametrize("isa", ISAS)
 def test_fp16_special_values(isa):
     """Subnormals, the largest finite value, inf and signed zeros convert exactly (row i holds
     value i in column 3, zeros elsewhere; x picks column 3)."""

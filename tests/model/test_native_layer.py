@@ -67,16 +67,19 @@ def native_and_reference(b: Block, cfg: ModelConfig, S: int, seed: int = 2):
 
 
 ODD = dict(hidden_size=160, v_head_dim=24, kv_lora_rank=96, q_lora_rank=96, moe_intermediate_size=96)
+LONG = dict(intermediate_size=4224, moe_intermediate_size=4224)     # down projections of K >= 4096
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("layer", [0, 1], ids=["dense", "moe"])
-@pytest.mark.parametrize("S,over", [(9, {}), (40, {}), (40, ODD)], ids=["all-keys", "top-k", "odd-sizes"])
+@pytest.mark.parametrize("S,over", [(9, {}), (40, {}), (40, ODD), (40, LONG)],
+                         ids=["all-keys", "top-k", "odd-sizes", "long-rows"])
 def test_native_row_equals_the_eager_block(fmt, layer, S, over, monkeypatch):
     """All keys (S <= top-k) and the indexer's top-k of 39 earlier keys: the block's output and the
     latent and indexer key it writes equal the eager block's (fp32 rounding apart). Odd sizes: int8
     groups of 160 and 96 columns (not on tiles: amx_gemv.cpp takes multiples of 64) beside tiled
-    ones, W_uv's 24 rows a head (a tile block and 8 rows past it)."""
+    ones, W_uv's 24 rows a head (a tile block and 8 rows past it). Long rows: the down projections'
+    4224 columns, four weight rows at a time (gemv.cpp's row_dots4)."""
     b, cfg = block(layer, fmt, **over)
     assert NativeLayer.fits(b) is not None
     calls = []

@@ -4,11 +4,14 @@
 // vec.h, with one of those defined (and ISA, see vec.h, when the tests build each variant); LAYER
 // leaves the entry point to layer_attn.cpp / layer_ffn.cpp, which use row_dot.
 //
-// Each weight row is read once, in order, for all M activation rows; two accumulators per group
-// hide the FMA latency and the group's scale multiplies the vector sum (one horizontal sum a row).
+// Each weight row is read once, in order, for all M activation rows (four rows side by side where
+// K is long: row_dots4); two accumulators per group hide the FMA latency and the group's scale
+// multiplies the vector sum (one horizontal sum a row).
 // A software prefetch 16 KiB ahead keeps the stream at the memory's bandwidth (without it, ~17
 // GB/s of ~26 on the machine this was measured on). Rows are split across OpenMP threads.
 // Callers guarantee K % 32 == 0 and (INT8) G % 32 == 0, K % G == 0.
+
+#include <algorithm>
 
 #if defined(INT8)
 typedef int8_t wt;
@@ -81,22 +84,75 @@ static inline float row_dot(const float* x, const wt* w, const float* s, int64_t
     return vsum(acc);
 }
 
+// Four outputs, each as row_dot computes it (the same sums in the same order): the dot products of
+// x [K] with the weight rows w + r * K (scales s + r * (K / G)), r < 4, each x vector loaded once
+// for the four rows. Where x is long (QUAD_K: 7168 or 16384 fp32 values) it no longer stays in L1
+// beside the weight stream, and row_dot read it from L2 once a row; with shorter x one stream of
+// weights at a time reads faster (bench/README.md, "Weight-format kernels").
+static const int64_t QUAD_K = 4096;
+static inline void row_dots4(const float* x, const wt* w, const float* s, int64_t K, int64_t G, float* out) {
+    vf acc[4] = {vzero(), vzero(), vzero(), vzero()};
+    for (int64_t g = 0; g < K; g += G) {
+        vf a0[4] = {vzero(), vzero(), vzero(), vzero()}, a1[4] = {vzero(), vzero(), vzero(), vzero()};
+        for (int64_t k = g; k < g + G; k += 2 * WIDTH) {
+            const vf x0 = vload(x + k), x1 = vload(x + k + WIDTH);
+            for (int r = 0; r < 4; ++r) {
+                const wt* wr = w + r * K;
+                __builtin_prefetch((const char*)(wr + k) + PREFETCH_BYTES);
+                a0[r] = vfma(wload(wr + k), x0, a0[r]);
+                a1[r] = vfma(wload(wr + k + WIDTH), x1, a1[r]);
+            }
+        }
+        for (int r = 0; r < 4; ++r) {
+#if defined(INT8)
+            acc[r] = vfma(vadd(a0[r], a1[r]), vset1(s[r * (K / G) + g / G]), acc[r]);
+#else
+            acc[r] = vadd(acc[r], vadd(a0[r], a1[r]));
+#endif
+        }
+    }
+    for (int r = 0; r < 4; ++r) out[r] = vsum(acc[r]);
+}
+
+// y[n] = W[n] . x for the rows n0 <= n < n1 of W [N, K] (scales s [N, K / G] for int8, else null):
+// four at a time where K >= QUAD_K
+static inline void rows_dot(const float* x, const wt* w, const float* s, int64_t K, int64_t G, int64_t n0,
+                            int64_t n1, float* y) {
+    const int64_t Gs = s ? K / G : 0;                    // (s + n * Gs: null for null s)
+    int64_t n = n0;
+    if (K >= QUAD_K)
+        for (; n + 4 <= n1; n += 4) row_dots4(x, w + n * K, s + n * Gs, K, G, y + n);
+    for (; n < n1; ++n) y[n] = row_dot(x, w + n * K, s + n * Gs, K, G);
+}
+
 #if defined(AMX) || defined(LAYER)
 // the entry points are amx_gemv.cpp's (or the decode layer's)
-#elif defined(INT8)
+#else
+// y [M, N] = x [M, K] W^T: blocks of rows across the threads, each row (four where K >= QUAD_K)
+// read once for every activation row
+static void gemv_rows(const float* x, const wt* w, const float* s, float* y, int64_t M, int64_t N, int64_t K,
+                      int64_t G) {
+    if (K < QUAD_K) {
+        const int64_t Gs = s ? K / G : 0;
+        #pragma omp parallel for schedule(dynamic, N / 64 + 1)
+        for (int64_t n = 0; n < N; ++n)
+            for (int64_t m = 0; m < M; ++m) y[m * N + n] = row_dot(x + m * K, w + n * K, s + n * Gs, K, G);
+        return;
+    }
+    const int64_t quads = (N + 3) / 4;
+    #pragma omp parallel for schedule(dynamic, quads / 64 + 1)
+    for (int64_t b = 0; b < quads; ++b)
+        for (int64_t m = 0; m < M; ++m) rows_dot(x + m * K, w, s, K, G, 4 * b, std::min(N, 4 * b + 4), y + m * N);
+}
+#if defined(INT8)
 extern "C" void kernel(const float* x, const wt* w, const float* s, float* y,
                        const int64_t M, const int64_t N, const int64_t K, const int64_t G) {
-    #pragma omp parallel for schedule(dynamic, N / 64 + 1)
-    for (int64_t n = 0; n < N; ++n)
-        for (int64_t m = 0; m < M; ++m)
-            y[m * N + n] = row_dot(x + m * K, w + n * K, s + n * (K / G), K, G);
+    gemv_rows(x, w, s, y, M, N, K, G);
 }
 #else
 extern "C" void kernel(const float* x, const wt* w, float* y,
                        const int64_t M, const int64_t N, const int64_t K) {
-    #pragma omp parallel for schedule(dynamic, N / 64 + 1)
-    for (int64_t n = 0; n < N; ++n)
-        for (int64_t m = 0; m < M; ++m)
-            y[m * N + n] = row_dot(x + m * K, w + n * K, nullptr, K, K);
+    gemv_rows(x, w, nullptr, y, M, N, K, K);
 }
+#endif
 #endif

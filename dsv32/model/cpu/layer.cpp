@@ -1,5 +1,5 @@
 // The pieces of a block's decode row in native code (layer_attn.cpp, layer_ffn.cpp), built after
-// vec.h, gemv.cpp (LAYER: its weight type `wt` and row_dot, without its entry point) and, with AMX,
+// vec.h, gemv.cpp (LAYER: its weight type `wt`, row_dot and rows_dot, without its entry point) and, with AMX,
 // amx_gemv.cpp (its tile blocks for int8 and bf16 weights). One token, every weight read in place
 // in its packed format (int8 with a scale per row and group of group_of(K) columns, bf16, fp16) or
 // fp32; the small vectors between the products stay in the caller's work buffer. Functions named
@@ -26,15 +26,6 @@ static inline int64_t group_of(int64_t K) { return K % 128 == 0 ? 128 : K; }   /
 // Weight rows [n0, n1) of m (rows n0 on: a Weight of its own)
 static inline Weight rows_of(const Weight& m, int64_t n0, int64_t n1) {
     return Weight{m.w + n0 * m.K, m.s ? m.s + n0 * (m.K / group_of(m.K)) : nullptr, n1 - n0, m.K};
-}
-
-static inline float weight_dot(const Weight& m, int64_t n, const float* x) {
-    const int64_t G = group_of(m.K);
-#if defined(INT8)
-    return row_dot(x, m.w + n * m.K, m.s + n * (m.K / G), m.K, G);
-#else
-    return row_dot(x, m.w + n * m.K, nullptr, m.K, G);
-#endif
 }
 
 // An activation vector x [K] as the products read it; in TILED builds also as amx_gemv.cpp's
@@ -73,7 +64,7 @@ static void tiles_end() {
 }
 
 // y[n] = W[n] . x for the rows of block blk (TEAM_ROWS rows from TEAM_ROWS * blk): a whole block
-// on tiles where x has them, else (and a last partial block) with row_dot
+// on tiles where x has them, else (and a last partial block) with gemv.cpp's rows_dot
 static inline void weight_block(const Weight& m, const Act& a, float* y, int64_t blk) {
     const int64_t n0 = blk * TEAM_ROWS, n1 = std::min(m.N, n0 + TEAM_ROWS);
 #if TILED
@@ -83,7 +74,7 @@ static inline void weight_block(const Weight& m, const Act& a, float* y, int64_t
         return amx_gemv::amx_block(a.tiles, m.w, m.s, y, m.N, blk, z);
     }
 #endif
-    for (int64_t n = n0; n < n1; ++n) y[n] = weight_dot(m, n, a.x);
+    rows_dot(a.x, m.w, m.s, m.K, group_of(m.K), n0, n1, y);
 }
 
 static inline int64_t blocks_of(const Weight& m) { return (m.N + TEAM_ROWS - 1) / TEAM_ROWS; }
