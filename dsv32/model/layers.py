@@ -10,7 +10,7 @@ from torch import nn
 from .config import ModelConfig
 from .fp8 import FP8, act_quant_dequant, block_dequant, block_quant, scale_shape
 from .cpu.layer import embedding_fits, embedding_rows as native_embedding_rows
-from .cpu.packed import dequantize, embedding_rows, group_size, packed_linear, quantize_int8
+from .cpu.packed import dense_linear, dequantize, embedding_rows, group_size, packed_linear, quantize_int8
 
 PACKED = {"int8": torch.int8, "bf16": torch.bfloat16, "fp16": torch.float16}   # packed storage dtypes
 NATIVE_ROWS = 64            # packed embeddings: up to this many tokens in one native call (cpu/layer.py)
@@ -103,7 +103,7 @@ class Linear(nn.Module):
         if self.fp8_act and x.shape[-1] % 128 == 0:
             x = act_quant_dequant(x)
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.dense_weight(x.dtype), bias)
+        return dense_linear(x, self.dense_weight(x.dtype), bias)
 
     def extra_repr(self) -> str:
         fp8 = f", fp8_block={self.fp8_block}" if self.fp8_block else ""

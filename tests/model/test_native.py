@@ -19,11 +19,11 @@ def weights(fmt: str, N: int, K: int):
     w = torch.randn(N, K, generator=G) * 0.05
     if fmt == "int8":
         return quantize_int8(w)
-    return w.to(dict(fp16=torch.float16, bf16=torch.bfloat16)[fmt]), None
+    return w.to(dict(fp16=torch.float16, bf16=torch.bfloat16, fp32=torch.float32)[fmt]), None
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("fmt", ["int8", "fp16", "bf16"])
+@pytest.mark.parametrize("fmt", ["int8", "fp16", "bf16", "fp32"])
 @pytest.mark.parametrize("N,K", [(37, 256), (300, 160), (5, 32)])      # 160: one int8 group a row
 def test_native_gemv_equals_reference(fmt, N, K, isa):
     w, s = weights(fmt, N, K)
@@ -34,7 +34,7 @@ def test_native_gemv_equals_reference(fmt, N, K, isa):
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("fmt", ["int8", "fp16", "bf16"])
+@pytest.mark.parametrize("fmt", ["int8", "fp16", "bf16", "fp32"])
 @pytest.mark.parametrize("N,K", [(9, 4224), (6, 4096)])
 def test_long_rows_four_at_a_time_sum_as_one_at_a_time(fmt, N, K, isa):
     """K >= 4096: rows go four at a time (gemv.cpp's row_dots4, the last N % 4 one at a time), each
@@ -57,6 +57,30 @@ def test_fp16_special_values(isa):
     x = torch.zeros(1, 32)
     x[0, 3] = 1.0
     assert torch.equal(native.gemv(x, w, None, isa)[0], vals.float())
+
+
+def test_dense_linear_takes_the_native_gemv_for_few_rows_only_without_autograd(monkeypatch):
+    """fp32 Linear rows (a decode step's LM head): up to GEMV_MAX_ROWS rows on the native GEMV,
+    equal to F.linear; more rows, autograd or a non-contiguous weight: F.linear itself."""
+    calls = []
+    real = native.gemv
+    monkeypatch.setattr(native, "gemv", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    w, b = torch.randn(300, 256, generator=G), torch.randn(300, generator=G)
+    for M, native_rows in ((1, True), (3, True), (packed.GEMV_MAX_ROWS, True), (packed.GEMV_MAX_ROWS + 1, False)):
+        x = torch.randn(2, M, 256, generator=G)[:1]
+        calls.clear()
+        with torch.no_grad():
+            y = packed.dense_linear(x, w, b)
+        torch.testing.assert_close(y, torch.nn.functional.linear(x, w, b), rtol=1e-5, atol=1e-5)
+        assert calls == ([M] if native_rows else []), M
+    calls.clear()
+    wg = w.clone().requires_grad_()
+    y = packed.dense_linear(torch.randn(1, 256, generator=G), wg)
+    y.sum().backward()                                       # autograd: F.linear
+    assert wg.grad is not None and calls == []
+    with torch.no_grad():
+        packed.dense_linear(torch.randn(1, 256, generator=G), torch.randn(256, 300, generator=G).t())
+    assert calls == []                                        # a transposed weight is not copied per call
 
 
 def test_unsupported_shapes_use_the_compiled_kernel():

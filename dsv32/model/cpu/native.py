@@ -70,13 +70,14 @@ from . import build
 from .build import KernelError
 from .pages import LAYOUTS, NONE, POOL_ARGS, Pages, index_args, pool_args, pools_ok
 
-DEFINES = {torch.int8: "INT8", torch.float16: "HALF_FP16", torch.bfloat16: "HALF_BF16"}
+DEFINES = {torch.int8: "INT8", torch.float16: "HALF_FP16", torch.bfloat16: "HALF_BF16", torch.float32: "FP32"}
 ALIGN = 32                  # K (and the int8 group size) must be multiples of this
 _built: dict[tuple, Callable] = {}
 # the C signatures of each kernel's entry point (pointers to tensors' data, then sizes)
 GEMV_ARGS = {torch.int8: ["const float*", "const int8_t*", "const float*", "float*"] + ["const int64_t"] * 4,
              torch.float16: ["const float*", "const uint16_t*", "float*"] + ["const int64_t"] * 3}
 GEMV_ARGS[torch.bfloat16] = GEMV_ARGS[torch.float16]
+GEMV_ARGS[torch.float32] = ["const float*", "const float*", "float*"] + ["const int64_t"] * 3
 DECODE_ATTENTION_ARGS = (["const float*"] * 5 + POOL_ARGS * 2 + ["const int64_t*", "float*", "int64_t*", "float*"]
                          + ["const int64_t"] * 9 + ["const float"])
 SPARSE_PREFILL_ARGS = (["const float*", "const int64_t*"] + POOL_ARGS + ["const int64_t*", "float*"]
@@ -91,7 +92,7 @@ GROUP = CACHE_GROUP         # FP8 pools: one fp32 scale per GROUP values (cache_
 
 
 def supports(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None) -> bool:
-    """Whether `gemv` computes x [M, K] fp32 with the packed weight w [N, K] on this device."""
+    """Whether `gemv` computes x [M, K] fp32 with the packed (or fp32) weight w [N, K] on this device."""
     K = w.shape[1]
     return (x.device.type == "cpu" and w.device.type == "cpu" and x.dtype == torch.float32
             and w.dtype in DEFINES and K % ALIGN == 0

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from . import native
+from .build import has_compiler
 from .compile import dynamic, kernel, tracing
 
 GROUP = 128                # int8: one scale per GROUP columns of a row
@@ -127,6 +128,22 @@ def packed_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None,
     if bias is not None:
         y = y + bias.float()
     return y.reshape(*lead, w.shape[0]).to(x.dtype)
+
+
+def dense_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x W^T (+ bias) for a plain weight: up to GEMV_MAX_ROWS fp32 rows on the CPU (a decode
+    step's LM head) through the native GEMV, whose fp32 row_dot reads at the memory's rate where
+    torch's BLAS (MKL's sgemv) reads ~7 GB/s on AMD CPUs (bench/README.md, "dsv32 vs llama.cpp");
+    else (and under autograd or tracing) F.linear."""
+    K = x.shape[-1]
+    x2 = x.reshape(-1, K)
+    if (x2.shape[0] > GEMV_MAX_ROWS or w.dtype != torch.float32 or not w.is_contiguous() or torch.is_grad_enabled()
+            or tracing() or not native.supports(x2, w, None) or not has_compiler()):
+        return F.linear(x, w, bias)
+    y = native.gemv(x2, w, None)
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*x.shape[:-1], w.shape[0])
 
 
 def packed_linear_reference(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None,
