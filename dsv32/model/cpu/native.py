@@ -1,9 +1,10 @@
 """Native decode kernels (C++ beside this file, built on first use by build.py):
 
-  gemv.cpp              the packed-weight GEMV: reads int8 / fp16 / bf16 weights at the memory's
-                        bandwidth with fp32 activations, where inductor's generated reduction
-                        reaches ~60% of it on large matrices (bench/README.md, "Weight-format
-                        kernels"). Called directly (eager decode, the LM head); inside a traced
+  gemv.cpp              the packed-weight GEMV: reads int8 / fp16 / bf16 weights (and fp32: a
+                        decode step's LM head, packed.dense_linear) at the memory's bandwidth with
+                        fp32 activations, where inductor's generated reduction reaches ~60% of it
+                        on large matrices (bench/README.md, "Weight-format kernels"); rows of
+                        4096+ columns four at a time. Called directly (eager decode, the LM head); inside a traced
                         graph as the operator `dsv32::packed_gemv` (~2 us of dispatch, so
                         model/cpu/packed.py uses it there for large matrices only). Reference:
                         packed.packed_linear_reference.
