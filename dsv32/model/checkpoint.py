@@ -15,6 +15,7 @@ from .config import ModelConfig
 from .formats import packed_storage, prepare_load
 from .fp8 import FP8, block_dequant, block_quant, scale_shape
 from .cpu.packed import quantize_int8
+from .meta import to_empty
 from .layout import (FLOAT_DTYPES, FP8_DTYPES, INDEX_FILE, MAP_WINDOW, SCALE_SUFFIX, SINGLE_FILE, CheckpointError, TensorSpec,
                      block_size, checkpoint_layout, is_fp8_vocab, is_fp32_pinned, mtp_vocab_sources, scale_name)
 
@@ -93,25 +94,6 @@ def _packs(mod: nn.Module, name: str, spec: TensorSpec, weight_format: str) -> s
     return packed_storage(weight_format, spec.quantised)
 
 
-def _to_empty(model: nn.Module, device) -> None:
-    """`model.to_empty(device=device)`: each tensor replaced by torch.empty storage (a tied one by
-    one new tensor), where torch's empty_like on a meta tensor runs a Python decomposition that imports
-    dynamo (~100 MB of RSS in a process that never compiles)."""
-    made: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}    # id -> (old, new): the old kept alive
-
-    def empty(t: torch.Tensor) -> torch.Tensor:
-        e = torch.empty(t.shape, dtype=t.dtype, device=device)
-        return nn.Parameter(e, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else e
-    for m in model.modules():
-        for tensors in (m._parameters, m._buffers):
-            for k, t in tensors.items():
-                if t is None:
-                    continue
-                if id(t) not in made:
-                    made[id(t)] = (t, empty(t))
-                tensors[k] = made[id(t)][1]
-
-
 def _materialise(model: nn.Module, layout: dict[str, TensorSpec], device, dtype,
                  fp8_storage: bool, block: tuple[int, int], cfg: ModelConfig,
                  weight_format: str = "fp32") -> list[str]:
@@ -145,7 +127,7 @@ def _materialise(model: nn.Module, layout: dict[str, TensorSpec], device, dtype,
 
     meta_buffers = [n for n, b in model.named_buffers() if b.is_meta]
     if meta_buffers or any(t.is_meta for t in model.parameters()):
-        _to_empty(model, device)
+        to_empty(model, device)
     else:
         model.to(device)
     # buffers built on the meta device carry no values: recompute them
@@ -215,10 +197,7 @@ def load_checkpoint(model: nn.Module, path: str | Path, dtype: torch.dtype | Non
 
     # names: every layout tensor present, nothing else (scales only beside quantised weights);
     # absent MTP embedding/head copies are read from the main model's tensors
-    source = {n: n for n in layout}
-    for n, main in mtp_vocab_sources(cfg).items():
-        if n not in where:
-            source[n] = main
+    source = {n: n for n in layout} | {n: main for n, main in mtp_vocab_sources(cfg).items() if n not in where}
     for n in layout:
         if source[n] not in where:
             raise CheckpointError(f"missing tensor {n}: not found in {src_desc}")
