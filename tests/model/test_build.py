@@ -65,6 +65,15 @@ def test_a_built_kernel_is_read_from_the_disk_cache(cache, monkeypatch):
         build.load(AXPY + "// changed\n", AXPY_ARGS, "axpy")
 
 
+def test_an_unusable_cache_directory_falls_back_to_tmp(monkeypatch, tmp_path):
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    monkeypatch.setattr(build, "CACHE", blocker / "kernels")        # mkdir fails under a file
+    y = torch.zeros(1)
+    build.load(AXPY + "// fallback test\n", AXPY_ARGS, "axpy")(torch.ones(1), y, torch.zeros(1, dtype=torch.int64), 1, 2.0)
+    assert y.tolist() == [2.0] and build._cache_dir().name.startswith("dsv32-kernels-")
+
+
 def test_a_kernel_runs_without_the_gil(cache):
     spin = build.load("""
 #include <chrono>

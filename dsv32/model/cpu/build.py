@@ -1,5 +1,6 @@
 """The native kernels' build: C++ source -> a Python extension module, compiled once with the C++
-compiler on PATH and kept in ~/.cache/dsv32/kernels, keyed by everything the binary depends on.
+compiler on PATH and kept in ~/.cache/dsv32/kernels (or, where that is not writable, under /tmp),
+keyed by everything the binary depends on.
 
 Not inductor's toolchain: importing it (torch._inductor.codecache / cpp_builder, with sympy and
 torch.fx) costs 150-190 MB of RSS and a second or two of start-up in a process that never traces a
@@ -151,6 +152,18 @@ def _compile(source: str, out: Path, cxx: str) -> None:
         os.replace(lib, out)
 
 
+def _cache_dir() -> Path:
+    """CACHE, or (a home without a writable ~/.cache) a directory of this user's under /tmp."""
+    for d in (CACHE, Path(tempfile.gettempdir()) / f"dsv32-kernels-{os.getuid()}"):
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            if os.access(d, os.W_OK):
+                return d
+        except OSError:
+            pass
+    raise KernelError(f"no writable directory for the native kernels' binaries ({CACHE} or {tempfile.gettempdir()})")
+
+
 def load(source: str, args: list[str], what: str) -> Callable:
     """`kernel` of the C++ `source` (args: its C parameter types) as a Python callable, built once
     (`what` names it in errors)."""
@@ -158,6 +171,8 @@ def load(source: str, args: list[str], what: str) -> Callable:
     key = _key(source, args, cxx)
     name = f"dsv32_kernel_{key}"
     path = CACHE / f"{name}.so"
+    if not path.exists():
+        path = _cache_dir() / path.name
     if not path.exists():
         try:
             _compile(source + wrapper(name, args), path, cxx)
