@@ -45,6 +45,8 @@ def test_errors_are_clear(cache):
         f(torch.zeros(1), torch.zeros(1), torch.zeros(1, dtype=torch.int64), 1)
     with pytest.raises(TypeError):
         f(torch.zeros(1), torch.zeros(1), torch.zeros(1, dtype=torch.int64), "one", 1.0)
+    with pytest.raises(TypeError, match="must be a tensor or an int, not NoneType"):
+        f(torch.zeros(1), None, torch.zeros(1, dtype=torch.int64), 1, 1.0)
     with pytest.raises(ValueError, match="argument type 'double'"):
         build.load(AXPY, ["double"], "axpy")
     with pytest.raises(KernelError, match="could not build the native kernel broken.cpp.*error"):
@@ -63,6 +65,10 @@ def test_a_built_kernel_is_read_from_the_disk_cache(cache, monkeypatch):
     assert y.tolist() == [3.0, 3.0]
     with pytest.raises(AssertionError, match="compiled again"):     # another source: another binary
         build.load(AXPY + "// changed\n", AXPY_ARGS, "axpy")
+    real = build.wrapper
+    monkeypatch.setattr(build, "wrapper", lambda name, args: real(name, args) + "// another entry point\n")
+    with pytest.raises(AssertionError, match="compiled again"):     # another entry point: another binary
+        build.load(AXPY, AXPY_ARGS, "axpy")
 
 
 def test_an_unusable_cache_directory_falls_back_to_tmp(monkeypatch, tmp_path):

@@ -10,8 +10,8 @@ and IEEE semantics otherwise (signed zeros: an FP8 cache stores -0 as the byte 0
 GCC's libgomp, whose soname torch's own copy shares: the process keeps one OpenMP runtime.
 
 Each kernel's `extern "C" void kernel(...)` is wrapped by a generated entry point that takes tensors
-(or ints) for pointers, ints and floats, releases the GIL while the kernel runs, and turns a C++
-exception into a RuntimeError.
+(or ints) for pointers, ints and floats (anything else: TypeError), releases the GIL while the kernel
+runs, and turns a C++ exception into a RuntimeError.
 """
 from __future__ import annotations
 
@@ -94,7 +94,13 @@ def wrapper(name: str, args: list[str]) -> str:
 #include <string>
 extern "C" void kernel({params});
 static void* (*tensor_data)(PyObject*) = nullptr;        // torch's: a tensor's data pointer
-static inline void* ptr(PyObject* o) {{ return PyLong_Check(o) ? PyLong_AsVoidPtr(o) : tensor_data(o); }}
+static PyTypeObject* tensor_type = nullptr;                 // torch.Tensor
+static inline void* ptr(PyObject* o) {{
+    if (PyLong_Check(o)) return PyLong_AsVoidPtr(o);
+    if (PyObject_TypeCheck(o, tensor_type)) return tensor_data(o);
+    PyErr_Format(PyExc_TypeError, "kernel: a pointer argument must be a tensor or an int, not %s", Py_TYPE(o)->tp_name);
+    return nullptr;
+}}
 static PyObject* call(PyObject*, PyObject* const* a, Py_ssize_t n) {{
     if (n != {len(args)}) return PyErr_Format(PyExc_TypeError, "kernel takes {len(args)} arguments, got %zd", n);
 {reads}
@@ -108,13 +114,17 @@ static PyObject* call(PyObject*, PyObject* const* a, Py_ssize_t n) {{
     if (!error.empty()) {{ PyErr_SetString(PyExc_RuntimeError, error.c_str()); return nullptr; }}
     Py_RETURN_NONE;
 }}
-static PyObject* bind(PyObject*, PyObject* addr) {{
-    tensor_data = (void* (*)(PyObject*))PyLong_AsVoidPtr(addr);
+static PyObject* bind(PyObject*, PyObject* const* a, Py_ssize_t n) {{     // (data pointer function, torch.Tensor)
+    if (n != 2 || !PyType_Check(a[1])) return PyErr_Format(PyExc_TypeError, "bind(address, torch.Tensor)");
+    tensor_data = (void* (*)(PyObject*))PyLong_AsVoidPtr(a[0]);
     if (PyErr_Occurred()) return nullptr;
+    tensor_type = (PyTypeObject*)a[1];
+    Py_INCREF(a[1]);
     Py_RETURN_NONE;
 }}
 static PyMethodDef methods[] = {{{{"kernel", (PyCFunction)(void (*)(void))call, METH_FASTCALL, nullptr}},
-                                {{"bind", bind, METH_O, nullptr}}, {{nullptr, nullptr, 0, nullptr}}}};
+                                {{"bind", (PyCFunction)(void (*)(void))bind, METH_FASTCALL, nullptr}},
+                                {{nullptr, nullptr, 0, nullptr}}}};
 static PyModuleDef module = {{PyModuleDef_HEAD_INIT, "{name}", nullptr, -1, methods}};
 PyMODINIT_FUNC PyInit_{name}(void) {{ return PyModule_Create(&module); }}
 """
@@ -130,11 +140,11 @@ def _tensor_data_address() -> int:
 
 
 def _key(source: str, args: list[str], cxx: str) -> str:
-    """A digest of everything the binary depends on: source, signature, flags, compiler, CPU
-    (-march=native), Python."""
+    """A digest of everything the binary depends on: source, signature and entry point, flags,
+    compiler, CPU (-march=native), Python."""
     st = os.stat(cxx)
     cpu = Path("/proc/cpuinfo").read_text().split("flags", 2)[1].split("\n", 1)[0] if Path("/proc/cpuinfo").exists() else ""
-    parts = [source, *args, *FLAGS, cxx, str(st.st_size), str(st.st_mtime_ns), cpu, platform.machine(),
+    parts = [source, wrapper("name", args), *FLAGS, cxx, str(st.st_size), str(st.st_mtime_ns), cpu, platform.machine(),
              sys.version, sysconfig.get_paths()["include"]]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:24]
 
@@ -181,5 +191,5 @@ def load(source: str, args: list[str], what: str) -> Callable:
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    module.bind(_tensor_data_address())
+    module.bind(_tensor_data_address(), torch.Tensor)
     return module.kernel
