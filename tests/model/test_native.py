@@ -423,7 +423,7 @@ def test_amx_index_needs_vbmi(monkeypatch):
     """The AMX indexer converts the e4m3 keys with VBMI's byte lookups: a CPU with AMX-BF16 but
     without VBMI scores FP8 pools with the vector code (and builds nothing that would fault)."""
     monkeypatch.setattr(native, "_has_amx", lambda dtype: True)
-    monkeypatch.setattr(native, "_cpu_flags", lambda: frozenset({"amx_tile", "amx_bf16", "avx512_bf16"}))
+    monkeypatch.setattr(native.build, "cpu_flags", lambda: frozenset({"amx_tile", "amx_bf16", "avx512_bf16"}))
     native._amx_index_ready.cache_clear()
     try:
         assert not native._amx_index_ready() and native._index_defines(None, tiled=True) == []

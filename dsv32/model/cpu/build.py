@@ -71,6 +71,17 @@ def has_compiler() -> bool:
         return False
 
 
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux lists them (x86's "flags", Arm's "Features"; empty elsewhere)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return frozenset()
+    line = next((ln for ln in lines if ln.split(":")[0].strip() in ("flags", "Features")), "")
+    return frozenset(line.partition(":")[2].split())
+
+
 def _parse(c_type: str, i: int) -> str:
     """The C expression reading argument i (PyObject* a[i]) as `c_type`."""
     t = c_type.replace("const", "").strip()
@@ -143,9 +154,8 @@ def _key(source: str, args: list[str], cxx: str) -> str:
     """A digest of everything the binary depends on: source, signature and entry point, flags,
     compiler, CPU (-march=native), Python."""
     st = os.stat(cxx)
-    cpu = Path("/proc/cpuinfo").read_text().split("flags", 2)[1].split("\n", 1)[0] if Path("/proc/cpuinfo").exists() else ""
-    parts = [source, wrapper("name", args), *FLAGS, cxx, str(st.st_size), str(st.st_mtime_ns), cpu, platform.machine(),
-             sys.version, sysconfig.get_paths()["include"]]
+    parts = [source, wrapper("name", args), *FLAGS, cxx, str(st.st_size), str(st.st_mtime_ns), *sorted(cpu_flags()),
+             platform.machine(), sys.version, sysconfig.get_paths()["include"]]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:24]
 
 

@@ -59,7 +59,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import platform
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -122,16 +121,6 @@ _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA, _SYS_ARCH_PRCTL = 0x1023, 18, 158
 
 
 @functools.cache
-def _cpu_flags() -> frozenset[str]:
-    if platform.system() != "Linux" or platform.machine() != "x86_64":
-        return frozenset()
-    try:
-        return frozenset(Path("/proc/cpuinfo").read_text().split("flags", 2)[1].split("\n", 1)[0].split())
-    except (OSError, IndexError):
-        return frozenset()
-
-
-@functools.cache
 def _tile_permission() -> bool:
     """Ask Linux (once) to let this process use the AMX tile data."""
     if ctypes.CDLL(None).syscall(_SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA) == 0:
@@ -143,7 +132,7 @@ def _tile_permission() -> bool:
 
 def _has_amx(dtype: torch.dtype) -> bool:
     """Whether the CPU has AMX for `dtype` (int8, bf16) and Linux lets this process use the tile data."""
-    return dtype in AMX_FLAGS and set(AMX_FLAGS[dtype]) <= _cpu_flags() and _tile_permission()
+    return dtype in AMX_FLAGS and set(AMX_FLAGS[dtype]) <= build.cpu_flags() and _tile_permission()
 
 
 @functools.cache
@@ -213,7 +202,7 @@ def decode_attention(latent: torch.Tensor, index_k: torch.Tensor, q: torch.Tenso
 def _amx_index_ready() -> bool:
     """Whether the indexer scores FP8 pools on AMX tiles here: the CPU has AMX-BF16 (and VBMI's byte
     lookups), Linux lets this process use the tile data, and amx_index.cpp builds."""
-    if not (_has_amx(torch.bfloat16) and "avx512vbmi" in _cpu_flags()):
+    if not (_has_amx(torch.bfloat16) and "avx512vbmi" in build.cpu_flags()):
         return False
     try:
         _build(INDEX_FILES + ("index_scores.cpp",), ["AMX"], INDEX_SCORES_ARGS)
