@@ -79,7 +79,7 @@ def test_native_row_equals_the_eager_block(fmt, layer, S, over, monkeypatch):
     latent and indexer key it writes equal the eager block's (fp32 rounding apart). Odd sizes: int8
     groups of 160 and 96 columns (not on tiles: amx_gemv.cpp takes multiples of 64) beside tiled
     ones, W_uv's 24 rows a head (a tile block and 8 rows past it). Long rows: the down projections'
-    4224 columns, four weight rows at a time (gemv.cpp's row_dots4)."""
+    4224 columns, four weight rows at a time (gemv.cpp's block_dots)."""
     b, cfg = block(layer, fmt, **over)
     assert NativeLayer.fits(b) is not None
     calls = []

@@ -5,8 +5,8 @@
                         fp32 activations, where inductor's generated reduction reaches ~60% of it
                         on large matrices (bench/README.md, "Weight-format kernels"); rows of
                         4096+ columns four at a time. Called directly (eager decode, the LM head); inside a traced
-                        graph as the operator `dsv32::packed_gemv` (~2 us of dispatch, so
-                        model/cpu/packed.py uses it there for large matrices only). Reference:
+                        graph through the operator `dsv32::linear_rows` (packed.py: ~2 us of
+                        dispatch, so a one-row graph uses it for large matrices only). Reference:
                         packed.packed_linear_reference.
   amx_gemv.cpp          the int8 and bf16 GEMVs on AMX tiles, where the CPU has them
                         (`amx_ready`): the activations split into three limbs of the weights' type,
@@ -356,18 +356,3 @@ def _gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, isa: int
     for m in range(0, M, step):                  # y [M, N]: rows m.. of x and y are contiguous
         f(x[m:m + step], w, *scales, y[m:m + step], min(step, M - m), N, K, *groups)
     return y
-
-
-# `gemv` as the operator dsv32::packed_gemv, so traced graphs can call it. A plain library
-# definition with a CPU kernel (~2 us of dispatch; torch.library.custom_op's wrappers cost ~40 us):
-# the graph checked `supports` when it was traced, so the kernel is `gemv` without its check.
-_LIB = torch.library.Library("dsv32", "DEF")
-_LIB.define("packed_gemv(Tensor x, Tensor w, Tensor? scale) -> Tensor")
-
-
-_LIB.impl("packed_gemv", _gemv, "CPU")
-
-
-@torch.library.register_fake("dsv32::packed_gemv")
-def _(x, w, scale):
-    return x.new_empty(x.shape[0], w.shape[0])

@@ -17,7 +17,7 @@ from .build import has_compiler
 from .compile import dynamic, kernel, tracing
 
 GROUP = 128                # int8: one scale per GROUP columns of a row
-GEMV_MAX_ROWS = 8          # activation rows up to which the dequantise-and-reduce kernel runs (on
+GEMV_MAX_ROWS = 32         # activation rows up to which the dequantise-and-reduce kernel runs (on
                            # AMX tiles: native.AMX_MAX_M; bench/README.md, "Weight-format kernels")
 TILE_ROWS = 512            # GEMM path: output rows of one dequantised tile (fewer make the fp32 GEMM
                            # pack the activations again for each tile: 128 rows ran 2-3x slower)
@@ -108,6 +108,29 @@ def _gemm_tiled(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, ro
     return out_t.t()
 
 
+def _rows(x2: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """x2 [M, K] fp32 -> x2 W^T [M, N], for a W (packed, or plain fp32) that native.supports: the
+    native GEMV up to GEMV_MAX_ROWS rows (or on AMX tiles), else the tiled GEMM (packed) or torch's
+    BLAS (fp32). The rows' count is known here, also inside a traced graph (dsv32::linear_rows)."""
+    if x2.shape[0] == 0:
+        return x2.new_empty(0, w.shape[0])
+    if x2.shape[0] <= GEMV_MAX_ROWS or native.on_amx(x2, w, scale):
+        return native.gemv(x2, w, scale)
+    return F.linear(x2, w) if w.dtype == torch.float32 else _gemm_tiled(x2, w, scale)
+
+
+# `_rows` as the operator dsv32::linear_rows, so traced graphs can call it. A plain library
+# definition with a CPU kernel (~2 us of dispatch; torch.library.custom_op's wrappers cost ~40 us).
+_LIB = torch.library.Library("dsv32", "DEF")
+_LIB.define("linear_rows(Tensor x, Tensor w, Tensor? scale) -> Tensor")
+_LIB.impl("linear_rows", _rows, "CPU")
+
+
+@torch.library.register_fake("dsv32::linear_rows")
+def _(x, w, scale):
+    return x.new_empty(x.shape[0], w.shape[0])
+
+
 def packed_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None,
                   bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x W^T (+ bias) for a packed weight W [N, K]; computed in fp32, returned in x's dtype."""
@@ -116,13 +139,15 @@ def packed_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None,
     if tracing():               # traced into a larger graph (model/decode.py)
         one_row = isinstance(x2.shape[0], int) and x2.shape[0] == 1     # else a batch graph's dynamic rows
         if (w.numel() >= NATIVE_IN_GRAPH or not one_row) and native.supports(x2, w, scale):
-            y = torch.ops.dsv32.packed_gemv(x2, w, scale)
+            y = torch.ops.dsv32.linear_rows(x2, w, scale)
         else:
             y = (_gemv_half(x2, w) if scale is None else _gemv_int8(x2, w, scale)).t()
+    elif native.supports(x2, w, scale):
+        y = _rows(x2, w, scale)
     elif x2.shape[0] == 0:
         y = x2.new_empty(0, w.shape[0])
-    elif x2.shape[0] <= GEMV_MAX_ROWS or native.on_amx(x2, w, scale):
-        y = native.gemv(x2, w, scale) if native.supports(x2, w, scale) else _gemv(x2.contiguous(), w, scale)
+    elif x2.shape[0] <= GEMV_MAX_ROWS:
+        y = _gemv(x2.contiguous(), w, scale)
     else:
         y = _gemm_tiled(x2, w, scale)
     if bias is not None:
@@ -131,16 +156,24 @@ def packed_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None,
 
 
 def dense_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x W^T (+ bias) for a plain weight: up to GEMV_MAX_ROWS fp32 rows on the CPU (a decode
-    step's LM head) through the native GEMV, whose fp32 row_dot reads at the memory's rate where
-    torch's BLAS (MKL's sgemv) reads ~7 GB/s on AMD CPUs (bench/README.md, "dsv32 vs llama.cpp");
-    else (and under autograd or tracing) F.linear."""
+    """y = x W^T (+ bias) for a plain weight: fp32 rows on the CPU up to GEMV_MAX_ROWS (decode: a
+    step's LM head, a batch's projections) through the native GEMV, whose fp32 loop reads at the
+    memory's rate where torch's BLAS (MKL) reads 5-7 GB/s at these row counts on AMD CPUs
+    (bench/README.md, "dsv32 vs llama.cpp"), also inside a traced batch graph; else (and under
+    autograd) F.linear."""
     K = x.shape[-1]
     x2 = x.reshape(-1, K)
-    if (x2.shape[0] > GEMV_MAX_ROWS or w.dtype != torch.float32 or not w.is_contiguous() or torch.is_grad_enabled()
-            or tracing() or not native.supports(x2, w, None) or not has_compiler()):
+    if w.dtype != torch.float32 or not w.is_contiguous() or torch.is_grad_enabled() or not native.supports(x2, w, None):
         return F.linear(x, w, bias)
-    y = native.gemv(x2, w, None)
+    if tracing():               # a decode graph (model/decode.py: traced where a compiler is at hand)
+        one_row = isinstance(x2.shape[0], int) and x2.shape[0] == 1
+        if one_row and w.numel() < NATIVE_IN_GRAPH:
+            return F.linear(x, w, bias)
+        y = torch.ops.dsv32.linear_rows(x2, w, None)
+    elif x2.shape[0] > GEMV_MAX_ROWS or not has_compiler():
+        return F.linear(x, w, bias)
+    else:
+        y = native.gemv(x2, w, None)
     if bias is not None:
         y = y + bias
     return y.reshape(*x.shape[:-1], w.shape[0])
