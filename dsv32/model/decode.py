@@ -4,6 +4,7 @@ token per row, SERVED attention.
 One row (single-stream decode) runs each block in two native calls (cpu/layer.py): the attention
 half (norms, projections, ropes, absorbed query, then the cache write, indexer top-k and sparse
 attention over the paged cache) and the rest (W_uv, o_proj, the MLP or the MoE with its router).
+So does each row of a small batch where the block's weights stay in the CPU's cache (ROWS_MAX).
 At small sizes this is what decode costs: each compiled graph, native call and OpenMP region of
 the path below spends more than its arithmetic.
 
@@ -24,11 +25,15 @@ import torch
 
 from .attention import Attention
 from .cpu import layer, native
-from .cpu.build import has_compiler
+from .cpu.build import cache_bytes, has_compiler
 from .cpu.compile import dynamic, kernel
 from .cpu.layer import NativeLayer
 from .moe import MLP, MoE
 
+ROWS_MAX = 16   # batch rows up to which a block of weights up to 1/8 of the CPU's last-level cache runs
+                # each row through its native layer: the batch graphs' dispatch cost more than reading
+                # the cached weights again (bundled model, fp32, 2-16 rows: 1.45-1.9x a step;
+                # bench/README.md, "Throughput")
 # block -> its NativeLayer (None: the block's weights do not fit it), built again when a weight changed
 _native_layers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -120,28 +125,35 @@ def _native_layer(block) -> NativeLayer | None:
 
 def _native_step(block, h: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv
                  ) -> torch.Tensor | None:
-    """One row's block forward in two native calls (cpu/layer.py), or None where they do not take it
-    (the weights' formats, a store without pages, a query that is not its row's last key)."""
+    """The block forward of each row in two native calls (cpu/layer.py), or None where they do not
+    take it (the weights' formats, a store without pages, a query that is not its row's last key)
+    or a batch runs faster in the graphs below: more than ROWS_MAX rows, or block weights that
+    would not stay in the CPU's last-level cache while each row reads them again."""
     n = _native_layer(block)
     if n is None:
         return None
-    a = block.self_attn
-    row = kv.pages(a.layer_idx, 0)
-    if row is None or int(positions[0, 0]) != row[1] - 1:
+    B = h.shape[0]
+    if B > 1 and (B > ROWS_MAX or n.nbytes > cache_bytes() // 8):
         return None
-    x = h.reshape(-1)                                                    # [D] (the kernels read contiguous rows)
-    o_lat = n.attention(x, cos.reshape(-1), sin.reshape(-1), *row, a.topk, a.scale)
-    return n.ffn(x, o_lat).view(h.shape)
+    a = block.self_attn
+    rows = [kv.pages(a.layer_idx, b) for b in range(B)]
+    if any(r is None or p != r[1] - 1 for r, p in zip(rows, positions[:, 0].tolist())):
+        return None
+    outs = []
+    for b, (pages, S) in enumerate(rows):
+        x = h[b].reshape(-1)                                             # [D] (the kernels read contiguous rows)
+        o_lat = n.attention(x, cos[b].reshape(-1), sin[b].reshape(-1), pages, S, a.topk, a.scale)
+        outs.append(n.ffn(x, o_lat))
+    return (outs[0] if B == 1 else torch.stack(outs)).view(h.shape)
 
 
 def step(block, h: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv
          ) -> torch.Tensor:
     """`block`'s forward of one new token per row: h [B, 1, D] -> [B, 1, D]."""
     one = h.shape[0] == 1
-    if one:
-        out = _native_step(block, h, positions, cos, sin, kv)
-        if out is not None:
-            return out
+    out = _native_step(block, h, positions, cos, sin, kv)
+    if out is not None:
+        return out
     key = (type(block).__name__, one)
     if not one:                                     # one graph for every batch size above 1
         for t in (h, cos, sin):

@@ -21,6 +21,8 @@ def ckpt(tmp_path_factory):
 
 
 def test_int8_engine_decode_equals_full_forward(ckpt, monkeypatch):
+    """A batch in the compiled graphs (rows past decode.ROWS_MAX: here from two on)."""
+    monkeypatch.setattr(decode, "ROWS_MAX", 1)
     model = load_model(ckpt, weight_format="int8", progress=False)
     steps, calls = [], []
     real, attention = decode.step, native.decode_attention
@@ -35,6 +37,33 @@ def test_int8_engine_decode_equals_full_forward(ckpt, monkeypatch):
             m.forward = m.reference                      # full forwards: eager, T > 1 anyway
     for p, o in zip(prompts, outs):
         check_against_full_forward(model, p, o)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp32"])
+def test_small_batches_of_cached_blocks_run_each_row_through_the_native_layer(ckpt, fmt, monkeypatch):
+    """Up to decode.ROWS_MAX rows of blocks whose weights fit 1/8 of the CPU's last-level cache:
+    each row in the native layer's two calls, equal to full forwards; blocks that would not stay
+    cached take the batch graphs."""
+    model = load_model(ckpt, weight_format=fmt, progress=False)
+    steps, calls = [], []
+    real_step, real_attention = decode.step, NativeLayer.attention
+    monkeypatch.setattr(decode, "step", lambda *a: steps.append(a[1].shape[0]) or real_step(*a))
+    monkeypatch.setattr(NativeLayer, "attention", lambda self, *a: calls.append(1) or real_attention(self, *a))
+    monkeypatch.setattr(decode, "cache_bytes", lambda: 1 << 30)         # (read at each step)
+    prompts = prompts_of([30, 9, 45])
+    outs = run(make_engine(ckpt, model), prompts, [greedy(6)] * 3)
+    assert 3 in steps and len(calls) == sum(steps)                      # every row of every block step
+    n = decode._native_layer(next(m for m in model.modules() if isinstance(m, Block)))
+    monkeypatch.setattr(decode, "cache_bytes", lambda: 8 * n.nbytes - 8)   # no longer fits: graphs
+    steps.clear(), calls.clear()
+    again = run(make_engine(ckpt, model), prompts, [greedy(6)] * 3)
+    assert 3 in steps and len(calls) < sum(steps)
+    for m in model.modules():
+        if isinstance(m, Block):
+            m.forward = m.reference
+    for p, o, o2 in zip(prompts, outs, again):
+        check_against_full_forward(model, p, o)
+        check_against_full_forward(model, p, o2)
 
 
 @pytest.mark.parametrize("fmt", ["int8", "fp16"])

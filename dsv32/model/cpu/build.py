@@ -82,6 +82,20 @@ def cpu_flags() -> frozenset[str]:
     return frozenset(line.partition(":")[2].split())
 
 
+@functools.cache
+def cache_bytes() -> int:
+    """The size of the CPU's last-level cache as Linux lists it (0 where it does not)."""
+    units, sizes = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}, {}
+    for d in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            level, size = int((d / "level").read_text()), (d / "size").read_text().strip()
+        except (OSError, ValueError):
+            continue
+        if size[:-1].isdigit() and size[-1:] in units:
+            sizes[level] = max(sizes.get(level, 0), int(size[:-1]) * units[size[-1]])
+    return sizes[max(sizes)] if sizes else 0
+
+
 def _parse(c_type: str, i: int) -> str:
     """The C expression reading argument i (PyObject* a[i]) as `c_type`."""
     t = c_type.replace("const", "").strip()

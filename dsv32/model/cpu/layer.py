@@ -126,6 +126,7 @@ class NativeLayer:
             if moe else []
         self._where = [(m._parameters, name) for m, name in attn + ffn + experts]
         self._held = [d[name] for d, name in self._where]
+        self.nbytes = sum(t.numel() * t.element_size() for t in self._held if t is not None)   # its weights
         args = [NONE if t is None else t for t in self._held]
         self.attn_args, self.ffn_args = args[:len(attn)], args[len(attn):len(attn) + len(ffn)] + ([] if moe else [NONE, NONE])
         self.table = torch.tensor([t.data_ptr() for t in args[len(attn) + len(ffn):]] or [0], dtype=torch.int64)
