@@ -66,8 +66,8 @@ def main() -> None:
     from dsv32.model.checkpoint import load_model
     path = args.model or bench_model_dir()
     model, tok = load_model(path, weight_format=args.weight_format, progress=False), Tokenizer.load(path)
-    for B in (1, 2):                             # compile the decode graphs (one row, and any batch) untimed
-        run(model, tok, path, B, 64, 0, 4, False, args.weight_format)
+    for B in sorted({1, 2, max(args.batches)}):  # compile the decode graphs (one row, any batch) untimed: small
+        run(model, tok, path, B, 64, 0, 4, False, args.weight_format)    # batches may not use them
     rows, base = [], None
     for B in tqdm(args.batches, desc="batch sizes"):
         cold = run(model, tok, path, B, args.prompt, args.shared, args.tokens, False, args.weight_format)

@@ -30,9 +30,9 @@ from .cpu.compile import dynamic, kernel
 from .cpu.layer import NativeLayer
 from .moe import MLP, MoE
 
-ROWS_MAX = 16   # batch rows up to which a block of weights up to 1/8 of the CPU's last-level cache runs
+ROWS_MAX = 32   # batch rows up to which a block of weights up to 1/8 of the CPU's last-level cache runs
                 # each row through its native layer: the batch graphs' dispatch cost more than reading
-                # the cached weights again (bundled model, fp32, 2-16 rows: 1.45-1.9x a step;
+                # the cached weights again (bundled model, fp32, 2-32 rows: 1.3-2.4x the decode rate;
                 # bench/README.md, "Throughput")
 # block -> its NativeLayer (None: the block's weights do not fit it), built again when a weight changed
 _native_layers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
