@@ -138,6 +138,21 @@ class LLMEngine:
                         on_finished(out)
         return [done[r] for r in rids]
 
+    def warmup(self) -> float:
+        """Decode a few short requests side by side before serving, so the batch decode's compiled
+        graphs (model/decode.py: inductor, several seconds) are built now and not while the first
+        concurrent requests wait: 2 rows, and past decode.ROWS_MAX where the scheduler allows it
+        (small models run up to that many rows without the graphs). -> seconds taken."""
+        from dsv32.model.decode import ROWS_MAX
+        if self.has_unfinished():
+            raise RuntimeError("warmup: the engine has requests in flight")
+        t0, stats = time.monotonic(), dict(self.stats)
+        params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+        for rows in sorted({min(2, self.cfg.max_num_seqs), min(ROWS_MAX + 1, self.cfg.max_num_seqs)}):
+            self.generate([[1000 + 7 * i + j for j in range(8)] for i in range(rows)], [params] * rows)
+        self.stats = stats
+        return time.monotonic() - t0
+
     # ---- the step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Schedule, run the forward, sample, postprocess; report every request that changed."""

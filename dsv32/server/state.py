@@ -92,6 +92,8 @@ class ServerState:
             # llguidance's view of the vocabulary holds the GIL for about a second: build it now,
             # not during the first chat request (which would stall every other request meanwhile)
             engine.grammars.tokenizer_view()
+            log.info("warming up the decode (compiling its batch graphs)...")
+            log.info("warm-up done in %.1fs", engine.warmup())
             self.llm = AsyncLLM(engine)
         except Exception as e:  # reported by /health; the CLI exits
             self.load_error = f"{type(e).__name__}: {e}"

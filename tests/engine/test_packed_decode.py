@@ -126,3 +126,24 @@ def test_fp32_decode_takes_the_compiled_path_and_without_a_compiler_the_eager_on
         assert [o.outputs[0].token_ids for o in eager] == [o.outputs[0].token_ids for o in compiled]
     finally:
         build.has_compiler.cache_clear()
+
+
+def test_warmup_decodes_batches_before_serving_and_leaves_the_engine_as_it_was(ckpt, monkeypatch):
+    """LLMEngine.warmup (the server runs it before it reports ready): 2 rows side by side, and past
+    decode.ROWS_MAX where max_num_seqs allows, through the batch graphs; then no request, no block
+    held and no token counted; it refuses to run beside requests in flight."""
+    model = load_model(ckpt, weight_format="int8", progress=False)
+    eng = make_engine(ckpt, model, max_num_seqs=4)
+    monkeypatch.setattr(decode, "ROWS_MAX", 2)
+    steps = []
+    real = decode.step
+    monkeypatch.setattr(decode, "step", lambda *a: steps.append(a[1].shape[0]) or real(*a))
+    free = eng.block_manager.num_free_blocks
+    assert eng.warmup() > 0
+    assert {2, 3} <= set(steps)                          # ROWS_MAX + 1 = 3 rows: the graphs' batch
+    assert kernel(decode._attn_in, "Block", False)._dynamo is not None
+    assert not eng.has_unfinished() and eng.block_manager.num_free_blocks == free
+    assert eng.stats == {"prompt_tokens": 0, "generation_tokens": 0}
+    eng.add_request("r0", prompts_of([5])[0], greedy(2))
+    with pytest.raises(RuntimeError, match="in flight"):
+        eng.warmup()
