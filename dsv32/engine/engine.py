@@ -147,9 +147,12 @@ class LLMEngine:
         if self.has_unfinished():
             raise RuntimeError("warmup: the engine has requests in flight")
         t0, stats = time.monotonic(), dict(self.stats)
-        params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+        n = max(1, min(8, self.max_model_len - 3))                       # prompt tokens, then up to 3 more
+        params = SamplingParams(temperature=0.0, max_tokens=max(1, min(3, self.max_model_len - n)), ignore_eos=True)
+        vocab = self.model_config.vocab_size
         for rows in sorted({min(2, self.cfg.max_num_seqs), min(ROWS_MAX + 1, self.cfg.max_num_seqs)}):
-            self.generate([[1000 + 7 * i + j for j in range(8)] for i in range(rows)], [params] * rows)
+            prompts = [[(1000 + 7 * i + j) % vocab for j in range(n)] for i in range(rows)]
+            self.generate(prompts, [params] * rows)
         self.stats = stats
         return time.monotonic() - t0
 

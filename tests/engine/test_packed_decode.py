@@ -147,3 +147,6 @@ def test_warmup_decodes_batches_before_serving_and_leaves_the_engine_as_it_was(c
     eng.add_request("r0", prompts_of([5])[0], greedy(2))
     with pytest.raises(RuntimeError, match="in flight"):
         eng.warmup()
+    tight = make_engine(ckpt, model, max_model_len=4)                   # shorter prompts than the usual 8
+    tight.warmup()
+    assert not tight.has_unfinished()
