@@ -64,3 +64,24 @@ def test_a_graph_built_again_comes_from_inductors_cache():
     hits = counters["inductor"]["fxgraph_cache_hit"] - before.get("fxgraph_cache_hit", 0)
     assert hits == 1 and counters["inductor"]["fxgraph_cache_bypass"] == before.get("fxgraph_cache_bypass", 0)
     torch.testing.assert_close(got, want)
+
+
+def test_a_dynamic_dim_is_traced_symbolic_into_one_graph_for_every_size():
+    """Rows marked `dynamic` (batched decode): one graph, traced on fake tensors and called
+    directly for 2, 3 and 9 rows, the module's weights its inputs (a replaced weight is read), the
+    module left holding its own tensors after the trace, and no torch.compile (dynamo) frame."""
+    from torch._dynamo.utils import counters
+    a, b = Tiny(), Tiny()
+    weights = [p for p in a.parameters()]
+    k = kernel(_f, "symbolic")
+    frames = counters["stats"]["unique_graphs"]
+    with torch.inference_mode():
+        for m, rows in ((a, 2), (a, 3), (b, 9)):
+            x = torch.randn(rows, 32, generator=G)
+            torch.testing.assert_close(k(m, dynamic(x.clone(), 0), 0.5), _f(m, x, 0.5), rtol=1e-5, atol=1e-5)
+        assert len(k.graphs) == 1 and all(p is q for p, q in zip(a.parameters(), weights))
+        assert all(type(p) is nn.Parameter for p in a.parameters())
+        a.up.weight = nn.Parameter(torch.randn(48, 32, generator=G))
+        x = torch.randn(4, 32, generator=G)
+        torch.testing.assert_close(k(a, dynamic(x.clone(), 0), 0.5), _f(a, x, 0.5), rtol=1e-5, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == frames

@@ -6,12 +6,13 @@ A call with static shapes (every decode of one row) runs a graph that `Kernel` t
 (make_fx, the modules' weights as inputs) and built with inductor, called directly: ~5 us of
 dispatch, where a torch.compile'd function spends ~30 us a call in dynamo's cache lookup and
 wrappers (bench/README.md, "Decode step"). Graphs are cached by what the traced code depends on:
-the shapes, strides and dtypes of the tensors, the values of other arguments. A call with a dim
-marked `dynamic` (batched decode: one graph for every batch size) goes through torch.compile.
+the shapes, strides and dtypes of the tensors, the values of other arguments. A dim marked
+`dynamic` (batched decode: one graph for every batch size) is traced symbolic, on fake tensors,
+and called the same way: torch.compile's dynamo spent ~130 us a call checking its guards on a
+block's ~40 tensors (bench/README.md, "Throughput").
 """
 from __future__ import annotations
 
-import types
 import weakref
 from typing import Callable
 
@@ -24,22 +25,26 @@ _kernels: dict[tuple, "Kernel"] = {}
 
 
 def kernel(fn: Callable, *key) -> "Kernel":
-    """`fn` compiled for one static `key` (e.g. the reduction sizes). Every key gets its own code
-    object, so its own dynamo cache: different keys never count against one recompile limit, and
-    dims that stay static in a key are never turned dynamic by a later call."""
+    """`fn` compiled for one static `key` (e.g. the reduction sizes): a graph for each signature of
+    its calls (shapes, strides, dtypes; a `dynamic` dim's size left open)."""
     k = (fn.__module__, fn.__qualname__, *key)
     f = _kernels.get(k)
     if f is None:
         require_compiler()
-        name = f"{fn.__name__}__" + "_".join(str(p) for p in key)
-        code = fn.__code__.replace(co_name=name)
-        f = _kernels[k] = Kernel(types.FunctionType(code, fn.__globals__, name, fn.__defaults__,
-                                                    fn.__closure__), name)
+        f = _kernels[k] = Kernel(fn, f"{fn.__name__}__" + "_".join(str(p) for p in key))
     return f
 
 
+def _dims(t: torch.Tensor) -> tuple[int, ...]:
+    """The dims of `t` marked `dynamic`."""
+    return tuple(sorted(getattr(t, "_dynamo_dynamic_indices", ())))
+
+
 def _meta(t: torch.Tensor) -> tuple:
-    return t.shape, t.stride(), t.dtype, t.device
+    """What a graph is keyed by: shape (None at a dynamic dim), strides, dtype, device."""
+    dims = _dims(t)
+    shape = tuple(None if i in dims else n for i, n in enumerate(t.shape))
+    return shape, t.stride(), t.dtype, t.device, dims
 
 
 def _tensors_of(module: nn.Module) -> list[tuple[dict, str]]:
@@ -71,11 +76,8 @@ class Kernel:
         self.graphs: dict[tuple, tuple[list[int], Callable]] = {}
         self.bound: weakref.WeakKeyDictionary[nn.Module, dict[tuple, _Bound]] = weakref.WeakKeyDictionary()
         self.plain: dict[tuple, Callable] = {}              # no module argument: by call signature
-        self._dynamo: Callable | None = None
 
     def __call__(self, *args):
-        if any(isinstance(a, torch.Tensor) and hasattr(a, "_dynamo_dynamic_indices") for a in args):
-            return self._dynamic(*args)
         sig = (torch.is_grad_enabled(),) + tuple(
             _meta(a) if isinstance(a, torch.Tensor) else None if isinstance(a, nn.Module) else a
             for a in args)
@@ -84,7 +86,7 @@ class Kernel:
         if not modules:
             graph = self.plain.get(sig)
             if graph is None:
-                graph = self.plain[sig] = self._build(args, tensors, len(tensors))[1]
+                graph = self.plain[sig] = self._build(args, tensors, len(tensors), [])[1]
             return graph(*tensors)
         (module,) = modules
         per_module = self.bound.setdefault(module, {})
@@ -101,18 +103,24 @@ class Kernel:
         key = (tuple(_meta(t) for t in state), sig)
         built = self.graphs.get(key)
         if built is None:
-            built = self.graphs[key] = self._build(args, state + tensors, len(tensors))
+            built = self.graphs[key] = self._build(args, state + tensors, len(tensors), where)
         return _Bound([where[i] for i in built[0]], built[1])
 
-    def _build(self, args: tuple, inputs: list[torch.Tensor], n_args: int) -> tuple[list[int], Callable]:
-        """Trace fn with the module's tensors and the tensor arguments as graph inputs (make_fx in
-        real mode knows a tensor by its identity: the module's own parameters are those inputs),
-        drop the module tensors it does not read, build the rest; -> (module tensors read, graph)."""
+    def _build(self, args: tuple, inputs: list[torch.Tensor], n_args: int, where: list[tuple[dict, str]]
+               ) -> tuple[list[int], Callable]:
+        """Trace fn with the module's tensors (at `where`) and the tensor arguments as graph inputs
+        (make_fx in real mode knows a tensor by its identity: the module's own parameters are those
+        inputs), drop the module tensors it does not read, build the rest; -> (module tensors read,
+        graph). With a dim marked `dynamic` the trace runs on fake tensors with that dim symbolic."""
         from torch._inductor import config as inductor_config
         from torch._inductor.compile_fx import compile_fx
         from torch.fx.experimental.proxy_tensor import make_fx
+        symbolic = any(_dims(t) for t in inputs)
         try:
-            gm = make_fx(lambda *_: self.fn(*args))(*inputs)
+            if symbolic:
+                gm = _trace_symbolic(self.fn, args, inputs, where)
+            else:
+                gm = make_fx(lambda *_: self.fn(*args))(*inputs)
             n_state = len(inputs) - n_args
             placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
             keep = [i for i, n in enumerate(placeholders) if i >= n_state or n.users]
@@ -121,20 +129,37 @@ class Kernel:
                     gm.graph.erase_node(n)
             gm.recompile()
             # no size asserts: a graph is only called with the metadata it is keyed by (~0.7 us an input)
+            examples = ([n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"] if symbolic
+                        else _fake([inputs[i] for i in keep]))
             with inductor_config.patch(size_asserts=False, alignment_asserts=False):
-                return [i for i in keep if i < n_state], compile_fx(gm, _fake([inputs[i] for i in keep]))
+                return [i for i in keep if i < n_state], compile_fx(gm, examples)
         except Exception as e:                              # noqa: BLE001  (re-raised, explained)
             raise KernelError(f"inductor could not build kernel {self.name} (a C++ compiler and the "
                               f"Python headers are needed at run time): {e}") from e
 
-    def _dynamic(self, *args):
-        if self._dynamo is None:
-            self._dynamo = torch.compile(self.fn, dynamic=False, fullgraph=True)
-        try:
-            return self._dynamo(*args)
-        except (torch._dynamo.exc.BackendCompilerFailed, OSError) as e:
-            raise KernelError(f"inductor could not build kernel {self.name} (a C++ compiler and the "
-                              f"Python headers are needed at run time): {e}") from e
+
+def _trace_symbolic(fn: Callable, args: tuple, inputs: list[torch.Tensor], where: list[tuple[dict, str]]):
+    """make_fx of fn(*args) over fake copies of `inputs` whose `dynamic` dims are symbolic (one
+    graph for every batch size, called directly: no dynamo guards, ~130 us a call on a block), the
+    module's tensors at `where` swapped for their fakes while it traces."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+    mode = FakeTensorMode(shape_env=ShapeEnv())
+    fakes = {}
+    for t in inputs:
+        sizes = [DimDynamic.DYNAMIC if i in _dims(t) else DimDynamic.STATIC for i in range(t.dim())]
+        fakes[id(t)] = mode.from_tensor(t, symbolic_context=StatelessSymbolicContext(dynamic_sizes=sizes))
+    fake_args = tuple(fakes[id(a)] if isinstance(a, torch.Tensor) else a for a in args)
+    real = [d[n] for d, n in where]
+    try:
+        for d, n in where:
+            d[n] = fakes[id(d[n])]
+        with mode:
+            return make_fx(lambda *_: fn(*fake_args))(*[fakes[id(t)] for t in inputs])
+    finally:
+        for (d, n), t in zip(where, real):
+            d[n] = t
 
 
 def _fake(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -155,9 +180,9 @@ def tracing() -> bool:
 
 
 def dynamic(t: torch.Tensor, *dims: int) -> torch.Tensor:
-    """Mark `dims` of an activation `t` dynamic for compiled calls (sizes > 1 only: size 1 stays
-    specialised). Not for parameters: dynamo keeps their shapes static (and a mark on one makes
-    every graph that was traced without it recompile)."""
+    """Mark `dims` of an activation `t` dynamic for `Kernel` calls (sizes > 1 only: size 1 stays
+    specialised): its graph is traced with them symbolic and serves every size. Not for a module's
+    tensors (their shapes key the graphs)."""
     if not hasattr(t, "_dynamo_dynamic_indices"):
         for d in dims:
             if t.shape[d] > 1:

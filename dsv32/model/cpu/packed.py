@@ -74,8 +74,7 @@ def _gemv_half(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def _gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-    """One compiled kernel per weight shape (dynamo keeps parameter shapes static anyway), the
-    activation rows M dynamic above 1."""
+    """One compiled kernel per weight shape, the activation rows M dynamic above 1."""
     M = x.shape[0]
     key = (w.dtype, *w.shape, scale.shape[1] if scale is not None else 0, M == 1)
     if M > 1:
