@@ -58,6 +58,9 @@ class BlockManager:
         self.free_ids: deque[int] = deque(range(num_blocks))
         self.evictable: OrderedDict[int, None] = OrderedDict()   # oldest release first
         self.cached: dict[bytes, int] = {}                         # hash -> block id
+        self.reset_counters()
+
+    def reset_counters(self) -> None:
         self.prefix_cache_queries = 0   # tokens looked up at first admission
         self.prefix_cache_hits = 0      # of which served from the cache
 

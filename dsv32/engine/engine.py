@@ -142,18 +142,25 @@ class LLMEngine:
         """Decode a few short requests side by side before serving, so the batch decode's compiled
         graphs (model/decode.py: inductor, several seconds) are built now and not while the first
         concurrent requests wait: 2 rows, and past decode.ROWS_MAX where the scheduler allows it
-        (small models run up to that many rows without the graphs). -> seconds taken."""
+        (small models run up to that many rows without the graphs). Its tokens are not counted:
+        `metrics` starts from zero after it. -> seconds taken."""
         from dsv32.model.decode import ROWS_MAX
         if self.has_unfinished():
             raise RuntimeError("warmup: the engine has requests in flight")
-        t0, stats = time.monotonic(), dict(self.stats)
+        t0 = time.monotonic()
         n = max(1, min(8, self.max_model_len - 3))                       # prompt tokens, then up to 3 more
         params = SamplingParams(temperature=0.0, max_tokens=max(1, min(3, self.max_model_len - n)), ignore_eos=True)
         vocab = self.model_config.vocab_size
-        for rows in sorted({min(2, self.cfg.max_num_seqs), min(ROWS_MAX + 1, self.cfg.max_num_seqs)}):
-            prompts = [[(1000 + 7 * i + j) % vocab for j in range(n)] for i in range(rows)]
-            self.generate(prompts, [params] * rows)
-        self.stats = stats
+        try:
+            for rows in sorted({min(2, self.cfg.max_num_seqs), min(ROWS_MAX + 1, self.cfg.max_num_seqs)}):
+                prompts = [[(1000 + 7 * i + j) % vocab for j in range(n)] for i in range(rows)]
+                self.generate(prompts, [params] * rows)
+        finally:
+            for rid in list(self.requests):                              # after a failure: none left
+                self.abort_request(rid)
+        self.stats = {k: 0 for k in self.stats}
+        for counted in (self.block_manager, self.scheduler, self.speculator):
+            counted.reset_counters()
         return time.monotonic() - t0
 
     # ---- the step ------------------------------------------------------------------------------

@@ -20,6 +20,9 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.reset_counters()
+
+    def reset_counters(self) -> None:
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:

@@ -43,6 +43,9 @@ class Speculator:
     def metrics(self) -> dict:
         return {"spec_draft_tokens": 0, "spec_accepted_tokens": 0}
 
+    def reset_counters(self) -> None:
+        """Start the metrics' counts again from zero."""
+
 
 class MTPSpeculator(Speculator):
     """The model's MTP layer drafts one token per decoding sequence after every step."""
@@ -51,7 +54,7 @@ class MTPSpeculator(Speculator):
         self.executor, self.block_size = executor, block_size
         self.drafts: dict[int, int] = {}                  # seq_id -> drafted token
         self.forwards: list[tuple[Group, StepInput]] = []  # forwards since the last proposal
-        self.num_drafts = self.num_accepted = 0
+        self.reset_counters()
 
     def draft_of(self, seq: Sequence) -> int | None:
         return self.drafts.get(seq.seq_id)
@@ -110,6 +113,9 @@ class MTPSpeculator(Speculator):
 
     def metrics(self) -> dict:
         return {"spec_draft_tokens": self.num_drafts, "spec_accepted_tokens": self.num_accepted}
+
+    def reset_counters(self) -> None:
+        self.num_drafts = self.num_accepted = 0
 
 
 def speculator_for(speculative: bool, executor: Executor, block_size: int) -> Speculator:

@@ -92,8 +92,7 @@ class ServerState:
             # llguidance's view of the vocabulary holds the GIL for about a second: build it now,
             # not during the first chat request (which would stall every other request meanwhile)
             engine.grammars.tokenizer_view()
-            log.info("warming up the decode (compiling its batch graphs)...")
-            log.info("warm-up done in %.1fs", engine.warmup())
+            self._warm_up(engine)
             self.llm = AsyncLLM(engine)
         except Exception as e:  # reported by /health; the CLI exits
             self.load_error = f"{type(e).__name__}: {e}"
@@ -103,6 +102,17 @@ class ServerState:
             return
         log.info("model loaded in %.1fs (max_model_len %d); ready", time.monotonic() - t0,
                  engine.max_model_len)
+
+    @staticmethod
+    def _warm_up(engine: LLMEngine) -> None:
+        """Build the batch decode's graphs before the first requests need them; a failure here is
+        logged and left to the batches that would need them (single requests may still run)."""
+        log.info("warming up the decode (compiling its batch graphs)...")
+        try:
+            log.info("warm-up done in %.1fs", engine.warmup())
+        except Exception as e:  # noqa: BLE001  (logged; requests that need the graphs fail alone)
+            log.warning("warm-up failed, serving without it (batches may fail or compile later): %s: %s",
+                        type(e).__name__, e)
 
     def reload_keys(self) -> None:
         """SIGHUP: read the key file again; a bad file keeps the keys in use, and the log says why."""

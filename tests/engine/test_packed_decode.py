@@ -146,7 +146,8 @@ def test_warmup_decodes_batches_before_serving_and_leaves_the_engine_as_it_was(c
     assert {2, 3} <= set(steps)                          # ROWS_MAX + 1 = 3 rows: the graphs' batch
     assert kernel(decode._attn_in, "Block", False).graphs                # the batch graphs were built
     assert not eng.has_unfinished() and eng.block_manager.num_free_blocks == free
-    assert eng.stats == {"prompt_tokens": 0, "generation_tokens": 0}
+    assert all(eng.metrics()[k] == 0 for k in ("prompt_tokens", "generation_tokens", "prefix_cache_queries",
+                                               "prefix_cache_hits", "num_preemptions", "spec_draft_tokens"))
     eng.add_request("r0", prompts_of([5])[0], greedy(2))
     with pytest.raises(RuntimeError, match="in flight"):
         eng.warmup()

@@ -13,6 +13,8 @@ import httpx
 from dsv32.chat import ContentDelta, Done, ReasoningDelta, ToolCallArguments, ToolCallStart
 from dsv32.server.serving_chat import events_to_deltas, reasoning_tokens
 
+from .conftest import start_server
+
 USER = [{"role": "user", "content": "Hi"}]
 METRICS = ["dsv32:num_requests_running", "dsv32:num_requests_waiting", "dsv32:kv_cache_usage_perc",
            "dsv32:prefix_cache_queries_total", "dsv32:prefix_cache_hits_total", "dsv32:prompt_tokens_total",
@@ -125,3 +127,23 @@ def test_serve_sigterm_drains_in_flight_stream(server_ckpt):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_failed_warm_up_is_logged_and_the_server_still_serves(server_ckpt, server_model, caplog):
+    """The server warms the decode up before it reports ready (LLMEngine.warmup); if that fails,
+    the log says so and requests are served anyway."""
+    from dsv32.engine.engine import EngineConfig, LLMEngine
+
+    class Cold(LLMEngine):
+        def warmup(self) -> float:
+            raise RuntimeError("inductor is broken here (test)")
+    cfg = EngineConfig(model=str(server_ckpt), max_model_len=256, max_num_seqs=2)
+    with caplog.at_level(logging.INFO, logger="dsv32.server"):
+        s = start_server(server_ckpt, server_model, engine_kw=dict(max_model_len=256, max_num_seqs=2),
+                         factory=lambda: Cold(cfg, model=server_model)).wait_ready()
+        try:
+            out = s.client().completions.create(model="tiny", prompt="Hello", max_tokens=2)
+        finally:
+            s.stop()
+    assert out.choices[0].text is not None and out.usage.completion_tokens >= 1
+    assert "warm-up failed, serving without it" in caplog.text and "inductor is broken here" in caplog.text

@@ -19,6 +19,7 @@ from .compile import dynamic, kernel, tracing
 GROUP = 128                # int8: one scale per GROUP columns of a row
 GEMV_MAX_ROWS = 32         # activation rows up to which the dequantise-and-reduce kernel runs (on
                            # AMX tiles: native.AMX_MAX_M; bench/README.md, "Weight-format kernels")
+COMPILED_GEMV_MAX_ROWS = 8  # ... and the compiled one, for shapes the native one does not take
 TILE_ROWS = 512            # GEMM path: output rows of one dequantised tile (fewer make the fp32 GEMM
                            # pack the activations again for each tile: 128 rows ran 2-3x slower)
 TILE_ELEMS = 1 << 21       # ... and at most this many fp32 elements (8 MiB): long rows split along K
@@ -145,7 +146,7 @@ def packed_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None,
         y = _rows(x2, w, scale)
     elif x2.shape[0] == 0:
         y = x2.new_empty(0, w.shape[0])
-    elif x2.shape[0] <= GEMV_MAX_ROWS:
+    elif x2.shape[0] <= COMPILED_GEMV_MAX_ROWS:
         y = _gemv(x2.contiguous(), w, scale)
     else:
         y = _gemm_tiled(x2, w, scale)
@@ -157,7 +158,7 @@ def packed_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None,
 def dense_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x W^T (+ bias) for a plain weight: fp32 rows on the CPU up to GEMV_MAX_ROWS (decode: a
     step's LM head, a batch's projections) through the native GEMV, whose fp32 loop reads at the
-    memory's rate where torch's BLAS (MKL) reads 5-7 GB/s at these row counts on AMD CPUs
+    memory's rate where torch's BLAS (MKL) reads 3-9 GB/s at these row counts on AMD CPUs
     (bench/README.md, "dsv32 vs llama.cpp"), also inside a traced batch graph; else (and under
     autograd) F.linear."""
     K = x.shape[-1]
