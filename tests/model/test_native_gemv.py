@@ -82,8 +82,8 @@ def test_dense_linear_takes_the_native_gemv_for_few_rows_only_without_autograd(m
     """fp32 Linear rows (a decode step's LM head): up to GEMV_MAX_ROWS rows on the native GEMV,
     equal to F.linear; more rows, autograd or a non-contiguous weight: F.linear itself."""
     calls = []
-    real = native.gemv
-    monkeypatch.setattr(native, "gemv", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    real = native.gemv_unchecked                 # (after dense_linear's own supports check)
+    monkeypatch.setattr(native, "gemv_unchecked", lambda *a: calls.append(a[0].shape[0]) or real(*a))
     w, b = torch.randn(300, 256, generator=G), torch.randn(300, generator=G)
     for M, native_rows in ((1, True), (3, True), (packed.GEMV_MAX_ROWS, True), (packed.GEMV_MAX_ROWS + 1, False)):
         x = torch.randn(2, M, 256, generator=G)[:1]

@@ -43,7 +43,7 @@ def _dims(t: torch.Tensor) -> tuple[int, ...]:
 def _meta(t: torch.Tensor) -> tuple:
     """What a graph is keyed by: shape (None at a dynamic dim), strides, dtype, device."""
     dims = _dims(t)
-    shape = tuple(None if i in dims else n for i, n in enumerate(t.shape))
+    shape = tuple(None if i in dims else n for i, n in enumerate(t.shape)) if dims else t.shape
     return shape, t.stride(), t.dtype, t.device, dims
 
 

@@ -335,12 +335,13 @@ def gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, isa: int 
     if isa == AMX and not _takes_amx(x.shape[0], w, scale):
         raise ValueError(f"native gemv on AMX: needs AMX for {w.dtype} weights (here: {amx_ready(w.dtype)}), "
                          f">= {AMX_ROWS} weight rows, <= {AMX_MAX_M} activation rows, int8 groups of a multiple of 64 columns")
-    return _gemv(x, w, scale, isa)
+    return gemv_unchecked(x, w, scale, isa)
 
 
-def _gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, isa: int | str | None = None
-          ) -> torch.Tensor:
-    """`gemv` after its check."""
+def gemv_unchecked(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, isa: int | str | None = None
+                 ) -> torch.Tensor:
+    """`gemv` for arguments `supports` already accepted (callers on the decode path, which check
+    once: ~2 us a call)."""
     x, w = x.contiguous(), w.contiguous()
     (M, K), N = x.shape, w.shape[0]
     y = x.new_empty(M, N)

@@ -115,7 +115,7 @@ def _rows(x2: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None) -> torc
     if x2.shape[0] == 0:
         return x2.new_empty(0, w.shape[0])
     if x2.shape[0] <= GEMV_MAX_ROWS or native.on_amx(x2, w, scale):
-        return native.gemv(x2, w, scale)
+        return native.gemv_unchecked(x2, w, scale)
     return F.linear(x2, w) if w.dtype == torch.float32 else _gemm_tiled(x2, w, scale)
 
 
@@ -173,7 +173,7 @@ def dense_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = N
     elif x2.shape[0] > GEMV_MAX_ROWS or not has_compiler():
         return F.linear(x, w, bias)
     else:
-        y = native.gemv(x2, w, None)
+        y = native.gemv_unchecked(x2, w, None)
     if bias is not None:
         y = y + bias
     return y.reshape(*x.shape[:-1], w.shape[0])
