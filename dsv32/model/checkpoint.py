@@ -13,11 +13,12 @@ from tqdm.auto import tqdm
 
 from .config import ModelConfig
 from .formats import packed_storage, prepare_load
-from .fp8 import FP8, block_dequant, block_quant, scale_shape
-from .cpu.packed import quantize_int8
+from .convert import copy_into
+from .fp8 import FP8, scale_shape
 from .meta import to_empty
-from .layout import (FLOAT_DTYPES, FP8_DTYPES, INDEX_FILE, MAP_WINDOW, SCALE_SUFFIX, SINGLE_FILE, CheckpointError, TensorSpec,
-                     block_size, checkpoint_layout, is_fp8_vocab, is_fp32_pinned, mtp_vocab_sources, scale_name)
+from .layout import (FLOAT_BYTES, FLOAT_DTYPES, FP8_DTYPES, INDEX_FILE, MAP_WINDOW, READ_WINDOW, SCALE_SUFFIX,
+                     SINGLE_FILE, CheckpointError, TensorSpec, block_size, checkpoint_layout, is_fp8_vocab,
+                     is_fp32_pinned, mtp_vocab_sources, scale_name)
 
 
 def _weight_map(path: Path) -> dict[str, Path]:
@@ -50,24 +51,6 @@ def _open(file: Path):
         raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({e})") from None
 
 
-def _dequant_into(dst: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
-                  block: tuple[int, int], chunk: int = 1 << 24, offset: tuple[int, int] = (0, 0)) -> None:
-    """dst = w x the scale of its block, in chunks of whole row-blocks (fp32 temporaries of at most
-    about `chunk` elements, few kernels per tensor). `offset`: where `w` starts inside the first
-    block of `scale` (a tensor-parallel slice that does not begin on a block boundary)."""
-    rows, cols = w.shape
-    r0, c0 = offset
-    w, scale = w.to(dst.device), scale.to(dst.device, torch.float32)
-    step = block[0] * max(1, chunk // (block[0] * cols))                   # rows per chunk
-    r = 0
-    while r < rows:
-        g = r + r0                                                          # row in the scale grid
-        end = min(rows, (g // block[0]) * block[0] + step - r0)
-        s = scale[g // block[0]: -(-(end + r0) // block[0])]                # [blocks, cols/b1]
-        s = s.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)
-        s = s[g % block[0]: g % block[0] + end - r, c0: c0 + cols]
-        dst[r:end].copy_(w[r:end].float() * s)
-        r = end
 
 
 def _owner(model: nn.Module, name: str) -> tuple[nn.Module | None, str]:
@@ -217,7 +200,11 @@ def load_checkpoint(model: nn.Module, path: str | Path, dtype: torch.dtype | Non
     # progress: a bar on a terminal only (None: tqdm's own isatty check), never in a server's log
     bar = tqdm(total=len(held), desc=f"loading {path.name}", unit="tensor", disable=None if progress else True)
     for file in sorted(by_file):
-        todo = deque(by_file[file])
+        with _open(file) as f:
+            keys = set(f.keys())
+            windowed = [n for n in by_file[file]
+                        if source[n] in keys and _windowed(f, source[n], state[n], _shard(model, n))]
+        todo = deque(n for n in by_file[file] if n not in windowed)
         while todo:                                 # re-map every MAP_WINDOW bytes: pages already
             with _open(file) as f:                  # copied stop counting as resident memory
                 keys, mapped = set(f.keys()), 0
@@ -229,12 +216,43 @@ def load_checkpoint(model: nn.Module, path: str | Path, dtype: torch.dtype | Non
                     shard = _shard(model, n)
                     w, scale = _read(f, file, source[n], layout[n], where, block, keys, shard)
                     fp8_first = weight_format == "fp8" and layout[n].quantised and scale is None
-                    _copy(state[n], state.get(scale_name(n)), w, scale, block, cfg, n, file, shard, fp8_first)
+                    copy_into(state[n], state.get(scale_name(n)), w, scale, block, cfg, n, file, shard, fp8_first)
                     mapped += w.numel() * w.element_size()
                     bar.update()
             del f, w, scale                         # unmap before mapping again
+        for n in windowed:
+            fp8_first = weight_format == "fp8" and layout[n].quantised
+            _copy_windows(file, source[n], n, layout[n], state[n], state.get(scale_name(n)), block, cfg, fp8_first)
+            bar.update()
     bar.close()
     return model
+
+
+def _windowed(f, name: str, dst: torch.Tensor, shard) -> bool:
+    """Whether a tensor is read in row windows of READ_WINDOW bytes, each from a mapping of its own
+    (a plain float matrix over the window, whole in this process, not stored as FP8): the mapped
+    pages of the whole matrix then never count as resident beside its copy (each vocabulary matrix
+    of the published model: 1.85 GB)."""
+    sl = f.get_slice(name)
+    dt, shape = sl.get_dtype(), sl.get_shape()
+    return (shard is None and dt in FLOAT_DTYPES and len(shape) == 2 and dst.dtype != FP8
+            and shape[0] * shape[1] * FLOAT_BYTES[dt] > READ_WINDOW)
+
+
+def _copy_windows(file: Path, name: str, n: str, spec: TensorSpec, dst: torch.Tensor,
+                  dst_scale: torch.Tensor | None, block, cfg: ModelConfig, fp8_first: bool) -> None:
+    """copy_into `dst` (and its int8 row scales) the plain tensor `name`, READ_WINDOW bytes of rows
+    (whole row blocks) at a time, one mapping a window."""
+    rows, cols = spec.shape
+    with _open(file) as f:
+        dt = f.get_slice(name).get_dtype()
+    step = block[0] * max(1, READ_WINDOW // (cols * FLOAT_BYTES[dt] * block[0]))
+    for r in range(0, rows, step):
+        with _open(file) as f:
+            w, _ = _read(f, file, name, spec, {}, block, set(), (0, r, min(rows, r + step)))
+        copy_into(dst[r:r + step], None if dst_scale is None else dst_scale[r:r + step], w, None, block, cfg,
+                  n, file, None, fp8_first)
+        del w
 
 
 def _slice_rows(file: Path, name: str, start: int, rows: int) -> tuple[torch.Tensor, tuple]:
@@ -246,7 +264,7 @@ def _slice_rows(file: Path, name: str, start: int, rows: int) -> tuple[torch.Ten
 
 def _same_tensor(where: dict[str, Path], a: str, b: str) -> bool:
     """Whether checkpoint tensors `a` and `b` (and their scales) hold equal values, compared
-    MAP_WINDOW bytes of rows at a time, one mapping open at a time (nothing is loaded whole)."""
+    READ_WINDOW bytes of rows at a time, one mapping open at a time (nothing is loaded whole)."""
     names = [(a, b)] + ([(scale_name(a), scale_name(b))] if scale_name(a) in where or scale_name(b) in where else [])
     for x, y in names:
         if x not in where or y not in where:
@@ -259,7 +277,7 @@ def _same_tensor(where: dict[str, Path], a: str, b: str) -> bool:
                 return False
             n = meta_x[1][0]
             start += rows
-            rows = max(1, MAP_WINDOW // max(1, tx[:1].numel() * tx.element_size()))
+            rows = max(1, READ_WINDOW // max(1, tx[:1].numel() * tx.element_size()))
     return True
 
 
@@ -336,51 +354,8 @@ def _get(f, file: Path, name: str, shard=None) -> torch.Tensor:
         raise CheckpointError(f"tensor {name} in {file}: cannot be read ({e})") from None
 
 
-def _quantize_into(dst: torch.Tensor, dst_scale: torch.Tensor, w: torch.Tensor,
-                   scale: torch.Tensor | None, block, offset: tuple[int, int], fp8_first: bool,
-                   chunk: int = 1 << 20) -> None:
-    """dst, dst_scale = int8 groups of the real weight (FP8 blocks dequantised exactly first;
-    `fp8_first`: a plain weight is block-quantised to e4m3 first), a few row blocks at a time so
-    the fp32 temporaries stay near `chunk` elements."""
-    rows, cols = w.shape
-    step = block[0] * max(1, chunk // (block[0] * cols))
-    for r in range(0, rows, step):
-        end = min(rows, r + step)
-        if scale is None:
-            real = w[r:end].float()
-            if fp8_first:                   # r is a multiple of block[0]: the blocks are the same
-                real = block_dequant(*block_quant(real, block), block)
-        else:
-            g = offset[0] + r                                               # row in the scale grid
-            real = torch.empty(end - r, cols)
-            _dequant_into(real, w[r:end], scale[g // block[0]:], block, offset=(g % block[0], offset[1]))
-        dst[r:end], dst_scale[r:end] = quantize_int8(real)
 
 
-def _copy(dst: torch.Tensor, dst_scale: torch.Tensor | None, w: torch.Tensor,
-          scale: torch.Tensor | None, block, cfg: ModelConfig, name: str, file: Path,
-          shard=None, fp8_first: bool = False) -> None:
-    """Store a checkpoint tensor into a parameter, converting between FP8, plain and packed
-    storage (`fp8_first`: see _quantize_into)."""
-    offset = (0, 0)
-    if shard is not None and scale is not None:
-        offset = (shard[1] % block[0], 0) if shard[0] == 0 else (0, shard[1] % block[1])
-    if dst.dtype == torch.int8:                     # packed int8 (weight_format int8 / fp8)
-        _quantize_into(dst, dst_scale, w, scale, block, offset, fp8_first)
-    elif dst.dtype == FP8:                            # FP8 storage mode
-        if scale is not None and (offset != (0, 0) or tuple(scale.shape) != tuple(dst_scale.shape)):
-            raise CheckpointError(f"tensor {name} in {file}: its tensor-parallel slice {shard} does not "
-                                  f"fall on {block[0]}x{block[1]} scale blocks; FP8 storage needs "
-                                  f"block-aligned shards (load with fp8_storage=False)")
-        if scale is None:                           # plain weight on disk: quantise it here
-            ue8m0 = bool(cfg.quantization_config and cfg.quantization_config.scale_fmt == "ue8m0")
-            w, scale = block_quant(w.float(), block, ue8m0=ue8m0)
-        dst.copy_(w)
-        dst_scale.copy_(scale)
-    elif scale is not None:                         # dequantise into the compute dtype
-        _dequant_into(dst, w, scale, block, offset=offset)
-    else:
-        dst.copy_(w)
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",

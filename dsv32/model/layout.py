@@ -12,11 +12,13 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 SCALE_SUFFIX = "_scale_inv"          # "x.weight" -> "x.weight_scale_inv"
 MAP_WINDOW = 64 << 20               # bytes read from one mapping of a shard before re-mapping it
+READ_WINDOW = 16 << 20              # bytes of rows read from one mapping of a larger plain matrix
 FP8_VOCAB = ("embed_tokens.weight", "lm_head.weight", "shared_head.head.weight")
 FP32_PINNED = ("mlp.gate.e_score_correction_bias", "self_attn.indexer.weights_proj.weight")
 
 # safetensors dtype strings we accept: plain floats, and e4m3 for block-quantised weights
 FLOAT_DTYPES = ("BF16", "F16", "F32")
+FLOAT_BYTES = {"BF16": 2, "F16": 2, "F32": 4}
 FP8_DTYPES = ("F8_E4M3",)
 
 

@@ -11,6 +11,7 @@ import dsv32
 from dsv32.cli import main as cli_main
 from dsv32.model import checkpoint as ck
 from dsv32.model.checkpoint import load_checkpoint, load_model
+from dsv32.model.convert import dequant_into, quantize_into
 from dsv32.model.layout import CheckpointError, checkpoint_layout
 from dsv32.model.save import save_checkpoint
 from dsv32.model.config import ModelConfig
@@ -400,7 +401,7 @@ def test_dequant_into_chunks_and_edge_blocks(chunk):
     w = torch.randn(300, 200)
     q, s = block_quant(w, ue8m0=False)                         # [3, 2] blocks, both dims ragged
     out = torch.empty(300, 200)
-    ck._dequant_into(out, q, s, (128, 128), chunk=chunk)
+    dequant_into(out, q, s, (128, 128), chunk=chunk)
     assert torch.equal(out, dequant_by_hand(q, s))
 
 
@@ -414,5 +415,5 @@ def test_quantize_into_is_the_same_in_any_chunk(fp8):
     want = quantize_int8(real)
     for chunk in (1, 128 * 256, 1 << 24):          # one row block a step, one block, everything
         dst, dst_scale = torch.empty(300, 256, dtype=torch.int8), torch.empty_like(want[1])
-        ck._quantize_into(dst, dst_scale, q, s, (128, 128), (0, 0), False, chunk=chunk)
+        quantize_into(dst, dst_scale, q, s, (128, 128), (0, 0), False, chunk=chunk)
         assert torch.equal(dst, want[0]) and torch.equal(dst_scale, want[1])
