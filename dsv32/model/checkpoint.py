@@ -15,6 +15,7 @@ from .config import ModelConfig
 from .formats import packed_storage, prepare_load
 from .convert import copy_into
 from .fp8 import FP8, scale_shape
+from .mapping import header, mapped_tensor
 from .meta import to_empty
 from .layout import (FLOAT_BYTES, FLOAT_DTYPES, FP8_DTYPES, INDEX_FILE, MAP_WINDOW, READ_WINDOW, SCALE_SUFFIX,
                      SINGLE_FILE, CheckpointError, TensorSpec, block_size, checkpoint_layout, is_fp8_vocab,
@@ -192,7 +193,8 @@ def load_checkpoint(model: nn.Module, path: str | Path, dtype: torch.dtype | Non
     held = _materialise(model, layout, device, dtype, fp8_storage, block, cfg, weight_format)
     tied = _tie_mtp_vocab(model, cfg, where, source, held)
     state = _check_model(model, layout, held)
-    held = [n for n in held if n not in tied]
+    mapped = _map_vocab(model, cfg, layout, where, source, tied)
+    held = [n for n in held if n not in tied and n not in mapped]
 
     by_file: dict[Path, list[str]] = defaultdict(list)
     for n in held:
@@ -226,6 +228,28 @@ def load_checkpoint(model: nn.Module, path: str | Path, dtype: torch.dtype | Non
             bar.update()
     bar.close()
     return model
+
+
+def _map_vocab(model: nn.Module, cfg: ModelConfig, layout: dict[str, TensorSpec], where: dict[str, Path],
+               source: dict[str, str], tied: set[str]) -> set[str]:
+    """Token embeddings of a packed weight format, whole in this process and bf16 in the checkpoint,
+    read in place (mapping.py: only the rows of tokens seen become resident). Returns their names."""
+    from .layers import VocabParallelEmbedding
+
+    tables, mapped = {}, set()
+    for n, spec in layout.items():
+        mod, leaf = _owner(model, n)
+        if not isinstance(mod, VocabParallelEmbedding) or leaf != "weight" or not mod.packed or mod.shard:
+            continue
+        src = mtp_vocab_sources(cfg)[n] if n in tied else source[n]     # tied: one table, the main one
+        info = header(where[src])[1][src]
+        if info["dtype"] != "BF16" or tuple(info["shape"]) != spec.shape:
+            continue                                                    # read and converted as before
+        if src not in tables:
+            tables[src] = mapped_tensor(where[src], src)
+        mod.use_mapped(tables[src])
+        mapped.add(n)
+    return mapped
 
 
 def _windowed(f, name: str, dst: torch.Tensor, shard) -> bool:

@@ -11,7 +11,9 @@ and read. Activations and every non-matrix tensor stay fp32 in all of them.
         A plain checkpoint is block-quantised to e4m3 first, so the numerics are those of FP8.
 
 "Every matrix": the linears, the LM head(s) and the token embeddings; not the MoE router
-(`mlp.gate`) nor the fp32-pinned indexer `weights_proj`, which are tiny.
+(`mlp.gate`) nor the fp32-pinned indexer `weights_proj`, which are tiny. Token embeddings that the
+checkpoint stores bf16 (the published one does) are read in place in every format but fp32
+(mapping.py: exact rows, resident only once a token is seen; llama.cpp maps its files so).
 """
 from __future__ import annotations
 

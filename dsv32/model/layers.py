@@ -135,6 +135,13 @@ class VocabParallelEmbedding(nn.Embedding):
         values = self.weight if self.weight.is_meta else dequantize(self.weight, self.weight_scale_inv)
         _packed_params(self, fmt, values)
 
+    def use_mapped(self, table: torch.Tensor) -> None:
+        """Read rows from `table` in place: the whole bf16 table, mapped from the checkpoint (mapping.py)."""
+        if self.shard or table.dtype != torch.bfloat16 or table.shape != self.weight.shape:
+            raise ValueError(f"a mapped table is the whole bf16 [{self.num_embeddings}, {self.embedding_dim}] "
+                             f"table; got {table.dtype} {tuple(table.shape)}{' for a shard' if self.shard else ''}")
+        _packed_params(self, "bf16", table)         # bf16 already: the table itself, not a copy
+
     def _rows(self, ids: torch.Tensor) -> torch.Tensor:
         if self.packed:
             if ids.numel() <= NATIVE_ROWS and ids.device.type == "cpu" and embedding_fits(self.weight, self.weight_scale_inv):
