@@ -245,9 +245,8 @@ def _map_vocab(model: nn.Module, cfg: ModelConfig, layout: dict[str, TensorSpec]
         info = header(where[src])[1][src]
         if info["dtype"] != "BF16" or tuple(info["shape"]) != spec.shape:
             continue                                                    # read and converted as before
-        if src not in tables:
-            tables[src] = mapped_tensor(where[src], src)
-        mod.use_mapped(tables[src])
+        mod.use_mapped(tables[src] if src in tables else mapped_tensor(where[src], src))
+        tables[src] = mod.weight
         mapped.add(n)
     return mapped
 

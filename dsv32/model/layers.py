@@ -136,11 +136,14 @@ class VocabParallelEmbedding(nn.Embedding):
         _packed_params(self, fmt, values)
 
     def use_mapped(self, table: torch.Tensor) -> None:
-        """Read rows from `table` in place: the whole bf16 table, mapped from the checkpoint (mapping.py)."""
+        """Read rows from `table` in place: the whole bf16 table mapped from the checkpoint
+        (mapping.py), or another embedding's weight made so (one Parameter: the MTP layer's tie)."""
         if self.shard or table.dtype != torch.bfloat16 or table.shape != self.weight.shape:
             raise ValueError(f"a mapped table is the whole bf16 [{self.num_embeddings}, {self.embedding_dim}] "
                              f"table; got {table.dtype} {tuple(table.shape)}{' for a shard' if self.shard else ''}")
-        _packed_params(self, "bf16", table)         # bf16 already: the table itself, not a copy
+        self.packed = "bf16"
+        self.weight = table if isinstance(table, nn.Parameter) else nn.Parameter(table, requires_grad=False)
+        self.register_parameter("weight_scale_inv", None)
 
     def _rows(self, ids: torch.Tensor) -> torch.Tensor:
         if self.packed:
