@@ -27,10 +27,11 @@ def fp8_model_dir():
     return path
 
 
-def logits(path, fmt: str, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Logits [P, T, V] of every prompt, and the resident bytes of the model's matrices."""
+def logits(path, fmt: str, ids: torch.Tensor, prefill_dtype: str = "float32") -> tuple[torch.Tensor, int]:
+    """Logits [P, T, V] of every prompt (one forward each: the prefill's products), and the bytes
+    of the model's matrices."""
     from dsv32.model.checkpoint import load_model
-    model = load_model(path, weight_format=fmt, progress=False)
+    model = load_model(path, weight_format=fmt, prefill_dtype=prefill_dtype, progress=False)
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.dim() == 2)
     with torch.inference_mode():
         out = torch.cat([model(ids[i:i + 1]) for i in range(ids.shape[0])])
@@ -53,9 +54,11 @@ def main() -> None:
     path, fp8_path = bench_model_dir(), fp8_model_dir()
     ref, ref_bytes = logits(path, "fp32", ids)
     rows = [["fp32", "bf16 checkpoint", f"{ref_bytes / 2**20:.0f}", "fp32", "0", "0", "100.0%"]]
-    for fmt in ("bf16", "fp16", "int8"):
-        got, nbytes = logits(path, fmt, ids)
-        rows.append([fmt, "bf16 checkpoint", f"{nbytes / 2**20:.0f}", "fp32"] + compare(got, ref))
+    for fmt, prefill in (("bf16", "float32"), ("fp16", "float32"), ("int8", "float32"), ("bf16", "bfloat16"),
+                         ("int8", "bfloat16")):
+        got, nbytes = logits(path, fmt, ids, prefill)
+        name = fmt + (", bf16 prefill" if prefill == "bfloat16" else "")
+        rows.append([name, "bf16 checkpoint", f"{nbytes / 2**20:.0f}", "fp32"] + compare(got, ref))
         print(rows[-1], flush=True)
     exact, _ = logits(fp8_path, "fp32", ids)
     got, nbytes = logits(fp8_path, "fp8", ids)

@@ -60,13 +60,15 @@ def child_decode(path: str, fmt: str, depth: int, steps: int, kv: str = "auto") 
     return {"ms": ms, "decode_bytes": decode_bytes(model)}
 
 
-def child_prefill(path: str, fmt: str, L: int, kv: str = "auto", chunk: int = 2048) -> dict:
+def child_prefill(path: str, fmt: str, L: int, kv: str = "auto", prefill_dtype: str = "float32",
+                  chunk: int = 2048) -> dict:
     import torch
 
     from dsv32.engine.engine import EngineConfig, LLMEngine
     from dsv32.engine.sequence import SamplingParams
     eng = LLMEngine(EngineConfig(model=path, max_model_len=L + 64, max_num_seqs=1, max_num_batched_tokens=chunk,
-                                 enable_prefix_caching=False, weight_format=fmt, kv_cache_dtype=kv))
+                                 enable_prefix_caching=False, weight_format=fmt, kv_cache_dtype=kv,
+                                 prefill_dtype=prefill_dtype))
     warm = torch.randint(1000, 8000, (64,)).tolist()      # compile the kernels outside the timing
     eng.add_request("w", warm, SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))
     while eng.has_unfinished():
@@ -134,24 +136,26 @@ def compare(name: str, prec: str, args, bw: float) -> str:
                      f"{ours['ms'] * ts / 1e3:.2f}x", f"{ours['ms'] / floor:.2f}x"])
     for L in args.prefill:
         ts, sd, r1 = llamacpp.bench(gguf, prompt=L, reps=args.reps, repack=repack)
-        ours = dsv32("prefill", str(path), fmt, L, args.kv_cache_dtype)
+        ours = dsv32("prefill", str(path), fmt, L, args.kv_cache_dtype,
+                     "float32" if fmt == "fp32" else args.prefill_dtype)
         rss["llama.cpp"], rss["dsv32"] = max(rss["llama.cpp"], r1), max(rss["dsv32"], ours["peak_rss"])
         rows.append([f"prefill tok/s @{L}", f"{ts:.0f} (±{sd:.0f})", f"{ours['tok_s']:.0f}",
                      f"{ours['tok_s'] / ts:.2f}x", "-"])
     rows.append(["peak RSS GiB (all runs)", f"{rss['llama.cpp'] / GIB:.2f}", f"{rss['dsv32'] / GIB:.2f}",
                  f"{rss['dsv32'] / rss['llama.cpp']:.2f}x", "-"])
     ours = f"dsv32 {fmt}" + {"auto": "", "bfloat16": ", bf16 cache", "fp8": ", FP8 cache"}[args.kv_cache_dtype]
+    ours += ", bf16 prefill" if args.prefill_dtype == "bfloat16" and fmt != "fp32" and args.prefill else ""
     table = markdown_table(["test", f"llama.cpp {prec}", ours, "dsv32 / llama.cpp", "dsv32 / floor"], rows)
-    return (f"### {name} model, llama.cpp {prec} vs {ours}\n\n{table}\n\n"
-            f"Weight bytes per decode token (dsv32 {fmt}): {nbytes / 1e6:.0f} MB, floor {floor:.2f} ms "
-            f"at {bw:.1f} GB/s. Parity: {parity(path, prec, fmt)}.")
+    floors = "" if nbytes is None else (f"Weight bytes per decode token (dsv32 {fmt}): {nbytes / 1e6:.0f} MB, "
+                                        f"floor {floor:.2f} ms at {bw:.1f} GB/s. ")
+    return f"### {name} model, llama.cpp {prec} vs {ours}\n\n{table}\n\n{floors}Parity: {parity(path, prec, fmt)}."
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["bench", "wide"], choices=["bench", "wide"])
     ap.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=list(PRECISIONS))
-    ap.add_argument("--depths", type=int, nargs="+", default=[1024, 8192, 32768, 65536])
+    ap.add_argument("--depths", type=int, nargs="*", default=[1024, 8192, 32768, 65536])
     ap.add_argument("--prefill", type=int, nargs="*", default=[512, 8192, 32768])
     ap.add_argument("--reps", type=int, default=3, help="llama-bench repetitions")
     ap.add_argument("--gen", type=int, default=32, help="llama-bench tokens generated per decode test")
@@ -159,6 +163,9 @@ def main() -> None:
     ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "bfloat16", "fp8"],
                     help="dsv32's cache: the compute dtype (fp32), bf16 (the bytes of llama.cpp's f16 cache: "
                          "1408 a token a layer), or FP8 latents and indexer keys (788)")
+    ap.add_argument("--prefill-dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="dsv32's prefill products for the packed formats (fp32 stays exact): "
+                         "bfloat16 is llama.cpp's numerics for 16-bit weights")
     ap.add_argument("--quick", action="store_true", help="smoke run: 1K decode, 512 prefill, 1 repetition")
     ap.add_argument("--write-readme", action="store_true")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)

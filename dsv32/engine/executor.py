@@ -35,7 +35,7 @@ def load_engine_model(cfg: EngineConfig, pc: ParallelContext = SINGLE) -> Transf
     """This rank's model (its tensor-parallel slice when `pc` is a group)."""
     return load_model(cfg.model, dtype=cfg.torch_dtype, device=cfg.device,
                       fp8_storage=cfg.fp8_storage, progress=pc.rank == 0, pc=pc,
-                      weight_format=cfg.weight_format)
+                      weight_format=cfg.weight_format, prefill_dtype=cfg.prefill_dtype)
 
 
 def build_cache(cfg: EngineConfig, mc: ModelConfig, num_blocks: int) -> PagedCache:

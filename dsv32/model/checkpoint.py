@@ -12,7 +12,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import ModelConfig
-from .formats import packed_storage, prepare_load
+from .formats import PREFILL_DTYPES, packed_storage, prepare_load
 from .convert import copy_into
 from .fp8 import FP8, scale_shape
 from .mapping import header, mapped_tensor
@@ -52,8 +52,6 @@ def _open(file: Path):
         raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({e})") from None
 
 
-
-
 def _owner(model: nn.Module, name: str) -> tuple[nn.Module | None, str]:
     """The module holding tensor `name` and the leaf name; None for an absent (non-local) expert."""
     mod_name, _, leaf = name.rpartition(".")
@@ -80,7 +78,7 @@ def _packs(mod: nn.Module, name: str, spec: TensorSpec, weight_format: str) -> s
 
 def _materialise(model: nn.Module, layout: dict[str, TensorSpec], device, dtype,
                  fp8_storage: bool, block: tuple[int, int], cfg: ModelConfig,
-                 weight_format: str = "fp32") -> list[str]:
+                 weight_format: str = "fp32", prefill_dtype: str = "float32") -> list[str]:
     """Put the model in the requested storage mode and give meta tensors real (empty) storage.
     Returns the layout names the model holds (experts held by other processes are left out)."""
     from .layers import Linear, Rotary, yarn_inv_freq
@@ -96,7 +94,9 @@ def _materialise(model: nn.Module, layout: dict[str, TensorSpec], device, dtype,
             raise CheckpointError(f"model has no parameter {name} (checkpoint layout tensor)")
         packed = _packs(mod, name, spec, weight_format)
         if packed:
-            if mod.packed != packed:
+            if mod.packed != packed and isinstance(mod, Linear):
+                mod.pack(packed, PREFILL_DTYPES[prefill_dtype])
+            elif mod.packed != packed:
                 mod.pack(packed)
         elif spec.quantised and isinstance(mod, Linear):
             if fp8_storage and mod.fp8_block != block:
@@ -162,17 +162,17 @@ def _check_model(model: nn.Module, layout: dict[str, TensorSpec], held: list[str
 @torch.no_grad()
 def load_checkpoint(model: nn.Module, path: str | Path, dtype: torch.dtype | None = None,
                     device: str | torch.device = "cpu", fp8_storage: bool = False,
-                    progress: bool = True, weight_format: str = "fp32") -> nn.Module:
+                    progress: bool = True, weight_format: str = "fp32", prefill_dtype: str = "float32") -> nn.Module:
     """Copy a checkpoint into `model` tensor by tensor (memory-mapped shards, one open at a time).
 
     `model` may live on the meta device; it is materialised on `device`. `fp8_storage`: quantised
     Linears keep FP8 weights + block scales (dequantised per call); otherwise they are dequantised
     into the compute dtype. `dtype`: if given, the float parameters other than FP8 weights and the
     fp32-pinned ones are stored in it. `weight_format` (formats.py): how matrices are stored for
-    fp32 compute on CPU; each tensor is converted as it is read. Raises CheckpointError naming the
-    tensor and the file.
+    fp32 compute on CPU; each tensor is converted as it is read; `prefill_dtype`: their products over
+    many rows (formats.PREFILL_DTYPES). Raises CheckpointError naming the tensor and the file.
     """
-    prepare_load(weight_format, fp8_storage, dtype, device)
+    prepare_load(weight_format, fp8_storage, dtype, device, prefill_dtype)
     path = Path(path)
     cfg = ModelConfig.from_json(path)
     layout, block = checkpoint_layout(cfg), block_size(cfg)
@@ -190,7 +190,7 @@ def load_checkpoint(model: nn.Module, path: str | Path, dtype: torch.dtype | Non
         if n not in layout and not (base in layout and (layout[base].quantised or is_fp8_vocab(base))):
             raise CheckpointError(f"unexpected tensor {n} in {f}: not part of the DeepSeek-V3.2 layout")
 
-    held = _materialise(model, layout, device, dtype, fp8_storage, block, cfg, weight_format)
+    held = _materialise(model, layout, device, dtype, fp8_storage, block, cfg, weight_format, prefill_dtype)
     tied = _tie_mtp_vocab(model, cfg, where, source, held)
     state = _check_model(model, layout, held)
     mapped = _map_vocab(model, cfg, layout, where, source, tied)
@@ -377,20 +377,17 @@ def _get(f, file: Path, name: str, shard=None) -> torch.Tensor:
         raise CheckpointError(f"tensor {name} in {file}: cannot be read ({e})") from None
 
 
-
-
-
-
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                fp8_storage: bool = False, progress: bool = True, weight_format: str = "fp32",
-               **model_kwargs) -> nn.Module:
+               prefill_dtype: str = "float32", **model_kwargs) -> nn.Module:
     """Build the Transformer from `path/config.json` on the meta device, load the weights, eval
-    mode. `weight_format`: "fp32" | "bf16" | "fp16" | "int8" | "fp8" (see formats.py)."""
+    mode. `weight_format`: "fp32" | "bf16" | "fp16" | "int8" | "fp8"; `prefill_dtype`: "float32" |
+    "bfloat16" (see formats.py)."""
     from .transformer import Transformer
 
     cfg = ModelConfig.from_json(path)
     with torch.device("meta"):
         model = Transformer(cfg, dtype=dtype, **model_kwargs)
     load_checkpoint(model, path, dtype=dtype, device=device, fp8_storage=fp8_storage, progress=progress,
-                    weight_format=weight_format)
+                    weight_format=weight_format, prefill_dtype=prefill_dtype)
     return model.eval()

@@ -24,6 +24,12 @@ import torch
 WeightFormat = Literal["fp32", "bf16", "fp16", "int8", "fp8"]
 WEIGHT_FORMATS: tuple[str, ...] = get_args(WeightFormat)
 
+# The products of a packed matrix with more activation rows than the GEMV takes (a prefill chunk,
+# and decode rows sharing its step): fp32 (exact, the default), or bfloat16 (activations and
+# dequantised tiles rounded to bf16, fp32 sums: llama.cpp's numerics for 16-bit weights, ~2.3x the
+# fp32 GEMM's rate on CPUs with AVX512-BF16 or AMX, far slower on others; bench/README.md)
+PREFILL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
 
 def check_format(fmt: str) -> str:
     if fmt not in WEIGHT_FORMATS:
@@ -42,11 +48,17 @@ def packed_storage(fmt: str, quantised: bool) -> str | None:
     return fmt
 
 
-def prepare_load(fmt: str, fp8_storage: bool, dtype: torch.dtype | None, device) -> None:
+def prepare_load(fmt: str, fp8_storage: bool, dtype: torch.dtype | None, device,
+                 prefill_dtype: str = "float32") -> None:
     """Check a load's `weight_format` against its other options and, for a packed format, build
     its kernels now (a missing C++ toolchain fails the load with KernelError, not the first step)."""
     check_format(fmt)
+    if prefill_dtype not in PREFILL_DTYPES:
+        raise ValueError(f"unknown prefill_dtype {prefill_dtype!r}: one of {', '.join(PREFILL_DTYPES)}")
     if fmt == "fp32":
+        if prefill_dtype != "float32":
+            raise ValueError(f"prefill_dtype={prefill_dtype!r} needs a packed weight_format (bf16, fp16, "
+                             f"int8, fp8): fp32 weights stay exact")
         return
     if fp8_storage:
         raise ValueError(f"weight_format={fmt!r} and fp8_storage=True exclude each other "

@@ -58,6 +58,7 @@ class Linear(nn.Module):
         self.fp8_block = tuple(fp8_block) if fp8_block else None
         self.fp8_act = fp8_act
         self.packed: str | None = None      # "int8" / "bf16" / "fp16" after pack()
+        self.prefill_dtype = torch.float32  # packed: the products' dtype over GEMV rows (formats.PREFILL_DTYPES)
         if self.fp8_block:
             self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=FP8), requires_grad=False)
             self.weight_scale_inv = nn.Parameter(
@@ -81,12 +82,14 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(q, requires_grad=False)
         self.weight_scale_inv = nn.Parameter(s, requires_grad=False)
 
-    def pack(self, fmt: str) -> None:
-        """Store the weight packed as `fmt` ("int8", "bf16" or "fp16") for fp32 compute."""
+    def pack(self, fmt: str, prefill_dtype: torch.dtype = torch.float32) -> None:
+        """Store the weight packed as `fmt` ("int8", "bf16" or "fp16") for fp32 compute (products of
+        many rows, a prefill's, in `prefill_dtype`: formats.PREFILL_DTYPES)."""
         if self.fp8_act:
             raise ValueError("packed weights compute in fp32: fp8_act (activation FP8 simulation) is not supported")
         values = self.weight if self.weight.is_meta else self.dense_weight(torch.float32)
         self.fp8_block = None
+        self.prefill_dtype = prefill_dtype
         _packed_params(self, fmt, values)
 
     def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
@@ -99,7 +102,7 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed:
-            return packed_linear(x, self.weight, self.weight_scale_inv, self.bias)
+            return packed_linear(x, self.weight, self.weight_scale_inv, self.bias, self.prefill_dtype)
         if self.fp8_act and x.shape[-1] % 128 == 0:
             x = act_quant_dequant(x)
         bias = None if self.bias is None else self.bias.to(x.dtype)
@@ -108,6 +111,7 @@ class Linear(nn.Module):
     def extra_repr(self) -> str:
         fp8 = f", fp8_block={self.fp8_block}" if self.fp8_block else ""
         packed = f", packed={self.packed}" if self.packed else ""
+        packed += ", prefill_dtype=bfloat16" if self.prefill_dtype == torch.bfloat16 else ""
         shard = f", shard={self.shard}" if self.shard else ""
         return f"in_features={self.in_features}, out_features={self.out_features}{fp8}{packed}{shard}"
 

@@ -35,20 +35,22 @@ def test_the_flags_fill_every_field_they_name():
         ["serve", "--dtype", "bfloat16", "--device", "cuda", "--max-model-len", "4096", "--max-num-seqs", "16",
          "--max-num-batched-tokens", "512", "--kv-cache-dtype", "fp8", "--no-prefix-caching", "--fp8-storage",
          "--tensor-parallel-size", "8", "--enable-expert-parallel", "--num-speculative-tokens", "1",
-         "--weight-format", "int8", "--kernels", "torch"])
+         "--weight-format", "int8", "--kernels", "torch", "--prefill-dtype", "bfloat16"])
     assert EngineConfig.from_args(args, "m") == EngineConfig(
         model="m", dtype="bfloat16", device="cuda", max_model_len=4096, max_num_seqs=16,
         max_num_batched_tokens=512, kv_cache_dtype="fp8", enable_prefix_caching=False, fp8_storage=True,
         tensor_parallel_size=8, enable_expert_parallel=True, num_speculative_tokens=1,
-        weight_format="int8", kernels="torch")
+        weight_format="int8", kernels="torch", prefill_dtype="bfloat16")
 
 
 def test_bad_settings_are_refused_by_name():
     """A typo in a setting is an error that names it, not a silent default (an unknown cache dtype
     once gave the plain cache)."""
-    for field, bad in (("kv_cache_dtype", "fp16"), ("dtype", "bf16"), ("kernels", "cuda")):
+    for field, bad in (("kv_cache_dtype", "fp16"), ("dtype", "bf16"), ("kernels", "cuda"), ("prefill_dtype", "bf16")):
         with pytest.raises(ValueError, match=f"{field} must be one of .*not '{bad}'"):
             EngineConfig(model="m", **{field: bad})
+    with pytest.raises(ValueError, match="prefill_dtype bfloat16 needs a packed weight_format"):
+        EngineConfig(model="m", prefill_dtype="bfloat16")              # fp32 weights stay exact
     with pytest.raises(ValueError, match="kv_cache_dtype bfloat16 with kernels triton needs dtype bfloat16"):
         EngineConfig(model="m", kv_cache_dtype="bfloat16", kernels="triton")
     both = EngineConfig(model="m", kv_cache_dtype="bfloat16", kernels="triton", dtype="bfloat16")

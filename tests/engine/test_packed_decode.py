@@ -10,7 +10,10 @@ from dsv32.model.cpu import build, native
 from dsv32.model.cpu.compile import kernel
 from dsv32.model.cpu.layer import NativeLayer
 from dsv32.model.checkpoint import load_model
+from dsv32.engine.config import EngineConfig
+from dsv32.engine.engine import LLMEngine
 from dsv32.model.init_tiny import init_tiny
+from dsv32.model.layers import Linear
 
 from .test_engine import check_against_full_forward, greedy, make_engine, prompts_of, run
 
@@ -154,3 +157,18 @@ def test_warmup_decodes_batches_before_serving_and_leaves_the_engine_as_it_was(c
     tight = make_engine(ckpt, model, max_model_len=4)                   # shorter prompts than the usual 8
     tight.warmup()
     assert not tight.has_unfinished()
+
+
+def test_bf16_prefill_engine(ckpt):
+    """--prefill-dtype bfloat16 reaches the engine's model; its prompts' tokens come from the bf16
+    products (the first sampled token is the fast model's own prefill argmax), decode from the GEMV."""
+    engine = LLMEngine(EngineConfig(model=str(ckpt), max_model_len=512, weight_format="int8",
+                                    prefill_dtype="bfloat16"))
+    model = engine.executor.model
+    assert {m.prefill_dtype for m in model.modules() if isinstance(m, Linear) and m.packed} == {torch.bfloat16}
+    prompts = prompts_of([60, 45])
+    outs = run(engine, prompts, [greedy(4)] * 2)
+    for p, o in zip(prompts, outs):
+        with torch.inference_mode():
+            first = model(torch.tensor([p]))[0, -1].argmax().item()
+        assert o.outputs[0].token_ids[0] == first and len(o.outputs[0].token_ids) == 4
