@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from dsv32.model.checkpoint import load_model
-from dsv32.model.cpu.packed import GEMV_MAX_ROWS, _gemm_tiled, dequantize, packed_linear, quantize_int8
+from dsv32.model.cpu.packed import GEMV_MAX_ROWS, _gemm_bf16, dequantize, packed_linear, quantize_int8
 from dsv32.model.init_tiny import init_tiny
 from dsv32.model.layers import Linear
 
@@ -32,7 +32,7 @@ def test_bf16_products_are_torch_bf16_gemm_of_the_rounded_operands(fmt):
 def test_long_rows_sum_their_tiles_in_fp32():
     q, s = packed("int8", N=64, K=512)
     x = torch.randn(50, 512)
-    got = _gemm_tiled(x, q, s, rows=64, elems=64 * 128, dtype=BF16)  # 4 column tiles of 128
+    got = _gemm_bf16(x, q, s, rows=64, elems=64 * 128)                # 4 column tiles of 128
     w = dequantize(q, s).to(BF16)
     want = sum(F.linear(x[:, c:c + 128].to(BF16), w[:, c:c + 128]).float() for c in range(0, 512, 128))
     torch.testing.assert_close(got, want, rtol=0, atol=0)

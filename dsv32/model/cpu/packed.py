@@ -89,31 +89,52 @@ def _gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None) -> torch
 # ---- prefill: tiled dequantise + fp32 GEMM --------------------------------------------------------
 
 def _gemm_tiled(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, rows: int = TILE_ROWS,
-                elems: int = TILE_ELEMS, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                elems: int = TILE_ELEMS) -> torch.Tensor:
     """x [M, K] fp32 -> [M, N], one dequantised tile of [rows, cols] weights at a time (cols: all K
-    where rows x K fits `elems`, else a multiple of the int8 group, the products accumulated).
-    `dtype` bfloat16: x and each tile rounded to bf16 and multiplied by torch's bf16 GEMM (fp32 sums,
-    each tile's products rounded to bf16; a bf16 weight is multiplied in place): PREFILL_DTYPES."""
+    where rows x K fits `elems`, else a multiple of the int8 group, the products accumulated)."""
     N, K = w.shape
     G = K if scale is None else K // scale.shape[1]
     rows = min(N, rows)
     cols = min(K, max(G, elems // rows // G * G))
     out_t = x.new_empty(N, x.shape[0])                                   # y^T [N, M]
     buf = x.new_empty(rows * cols)      # one tile's memory for all: a fresh 4 MB tile page-faults each call
-    x = x.to(dtype)
     for r in range(0, N, rows):
         o = out_t[r:r + rows]
         for c in range(0, K, cols):
             s = None if scale is None else scale[r:r + rows, c // G:(c + cols) // G]
             wt = w[r:r + rows, c:c + cols]
+            tile = dequantize(wt, s, out=buf[:wt.numel()].view(wt.shape))  # [rows, cols] fp32
             xt = x[:, c:c + cols].t()                                    # [cols, M]
-            if dtype == torch.float32:
-                tile = dequantize(wt, s, out=buf[:wt.numel()].view(wt.shape))  # [rows, cols] fp32
-                torch.mm(tile, xt, out=o) if c == 0 else o.addmm_(tile, xt)
-                continue
-            tile = wt if wt.dtype == dtype else dequantize(wt, s, out=buf[:wt.numel()].view(wt.shape)).to(dtype)
-            o.copy_(torch.mm(tile, xt)) if c == 0 else o.add_(torch.mm(tile, xt))
+            torch.mm(tile, xt, out=o) if c == 0 else o.addmm_(tile, xt)
     return out_t.t()
+
+
+def _gemm_bf16(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, rows: int = TILE_ROWS,
+               elems: int = TILE_ELEMS) -> torch.Tensor:
+    """x [M, K] fp32 -> [M, N] by torch's bf16 GEMM (PREFILL_DTYPES bfloat16): x and the weight
+    rounded to bf16 (a bf16 weight multiplied in place, others dequantised a tile at a time as in
+    _gemm_tiled), fp32 sums, each tile's products rounded to bf16 and summed in fp32 along K."""
+    xb = x.to(torch.bfloat16)
+    if w.dtype == torch.bfloat16:
+        return F.linear(xb, w).float()
+    N, K = w.shape
+    G = K if scale is None else K // scale.shape[1]
+    rows = min(N, rows)
+    cols = min(K, max(G, elems // rows // G * G))
+    out = x.new_zeros(x.shape[0], N)                                     # [M, N]
+    buf = x.new_empty(rows * cols)
+    for r in range(0, N, rows):
+        for c in range(0, K, cols):
+            s = None if scale is None else scale[r:r + rows, c // G:(c + cols) // G]
+            wt = w[r:r + rows, c:c + cols]
+            tile = dequantize(wt, s, out=buf[:wt.numel()].view(wt.shape)).to(torch.bfloat16)
+            out[:, r:r + rows] += F.linear(xb[:, c:c + cols], tile)
+    return out
+
+
+def _gemm(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """A packed weight's product with many rows, in `dtype` (PREFILL_DTYPES)."""
+    return _gemm_tiled(x, w, scale) if dtype == torch.float32 else _gemm_bf16(x, w, scale)
 
 
 def _rows(x2: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None,
@@ -126,7 +147,7 @@ def _rows(x2: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None,
         return x2.new_empty(0, w.shape[0])
     if x2.shape[0] <= GEMV_MAX_ROWS or native.on_amx(x2, w, scale):
         return native.gemv_unchecked(x2, w, scale)
-    return F.linear(x2, w) if w.dtype == torch.float32 else _gemm_tiled(x2, w, scale, dtype=dtype)
+    return F.linear(x2, w) if w.dtype == torch.float32 else _gemm(x2, w, scale, dtype)
 
 
 # `_rows` as the operator dsv32::linear_rows, so traced graphs can call it. A plain library
@@ -160,7 +181,7 @@ def packed_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None,
     elif x2.shape[0] <= COMPILED_GEMV_MAX_ROWS:
         y = _gemv(x2.contiguous(), w, scale)
     else:
-        y = _gemm_tiled(x2, w, scale, dtype=prefill_dtype)
+        y = _gemm(x2, w, scale, prefill_dtype)
     if bias is not None:
         y = y + bias.float()
     return y.reshape(*lead, w.shape[0]).to(x.dtype)
