@@ -17,6 +17,7 @@ checkpoint stores bf16 (the published one does) are read in place in every forma
 """
 from __future__ import annotations
 
+import warnings
 from typing import Literal, get_args
 
 import torch
@@ -67,8 +68,11 @@ def prepare_load(fmt: str, fp8_storage: bool, dtype: torch.dtype | None, device,
         raise ValueError(f"weight_format={fmt!r} packs weights for fp32 compute on CPU; "
                          f"got dtype {dtype}, device {device}")
     from .cpu import native
-    from .cpu.build import require_compiler
+    from .cpu.build import cpu_flags, require_compiler
     from .layers import PACKED
+    if prefill_dtype == "bfloat16" and not {"avx512_bf16", "amx_bf16"} & cpu_flags():
+        warnings.warn("prefill_dtype='bfloat16' on a CPU without bf16 arithmetic (AVX512-BF16 or AMX): "
+                      "its prefill will be slower than the exact float32 one", stacklevel=3)
     require_compiler()
     for storage in {packed_storage(fmt, q) for q in (True, False)}:
         native.binding(PACKED[storage])             # built, or read from build.py's disk cache

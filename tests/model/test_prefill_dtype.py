@@ -1,5 +1,7 @@
 """prefill_dtype bfloat16: a packed matrix's products over many rows on bf16 activations (fp32
 sums); the GEMV's rows (decode) stay exact."""
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -69,3 +71,15 @@ def test_fp32_weights_refuse_it(ckpt):
         load_model(ckpt, prefill_dtype="bfloat16", progress=False)
     with pytest.raises(ValueError, match="unknown prefill_dtype 'fp16'"):
         load_model(ckpt, weight_format="int8", prefill_dtype="fp16", progress=False)
+
+
+def test_a_cpu_without_bf16_arithmetic_is_warned(ckpt, monkeypatch):
+    from dsv32.model.cpu import build
+    monkeypatch.setattr(build, "cpu_flags", lambda: frozenset({"avx2", "avx512f"}))
+    with pytest.warns(UserWarning, match="without bf16 arithmetic"):
+        load_model(ckpt, weight_format="int8", prefill_dtype="bfloat16", progress=False)
+    monkeypatch.setattr(build, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        load_model(ckpt, weight_format="int8", prefill_dtype="bfloat16", progress=False)
+    assert not [w for w in seen if "bf16 arithmetic" in str(w.message)]
