@@ -13,7 +13,7 @@ from .layout import CheckpointError
 
 
 def dequant_into(dst: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
-                  block: tuple[int, int], chunk: int = 1 << 24, offset: tuple[int, int] = (0, 0)) -> None:
+                 block: tuple[int, int], chunk: int = 1 << 24, offset: tuple[int, int] = (0, 0)) -> None:
     """dst = w x the scale of its block, in chunks of whole row-blocks (fp32 temporaries of at most
     about `chunk` elements, few kernels per tensor). `offset`: where `w` starts inside the first
     block of `scale` (a tensor-parallel slice that does not begin on a block boundary)."""
@@ -33,8 +33,8 @@ def dequant_into(dst: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
 
 
 def quantize_into(dst: torch.Tensor, dst_scale: torch.Tensor, w: torch.Tensor,
-                   scale: torch.Tensor | None, block, offset: tuple[int, int], fp8_first: bool,
-                   chunk: int = 1 << 20) -> None:
+                  scale: torch.Tensor | None, block, offset: tuple[int, int], fp8_first: bool,
+                  chunk: int = 1 << 20) -> None:
     """dst, dst_scale = int8 groups of the real weight (FP8 blocks dequantised exactly first;
     `fp8_first`: a plain weight is block-quantised to e4m3 first), a few row blocks at a time so
     the fp32 temporaries stay near `chunk` elements."""
@@ -54,10 +54,10 @@ def quantize_into(dst: torch.Tensor, dst_scale: torch.Tensor, w: torch.Tensor,
 
 
 def copy_into(dst: torch.Tensor, dst_scale: torch.Tensor | None, w: torch.Tensor,
-          scale: torch.Tensor | None, block, cfg: ModelConfig, name: str, file: Path,
-          shard=None, fp8_first: bool = False) -> None:
+              scale: torch.Tensor | None, block, cfg: ModelConfig, name: str, file: Path,
+              shard=None, fp8_first: bool = False) -> None:
     """Store a checkpoint tensor into a parameter, converting between FP8, plain and packed
-    storage (`fp8_first`: see _quantize_into)."""
+    storage (`fp8_first`: see quantize_into)."""
     offset = (0, 0)
     if shard is not None and scale is not None:
         offset = (shard[1] % block[0], 0) if shard[0] == 0 else (0, shard[1] % block[1])
