@@ -23,7 +23,6 @@ from dsv32.parallel.context import SINGLE, ParallelContext
 from .batch import StepInput
 from .cache import PagedCache, PagedKV
 from .config import EngineConfig
-from .device import resolve_device
 from .heap import reuse_freed_memory
 from .group import STOP, Group, broadcast, rank_device
 from .sequence import Sequence
@@ -51,7 +50,7 @@ class Executor:
 
     def __init__(self, cfg: EngineConfig, num_blocks: int, pc: ParallelContext = SINGLE,
                  model: Transformer | None = None, group: Group | None = None):
-        if torch.device(resolve_device(cfg.device)).type == "cpu":
+        if torch.device(cfg.device).type == "cpu":
             reuse_freed_memory()                # prefill's large temporaries: heap.py
         self.model = model if model is not None else load_engine_model(cfg, pc)
         self.cache = build_cache(cfg, self.model.config, num_blocks)
