@@ -1,6 +1,6 @@
 """Prefill throughput and peak memory up to 128K-token prompts on the common benchmark model.
 
-    python bench/prefill.py [--lengths 1024 4096 16384 32768 65536 131072] [--chunk 2048]
+    python bench/prefill.py [--lengths 1024 4096 16384 32768 65536 131072] [--chunk 512]
                             [--weight-format fp32] [--write-readme]
 
 Each length runs in a fresh subprocess so its peak RSS (ru_maxrss) is its own: the engine prefills
@@ -56,7 +56,7 @@ def indexer_flops(cfg, L: int, chunk: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384, 32768, 65536, 131072])
-    ap.add_argument("--chunk", type=int, default=2048)
+    ap.add_argument("--chunk", type=int, default=512)   # the CPU engine's default step
     ap.add_argument("--weight-format", default="fp32", choices=["fp32", "bf16", "fp16", "int8", "fp8"])
     ap.add_argument("--write-readme", action="store_true")
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)

@@ -60,15 +60,13 @@ def child_decode(path: str, fmt: str, depth: int, steps: int, kv: str = "auto") 
     return {"ms": ms, "decode_bytes": decode_bytes(model)}
 
 
-def child_prefill(path: str, fmt: str, L: int, kv: str = "auto", prefill_dtype: str = "float32",
-                  chunk: int = 2048) -> dict:
+def child_prefill(path: str, fmt: str, L: int, kv: str = "auto", prefill_dtype: str = "float32") -> dict:
     import torch
 
     from dsv32.engine.engine import EngineConfig, LLMEngine
     from dsv32.engine.sequence import SamplingParams
-    eng = LLMEngine(EngineConfig(model=path, max_model_len=L + 64, max_num_seqs=1, max_num_batched_tokens=chunk,
-                                 enable_prefix_caching=False, weight_format=fmt, kv_cache_dtype=kv,
-                                 prefill_dtype=prefill_dtype))
+    eng = LLMEngine(EngineConfig(model=path, max_model_len=L + 64, max_num_seqs=1, enable_prefix_caching=False,
+                                 weight_format=fmt, kv_cache_dtype=kv, prefill_dtype=prefill_dtype))
     warm = torch.randint(1000, 8000, (64,)).tolist()      # compile the kernels outside the timing
     eng.add_request("w", warm, SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))
     while eng.has_unfinished():

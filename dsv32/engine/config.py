@@ -21,6 +21,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 KV_CACHE_DTYPES = ("auto", "bfloat16", "fp8", "fp8_e4m3")
 KERNELS = ("off", "torch", "triton")
 DEFAULT_MAX_MODEL_LEN = 8192    # when not given: min(this, the model's max_position_embeddings)
+# tokens a step computes when not given: on the CPU 512 (llama.cpp's micro-batch; prefill chunks of
+# 512 ran as fast as 2048's or faster, 1.0-1.4x, with a third to a quarter of their temporaries:
+# bench/README.md, "Prefill chunk: 512 tokens a step"), on an accelerator 2048 (vLLM's default for serving)
+DEFAULT_BATCHED_TOKENS = {"cpu": 512, "cuda": 2048}
 
 
 @dataclass
@@ -32,7 +36,7 @@ class EngineConfig:
     device: str = "cpu"
     max_model_len: int | None = None        # default: min(config max positions, 8192)
     max_num_seqs: int = 32
-    max_num_batched_tokens: int = 2048
+    max_num_batched_tokens: int | None = None  # default: DEFAULT_BATCHED_TOKENS for the device
     num_blocks: int | None = None           # default: enough for max_num_seqs full-length sequences
     kv_cache_memory: int | None = None      # bytes; alternative way to size the cache
     kv_cache_dtype: str = "auto"            # one of KV_CACHE_DTYPES
@@ -46,10 +50,15 @@ class EngineConfig:
     kernels: str = "off"                    # "torch" / "triton": decode and prefill through dsv32.kernels
 
     def __post_init__(self):
+        if self.max_num_batched_tokens is None:
+            self.max_num_batched_tokens = DEFAULT_BATCHED_TOKENS.get(torch.device(self.device).type, 2048)
         for name, allowed in (("dtype", DTYPES), ("kv_cache_dtype", KV_CACHE_DTYPES), ("kernels", KERNELS),
                               ("prefill_dtype", PREFILL_DTYPES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
+        for name in ("max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
         if self.prefill_dtype != "float32" and self.weight_format == "fp32":
             raise ValueError(f"prefill_dtype {self.prefill_dtype} needs a packed weight_format (bf16, fp16, int8, "
                              f"fp8): fp32 weights stay exact")
@@ -136,7 +145,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help=f"longest prompt + output (default: the model's, at most {DEFAULT_MAX_MODEL_LEN})")
     p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="sequences decoded together")
     p.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens,
-                   help="tokens computed in one step (prefills are chunked to fit)")
+                   help="tokens computed in one step (prefills are chunked to fit; default: 512 on the CPU, "
+                        "2048 on a GPU)")
     p.add_argument("--kv-cache-dtype", default=d.kv_cache_dtype, choices=KV_CACHE_DTYPES,
                    help="the paged cache's storage: auto (the compute dtype), bfloat16 (half of fp32's memory), "
                         "fp8 / fp8_e4m3 (the deployment layout: e4m3 + a scale per 128 values, bf16 rope)")

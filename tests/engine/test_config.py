@@ -33,14 +33,26 @@ def test_every_command_takes_the_engine_flags_with_one_set_of_defaults(command):
 def test_the_flags_fill_every_field_they_name():
     args = build_parser().parse_args(
         ["serve", "--dtype", "bfloat16", "--device", "cuda", "--max-model-len", "4096", "--max-num-seqs", "16",
-         "--max-num-batched-tokens", "512", "--kv-cache-dtype", "fp8", "--no-prefix-caching", "--fp8-storage",
+         "--max-num-batched-tokens", "1024", "--kv-cache-dtype", "fp8", "--no-prefix-caching", "--fp8-storage",
          "--tensor-parallel-size", "8", "--enable-expert-parallel", "--num-speculative-tokens", "1",
          "--weight-format", "int8", "--kernels", "torch", "--prefill-dtype", "bfloat16"])
     assert EngineConfig.from_args(args, "m") == EngineConfig(
         model="m", dtype="bfloat16", device="cuda", max_model_len=4096, max_num_seqs=16,
-        max_num_batched_tokens=512, kv_cache_dtype="fp8", enable_prefix_caching=False, fp8_storage=True,
+        max_num_batched_tokens=1024, kv_cache_dtype="fp8", enable_prefix_caching=False, fp8_storage=True,
         tensor_parallel_size=8, enable_expert_parallel=True, num_speculative_tokens=1,
         weight_format="int8", kernels="torch", prefill_dtype="bfloat16")
+
+
+def test_a_step_computes_512_tokens_on_the_cpu_and_2048_on_a_gpu_unless_told():
+    """Prefill chunks of 512 run as fast as 2048's on the CPU with a quarter of the temporaries."""
+    assert EngineConfig(model="m").max_num_batched_tokens == 512
+    assert EngineConfig(model="m", device="cuda:1").max_num_batched_tokens == 2048
+    assert EngineConfig(model="m", max_num_batched_tokens=96).max_num_batched_tokens == 96
+    args = build_parser().parse_args(["serve", "--device", "cuda"])
+    assert EngineConfig.from_args(args, "m").max_num_batched_tokens == 2048
+    for field in ("max_num_batched_tokens", "max_num_seqs"):
+        with pytest.raises(ValueError, match=f"{field} must be at least 1, not 0"):
+            EngineConfig(model="m", **{field: 0})
 
 
 def test_bad_settings_are_refused_by_name():
