@@ -36,8 +36,11 @@ GATHER_BLOCK = 1 << 20
 # together: packed weights dequantise W_uv a tile at a time per call, too often for 7-query chunks.
 ABSORB_BLOCK = 1 << 22
 # SERVED prefill chunks over at most this many keys run the dense-masked expanded MHA (TOPK_MASKED:
-# the same numbers, GEMM and flash-attention speed) instead of gathering rows (TOPK_GATHERED).
-DENSE_MAX_KEYS = 4096
+# the same numbers, GEMM and flash-attention speed) instead of the sparse path (TOPK_GATHERED). Each
+# chunk expands every earlier key through kv_b_proj again, so beyond ~2x a chunk's queries the sparse
+# path is faster (bench model, 4K prompt in 512-token chunks: 4096 keys 2849 tok/s, 1024 keys 4528;
+# in 2048-token chunks 2771 vs 4086: bench/README.md, "Prefill chunk").
+DENSE_MAX_KEYS = 1024
 
 
 class Attention(Enum):
