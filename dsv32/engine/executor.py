@@ -50,9 +50,9 @@ class Executor:
 
     def __init__(self, cfg: EngineConfig, num_blocks: int, pc: ParallelContext = SINGLE,
                  model: Transformer | None = None, group: Group | None = None):
-        if torch.device(cfg.device).type == "cpu":
-            reuse_freed_memory()                # prefill's large temporaries: heap.py
         self.model = model if model is not None else load_engine_model(cfg, pc)
+        if torch.device(cfg.device).type == "cpu":
+            reuse_freed_memory()                # the load's garbage returned, prefill's temporaries kept: heap.py
         self.cache = build_cache(cfg, self.model.config, num_blocks)
         self.device = next(self.model.parameters()).device
         self.keep_hidden = cfg.speculative      # the MTP drafts read each forward's hidden states

@@ -40,6 +40,32 @@ def test_large_temporaries_reuse_freed_memory():
     assert reused < fresh * 3 // 4                # glibc reuses what it kept (here about half: 32768)
 
 
+# memory freed inside the heap (a block above it still held), as a load leaves it
+TRIM = """
+import ctypes
+from dsv32.engine.heap import reuse_freed_memory
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+def rss(): return int(open("/proc/self/statm").read().split()[1]) * 4096
+blocks = [libc.malloc(64 << 10) for _ in range(2048)]    # 128 MB in 64 KB blocks: the heap
+for b in blocks:
+    ctypes.memset(b, 1, 64 << 10)
+held = libc.malloc(64 << 10)                             # keeps the heap's top in use
+for b in blocks:
+    libc.free(b)
+before = rss()
+reuse_freed_memory()
+print(before - rss())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
+def test_memory_freed_before_the_call_goes_back_to_the_system():
+    returned = int(subprocess.run([sys.executable, "-c", TRIM], capture_output=True, text=True, check=True).stdout)
+    assert returned > 100 << 20
+
+
 def test_a_cpu_engine_sets_it(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(executor, "reuse_freed_memory", lambda: calls.append(1) or True)
