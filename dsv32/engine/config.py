@@ -50,8 +50,12 @@ class EngineConfig:
     kernels: str = "off"                    # "torch" / "triton": decode and prefill through dsv32.kernels
 
     def __post_init__(self):
+        try:
+            kind = torch.device(self.device).type
+        except RuntimeError as e:
+            raise ValueError(f"device {self.device!r} is not a torch device: {e}") from None
         if self.max_num_batched_tokens is None:
-            self.max_num_batched_tokens = DEFAULT_BATCHED_TOKENS.get(torch.device(self.device).type, 2048)
+            self.max_num_batched_tokens = DEFAULT_BATCHED_TOKENS.get(kind, 2048)
         for name, allowed in (("dtype", DTYPES), ("kv_cache_dtype", KV_CACHE_DTYPES), ("kernels", KERNELS),
                               ("prefill_dtype", PREFILL_DTYPES)):
             if getattr(self, name) not in allowed:

@@ -1,7 +1,8 @@
 """Large CPU tensors in memory advised for transparent huge pages (2 MiB pages where the kernel
-grants them: Linux with THP "always" or "madvise"). Weights and caches are streamed from memory
-every decode step; with 4 KiB pages each 4 KiB costs a TLB miss, under a hypervisor a nested page
-walk, and the streams read slower (bench/README.md, "Huge pages")."""
+grants them: Linux with THP "always" or "madvise"). Decode streams the weights from memory every
+step; in 4 KiB pages each 4 KiB costs a TLB miss, under a hypervisor a nested page walk, and the
+streams read slower (bench/README.md, "Huge pages"). The advice is a hint: where the kernel has no
+THP the memory is the same, in 4 KiB pages."""
 from __future__ import annotations
 
 import math
@@ -23,6 +24,8 @@ def empty(shape, dtype: torch.dtype) -> torch.Tensor:
     region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     raw = torch.frombuffer(region, dtype=torch.uint8)          # keeps the mapping alive
     start = -raw.data_ptr() % HUGE_PAGE
-    region.madvise(mmap.MADV_HUGEPAGE, start, nbytes)
+    try:
+        region.madvise(mmap.MADV_HUGEPAGE, start, nbytes)
+    except OSError:                                            # a kernel built without THP: EINVAL
+        pass
     return raw[start:start + nbytes].view(dtype).view(shape)
-

@@ -53,6 +53,8 @@ def test_a_step_computes_512_tokens_on_the_cpu_and_2048_on_a_gpu_unless_told():
     for field in ("max_num_batched_tokens", "max_num_seqs"):
         with pytest.raises(ValueError, match=f"{field} must be at least 1, not 0"):
             EngineConfig(model="m", **{field: 0})
+    with pytest.raises(ValueError, match="device 'gpu' is not a torch device"):
+        EngineConfig(model="m", device="gpu")
 
 
 def test_bad_settings_are_refused_by_name():

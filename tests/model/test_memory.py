@@ -41,7 +41,7 @@ def test_a_large_tensor_gets_its_own_huge_page_advised_mapping_and_gives_it_back
     assert vm_flags(address) is None                                     # unmapped with the tensor
 
 
-def test_small_tensors_and_other_shapes_keep_torchs_allocator():
+def test_every_size_and_shape_holds_its_values():
     small = memory.empty((100, 7), torch.bfloat16)
     assert small.shape == (100, 7) and small.dtype == torch.bfloat16
     big = memory.empty((1024, 1024), torch.int8)                          # 1 MiB < MIN_BYTES
