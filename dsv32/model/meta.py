@@ -13,17 +13,21 @@ from . import memory
 def to_empty(model: nn.Module, device) -> None:
     """`model.to_empty(device=device)`: each parameter and buffer replaced by empty storage (a
     tensor tied between modules by one new tensor)."""
-    made: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}    # id -> (old, new): the old kept alive
-    cpu = torch.device(device).type == "cpu"
-
-    def empty(t: torch.Tensor) -> torch.Tensor:
-        e = memory.empty(t.shape, t.dtype) if cpu else torch.empty(t.shape, dtype=t.dtype, device=device)
-        return nn.Parameter(e, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else e
+    olds: dict[int, torch.Tensor] = {}                          # id -> tensor, kept alive meanwhile
+    for m in model.modules():
+        for tensors in (m._parameters, m._buffers):
+            for t in tensors.values():
+                if t is not None:
+                    olds.setdefault(id(t), t)
+    specs = [(tuple(t.shape), t.dtype) for t in olds.values()]
+    if torch.device(device).type == "cpu":
+        news = memory.empty_all(specs)
+    else:
+        news = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype in specs]
+    made = {i: nn.Parameter(e, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else e
+            for (i, t), e in zip(olds.items(), news)}
     for m in model.modules():
         for tensors in (m._parameters, m._buffers):
             for k, t in tensors.items():
-                if t is None:
-                    continue
-                if id(t) not in made:
-                    made[id(t)] = (t, empty(t))
-                tensors[k] = made[id(t)][1]
+                if t is not None:
+                    tensors[k] = made[id(t)]

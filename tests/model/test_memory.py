@@ -9,6 +9,7 @@ import torch
 from dsv32.model import memory
 from dsv32.model.checkpoint import load_model
 from dsv32.model.init_tiny import init_tiny
+from safetensors.torch import save_file
 
 linux_thp = pytest.mark.skipif(not sys.platform.startswith("linux") or not hasattr(mmap, "MADV_HUGEPAGE"),
                                reason="transparent huge pages are a Linux feature")
@@ -27,28 +28,38 @@ def vm_flags(address: int) -> list[str] | None:
     return None
 
 
+def maps() -> int:
+    return len(open("/proc/self/maps").readlines())
+
+
 @linux_thp
-def test_a_large_tensor_gets_its_own_huge_page_advised_mapping_and_gives_it_back():
-    t = memory.empty(((3 << 20) // 4 + 5,), torch.float32)               # 3 MiB and a bit
-    assert t.shape == ((3 << 20) // 4 + 5,) and t.dtype == torch.float32
-    assert t.data_ptr() % memory.HUGE_PAGE == 0
-    t.fill_(1.5)
-    assert t.sum().item() == 1.5 * t.numel()
-    address = t.data_ptr()
-    assert "hg" in vm_flags(address)                                     # MADV_HUGEPAGE
-    del t
+def test_large_tensors_share_one_advised_mapping_each_with_a_storage_of_its_own():
+    before = maps()
+    specs = [((1 << 20) + 3 * i, torch.float16) for i in range(300)] + [((10, 7), torch.float32)]
+    ts = memory.empty_all([((n,), d) if isinstance(n, int) else (n, d) for n, d in specs])
+    assert maps() - before <= 3                     # not two map areas a tensor (vm.max_map_count)
+    big, small = ts[:300], ts[300]
+    assert small.shape == (10, 7) and small.dtype == torch.float32
+    assert big[0].data_ptr() % memory.HUGE_PAGE == 0
+    for i, t in enumerate(big):
+        assert t.shape == ((1 << 20) + 3 * i,) and t.dtype == torch.float16
+        assert t.data_ptr() % memory.ALIGN == 0
+        assert t.untyped_storage().nbytes() == t.numel() * 2           # its own storage, no more
+        t.fill_(i)
+    assert all(t[-1].item() == i and t[0].item() == i for i, t in enumerate(big))   # no overlaps
+    assert "hg" in vm_flags(big[0].data_ptr()) and "hg" in vm_flags(big[-1].data_ptr())   # MADV_HUGEPAGE
+    address = big[0].data_ptr()
+    del ts, big, t
     gc.collect()
-    assert vm_flags(address) is None                                     # unmapped with the tensor
+    assert vm_flags(address) is None                # unmapped with its last tensor
 
 
 def test_every_size_and_shape_holds_its_values():
-    small = memory.empty((100, 7), torch.bfloat16)
+    small, wide = memory.empty_all([((100, 7), torch.bfloat16), ((1024, 2048), torch.float16)])
     assert small.shape == (100, 7) and small.dtype == torch.bfloat16
-    big = memory.empty((1024, 1024), torch.int8)                          # 1 MiB < MIN_BYTES
-    assert big.is_contiguous() and big.shape == (1024, 1024)
-    wide = memory.empty((1024, 2048), torch.float16)                      # 4 MiB, 2-D
     wide.copy_(torch.arange(1024 * 2048).view(1024, 2048).half())
     assert wide.is_contiguous() and wide[1023, 2047].item() == float(torch.tensor(1024 * 2048 - 1).half())
+    assert memory.empty_all([]) == []
 
 
 @linux_thp
@@ -57,6 +68,9 @@ def test_load_model_puts_large_cpu_weights_in_advised_memory(tmp_path):
               inter=128, moe_inter=64, experts=4, groups=2, topk_group=1, active=2, index_heads=16,
               index_dim=64, topk=16, dense=1)
     for fmt in ("fp32", "int8"):                                          # plain, packed
-        head = load_model(tmp_path, weight_format=fmt, progress=False).lm_head.weight   # 129280 rows
+        model = load_model(tmp_path, weight_format=fmt, progress=False)
+        head = model.lm_head.weight                                       # 129280 rows
         assert head.numel() * head.element_size() >= 16 << 20
-        assert head.data_ptr() % memory.HUGE_PAGE == 0 and "hg" in vm_flags(head.data_ptr()), fmt
+        assert "hg" in vm_flags(head.data_ptr()), fmt
+    once = {k: v.detach() for k, v in model.named_parameters()}           # the MTP layer's ties once
+    save_file(once, tmp_path / "out.safetensors")                         # no storage shared: it saves
