@@ -37,7 +37,7 @@ def test_large_tensors_share_one_advised_mapping_each_with_a_storage_of_its_own(
     before = maps()
     specs = [((1 << 20) + 3 * i, torch.float16) for i in range(300)] + [((10, 7), torch.float32)]
     ts = memory.empty_all([((n,), d) if isinstance(n, int) else (n, d) for n, d in specs])
-    assert maps() - before <= 3                     # not two map areas a tensor (vm.max_map_count)
+    assert maps() - before <= 16        # one mapping (and Python's own arenas), not two a tensor: 600
     big, small = ts[:300], ts[300]
     assert small.shape == (10, 7) and small.dtype == torch.float32
     assert big[0].data_ptr() % memory.HUGE_PAGE == 0
@@ -51,7 +51,8 @@ def test_large_tensors_share_one_advised_mapping_each_with_a_storage_of_its_own(
     address = big[0].data_ptr()
     del ts, big, t
     gc.collect()
-    assert vm_flags(address) is None                # unmapped with its last tensor
+    flags = vm_flags(address)                       # unmapped with its last tensor (or reused since)
+    assert flags is None or "hg" not in flags
 
 
 def test_every_size_and_shape_holds_its_values():
