@@ -88,24 +88,30 @@ def _gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None) -> torch
 
 # ---- prefill: tiled dequantise + fp32 GEMM --------------------------------------------------------
 
-def _gemm_tiled(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, rows: int = TILE_ROWS,
-                elems: int = TILE_ELEMS) -> torch.Tensor:
-    """x [M, K] fp32 -> [M, N], one dequantised tile of [rows, cols] weights at a time (cols: all K
-    where rows x K fits `elems`, else a multiple of the int8 group, the products accumulated)."""
+def _tiles(w: torch.Tensor, scale: torch.Tensor | None, rows: int, elems: int):
+    """The packed weight W [N, K] dequantised one tile of [rows, cols] at a time (cols: all K where
+    rows x K fits `elems`, else a multiple of the int8 group): yields (r, c, tile fp32), each tile
+    in the same buffer (a fresh 4 MB tile page-faults each call)."""
     N, K = w.shape
     G = K if scale is None else K // scale.shape[1]
     rows = min(N, rows)
     cols = min(K, max(G, elems // rows // G * G))
-    out_t = x.new_empty(N, x.shape[0])                                   # y^T [N, M]
-    buf = x.new_empty(rows * cols)      # one tile's memory for all: a fresh 4 MB tile page-faults each call
+    buf = torch.empty(rows * cols, device=w.device)
     for r in range(0, N, rows):
-        o = out_t[r:r + rows]
         for c in range(0, K, cols):
             s = None if scale is None else scale[r:r + rows, c // G:(c + cols) // G]
             wt = w[r:r + rows, c:c + cols]
-            tile = dequantize(wt, s, out=buf[:wt.numel()].view(wt.shape))  # [rows, cols] fp32
-            xt = x[:, c:c + cols].t()                                    # [cols, M]
-            torch.mm(tile, xt, out=o) if c == 0 else o.addmm_(tile, xt)
+            yield r, c, dequantize(wt, s, out=buf[:wt.numel()].view(wt.shape))      # [rows, cols]
+
+
+def _gemm_tiled(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, rows: int = TILE_ROWS,
+                elems: int = TILE_ELEMS) -> torch.Tensor:
+    """x [M, K] fp32 -> [M, N], one dequantised tile of weights at a time (`_tiles`), the products
+    of a row's tiles accumulated."""
+    out_t = x.new_empty(w.shape[0], x.shape[0])                          # y^T [N, M]
+    for r, c, tile in _tiles(w, scale, rows, elems):
+        o, xt = out_t[r:r + tile.shape[0]], x[:, c:c + tile.shape[1]].t()   # xt [cols, M]
+        torch.mm(tile, xt, out=o) if c == 0 else o.addmm_(tile, xt)
     return out_t.t()
 
 
@@ -117,18 +123,9 @@ def _gemm_bf16(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, row
     xb = x.to(torch.bfloat16)
     if w.dtype == torch.bfloat16:
         return F.linear(xb, w).float()
-    N, K = w.shape
-    G = K if scale is None else K // scale.shape[1]
-    rows = min(N, rows)
-    cols = min(K, max(G, elems // rows // G * G))
-    out = x.new_zeros(x.shape[0], N)                                     # [M, N]
-    buf = x.new_empty(rows * cols)
-    for r in range(0, N, rows):
-        for c in range(0, K, cols):
-            s = None if scale is None else scale[r:r + rows, c // G:(c + cols) // G]
-            wt = w[r:r + rows, c:c + cols]
-            tile = dequantize(wt, s, out=buf[:wt.numel()].view(wt.shape)).to(torch.bfloat16)
-            out[:, r:r + rows] += F.linear(xb[:, c:c + cols], tile)
+    out = x.new_zeros(x.shape[0], w.shape[0])                            # [M, N]
+    for r, c, tile in _tiles(w, scale, rows, elems):
+        out[:, r:r + tile.shape[0]] += F.linear(xb[:, c:c + tile.shape[1]], tile.to(torch.bfloat16))
     return out
 
 
