@@ -24,7 +24,7 @@ DEFAULT_MAX_MODEL_LEN = 8192    # when not given: min(this, the model's max_posi
 # tokens a step computes when not given: on the CPU 512 (llama.cpp's micro-batch; prefill chunks of
 # 512 ran as fast as 2048's or faster, 1.0-1.4x, with a third to a quarter of their temporaries:
 # bench/README.md, "Prefill chunk: 512 tokens a step"), on an accelerator 2048 (vLLM's default for serving)
-DEFAULT_BATCHED_TOKENS = {"cpu": 512, "cuda": 2048}
+CPU_BATCHED_TOKENS, ACCELERATOR_BATCHED_TOKENS = 512, 2048
 
 
 @dataclass
@@ -36,7 +36,7 @@ class EngineConfig:
     device: str = "cpu"
     max_model_len: int | None = None        # default: min(config max positions, 8192)
     max_num_seqs: int = 32
-    max_num_batched_tokens: int | None = None  # default: DEFAULT_BATCHED_TOKENS for the device
+    max_num_batched_tokens: int | None = None  # default: CPU_ / ACCELERATOR_BATCHED_TOKENS
     num_blocks: int | None = None           # default: enough for max_num_seqs full-length sequences
     kv_cache_memory: int | None = None      # bytes; alternative way to size the cache
     kv_cache_dtype: str = "auto"            # one of KV_CACHE_DTYPES
@@ -55,7 +55,7 @@ class EngineConfig:
         except RuntimeError as e:
             raise ValueError(f"device {self.device!r} is not a torch device: {e}") from None
         if self.max_num_batched_tokens is None:
-            self.max_num_batched_tokens = DEFAULT_BATCHED_TOKENS.get(kind, 2048)
+            self.max_num_batched_tokens = CPU_BATCHED_TOKENS if kind == "cpu" else ACCELERATOR_BATCHED_TOKENS
         for name, allowed in (("dtype", DTYPES), ("kv_cache_dtype", KV_CACHE_DTYPES), ("kernels", KERNELS),
                               ("prefill_dtype", PREFILL_DTYPES)):
             if getattr(self, name) not in allowed:
