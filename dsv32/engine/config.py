@@ -33,7 +33,7 @@ class EngineConfig:
 
     model: str
     dtype: str = "float32"
-    device: str = "cpu"
+    device: str = "cpu"                     # or "auto": resolve_device's choice
     max_model_len: int | None = None        # default: min(config max positions, 8192)
     max_num_seqs: int = 32
     max_num_batched_tokens: int | None = None  # default: CPU_ / ACCELERATOR_BATCHED_TOKENS
@@ -50,6 +50,7 @@ class EngineConfig:
     kernels: str = "off"                    # "torch" / "triton": decode and prefill through dsv32.kernels
 
     def __post_init__(self):
+        self.device = resolve_device(self.device)
         try:
             kind = torch.device(self.device).type
         except RuntimeError as e:
@@ -73,7 +74,7 @@ class EngineConfig:
     @classmethod
     def from_args(cls, args: argparse.Namespace, model: str) -> EngineConfig:
         """The settings `add_engine_args` parsed, for the checkpoint `model`."""
-        return cls(model=model, dtype=args.dtype, device=resolve_device(args.device), max_model_len=args.max_model_len,
+        return cls(model=model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
                    max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                    kv_cache_dtype=args.kv_cache_dtype, enable_prefix_caching=not args.no_prefix_caching,
                    fp8_storage=args.fp8_storage, tensor_parallel_size=args.tensor_parallel_size,

@@ -9,7 +9,7 @@ from .chat import ChatRequest, prepare_chat
 from dsv32.model.bundled import default_model
 
 from .config import EngineConfig
-from .device import AUTO, resolve_device
+from .device import AUTO
 from .engine import LLMEngine
 from .sequence import RequestOutput, SamplingParams
 
@@ -23,7 +23,7 @@ class LLM:
         processes: `shutdown()`, or leaving `with LLM(...) as llm:`, stops them (so does dropping
         the LLM, once it is garbage-collected)."""
         model = str(default_model()) if model is None else model
-        self.engine = LLMEngine(EngineConfig(model=model, dtype=dtype, device=resolve_device(device),
+        self.engine = LLMEngine(EngineConfig(model=model, dtype=dtype, device=device,
                                              **engine_kwargs))
         self.tokenizer = self.engine.tokenizer
 

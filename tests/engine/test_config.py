@@ -55,6 +55,7 @@ def test_a_step_computes_512_tokens_on_the_cpu_and_2048_on_a_gpu_unless_told():
             EngineConfig(model="m", **{field: 0})
     with pytest.raises(ValueError, match="device 'gpu' is not a torch device"):
         EngineConfig(model="m", device="gpu")
+    assert EngineConfig(model="m", device="auto").device == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def test_bad_settings_are_refused_by_name():

@@ -61,10 +61,10 @@ def test_every_caller_runs_the_shared_loop(ckpt, model, loops, monkeypatch, caps
 
 
 def test_llm_without_a_model_loads_the_bundled_one_on_the_auto_device(ckpt, monkeypatch):  # noqa: F811
-    from dsv32.engine import llm as llm_module
+    from dsv32.engine import config as config_module, llm as llm_module
     asked = []
     monkeypatch.setattr(llm_module, "default_model", lambda: asked.append(1) or ckpt)
-    monkeypatch.setattr(llm_module, "resolve_device", lambda d: asked.append(d) or "cpu")
+    monkeypatch.setattr(config_module, "resolve_device", lambda d: asked.append(d) or "cpu")
     with LLM(max_model_len=256) as llm:
         assert llm.engine.cfg.model == str(ckpt) and llm.engine.cfg.device == "cpu"
     assert asked == [1, "auto"]
